@@ -140,3 +140,21 @@ def commit_chunk(spec: CacheSpec, chunks_committed: int, context, new, tokens_pe
             return context
     context[frames(plan.write_start, plan.write_start + c)] = new
     return context
+
+
+def commit_matrix(spec: CacheSpec, chunks_committed: int):
+    """The commit as a frame-mixing matrix, for graphs with static shapes (numpy float64 [M, M + c]).
+
+    new_context[i] = sum_j mix[i, j] * concat(context, new_chunk)[j], frame by frame (M context
+    frames, c chunk frames). It has at most two non-zeros per row (alpha and 1 - alpha for the
+    sink fold), so applying it gives the same numbers as ``commit_chunk``.
+    """
+    import numpy as np
+
+    m, c = spec.context_frames, spec.chunk_frames
+    ident = np.eye(m + c)
+    # run the in-place commit on one-hot "frames" to read off which sources land where
+    ctx = ident[:, :m].T.reshape(m, m + c).copy()  # ctx[i] = e_i
+    new = ident[:, m:].T.reshape(c, m + c).copy()  # new[j] = e_{m+j}
+    commit_chunk(spec, chunks_committed, ctx, new, tokens_per_frame=1, axis=0)
+    return ctx

@@ -133,7 +133,7 @@ def generate_latents(model, text_embeds, noise, renoise_noise, settings: StreamS
     if text_embeds.shape[0] != noise.shape[0]:
         raise InputError(f"text_embeds batch ({text_embeds.shape[0]}) != noise batch ({noise.shape[0]})")
     with torch.no_grad():
-        rollout = ChunkRollout(model, text_embeds, noise.shape, settings, dtype=noise.dtype, device=noise.device)
+        rollout = ChunkRollout.for_prompt(model, text_embeds, noise.shape, settings)
         out = torch.empty_like(noise)
         c = settings.chunk_frames
         for i in range(noise.shape[1] // c):
@@ -155,49 +155,58 @@ def check_noise(noise, renoise_noise, settings: StreamSettings, channels: int):
 
 
 class ChunkRollout:
-    """The reference streaming loop, one chunk per ``step``: 4 denoising steps, then the
-    clean-context pass, then the cache commit. Holds the text K/V and the KV cache of one stream."""
+    """The reference streaming loop of one stream, one chunk per ``step``: the denoising steps,
+    then the clean-context pass, then the cache commit. Holds the text K/V and the KV cache."""
 
-    def __init__(self, model, text_embeds, latent_shape, settings: StreamSettings, *, dtype=None, device=None):
+    def __init__(self, model, text_kv, batch: int, latent_hw: tuple[int, int], settings: StreamSettings):
         import torch
 
         self.model, self.settings = model, settings
         self.schedule = settings.schedule()
         self.spec = settings.cache_spec
         cfg = model.config
-        b, _, _, hh, ww = latent_shape
-        self.tokens_per_frame = model.tokens_per_frame((hh, ww))
-        dtype = dtype or model.patch_embedding.weight.dtype
-        self.text_k, self.text_v = model.text_kv(text_embeds.to(device=device, dtype=dtype))
-        shape = (cfg.num_layers, b, self.spec.context_frames * self.tokens_per_frame, cfg.num_heads, cfg.head_dim)
-        self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
-        self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+        self.text_k, self.text_v = text_kv
+        self.tokens_per_frame = model.tokens_per_frame(latent_hw)
+        shape = (cfg.num_layers, batch, self.spec.context_frames * self.tokens_per_frame, cfg.num_heads, cfg.head_dim)
+        like = self.text_k
+        self.cache_k = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.cache_v = torch.zeros(shape, dtype=like.dtype, device=like.device)
         self.chunks_committed = 0
 
-    def denoise(self, x, eps, t_override=None):
-        """Run the denoising steps on one chunk from its initial noise x [B, f, C, H, W];
-        eps [S-1, B, f, C, H, W] is the re-noise. Returns the final x0."""
+    @classmethod
+    def for_prompt(cls, model, text_embeds, latent_shape, settings: StreamSettings):
+        """Start a rollout from text embeddings [B, L, text_dim] for latents of ``latent_shape``."""
+        dtype = model.patch_embedding.weight.dtype
+        text_kv = model.text_kv(text_embeds.to(device=model.patch_embedding.weight.device, dtype=dtype))
+        return cls(model, text_kv, latent_shape[0], tuple(latent_shape[-2:]), settings)
+
+    def _times(self, x, t: float):
         import torch
 
+        return torch.full(x.shape[:2], float(t), dtype=torch.float32, device=x.device)
+
+    def denoise_step(self, x, k: int, eps=None):
+        """Step k on chunk latents x [B, f, C, H, W] -> (x0, x re-noised with eps to the next sigma or None)."""
         sched = self.schedule
         valid = self.spec.valid_frames(self.chunks_committed)
-        b, f = x.shape[:2]
-        for k, (t, sigma) in enumerate(zip(sched.t, sched.sigma)):
-            tt = torch.full((b, f), t, dtype=torch.float32, device=x.device)
-            flow, _, _ = self.model.forward_chunk(x, tt, self.text_k, self.text_v, self.cache_k, self.cache_v, valid)
-            x0 = x0_from_flow(x, flow, sigma)
-            if k + 1 < len(sched.t):
-                x = renoise(x0, eps[k], sched.sigma[k + 1])
+        flow, _, _ = self.model.forward_chunk(x, self._times(x, sched.t[k]), self.text_k, self.text_v,
+                                              self.cache_k, self.cache_v, valid)
+        x0 = x0_from_flow(x, flow, sched.sigma[k])
+        if k + 1 == len(sched.t):
+            return x0, None
+        return x0, renoise(x0, eps, sched.sigma[k + 1])
+
+    def denoise(self, x, eps):
+        """All denoising steps from the chunk's initial noise x; eps [S-1, B, f, C, H, W] is the re-noise."""
+        for k in range(self.settings.num_steps):
+            x0, x = self.denoise_step(x, k, eps[k] if k + 1 < self.settings.num_steps else None)
         return x0
 
     def cache_pass(self, x0):
         """Rerun the clean chunk at t = context_t to write its K/V into the cache (clean context)."""
-        import torch
-
-        b, f = x0.shape[:2]
-        tt = torch.full((b, f), float(self.settings.context_t), dtype=torch.float32, device=x0.device)
         valid = self.spec.valid_frames(self.chunks_committed)
-        _, k, v = self.model.forward_chunk(x0, tt, self.text_k, self.text_v, self.cache_k, self.cache_v, valid)
+        _, k, v = self.model.forward_chunk(x0, self._times(x0, self.settings.context_t), self.text_k, self.text_v,
+                                           self.cache_k, self.cache_v, valid)
         commit_chunk(self.spec, self.chunks_committed, self.cache_k, k, self.tokens_per_frame)
         commit_chunk(self.spec, self.chunks_committed, self.cache_v, v, self.tokens_per_frame)
         self.chunks_committed += 1

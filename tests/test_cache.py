@@ -97,3 +97,20 @@ def test_bad_cache_settings(kwargs):
     with pytest.raises(ConfigError) as err:
         CacheSpec(**kwargs)
     assert any(word in str(err.value) for word in ("ema_alpha", "sink_frames", "window_frames", "chunk_frames"))
+
+
+@pytest.mark.parametrize("spec", [CacheSpec(ema_alpha=0.37), CacheSpec(sink_frames=0, window_frames=9),
+                                  CacheSpec(window_frames=12, ema_alpha=0.5), CacheSpec(window_frames=3, ema_alpha=0.8)])
+def test_commit_matrix_equals_in_place_commit(spec):
+    from rf_runtime.cache import commit_matrix
+
+    rng = np.random.default_rng(0)
+    ctx_a = np.zeros((1, spec.context_frames * T, 1))
+    ctx_b = ctx_a.copy()
+    for n in range(6):
+        new = rng.standard_normal((1, spec.chunk_frames * T, 1))
+        commit_chunk(spec, n, ctx_a, new, T, axis=1)
+        mix = commit_matrix(spec, n)
+        frames = np.concatenate([ctx_b, new], axis=1).reshape(spec.context_frames + spec.chunk_frames, T)
+        ctx_b = (mix @ frames).reshape(1, -1, 1)
+        assert np.allclose(ctx_a, ctx_b, rtol=0, atol=1e-12), n

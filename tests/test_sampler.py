@@ -42,7 +42,7 @@ def test_cache_memory_constant_over_50_chunks():
     model = tiny_model()
     settings = StreamSettings(timesteps=(1000,))  # one step keeps the test fast; the cache path is the same
     text = torch.randn(1, 5, TINY.text_dim)
-    roll = ChunkRollout(model, text, (1, 3, 16, 4, 4), settings)
+    roll = ChunkRollout.for_prompt(model, text, (1, 3, 16, 4, 4), settings)
     ptr_k, ptr_v, shape = roll.cache_k.data_ptr(), roll.cache_v.data_ptr(), roll.cache_k.shape
     with torch.no_grad():
         for _ in range(50):
@@ -63,7 +63,7 @@ def test_ema_alpha_one_equals_static_sink_and_differs_from_ema():
     static = generate_latents(model, text, noise, ren, StreamSettings(ema_alpha=1.0))
     # a static sink: the sink keys are chunk 0's for the whole stream; check against a manual
     # rollout that never folds (window-only commits after chunk 0)
-    roll = ChunkRollout(model, text, noise.shape, StreamSettings(ema_alpha=1.0))
+    roll = ChunkRollout.for_prompt(model, text, noise.shape, StreamSettings(ema_alpha=1.0))
     with torch.no_grad():
         first = roll.step(noise[:, :3], ren[:, :, :3])
         sink = roll.cache_k[:, :, : 3 * 4].clone()
