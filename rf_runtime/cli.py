@@ -1,0 +1,115 @@
+"""Command-line tools. Thin: parse arguments, call the library, report. Progress bars live here only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+
+from rf_runtime.errors import RFError
+
+logger = logging.getLogger("rf_runtime")
+
+
+def _generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rf-generate",
+        description="Generate a video from a text prompt with a Reward Forcing model and write it as MP4 (16 fps).")
+    src = p.add_argument_group("model")
+    src.add_argument("--model-dir", help="Wan2.1-style model directory (config.json, DiT weights, VAE, text encoder)")
+    src.add_argument("--checkpoint", help="generator checkpoint on top of --model-dir (e.g. rewardforcing.pt); "
+                                          "a directory here is taken as --model-dir")
+    p.add_argument("--prompt", required=True, help="what the video shows")
+    p.add_argument("--seconds", type=float, default=5.0, help="video length in seconds (default 5)")
+    p.add_argument("--out", required=True, help="output .mp4 path (written to a temporary name, then renamed)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video (default 0)")
+    p.add_argument("--height", type=int, help="video height (default: the model's, 480)")
+    p.add_argument("--width", type=int, help="video width (default: the model's, 832)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--ema-alpha", type=float, help="EMA-Sink rate in [0, 1] (default: the model's, 0.999)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _load_streamer(args):
+    import os
+
+    from rf_runtime.streamer import Streamer
+
+    model_dir, checkpoint = args.model_dir, args.checkpoint
+    if checkpoint and os.path.isdir(checkpoint) and not model_dir:
+        model_dir, checkpoint = checkpoint, None
+    if not model_dir:
+        raise RFError("no model given: pass --model-dir DIR (a Wan2.1-style directory), optionally with "
+                      "--checkpoint FILE for a generator checkpoint on top")
+    settings = None
+    if args.ema_alpha is not None:
+        from rf_runtime.sampler import StreamSettings
+        from rf_runtime.torch_backend import read_model_card
+
+        card = read_model_card(model_dir) if os.path.isdir(model_dir) else {}
+        settings = StreamSettings(**{**card.get("stream", {}), "ema_alpha": args.ema_alpha})
+    return Streamer.from_checkpoint(model_dir, checkpoint, settings=settings, height=args.height, width=args.width,
+                                    device=args.device, dtype=args.dtype)
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    args = _generate_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _generate(args)
+    except RFError as exc:
+        print(f"rf-generate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _generate(args) -> int:
+    from tqdm import tqdm
+
+    from rf_runtime.streamer import check_prompt
+    from rf_runtime.video import Mp4Writer
+
+    check_prompt(args.prompt)
+    if not (args.seconds > 0 and math.isfinite(args.seconds)):
+        raise RFError(f"--seconds must be a positive number, got {args.seconds}")
+    writer = Mp4Writer(args.out)  # checks the path before the model is loaded
+    try:
+        t0 = time.perf_counter()
+        streamer = _load_streamer(args)
+        load_s = time.perf_counter() - t0
+        num_frames = max(1, round(args.seconds * streamer.fps))
+        writer.fps = streamer.fps
+        bar = tqdm(total=num_frames, unit="frame", disable=args.quiet, file=sys.stderr)
+        start = time.perf_counter()
+        try:
+            for chunk in streamer.stream_chunks(args.prompt, seed=args.seed, num_frames=num_frames):
+                writer.write(chunk.frames)
+                bar.update(len(chunk.frames))
+                bar.set_postfix(chunk=chunk.index, latency=f"{chunk.seconds:.2f}s",
+                                fps=f"{len(chunk.frames) / chunk.seconds:.2f}")
+        except KeyboardInterrupt:
+            bar.close()
+            if writer.frames_written:
+                writer.close()
+                print(f"interrupted: saved the {writer.frames_written} frames made so far to {args.out}", file=sys.stderr)
+                return 130
+            writer.abort()
+            return 130
+        bar.close()
+        elapsed = time.perf_counter() - start
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    h, w = streamer.info.frame_hw
+    print(f"wrote {args.out}: {writer.frames_written} frames {w}x{h} at {streamer.fps} fps "
+          f"({writer.frames_written / streamer.fps:.2f} s of video) in {elapsed:.1f} s "
+          f"= {writer.frames_written / elapsed:.2f} generated fps (model load {load_s:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(generate_main())

@@ -1,0 +1,147 @@
+"""The PyTorch backend: the reference models run in place, buffers are torch tensors on ``device``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from rf_runtime.backend import Backend, ModelInfo, StreamState, to_uint8_frames
+from rf_runtime.errors import CheckpointError, ConfigError, require
+from rf_runtime.sampler import ChunkRollout, StreamSettings
+
+torch = require("torch", "torch")
+
+MODEL_CARD = "rf_runtime.json"
+DEFAULT_HW = (480, 832)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _TorchStream:
+    rollout: ChunkRollout
+    decoder: object  # VAEStreamDecoder
+
+
+def latent_hw_for(height: int, width: int, spatial_stride: int, patch_hw: tuple[int, int]) -> tuple[int, int]:
+    """Latent size for a video size; both must land on whole patches."""
+    unit_h, unit_w = spatial_stride * patch_hw[0], spatial_stride * patch_hw[1]
+    if height <= 0 or width <= 0 or height % unit_h or width % unit_w:
+        raise ConfigError(f"height x width = {height}x{width} must be positive multiples of {unit_h}x{unit_w} "
+                          f"(VAE stride {spatial_stride} x patch {patch_hw}); 480x832 is the released size")
+    return height // spatial_stride, width // spatial_stride
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, dit, vae, text_encoder, settings: StreamSettings | None = None,
+                 height: int = DEFAULT_HW[0], width: int = DEFAULT_HW[1]):
+        self.dit, self.vae, self.text_encoder = dit.eval(), vae.eval(), text_encoder
+        settings = settings or StreamSettings()
+        cfg = dit.config
+        if getattr(text_encoder, "text_dim", cfg.text_dim) != cfg.text_dim:
+            raise ConfigError(f"the text encoder gives {text_encoder.text_dim}-dim embeddings but the DiT expects "
+                              f"text_dim={cfg.text_dim}: pair the DiT with the text encoder it was trained with")
+        stride = vae.config.stride
+        latent_hw = latent_hw_for(height, width, stride[1], cfg.patch_size[1:])
+        self.info = ModelInfo(latent_channels=cfg.in_dim, latent_hw=latent_hw, vae_stride=stride, settings=settings)
+        self.device = dit.patch_embedding.weight.device
+        self.dtype = dit.patch_embedding.weight.dtype
+
+    @classmethod
+    def from_dir(cls, model_dir, checkpoint=None, *, vae_path=None, text_encoder=None, settings=None,
+                 height=None, width=None, device="cpu", dtype="float32", use_ema=True) -> "TorchBackend":
+        from rf_runtime.models import CausalDiT, VAEConfig, WanVAE
+
+        model_dir = os.fspath(model_dir)
+        if not os.path.isdir(model_dir):
+            raise CheckpointError(f"model directory {model_dir} does not exist: pass a Wan2.1-style directory "
+                                  "(config.json, diffusion_pytorch_model.safetensors, Wan2.1_VAE.pth, text encoder)")
+        if dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        card = read_model_card(model_dir)
+        dit = CausalDiT.from_pretrained(model_dir, checkpoint, use_ema=use_ema)
+        vae_cfg = VAEConfig(**card["vae"]) if "vae" in card else VAEConfig()
+        vae = WanVAE.from_pretrained(vae_path or find_vae(model_dir), vae_cfg)
+        if text_encoder is None:
+            text_encoder = text_encoder_from_card(card, model_dir)
+        if settings is None:
+            settings = StreamSettings(**card.get("stream", {}))
+        hw = card.get("resolution", DEFAULT_HW)
+        dit = dit.to(device=device, dtype=_DTYPES[dtype])
+        vae = vae.to(device=device, dtype=_DTYPES[dtype])
+        return cls(dit, vae, text_encoder, settings, height or hw[0], width or hw[1])
+
+    # ---- Backend ---------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str):
+        with torch.no_grad():
+            embeds = torch.as_tensor(self.text_encoder.encode([prompt]))
+            return self.dit.text_kv(embeds.to(device=self.device, dtype=self.dtype))
+
+    def new_stream(self, text) -> StreamState:
+        rollout = ChunkRollout(self.dit, text, 1, self.info.latent_hw, self.info.settings)
+        return StreamState(_TorchStream(rollout, self.vae.stream_decoder(batch_size=1)))
+
+    def upload(self, array: np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device=self.device, dtype=self.dtype)
+
+    def denoise_step(self, state: StreamState, x, step: int, eps):
+        with torch.no_grad():
+            return state.device.rollout.denoise_step(x, step, eps)
+
+    def cache_pass(self, state: StreamState, x0) -> None:
+        with torch.no_grad():
+            state.device.rollout.cache_pass(x0)
+        state.chunks_committed = state.device.rollout.chunks_committed
+
+    def decode(self, state: StreamState, x0) -> np.ndarray:
+        with torch.no_grad():
+            pixels = state.device.decoder.decode_chunk(x0.transpose(1, 2))  # [1, 3, T, H, W]
+        return to_uint8_frames(pixels[0].float().cpu().numpy())
+
+
+def read_model_card(model_dir: str) -> dict:
+    """The optional ``rf_runtime.json`` of a model directory (VAE config, stream settings, resolution)."""
+    path = os.path.join(model_dir, MODEL_CARD)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        card = json.load(f)
+    known = {"vae", "stream", "resolution", "text_encoder", "model_card"}
+    unknown = set(card) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
+    names = {f.name for f in dataclasses.fields(StreamSettings)}
+    bad = set(card.get("stream", {})) - names
+    if bad:
+        raise ConfigError(f"{path}: unknown stream settings {sorted(bad)}; valid are {sorted(names)}")
+    return card
+
+
+def text_encoder_from_card(card: dict, model_dir: str):
+    """The text encoder a model directory names: ``{"kind": "hashed", ...}`` in its card, or umT5 files."""
+    spec = dict(card.get("text_encoder", {}))
+    kind = spec.pop("kind", "umt5")
+    if kind == "hashed":
+        from rf_runtime.models.hashed_text import HashedTextEncoder
+
+        return HashedTextEncoder(**spec)
+    if kind != "umt5":
+        raise ConfigError(f"{model_dir}/{MODEL_CARD}: unknown text_encoder kind {kind!r}; use 'umt5' or 'hashed'")
+    from rf_runtime.models.text_encoder import load_text_encoder
+
+    return load_text_encoder(model_dir)
+
+
+def find_vae(model_dir: str) -> str:
+    for name in ("Wan2.1_VAE.pth", "vae.safetensors", "vae.pth"):
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            return path
+    raise CheckpointError(f"no VAE weights in {model_dir}: expected Wan2.1_VAE.pth or vae.safetensors "
+                          "(or pass vae_path=...)")

@@ -1,0 +1,72 @@
+"""rf-generate end to end: MP4 output, atomic writes, clear errors."""
+
+import os
+
+import numpy as np
+import pytest
+
+from rf_runtime.cli import generate_main
+from rf_runtime.video import Mp4Writer, read_mp4
+from tests.tiny import HEIGHT, WIDTH, write_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_model")
+    write_model_dir(path)
+    return str(path)
+
+
+def test_generate_writes_mp4(model_dir, tmp_path, capsys):
+    out = tmp_path / "clip.mp4"
+    rc = generate_main(["--model-dir", model_dir, "--prompt", "a red circle bouncing", "--seconds", "2",
+                        "--out", str(out), "--quiet"])
+    assert rc == 0
+    frames = read_mp4(out)
+    assert frames.shape == (32, HEIGHT, WIDTH, 3)  # 2 s at 16 fps
+    assert "wrote" in capsys.readouterr().out
+    assert [p for p in os.listdir(tmp_path) if p != "clip.mp4"] == []  # no temporary left behind
+
+
+def test_checkpoint_dir_is_taken_as_model_dir(model_dir, tmp_path):
+    out = tmp_path / "clip.mp4"
+    assert generate_main(["--checkpoint", model_dir, "--prompt", "a cube", "--seconds", "0.5", "--out", str(out),
+                          "--quiet"]) == 0
+    assert read_mp4(out).shape[0] == 8
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "  "], "prompt is empty"),
+    (["--prompt", "a cube", "--seconds", "0"], "--seconds"),
+    (["--prompt", "a cube", "--out", "/nonexistent-dir/x.mp4"], "does not exist"),
+    (["--prompt", "a cube", "--out", "clip.avi"], "must end in .mp4"),
+])
+def test_bad_arguments_exit_2_with_message(model_dir, tmp_path, capsys, args, message):
+    argv = ["--model-dir", model_dir, "--out", str(tmp_path / "c.mp4"), "--quiet"] + args
+    assert generate_main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_model_dir(tmp_path, capsys):
+    assert generate_main(["--model-dir", str(tmp_path / "nope"), "--prompt", "a cube", "--out",
+                          str(tmp_path / "c.mp4"), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_failure_mid_stream_leaves_no_partial_file(tmp_path):
+    out = tmp_path / "clip.mp4"
+    out.write_bytes(b"previous video")
+    frames = np.zeros((4, 16, 16, 3), np.uint8)
+    with pytest.raises(RuntimeError):
+        with Mp4Writer(out) as writer:
+            writer.write(frames)
+            raise RuntimeError("generation failed")
+    assert out.read_bytes() == b"previous video"  # the old file is untouched
+    assert os.listdir(tmp_path) == ["clip.mp4"]
+
+
+def test_ema_alpha_option_is_validated(model_dir, tmp_path, capsys):
+    argv = ["--model-dir", model_dir, "--prompt", "a cube", "--out", str(tmp_path / "c.mp4"), "--quiet"]
+    assert generate_main(argv + ["--ema-alpha", "1.5"]) == 2
+    assert "ema_alpha" in capsys.readouterr().err

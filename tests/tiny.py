@@ -1,0 +1,50 @@
+"""Tiny random components shared by tests (diffusers' get_dummy_components idea)."""
+
+import json
+import os
+
+import torch
+
+from rf_runtime.models import CausalDiT, DiTConfig
+from rf_runtime.models.hashed_text import HashedTextEncoder
+
+TEXT = HashedTextEncoder(text_dim=16, text_len=8, seed=3)
+DIT = DiTConfig(dim=32, ffn_dim=48, freq_dim=16, text_dim=TEXT.text_dim, text_len=TEXT.text_len,
+                num_heads=2, num_layers=2)
+VAE = dict(dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1, attn_scales=(),
+           temperal_downsample=(False, True, True))
+HEIGHT, WIDTH = 32, 48  # latent 4 x 6: non-square, 2 x 3 patches
+
+
+def tiny_dit(seed=0):
+    torch.manual_seed(seed)
+    model = CausalDiT(DIT)
+    with torch.no_grad():  # larger weights than the default init so the cache visibly matters
+        for name, p in model.named_parameters():
+            if not name.endswith("norm_q.weight") and not name.endswith("norm_k.weight"):
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+def tiny_vae(seed=0):
+    from rf_runtime.models import VAEConfig, WanVAE
+
+    torch.manual_seed(seed)
+    return WanVAE(VAEConfig(**VAE)).eval()
+
+
+def write_model_dir(path, seed=0, stream=None):
+    """A complete model directory (the layout Streamer.from_checkpoint reads) with random weights."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    dit, vae = tiny_dit(seed), tiny_vae(seed)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(dict(DIT.to_dict(), _class_name="WanModel"), f)
+    save_file(dit.state_dict(), os.path.join(path, "diffusion_pytorch_model.safetensors"))
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, os.path.join(path, "vae.safetensors"))
+    card = {"vae": {k: list(v) if isinstance(v, tuple) else v for k, v in VAE.items()},
+            "stream": stream or {}, "resolution": [HEIGHT, WIDTH], "text_encoder": TEXT.to_dict()}
+    with open(os.path.join(path, "rf_runtime.json"), "w") as f:
+        json.dump(card, f)
+    return dit, vae
