@@ -7,7 +7,7 @@ import pytest
 
 from rf_runtime.cli import generate_main
 from rf_runtime.video import Mp4Writer, read_mp4
-from tests.tiny import HEIGHT, WIDTH, write_model_dir
+from rf_runtime.testing import HEIGHT, WIDTH, write_model_dir
 
 
 @pytest.fixture(scope="module")

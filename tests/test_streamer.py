@@ -7,7 +7,7 @@ import torch
 from rf_runtime import InputError, Streamer, StreamSettings
 from rf_runtime.backend import to_uint8_frames
 from rf_runtime.sampler import chunk_noise, generate_latents
-from tests.tiny import HEIGHT, TEXT, WIDTH, write_model_dir
+from rf_runtime.testing import HEIGHT, TEXT, WIDTH, write_model_dir
 
 
 @pytest.fixture(scope="module")

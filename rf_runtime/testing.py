@@ -1,4 +1,9 @@
-"""Tiny random components shared by tests (diffusers' get_dummy_components idea)."""
+"""Tiny random components for tests and smoke runs (the idea of diffusers' get_dummy_components).
+
+``write_model_dir(path)`` writes a complete model directory with random weights in seconds, so the
+whole pipeline (Streamer, rf-generate) can run on a fresh machine without downloaded weights. Its
+videos are structured noise: it proves the plumbing, not the model.
+"""
 
 import json
 import os
@@ -34,6 +39,7 @@ def tiny_vae(seed=0):
 
 
 def write_model_dir(path, seed=0, stream=None):
+    path = os.fspath(path)
     """A complete model directory (the layout Streamer.from_checkpoint reads) with random weights."""
     from safetensors.torch import save_file
 
@@ -48,3 +54,20 @@ def write_model_dir(path, seed=0, stream=None):
     with open(os.path.join(path, "rf_runtime.json"), "w") as f:
         json.dump(card, f)
     return dit, vae
+
+
+def main(argv=None):
+    """``python -m rf_runtime.testing DIR``: write a tiny random model directory to DIR."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m rf_runtime.testing OUTPUT_DIR", file=sys.stderr)
+        return 2
+    write_model_dir(args[0])
+    print(f"wrote a tiny random model to {args[0]} (random weights: the video will be noise)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
