@@ -424,15 +424,17 @@ class CausalDiT(nn.Module):
         return self.forward_chunk_tables(x, t, text_k, text_v, context_k, context_v, key_mask, *rope)
 
     def forward_chunk_tables(self, x, t, text_k, text_v, context_k, context_v, key_mask,
-                             cos_ctx, sin_ctx, cos_q, sin_q):
+                             cos_ctx, sin_ctx, cos_q, sin_q, time_emb=None):
         """``forward_chunk`` with positions and validity given as tensors (the exported graph).
 
         key_mask: [M*T + f*T] bool, True where a key is valid (the chunk's own keys always are).
         cos_ctx/sin_ctx: [M*T, D] RoPE tables of the context slots; cos_q/sin_q: [f*T, D] of the chunk.
+        time_emb: (e, e0) computed elsewhere (the exported graph takes the host's float64 sinusoid);
+            t is ignored when it is given.
         """
         b, f, _, hh, ww = x.shape
         tokens = self.embed(x)
-        e, e0 = self.time_embeddings(t)
+        e, e0 = self.time_embeddings(t) if time_emb is None else time_emb
         mask = key_mask.view(1, 1, 1, -1)
         new_k, new_v = [], []
         for i, blk in enumerate(self.blocks):

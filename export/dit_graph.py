@@ -1,0 +1,82 @@
+"""Lowering the DiT chunk step to a static-shape ONNX graph (issue 3, first piece).
+
+The graph is one denoising step (or the t=0 cache pass) of one chunk, with everything that
+changes from chunk to chunk as an input: the cache contents, which cache frames are valid, and
+the RoPE tables of the cache slots and of the chunk. One graph therefore serves chunk 0, chunk 1,
+the steady state, every denoising step and the cache pass. The timestep sinusoid is computed on
+the host in float64 (``t_freq``), as the reference does; graphs have no float64.
+
+Inputs (B = 1, f = chunk frames, T = tokens per frame, M = context frames):
+  x, eps [1, f, C, H, W]; t_freq [1, f, freq_dim]; sigma, sigma_next [1];
+  text_k, text_v [L, 1, text_len, N, D]; ctx_k, ctx_v [L, 1, M*T, N, D];
+  key_mask [(M + f) * T] float (1 = valid key); cos_ctx, sin_ctx [M*T, D]; cos_q, sin_q [f*T, D]
+Outputs: x0 = x - sigma * flow; x_next = (1 - sigma_next) * x0 + sigma_next * eps;
+  new_k, new_v [L, 1, f*T, N, D] (the chunk's keys/values before RoPE).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from rf_runtime.models.dit import CausalDiT, timestep_sinusoid
+
+INPUTS = ["x", "eps", "t_freq", "sigma", "sigma_next", "text_k", "text_v", "ctx_k", "ctx_v", "key_mask",
+          "cos_ctx", "sin_ctx", "cos_q", "sin_q"]
+OUTPUTS = ["x0", "x_next", "new_k", "new_v"]
+
+
+class DiTStep(nn.Module):
+    """CausalDiT.forward_chunk_tables plus the sampler's x0 / re-noise math, for export."""
+
+    def __init__(self, model: CausalDiT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, eps, t_freq, sigma, sigma_next, text_k, text_v, ctx_k, ctx_v, key_mask,
+                cos_ctx, sin_ctx, cos_q, sin_q):
+        m = self.model
+        e = m.time_embedding(t_freq)
+        e0 = m.time_projection(e).unflatten(-1, (6, m.config.dim))
+        flow, new_k, new_v = m.forward_chunk_tables(
+            x, None, text_k, text_v, ctx_k, ctx_v, key_mask > 0.5, cos_ctx, sin_ctx, cos_q, sin_q, time_emb=(e, e0))
+        x0 = x - sigma * flow
+        x_next = (1 - sigma_next) * x0 + sigma_next * eps
+        return x0, x_next, new_k, new_v
+
+
+def example_inputs(model: CausalDiT, latent_hw, context_frames: int, chunk_frames: int, valid_frames: int, seed=0):
+    """Random but well-formed inputs of the step graph (numpy float32), for tracing and tests."""
+    from rf_runtime.models.dit import rope_tables
+
+    cfg = model.config
+    rng = np.random.default_rng(seed)
+    h, w = model.grid(latent_hw)
+    tpf = h * w
+    lat = (1, chunk_frames, cfg.in_dim, *latent_hw)
+    kv = (cfg.num_layers, 1, context_frames * tpf, cfg.num_heads, cfg.head_dim)
+    text = (cfg.num_layers, 1, cfg.text_len, cfg.num_heads, cfg.head_dim)
+    t = np.full((1, chunk_frames), 937.5)
+    cos_ctx, sin_ctx = rope_tables(range(context_frames), (h, w), cfg.head_dim)
+    cos_q, sin_q = rope_tables(range(valid_frames, valid_frames + chunk_frames), (h, w), cfg.head_dim)
+    mask = np.concatenate([np.arange(context_frames * tpf) < valid_frames * tpf, np.ones(chunk_frames * tpf, bool)])
+    f32 = np.float32
+    return {
+        "x": rng.standard_normal(lat, dtype=f32), "eps": rng.standard_normal(lat, dtype=f32),
+        "t_freq": timestep_sinusoid(torch.from_numpy(t), cfg.freq_dim).numpy().astype(f32),
+        "sigma": np.array([0.9375], f32), "sigma_next": np.array([0.8333], f32),
+        "text_k": rng.standard_normal(text, dtype=f32), "text_v": rng.standard_normal(text, dtype=f32),
+        "ctx_k": rng.standard_normal(kv, dtype=f32), "ctx_v": rng.standard_normal(kv, dtype=f32),
+        "key_mask": mask.astype(f32),
+        "cos_ctx": cos_ctx.numpy(), "sin_ctx": sin_ctx.numpy(), "cos_q": cos_q.numpy(), "sin_q": sin_q.numpy(),
+    }
+
+
+def export_dit_step(model: CausalDiT, path: str, feeds: dict, opset: int = 17) -> None:
+    """Export the step graph with the static shapes of ``feeds`` (see ``example_inputs``)."""
+    step = DiTStep(model.eval())
+    args = tuple(torch.from_numpy(feeds[name]) for name in INPUTS)
+    with torch.no_grad():
+        torch.onnx.export(step, args, path, input_names=INPUTS, output_names=OUTPUTS, opset_version=opset,
+                          dynamo=False, do_constant_folding=True)
