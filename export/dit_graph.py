@@ -80,3 +80,49 @@ def export_dit_step(model: CausalDiT, path: str, feeds: dict, opset: int = 17) -
     with torch.no_grad():
         torch.onnx.export(step, args, path, input_names=INPUTS, output_names=OUTPUTS, opset_version=opset,
                           dynamo=False, do_constant_folding=True)
+
+
+class CacheUpdate(nn.Module):
+    """The cache commit as a graph: new context = mix @ concat(context, chunk), frame by frame.
+
+    ``mix`` is ``rf_runtime.cache.commit_matrix(spec, chunks_committed)`` (float32 [M, M + f]), so
+    the write, the eviction and the EMA-Sink fold of any cache state are one static graph.
+    """
+
+    def __init__(self, tokens_per_frame: int):
+        super().__init__()
+        self.tokens_per_frame = tokens_per_frame
+
+    def forward(self, ctx_k, ctx_v, new_k, new_v, mix):
+        def update(ctx, new):
+            frames = torch.cat([ctx, new], dim=2).unflatten(2, (-1, self.tokens_per_frame))  # [L, B, M+f, T, N, D]
+            return torch.einsum("ij,lbjtnd->lbitnd", mix, frames).flatten(2, 3)
+
+        return update(ctx_k, new_k), update(ctx_v, new_v)
+
+
+class TextKV(nn.Module):
+    """Text embeddings [1, text_len, text_dim] -> cross-attention K/V of every layer (once per prompt)."""
+
+    def __init__(self, model: CausalDiT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, text_embeds):
+        return self.model.text_kv(text_embeds)
+
+
+def export_cache_update(tokens_per_frame: int, path: str, feeds: dict, opset: int = 17) -> None:
+    names = ["ctx_k", "ctx_v", "new_k", "new_v", "mix"]
+    args = tuple(torch.from_numpy(feeds[n]) for n in names)
+    with torch.no_grad():
+        torch.onnx.export(CacheUpdate(tokens_per_frame), args, path, input_names=names,
+                          output_names=["ctx_k_out", "ctx_v_out"], opset_version=opset, dynamo=False)
+
+
+def export_text_kv(model: CausalDiT, path: str, opset: int = 17) -> None:
+    cfg = model.config
+    embeds = torch.zeros(1, cfg.text_len, cfg.text_dim)
+    with torch.no_grad():
+        torch.onnx.export(TextKV(model.eval()), (embeds,), path, input_names=["text_embeds"],
+                          output_names=["text_k", "text_v"], opset_version=opset, dynamo=False)

@@ -57,8 +57,8 @@ def test_invalid_context_is_ignored(exported):
     assert np.array_equal(a, b)
 
 
-def test_ops_supported_by_tensorrt_and_shapes_static(exported):
-    _, path = exported
+def assert_tensorrt_ready(path):
+    """Every op is marked Y in TensorRT 10's ONNX support matrix; every graph input/output is static."""
     with open(TRT_OPS) as f:
         supported = {row["operator"] for row in csv.DictReader(f) if row["supported"] == "Y"}
     graph = onnx.load(path).graph
@@ -67,4 +67,48 @@ def test_ops_supported_by_tensorrt_and_shapes_static(exported):
     for value in list(graph.input) + list(graph.output):
         dims = value.type.tensor_type.shape.dim
         assert dims and all(d.HasField("dim_value") for d in dims), f"{value.name} has a dynamic shape"
+    return graph
+
+
+def test_step_graph_is_tensorrt_ready(exported):
+    graph = assert_tensorrt_ready(exported[1])
     assert [i.name for i in graph.input] == INPUTS
+
+
+def test_cache_update_graph_equals_commit(tmp_path):
+    from export.dit_graph import export_cache_update
+    from rf_runtime.cache import CacheSpec, commit_chunk, commit_matrix
+
+    spec, tpf = CacheSpec(ema_alpha=0.9), 6
+    rng = np.random.default_rng(0)
+    shape = lambda frames: (2, 1, frames * tpf, 2, 4)  # noqa: E731
+    feeds = {"ctx_k": np.zeros(shape(6), np.float32), "ctx_v": np.zeros(shape(6), np.float32),
+             "new_k": np.zeros(shape(3), np.float32), "new_v": np.zeros(shape(3), np.float32),
+             "mix": commit_matrix(spec, 0).astype(np.float32)}
+    path = str(tmp_path / "cache_update.onnx")
+    export_cache_update(tpf, path, feeds)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ref_k, ref_v = feeds["ctx_k"].copy(), feeds["ctx_v"].copy()
+    for n in range(5):  # write sink, write window, then evict + fold every chunk
+        feeds["new_k"], feeds["new_v"] = rng.standard_normal(shape(3), dtype=np.float32), rng.standard_normal(shape(3), dtype=np.float32)
+        feeds["mix"] = commit_matrix(spec, n).astype(np.float32)
+        feeds["ctx_k"], feeds["ctx_v"] = sess.run(None, feeds)
+        commit_chunk(spec, n, ref_k, feeds["new_k"], tpf)
+        commit_chunk(spec, n, ref_v, feeds["new_v"], tpf)
+        assert np.allclose(feeds["ctx_k"], ref_k, rtol=1e-6, atol=1e-6), n
+        assert np.allclose(feeds["ctx_v"], ref_v, rtol=1e-6, atol=1e-6), n
+    assert_tensorrt_ready(path)
+
+
+def test_text_kv_graph(exported, tmp_path):
+    from export.dit_graph import export_text_kv
+
+    model, _ = exported
+    path = str(tmp_path / "text_kv.onnx")
+    export_text_kv(model, path)
+    embeds = np.random.default_rng(1).standard_normal((1, model.config.text_len, model.config.text_dim), dtype=np.float32)
+    k, v = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"text_embeds": embeds})
+    with torch.no_grad():
+        rk, rv = model.text_kv(torch.from_numpy(embeds))
+    assert rel(k, rk.numpy()) < TOL and rel(v, rv.numpy()) < TOL
+    assert_tensorrt_ready(path)
