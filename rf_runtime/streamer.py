@@ -89,6 +89,13 @@ class Streamer:
                                         dtype=dtype, use_ema=use_ema)
         return cls(backend)
 
+    @classmethod
+    def from_engine(cls, path: str | os.PathLike, backend: str = "auto", device: str = "cpu") -> "Streamer":
+        """Stream from an engine bundle (``rf_runtime.bundle``) through onnxruntime; no torch needed."""
+        from rf_runtime.engine_backend import EngineBackend
+
+        return cls(EngineBackend.load(path, backend=backend, device=device))
+
     # ---- streaming ---------------------------------------------------------------------------
 
     def frames_to_chunks(self, num_frames: int) -> int:

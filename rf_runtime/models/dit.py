@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rf_runtime.errors import CheckpointError, ConfigError, InputError
+from rf_runtime.positions import rope_tables_np
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,44 +106,17 @@ def timestep_sinusoid(t: torch.Tensor, freq_dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
 
 
-def rope_split(head_dim: int) -> tuple[int, int, int]:
-    """Number of complex frequencies for (time, height, width): 22/21/21 at head_dim 128."""
-    c = head_dim // 2
-    return c - 2 * (c // 3), c // 3, c // 3
-
-
-def _axis_angles(positions: torch.Tensor, n_freq: int, theta: float = 10000.0) -> torch.Tensor:
-    """positions [L] -> angles [L, n_freq] in float64, frequencies theta^(-2i / (2 n_freq))."""
-    dim = 2 * n_freq
-    inv = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    return positions.to(torch.float64).unsqueeze(-1) * inv
-
-
 def rope_tables(frame_positions, grid_hw: tuple[int, int], head_dim: int):
     """cos/sin tables for tokens of frames at ``frame_positions`` on an h x w patch grid.
 
-    Returns (cos, sin), each [len(frame_positions) * h * w, head_dim] float32, already repeated per
+    Returns (cos, sin), each [len(frame_positions) * h * w, head_dim] float32 tensors, repeated per
     pair so that ``apply_rope`` is two multiplies and an add (interleaved pairs, as Wan's complex
     view). Positions are frame indices inside the cache (relative), never stream positions.
+    Computed in float64 on the host (``rf_runtime.positions``), the same tables every backend uses.
     """
-    fpos = torch.as_tensor(frame_positions, dtype=torch.float64).reshape(-1)
-    h, w = grid_hw
-    nt, nh, nw = rope_split(head_dim)
-    at = _axis_angles(fpos, nt)  # [f, nt]
-    ah = _axis_angles(torch.arange(h), nh)  # [h, nh]
-    aw = _axis_angles(torch.arange(w), nw)  # [w, nw]
-    f = fpos.numel()
-    angles = torch.cat(
-        [
-            at.view(f, 1, 1, nt).expand(f, h, w, nt),
-            ah.view(1, h, 1, nh).expand(f, h, w, nh),
-            aw.view(1, 1, w, nw).expand(f, h, w, nw),
-        ],
-        dim=-1,
-    ).reshape(f * h * w, head_dim // 2)
-    cos = torch.cos(angles).repeat_interleave(2, dim=-1).float()
-    sin = torch.sin(angles).repeat_interleave(2, dim=-1).float()
-    return cos, sin
+    positions = torch.as_tensor(frame_positions).reshape(-1).tolist()
+    cos, sin = rope_tables_np(positions, grid_hw, head_dim)
+    return torch.from_numpy(cos), torch.from_numpy(sin)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
