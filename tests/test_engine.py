@@ -72,3 +72,13 @@ def test_missing_file_and_bad_manifest_are_refused(dirs, tmp_path):
         Streamer.from_engine(b2)
     with pytest.raises(BundleError, match="not an engine bundle"):
         Streamer.from_engine(tmp_path)
+
+
+def test_rf_export_cli(dirs, tmp_path, capsys):
+    from export.cli import main
+
+    assert main(["onnx", "--model-dir", str(dirs[0]), "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["schema_version"] == 1
+    assert main(["onnx", "--model-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
