@@ -1,0 +1,120 @@
+"""onnxruntime runner: CPU or CUDA execution provider, IOBinding with preallocated buffers.
+
+Every input and output is bound by address (``IOBinding.bind_input`` / ``bind_output`` with a
+buffer pointer), once per binding; ``Binding.set`` rebinds one name by address, which moves no
+data. Outputs are written straight into the bound buffers. onnxruntime cannot alias an input with
+an output, so state that a graph updates (cache in -> cache out) lives in two buffers that are
+swapped between calls (the base class refuses an aliased binding).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from rf_runtime.errors import require
+from rf_runtime.runners.base import DTYPES, Binding, Buffer, GraphSpec, Runner, RunnerError, TensorSpec, \
+    host_buffer, write_host
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+              "tensor(bool)": "bool"}
+
+
+def session_graph_spec(session, name: str) -> GraphSpec:
+    """The IO of an onnxruntime session as a GraphSpec (every dimension must be static)."""
+    def spec(arg):
+        if any(not isinstance(d, int) for d in arg.shape):
+            raise RunnerError(f"graph {name}: {arg.name} has a dynamic shape {arg.shape}; bundles hold static-shape "
+                              "graphs: re-export it")
+        return TensorSpec(arg.name, tuple(arg.shape), _ORT_TYPES.get(arg.type, arg.type))
+
+    return GraphSpec(name, tuple(spec(a) for a in session.get_inputs()),
+                     tuple(spec(a) for a in session.get_outputs()))
+
+
+class OnnxRuntimeRunner(Runner):
+    """Runs an ONNX graph through onnxruntime on ``device`` "cpu" or "cuda".
+
+    graph: the IO the caller expects (from the bundle manifest); checked against the session's
+        own metadata at activate(). None: take it from the session.
+    """
+
+    def __init__(self, path: str | os.PathLike, graph: GraphSpec | None = None, *, device: str = "cpu",
+                 name: str | None = None, threads: int | None = None):
+        if device not in PROVIDERS:
+            raise RunnerError(f"device must be one of {sorted(PROVIDERS)}, got {device!r}")
+        super().__init__(graph, name or (graph.name if graph else os.path.basename(os.fspath(path))))
+        self.path = os.fspath(path)
+        self.device = device
+        self.threads = threads
+        self.session = None
+
+    def activate_impl(self) -> None:
+        ort = require("onnxruntime", "cpu" if self.device == "cpu" else "gpu")
+        provider = PROVIDERS[self.device]
+        if provider not in ort.get_available_providers():
+            raise RunnerError(f"onnxruntime has no {provider} here (available: {ort.get_available_providers()}): "
+                              "install onnxruntime-gpu (pip install 'rf_runtime[gpu]') on a machine with a CUDA "
+                              "GPU, or use device='cpu'")
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        self.session = ort.InferenceSession(self.path, options, providers=[provider])
+        actual = session_graph_spec(self.session, self.name)
+        if self.graph is None:
+            self.graph = actual
+        else:
+            problems = self.graph.compare(actual)
+            if problems:
+                self.session = None
+                raise RunnerError(f"{self.path}: the graph does not match its declared IO: " + "; ".join(problems)
+                                  + "; rebuild the bundle (rf-export onnx)")
+        self._inputs = frozenset(self.graph.input_names())
+
+    def deactivate_impl(self) -> None:
+        self.session = None
+
+    def allocate_impl(self, shape, dtype) -> Buffer:
+        if self.device == "cpu":
+            return host_buffer(shape, dtype)
+        ort = require("onnxruntime", "gpu")
+        if dtype not in DTYPES:
+            raise RunnerError(f"onnxruntime buffers of dtype {dtype} are not supported; use float32 or float16 graphs")
+        value = ort.OrtValue.ortvalue_from_shape_and_type(shape, DTYPES[dtype], "cuda", 0)
+        return Buffer(shape, dtype, "cuda", value.data_ptr(), None, value)
+
+    def write_impl(self, buffer: Buffer, array: np.ndarray) -> None:
+        if buffer.host is not None:
+            write_host(buffer, array)
+        elif buffer.base is None:
+            buffer.owner.update_inplace(np.ascontiguousarray(array, DTYPES[buffer.dtype]))
+        else:
+            raise RunnerError("writing into a view of a device buffer is not supported: write the whole buffer")
+
+    def read_impl(self, buffer: Buffer) -> np.ndarray:
+        if buffer.host is not None:
+            return buffer.host
+        if buffer.base is not None:
+            raise RunnerError("reading a view of a device buffer is not supported: read the whole buffer")
+        return buffer.owner.numpy()  # device -> host copy
+
+    def _bind(self, io, name: str, buffer: Buffer, is_input: bool) -> None:
+        bind = io.bind_input if is_input else io.bind_output
+        bind(name, buffer.device, 0, DTYPES[buffer.dtype], buffer.shape, buffer.ptr)
+
+    def bind_impl(self, binding: Binding) -> None:
+        io = self.session.io_binding()
+        for spec in self.graph.inputs:
+            self._bind(io, spec.name, binding.buffers[spec.name], True)
+        for spec in self.graph.outputs:
+            self._bind(io, spec.name, binding.buffers[spec.name], False)
+        binding.impl = io
+
+    def rebind_impl(self, binding: Binding, name: str) -> None:
+        self._bind(binding.impl, name, binding.buffers[name], name in self._inputs)
+
+    def run_impl(self, binding: Binding) -> None:
+        self.session.run_with_iobinding(binding.impl)
