@@ -51,6 +51,7 @@ class Backend(ABC):
 
     name: str = "backend"
     info: ModelInfo
+    model_card = None  # a bundle's rf_runtime.bundle.ModelCard, checked by the streamer; None: no card
 
     @abstractmethod
     def encode_prompt(self, prompt: str) -> Any:

@@ -1,26 +1,47 @@
-"""Engine bundles: a directory of graphs plus ``manifest.json``, validated before anything runs.
+"""Engine bundles: a directory of graphs (and TensorRT plans) plus ``manifest.json``, validated
+before anything runs. The manifest format is schema_version 2 (the project's SCHEMA.md):
 
-The manifest records the schema version, the model and stream settings, every file with its
-sha256, and a model card. A bundle that does not match (missing or altered file, unknown schema)
-is refused with a message naming the file and the command that rebuilds it. No torch here.
+- ``files``: every file of the bundle with its relative path, sha256 and size in bytes;
+- ``graphs``: every graph's file, precision and declared inputs/outputs (name, shape, dtype);
+- ``plans``: TensorRT engines built from a graph, with the TensorRT version and GPU compute
+  capability they were built for (optional);
+- ``text_encoder``, ``model``, ``stream``: what the runtime needs to run the graphs;
+- ``model_card``: where the weights came from, training stage, chunk / sink / window sizes,
+  resolution, the longest stream the bundle was tested on;
+- ``producer``: versions of the tools that wrote it.
+
+A bundle that does not match is refused (``BundleError``) with a message naming the file and the
+command that rebuilds it: a missing, truncated or altered file, an unknown schema, a graph whose
+declared IO differs from the .onnx (checked here when ``onnx`` is importable, else by the runner
+against the session's metadata), a plan for another TensorRT version or GPU. No torch here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rf_runtime.errors import RFError
+from rf_runtime.runners.base import ITEMSIZE, GraphSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 REBUILD = "rebuild it with `rf-export onnx --model-dir MODEL_DIR --out BUNDLE`"
+REBUILD_TRT = "rebuild the engines with `rf-export trt BUNDLE`"
+PRECISIONS = ("fp32", "fp16", "bf16")
+TRAINING_STAGES = ("random", "teacher", "student", "re-dmd", "release")
+REQUIRED = ("files", "graphs", "text_encoder", "model", "stream", "model_card")
+# ONNX TensorProto element types -> manifest dtype names
+ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool"}
+
+logger = logging.getLogger("rf_runtime")
 
 
 class BundleError(RFError):
-    """An engine bundle is missing, altered or of an unknown version."""
+    """An engine bundle is missing, altered, of an unknown version, or built for another machine."""
 
 
 def sha256(path: str) -> str:
@@ -31,13 +52,135 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def graph_io_from_onnx(path: str) -> dict:
+    """{"inputs": [...], "outputs": [...]} of an .onnx file (names, static shapes, dtypes), read
+    without loading external weight files. Needs ``onnx``."""
+    import onnx
+
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises its own DecodeError
+        raise BundleError(f"{path} is not a readable ONNX graph ({type(exc).__name__}); {REBUILD}") from exc
+
+    def entries(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            if any(d is None for d in dims):
+                raise BundleError(f"{path}: {v.name} has a dynamic shape; bundles hold static-shape graphs; {REBUILD}")
+            out.append({"name": v.name, "shape": dims, "dtype": ONNX_DTYPES.get(t.elem_type, str(t.elem_type))})
+        return out
+
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    return {"inputs": entries(inputs), "outputs": entries(model.graph.output)}
+
+
+def plan_problem(plan: dict, tensorrt_version: str | None, compute_capability: str | None) -> str | None:
+    """Why a TensorRT plan cannot run here, or None when it can.
+
+    A plan runs only under the TensorRT version it was built with (major.minor.patch) and on a GPU
+    of the compute capability it was built for. ``tensorrt_version`` / ``compute_capability`` are
+    this machine's (None: TensorRT not installed / no GPU).
+    """
+    if tensorrt_version is None:
+        return "TensorRT is not installed (pip install 'rf_runtime[gpu]')"
+    if compute_capability is None:
+        return "no CUDA GPU is visible"
+    built = str(plan.get("tensorrt_version", "?"))
+    if built.split(".")[:3] != str(tensorrt_version).split(".")[:3]:
+        return f"it was built with TensorRT {built}, this machine has TensorRT {tensorrt_version}"
+    if str(plan.get("compute_capability")) != str(compute_capability):
+        return (f"it was built for compute capability {plan.get('compute_capability')} "
+                f"({plan.get('device_name', 'unknown GPU')}), this GPU is {compute_capability}")
+    return None
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the bundle's weights are and what it was checked on (manifest ``model_card``)."""
+
+    name: str
+    source: str
+    checkpoint: str | None
+    training_stage: str
+    chunk_frames: int
+    sink_frames: int
+    window_frames: int
+    resolution: tuple[int, int]
+    longest_tested_frames: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "ModelCard":
+        names = [f for f in cls.__dataclass_fields__]
+        missing = [n for n in names if n not in d and n != "longest_tested_frames"]
+        if missing:
+            raise BundleError(f"{where}: model_card lacks {missing}; {REBUILD}")
+        card = cls(**{n: d.get(n) for n in names})
+        object.__setattr__(card, "resolution", tuple(card.resolution))
+        if card.training_stage not in TRAINING_STAGES:
+            raise BundleError(f"{where}: model_card training_stage {card.training_stage!r} is not one of "
+                              f"{list(TRAINING_STAGES)}; {REBUILD}")
+        for value in (card.source, card.checkpoint):
+            if value and os.path.isabs(value):
+                raise BundleError(f"{where}: model_card names an absolute path ({value}); a bundle must not carry "
+                                  f"paths of the machine that built it; {REBUILD}")
+        return card
+
+    def check_settings(self, settings, frame_hw: tuple[int, int]) -> None:
+        """Refuse stream settings the weights were not made for (chunk, sink, window, resolution)."""
+        for name in ("chunk_frames", "sink_frames", "window_frames"):
+            mine, theirs = getattr(self, name), getattr(settings, name)
+            if mine != theirs:
+                raise BundleError(f"the bundle's model card says {name}={mine} but the stream settings say "
+                                  f"{name}={theirs}: the graphs and weights are built for {name}={mine}; fix the "
+                                  f"manifest's 'stream' entry or {REBUILD}")
+        if tuple(self.resolution) != tuple(frame_hw):
+            raise BundleError(f"the bundle's model card says resolution {list(self.resolution)} but its graphs make "
+                              f"{list(frame_hw)} frames; {REBUILD}")
+
+    def check_length(self, num_frames: int | None) -> None:
+        """Warn (rf_runtime logger) when a stream is longer than any the bundle was tested on."""
+        limit = self.longest_tested_frames
+        if limit is not None and (num_frames is None or num_frames > limit):
+            asked = "an unbounded stream" if num_frames is None else f"{num_frames} frames"
+            logger.warning("%s requested, but bundle %r was tested on streams of at most %d frames: quality "
+                           "beyond that is unverified", asked, self.name, limit)
+
+
 @dataclass(frozen=True)
 class Bundle:
     path: str
     manifest: dict
+    graphs: dict[str, GraphSpec] = field(default_factory=dict)
+    model_card: ModelCard | None = None
+    io_checked_against_onnx: bool = False  # False: the runners check IO against their session metadata
 
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, self.manifest["files"][name]["path"])
+    def file(self, key: str) -> str:
+        return os.path.join(self.path, self.manifest["files"][key]["path"])
+
+    def graph_file(self, graph: str) -> str:
+        return self.file(self.manifest["graphs"][graph]["file"])
+
+    @property
+    def plans(self) -> dict:
+        return self.manifest.get("plans", {})
+
+    def plan_problems(self, tensorrt_version: str | None, compute_capability: str | None) -> dict[str, str]:
+        """{plan name: why it cannot run here} for every plan that cannot (empty: all can)."""
+        return {name: problem for name, plan in self.plans.items()
+                if (problem := plan_problem(plan, tensorrt_version, compute_capability)) is not None}
+
+    def check_plans(self, names, tensorrt_version: str | None, compute_capability: str | None) -> None:
+        """Refuse when a plan the caller needs is absent or was built for another TensorRT / GPU."""
+        for name in names:
+            if name not in self.plans:
+                raise BundleError(f"{self.path} has no TensorRT plan for graph {name!r}; {REBUILD_TRT}")
+            problem = plan_problem(self.plans[name], tensorrt_version, compute_capability)
+            if problem:
+                raise BundleError(f"TensorRT plan {self.file(self.plans[name]['file'])} ({name}) cannot run here: "
+                                  f"{problem}; {REBUILD_TRT}")
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, verify_hashes: bool = True) -> "Bundle":
@@ -48,31 +191,100 @@ class Bundle:
         try:
             with open(mpath) as f:
                 manifest = json.load(f)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError(f"{mpath} is not valid JSON ({exc}); {REBUILD}") from exc
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{mpath} is not a manifest (a JSON object); {REBUILD}")
         version = manifest.get("schema_version")
         if version != SCHEMA_VERSION:
             raise BundleError(f"{mpath}: schema_version {version!r} is not supported (this runtime reads "
                               f"{SCHEMA_VERSION}); {REBUILD}")
-        for key in ("files", "model", "stream", "model_card"):
+        for key in REQUIRED:
             if key not in manifest:
                 raise BundleError(f"{mpath}: required key {key!r} is missing; {REBUILD}")
-        for name, entry in manifest["files"].items():
-            fpath = os.path.join(path, entry["path"])
-            if not os.path.isfile(fpath):
-                raise BundleError(f"bundle file {fpath} ({name}) is missing; {REBUILD}")
-            if verify_hashes and sha256(fpath) != entry["sha256"]:
-                raise BundleError(f"bundle file {fpath} ({name}) does not match its sha256 in {MANIFEST}: it was "
-                                  f"altered or truncated; {REBUILD}")
-        return cls(path, manifest)
+        _check_files(path, manifest["files"], verify_hashes)
+        graphs = _check_graphs(path, manifest)
+        _check_plans(mpath, manifest)
+        card = ModelCard.from_dict(manifest["model_card"], mpath)
+        checked = _check_graph_io(path, manifest, graphs)
+        return cls(path, manifest, graphs, card, checked)
+
+
+def _check_files(path: str, files: dict, verify_hashes: bool) -> None:
+    root = os.path.realpath(path)
+    for key, entry in files.items():
+        rel = entry.get("path", "")
+        fpath = os.path.join(path, rel)
+        if os.path.isabs(rel) or not os.path.realpath(fpath).startswith(root + os.sep):
+            raise BundleError(f"bundle file {key!r} has path {rel!r}, which is not inside the bundle; {REBUILD}")
+        if not os.path.isfile(fpath):
+            raise BundleError(f"bundle file {fpath} ({key}) is missing; {REBUILD}")
+        size = os.path.getsize(fpath)
+        if size != entry.get("bytes"):
+            raise BundleError(f"bundle file {fpath} ({key}) has {size} bytes, {MANIFEST} says {entry.get('bytes')}: "
+                              f"it was truncated or altered; {REBUILD}")
+        if verify_hashes and sha256(fpath) != entry.get("sha256"):
+            raise BundleError(f"bundle file {fpath} ({key}) does not match its sha256 in {MANIFEST}: it was "
+                              f"altered; {REBUILD}")
+
+
+def _check_graphs(path: str, manifest: dict) -> dict[str, GraphSpec]:
+    files, graphs = manifest["files"], {}
+    for name, entry in manifest["graphs"].items():
+        where = f"{os.path.join(path, MANIFEST)}: graph {name!r}"
+        for key in [entry.get("file"), *entry.get("external_data", [])]:
+            if key not in files:
+                raise BundleError(f"{where} refers to file {key!r}, which is not in 'files'; {REBUILD}")
+        if entry.get("precision") not in PRECISIONS:
+            raise BundleError(f"{where}: precision {entry.get('precision')!r} is not one of {list(PRECISIONS)}; {REBUILD}")
+        try:
+            spec = GraphSpec.from_manifest(name, entry)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{where}: inputs/outputs are malformed ({exc!r}); {REBUILD}") from exc
+        for t in (*spec.inputs, *spec.outputs):
+            if t.dtype not in ITEMSIZE:
+                raise BundleError(f"{where}: tensor {t.name!r} has unknown dtype {t.dtype!r}; {REBUILD}")
+        graphs[name] = spec
+    return graphs
+
+
+def _check_plans(mpath: str, manifest: dict) -> None:
+    for name, plan in manifest.get("plans", {}).items():
+        if name not in manifest["graphs"]:
+            raise BundleError(f"{mpath}: plan {name!r} names no graph of the bundle; {REBUILD_TRT}")
+        missing = [k for k in ("file", "tensorrt_version", "compute_capability") if k not in plan]
+        if missing or plan["file"] not in manifest["files"]:
+            raise BundleError(f"{mpath}: plan {name!r} lacks {missing or ['a file listed in files']}; {REBUILD_TRT}")
+
+
+def _check_graph_io(path: str, manifest: dict, graphs: dict[str, GraphSpec]) -> bool:
+    """Declared IO against each .onnx, where onnx is importable (else the runners check it)."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return False
+    for name, spec in graphs.items():
+        fpath = os.path.join(path, manifest["files"][manifest["graphs"][name]["file"]]["path"])
+        actual = GraphSpec.from_manifest(name, graph_io_from_onnx(fpath))
+        problems = spec.compare(actual)
+        if problems:
+            raise BundleError(f"graph {name!r} in {fpath} does not match the IO {MANIFEST} declares: "
+                              + "; ".join(problems) + f"; {REBUILD}")
+    return True
 
 
 def write_manifest(path: str, manifest: dict) -> None:
-    """Hash every listed file and write manifest.json atomically."""
+    """Hash every listed file (sha256 + bytes) and write manifest.json atomically (schema 2)."""
     for entry in manifest["files"].values():
-        entry["sha256"] = sha256(os.path.join(path, entry["path"]))
-    manifest = {"schema_version": SCHEMA_VERSION, **manifest}
+        fpath = os.path.join(path, entry["path"])
+        entry["sha256"] = sha256(fpath)
+        entry["bytes"] = os.path.getsize(fpath)
+    manifest = {**manifest, "schema_version": SCHEMA_VERSION}
     tmp = os.path.join(path, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
     os.replace(tmp, os.path.join(path, MANIFEST))
+
+
+__all__ = ["Bundle", "BundleError", "ModelCard", "SCHEMA_VERSION", "graph_io_from_onnx", "plan_problem",
+           "write_manifest"]

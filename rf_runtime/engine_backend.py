@@ -1,116 +1,348 @@
-"""Running an engine bundle through onnxruntime, without torch.
+"""Running an engine bundle through the runners (onnxruntime or TensorRT), without torch.
 
-Per stream, the text K/V, the KV cache and the VAE feature cache are arrays kept between calls;
-the position tables and masks of the three cache states (chunk 0, chunk 1, steady state) are
-computed once per backend. This first version hands numpy arrays to ``InferenceSession.run``;
-IOBinding with preallocated device buffers and the TensorRT runner are still to come (issue 3).
+One ``EngineBackend`` holds one runner per graph (sessions / engines loaded once) and the tables
+every stream shares, precomputed once: the timestep sinusoid of each step, the sigmas, the RoPE
+tables and key masks of each cache state, the cache-commit matrices. Each stream then allocates
+its buffers once, in ``new_stream``, and binds them once:
+
+    text K/V (per prompt) | KV cache, two copies (ping-pong: the cache update cannot write its input)
+    chunk latents x, two copies (step k writes x_next where step k+1 reads x) | x0 | eps
+    the chunk's new K/V | VAE feature cache, two copies | the decoded pixels of one latent frame
+
+Per chunk only buffer addresses are rebound (no data moves, nothing is allocated) and the only
+new array is the uint8 frames returned to the caller. Several streams can run on one backend:
+they share the runners and tables, never buffers.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import numpy as np
 
-from rf_runtime.backend import Backend, ModelInfo, StreamState, to_uint8_frames
-from rf_runtime.bundle import Bundle
+from rf_runtime.backend import Backend, ModelInfo, StreamState
+from rf_runtime.bundle import Bundle, BundleError
 from rf_runtime.cache import commit_matrix
-from rf_runtime.errors import ConfigError, require
+from rf_runtime.errors import ConfigError, InputError, require
 from rf_runtime.positions import rope_tables_np, timestep_sinusoid_np
+from rf_runtime.runners import Binding, Buffer, OnnxRuntimeRunner, Runner, TensorRTRunner
 from rf_runtime.sampler import StreamSettings
+
+logger = logging.getLogger("rf_runtime")
+
+GRAPHS = ("text_kv", "dit_step", "cache_update", "vae_decode_first", "vae_decode")
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+DEVICES = ("cpu", "cuda")
+
+
+def plan_names(bundle: Bundle) -> dict[str, str]:
+    """For each runtime graph, the plan built from it (``dit_step`` or a variant ``dit_step@fp16``)."""
+    found = {}
+    for graph in GRAPHS:
+        names = sorted(p for p in bundle.plans if p == graph or p.split("@")[0] == graph)
+        if names:
+            found[graph] = graph if graph in names else names[0]
+    return found
+
+
+def tensorrt_here() -> tuple[str | None, str | None]:
+    """(TensorRT version, GPU compute capability) of this machine; None for what is missing."""
+    try:
+        trt = require("tensorrt", "gpu")
+    except ImportError:
+        return None, None
+    from rf_runtime.runners.tensorrt_runner import current_gpu
+
+    gpu = current_gpu()
+    return trt.__version__, (gpu[0] if gpu else None)
+
+
+def choose_backend(bundle: Bundle, backend: str, device: str, here=tensorrt_here) -> str:
+    """"onnxruntime" or "tensorrt" for this bundle on this machine; never a silent fallback from
+    an explicit choice. ``here`` gives (TensorRT version, compute capability)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {list(DEVICES)}, got {device!r}")
+    if backend == "onnxruntime":
+        return backend
+    if device != "cuda":
+        if backend == "tensorrt":
+            raise ConfigError("TensorRT runs on a CUDA GPU: use device='cuda' with backend='tensorrt', or "
+                              "backend='onnxruntime' for the CPU")
+        return "onnxruntime"
+    plans = plan_names(bundle)
+    if backend == "tensorrt":
+        version, capability = here()
+        if version is None:
+            require("tensorrt", "gpu")  # raises MissingDependencyError naming rf_runtime[gpu]
+        bundle.check_plans([plans.get(g, g) for g in GRAPHS], version, capability)
+        return "tensorrt"
+    if len(plans) < len(GRAPHS):
+        logger.info("bundle %s has no TensorRT plans for every graph: running it with onnxruntime", bundle.path)
+        return "onnxruntime"
+    version, capability = here()
+    problems = {n: p for n, p in bundle.plan_problems(version, capability).items() if n in plans.values()}
+    if problems:
+        logger.info("not using the bundle's TensorRT plans (%s): running it with onnxruntime",
+                    "; ".join(f"{n}: {p}" for n, p in problems.items()))
+        return "onnxruntime"
+    return "tensorrt"
+
+
+@dataclass
+class _Stream:
+    """The buffers and bindings of one stream (allocated and bound once, in new_stream)."""
+
+    dit: Binding
+    updates: tuple[Binding, Binding]  # cache update reading copy 0 / copy 1 of the KV cache
+    vae_first: Binding
+    vae: tuple[Binding, Binding]  # VAE step reading copy 0 / copy 1 of the feature cache
+    kv: tuple[tuple[Buffer, Buffer], tuple[Buffer, Buffer]]  # (k, v) of cache copy 0 and 1
+    x: tuple[Buffer, Buffer]  # ping-pong chunk latents
+    x0: Buffer  # the step's x0 prediction; after the last step, the chunk's clean latents
+    z: tuple[Buffer, ...]  # latent frame i of x0, as the VAE's input shape (views, no copies)
+    scratch: np.ndarray  # float32 [3, frames per latent frame, H, W], for the uint8 conversion
+    x_cur: int = 0  # which of x holds the current step's input
+    kv_cur: int = 0  # which cache copy is current
+    vae_cur: int = 0  # which VAE cache copy is current
+    vae_started: bool = False
 
 
 class EngineBackend(Backend):
-    name = "onnxruntime"
-
-    def __init__(self, bundle: Bundle, providers=("CPUExecutionProvider",)):
-        ort = require("onnxruntime", "cpu")
+    def __init__(self, bundle: Bundle, backend: str = "onnxruntime", device: str = "cpu", *,
+                 cuda_graph: bool = False, threads: int | None = None):
         m = bundle.manifest
-        self.bundle = bundle
+        self.bundle, self.name, self.device = bundle, backend, device
         self.model = m["model"]
         settings = StreamSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["stream"].items()})
         self.info = ModelInfo(latent_channels=self.model["latent_channels"], latent_hw=tuple(self.model["latent_hw"]),
                               vae_stride=tuple(self.model["vae_stride"]), settings=settings, fps=self.model["fps"])
-        self.sessions = {name: ort.InferenceSession(bundle.file(name), providers=list(providers))
-                         for name in m["files"]}
+        self.model_card = bundle.model_card
+        self.model_card.check_settings(settings, self.info.frame_hw)
         self.text_encoder = _text_encoder(m["text_encoder"])
-        dit = self.model["dit"]
         self.spec = settings.cache_spec
         self.schedule = settings.schedule()
-        grid = tuple(self.model["grid_hw"])
-        tpf = grid[0] * grid[1]
-        head_dim = dit["dim"] // dit["num_heads"]
-        c, m_frames = self.spec.chunk_frames, self.spec.context_frames
-        cos_ctx, sin_ctx = rope_tables_np(range(m_frames), grid, head_dim)
-        self._positions = {}
-        for valid in {self.spec.valid_frames(n) for n in range(self.spec.window_slots + 3)}:
-            cos_q, sin_q = rope_tables_np(range(valid, valid + c), grid, head_dim)
-            mask = np.concatenate([np.arange(m_frames * tpf) < valid * tpf, np.ones(c * tpf, bool)]).astype(np.float32)
-            self._positions[valid] = {"cos_ctx": cos_ctx, "sin_ctx": sin_ctx, "cos_q": cos_q, "sin_q": sin_q,
-                                      "key_mask": mask}
-        self._t_freq = [timestep_sinusoid_np(np.full((1, c), t), dit["freq_dim"]).astype(np.float32)
-                        for t in (*self.schedule.t, settings.context_t)]
-        self._kv_shape = (dit["num_layers"], 1, m_frames * tpf, dit["num_heads"], head_dim)
-        self._vae_inputs = [i.name for i in self.sessions["vae_decode"].get_inputs()][1:]
+        self.runners = self._make_runners(backend, device, cuda_graph, threads)
+        for runner in self.runners.values():
+            runner.activate()
+        self._check_geometry()
+        self._tables()
 
     @classmethod
-    def load(cls, path, backend: str = "auto", device: str = "cpu") -> "EngineBackend":
-        if backend not in ("auto", "onnxruntime"):
-            raise ConfigError(f"backend {backend!r} is not available yet: use 'onnxruntime' (TensorRT is planned)")
-        providers = ["CPUExecutionProvider"] if device == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        return cls(Bundle.load(path), providers)
+    def load(cls, path, backend: str = "auto", device: str = "cpu", **options) -> "EngineBackend":
+        bundle = Bundle.load(path)
+        return cls(bundle, choose_backend(bundle, backend, device), device, **options)
 
-    def encode_prompt(self, prompt: str):
-        embeds = self.text_encoder.encode([prompt]).astype(np.float32)
-        return tuple(self.sessions["text_kv"].run(None, {"text_embeds": embeds}))
+    def _make_runners(self, backend, device, cuda_graph, threads) -> dict[str, Runner]:
+        b = self.bundle
+        missing = [g for g in GRAPHS if g not in b.graphs]
+        if missing:
+            raise BundleError(f"{b.path} lacks the graphs {missing}; rebuild it with `rf-export onnx`")
+        if backend == "tensorrt":
+            plans = plan_names(b)
+            return {g: TensorRTRunner(b.file(b.plans[plans[g]]["file"]), b.graphs[plans[g]], cuda_graph=cuda_graph,
+                                      name=plans[g]) for g in GRAPHS}
+        return {g: OnnxRuntimeRunner(b.graph_file(g), b.graphs[g], device=device, threads=threads) for g in GRAPHS}
+
+    def _check_geometry(self) -> None:
+        """The graphs' tensor shapes must be the ones the manifest's model and stream settings imply."""
+        dit, r = self.model["dit"], self.runners
+        grid = tuple(self.model["grid_hw"])
+        self.tokens_per_frame = tpf = grid[0] * grid[1]
+        c, m = self.spec.chunk_frames, self.spec.context_frames
+        head_dim = dit["dim"] // dit["num_heads"]
+        kv = (dit["num_layers"], 1, m * tpf, dit["num_heads"], head_dim)
+        lat = (1, c, self.info.latent_channels, *self.info.latent_hw)
+        expect = {("dit_step", "x"): lat, ("dit_step", "ctx_k"): kv, ("cache_update", "ctx_k"): kv,
+                  ("cache_update", "mix"): (m, m + c), ("text_kv", "text_embeds"): (1, dit["text_len"], dit["text_dim"])}
+        for (graph, tensor), shape in expect.items():
+            actual = r[graph].graph.tensors[tensor].shape
+            if actual != shape:
+                raise BundleError(f"graph {graph}: {tensor} is {list(actual)}, but the manifest's model and stream "
+                                  f"settings need {list(shape)}; rebuild it with `rf-export onnx`")
+        self._kv_shape, self._grid, self._head_dim = kv, grid, head_dim
+
+    def _tables(self) -> None:
+        """Everything that depends only on the step or the cache state, on the device, once."""
+        dit, upd = self.runners["dit_step"], self.runners["cache_update"]
+        c, m, tpf = self.spec.chunk_frames, self.spec.context_frames, self.tokens_per_frame
+        sched, freq_dim = self.schedule, self.model["dit"]["freq_dim"]
+
+        def const(runner, name, array):  # a buffer for input ``name``, in the graph's dtype
+            buf = runner.allocate(array.shape, runner.graph.tensors[name].dtype)
+            runner.write(buf, array)
+            return buf
+
+        # denoising steps 0..S-1, then the clean-context pass
+        t_all = (*sched.t, self.info.settings.context_t)
+        sig = (*sched.sigma, 0.0)
+        sig_next = (*sched.sigma[1:], 0.0, 0.0)
+        self._steps = [{"t_freq": const(dit, "t_freq", timestep_sinusoid_np(np.full((1, c), t), freq_dim)),
+                        "sigma": const(dit, "sigma", np.array([s], np.float32)),
+                        "sigma_next": const(dit, "sigma_next", np.array([sn], np.float32))}
+                       for t, s, sn in zip(t_all, sig, sig_next)]
+        cos_ctx, sin_ctx = rope_tables_np(range(m), self._grid, self._head_dim)
+        self._ctx_tables = {"cos_ctx": const(dit, "cos_ctx", cos_ctx), "sin_ctx": const(dit, "sin_ctx", sin_ctx)}
+        # cache states: chunks committed 0, 1, ..., then every later count behaves like the last
+        self._last_state = self.spec.window_slots + 1
+        self._states, self._mixes = [], []
+        for committed in range(self._last_state + 1):
+            valid = self.spec.valid_frames(committed)
+            cos_q, sin_q = rope_tables_np(range(valid, valid + c), self._grid, self._head_dim)
+            mask = np.concatenate([np.arange(m * tpf) < valid * tpf, np.ones(c * tpf, bool)]).astype(np.float32)
+            self._states.append({"key_mask": const(dit, "key_mask", mask), "cos_q": const(dit, "cos_q", cos_q),
+                                 "sin_q": const(dit, "sin_q", sin_q)})
+            self._mixes.append(const(upd, "mix", commit_matrix(self.spec, committed)))
+
+    # ---- Backend ---------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str) -> tuple[Buffer, Buffer]:
+        """Text embeddings -> cross-attention K/V buffers of every layer (once per prompt)."""
+        runner = self.runners["text_kv"]
+        b = runner.bind()
+        runner.write(b["text_embeds"], self.text_encoder.encode([prompt]).astype(np.float32))
+        runner.run(b)
+        return b["text_k"], b["text_v"]
 
     def new_stream(self, text) -> StreamState:
-        zeros = np.zeros(self._kv_shape, np.float32)
-        return StreamState({"text": text, "ctx_k": zeros, "ctx_v": zeros.copy(), "vae": None})
+        r = self.runners
+        dit, upd = r["dit_step"], r["cache_update"]
+        kv = tuple((dit.allocate(self._kv_shape, _dtype(dit, "ctx_k")), dit.allocate(self._kv_shape, _dtype(dit, "ctx_v")))
+                   for _ in range(2))
+        x_spec = dit.graph.tensors["x"]
+        x = (dit.allocate(x_spec.shape, x_spec.dtype), dit.allocate(x_spec.shape, x_spec.dtype))
+        b_dit = dit.bind({"x": x[0], "x_next": x[1], "text_k": text[0], "text_v": text[1], "ctx_k": kv[0][0],
+                          "ctx_v": kv[0][1], **self._steps[0], **self._ctx_tables, **self._states[0]})
+        updates = tuple(upd.bind({"ctx_k": kv[i][0], "ctx_v": kv[i][1], "ctx_k_out": kv[1 - i][0],
+                                  "ctx_v_out": kv[1 - i][1], "new_k": b_dit["new_k"], "new_v": b_dit["new_v"],
+                                  "mix": self._mixes[0]}) for i in range(2))
+        z = self._latent_frames(b_dit["x0"])
+        first, step = r["vae_decode_first"], r["vae_decode"]
+        caches = [n for n in step.graph.input_names() if n != "z"]
+        copies = tuple({n: step.allocate(step.graph.tensors[n].shape, step.graph.tensors[n].dtype) for n in caches}
+                       for _ in range(2))
+        vae_first = first.bind({"z": z[0], **{f"{n}_out": copies[0][n] for n in caches}})
+        vae = tuple(step.bind({"z": z[0], **copies[i], **{f"{n}_out": copies[1 - i][n] for n in caches}})
+                    for i in range(2))
+        frames = step.graph.tensors["frames"].shape  # [1, 3, t, H, W]
+        scratch = np.zeros(frames[1:], np.float32)
+        return StreamState(_Stream(b_dit, updates, vae_first, vae, kv, x, b_dit["x0"], z, scratch))
+
+    def set_text(self, state: StreamState, text) -> None:
+        """Point a stream at other text K/V (from ``encode_prompt``): a prompt switch, no copies."""
+        state.device.dit.update({"text_k": text[0], "text_v": text[1]})
+
+    def _latent_frames(self, x0: Buffer) -> tuple[Buffer, ...]:
+        """Views of x0 [1, f, C, H, W] as the VAE's per-frame input [1, C, 1, H, W] (frame i is contiguous)."""
+        z_shape = self.runners["vae_decode"].graph.tensors["z"].shape
+        per = int(np.prod(z_shape))
+        return tuple(x0.view(i * per, z_shape) for i in range(x0.shape[1]))
 
     def upload(self, array):
-        return np.ascontiguousarray(array, dtype=np.float32)
+        return np.ascontiguousarray(array, dtype=np.float32)  # copied into the stream's buffers by the step
 
-    def _step(self, state, x, t_index, sigma, sigma_next, eps):
-        dev = state.device
-        feeds = {"x": x, "eps": eps if eps is not None else np.zeros_like(x), "t_freq": self._t_freq[t_index],
-                 "sigma": np.array([sigma], np.float32), "sigma_next": np.array([sigma_next], np.float32),
-                 "text_k": dev["text"][0], "text_v": dev["text"][1], "ctx_k": dev["ctx_k"], "ctx_v": dev["ctx_v"],
-                 **self._positions[self.spec.valid_frames(state.chunks_committed)]}
-        return self.sessions["dit_step"].run(None, feeds)
+    def _state_tables(self, s: StreamState) -> dict:
+        return self._states[min(s.chunks_committed, self._last_state)]
+
+    def _input(self, buffers, value, what: str) -> int:
+        """Index of the buffer in ``buffers`` that holds ``value``; a host array is written into buffers[0]."""
+        for i, b in enumerate(buffers):
+            if value is b:
+                return i
+        if isinstance(value, Buffer):
+            raise InputError(f"{what} must come from this stream (upload() or the previous step), not another one")
+        self.runners["dit_step"].write(buffers[0], value)
+        return 0
 
     def denoise_step(self, state, x, step, eps):
+        s: _Stream = state.device
+        dit = self.runners["dit_step"]
+        cur = s.x_cur = self._input(s.x, x, "x")
+        if eps is not None:
+            dit.write(s.dit["eps"], eps)
+        b = s.dit
+        b.update({"x": s.x[cur], "x_next": s.x[1 - cur], "x0": s.x0, "ctx_k": s.kv[s.kv_cur][0],
+                  "ctx_v": s.kv[s.kv_cur][1]})
+        b.update(self._steps[step])
+        b.update(self._state_tables(state))
+        dit.run(b)
+        s.x_cur = 1 - cur
         last = step + 1 == len(self.schedule.t)
-        sigma_next = 0.0 if last else self.schedule.sigma[step + 1]
-        x0, x_next, _, _ = self._step(state, x, step, self.schedule.sigma[step], sigma_next, eps)
-        return x0, (None if last else x_next)
+        return s.x0, (None if last else s.x[s.x_cur])
 
     def cache_pass(self, state, x0) -> None:
-        _, _, new_k, new_v = self._step(state, x0, len(self.schedule.t), 0.0, 0.0, None)
-        dev = state.device
-        mix = commit_matrix(self.spec, state.chunks_committed).astype(np.float32)
-        dev["ctx_k"], dev["ctx_v"] = self.sessions["cache_update"].run(
-            None, {"ctx_k": dev["ctx_k"], "ctx_v": dev["ctx_v"], "new_k": new_k, "new_v": new_v, "mix": mix})
+        s: _Stream = state.device
+        x0_buf = s.x0
+        if x0 is not x0_buf:
+            if isinstance(x0, Buffer):
+                raise InputError("x0 must come from this stream's last denoising step")
+            self.runners["dit_step"].write(x0_buf, x0)
+        b = s.dit
+        # rerun with timestep zero to write the chunk's clean K/V; x0 / x_next land in scratch buffers
+        b.update({"x": x0_buf, "x0": s.x[0], "x_next": s.x[1], "ctx_k": s.kv[s.kv_cur][0],
+                  "ctx_v": s.kv[s.kv_cur][1]})
+        b.update(self._steps[-1])
+        b.update(self._state_tables(state))
+        self.runners["dit_step"].run(b)
+        # commit: evict the oldest window chunk, fold it into the sink, write the new chunk
+        u = s.updates[s.kv_cur]
+        u.set("mix", self._mixes[min(state.chunks_committed, self._last_state)])
+        self.runners["cache_update"].run(u)
+        s.kv_cur = 1 - s.kv_cur
         state.chunks_committed += 1
 
     def decode(self, state, x0) -> np.ndarray:
-        dev = state.device
-        z = x0.transpose(0, 2, 1, 3, 4)  # [1, C, f, H, W]
-        parts = []
-        for i in range(z.shape[2]):
-            zi = np.ascontiguousarray(z[:, :, i:i + 1])
-            if dev["vae"] is None:
-                frames, *dev["vae"] = self.sessions["vae_decode_first"].run(None, {"z": zi})
+        s: _Stream = state.device
+        if x0 is not s.x0:
+            raise InputError("decode() takes the x0 returned by this stream's last denoising step")
+        first, step = self.runners["vae_decode_first"], self.runners["vae_decode"]
+        t_first = first.graph.tensors["frames"].shape[2]
+        t_step = step.graph.tensors["frames"].shape[2]
+        f = len(s.z)
+        n = (t_first + (f - 1) * t_step) if not s.vae_started else f * t_step
+        h, w = step.graph.tensors["frames"].shape[3:]
+        out = np.empty((n, h, w, 3), np.uint8)  # the one allocation per chunk: the frames returned
+        done = 0
+        for i in range(f):
+            if not s.vae_started:
+                runner, b = first, s.vae_first
+                s.vae_started, s.vae_cur = True, 0
             else:
-                frames, *dev["vae"] = self.sessions["vae_decode"].run(
-                    None, {"z": zi, **dict(zip(self._vae_inputs, dev["vae"]))})
-            parts.append(frames)
-        return to_uint8_frames(np.concatenate(parts, axis=2)[0])
+                runner, b = step, s.vae[s.vae_cur]
+                b.set("z", s.z[i])
+                s.vae_cur = 1 - s.vae_cur
+            runner.run(b)
+            pixels = runner.read(b["frames"])[0]  # [3, t, H, W]
+            t = pixels.shape[1]
+            _to_uint8(pixels, out[done:done + t], s.scratch[:, :t])
+            done += t
+        return out
+
+
+def _to_uint8(pixels: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
+    """``backend.to_uint8_frames`` into preallocated memory: [3, t, H, W] in [-1, 1] -> out uint8 [t, H, W, 3].
+    The same float32 operations in the same order, so the same bytes."""
+    np.multiply(pixels, 0.5, out=scratch)
+    np.add(scratch, 0.5, out=scratch)
+    np.maximum(scratch, 0.0, out=scratch)  # clip to [0, 1] (np.clip keeps a little memory per call)
+    np.minimum(scratch, 1.0, out=scratch)
+    np.multiply(scratch, 255.0, out=scratch)
+    np.add(scratch, 0.5, out=scratch)
+    np.copyto(out, scratch.transpose(1, 2, 3, 0), casting="unsafe")
+
+
+def _dtype(runner: Runner, name: str) -> str:
+    return runner.graph.tensors[name].dtype
 
 
 def _text_encoder(spec: dict):
     spec = dict(spec)
     kind = spec.pop("kind", None)
     if kind != "hashed":
-        raise ConfigError(f"bundle text encoder {kind!r} is not supported by the engine runtime yet")
+        raise ConfigError(f"bundle text encoder {kind!r} is not supported by the engine runtime yet: bundles with "
+                          "the hashed text encoder run; the umT5 graph runtime is not written")
     from rf_runtime.models.hashed_text import HashedTextEncoder
 
     return HashedTextEncoder(**spec)

@@ -91,7 +91,13 @@ class Streamer:
 
     @classmethod
     def from_engine(cls, path: str | os.PathLike, backend: str = "auto", device: str = "cpu") -> "Streamer":
-        """Stream from an engine bundle (``rf_runtime.bundle``) through onnxruntime; no torch needed."""
+        """Stream from an engine bundle (``rf_runtime.bundle``); no torch needed.
+
+        backend: "onnxruntime", "tensorrt", or "auto" (TensorRT when the bundle has plans for this
+            GPU and tensorrt + cuda-python are installed, else onnxruntime). An explicit backend
+            that cannot run here is an error, never a silent fallback.
+        device: "cpu" or "cuda". The bundle's model card is checked against its stream settings.
+        """
         from rf_runtime.engine_backend import EngineBackend
 
         return cls(EngineBackend.load(path, backend=backend, device=device))
@@ -113,6 +119,8 @@ class Streamer:
             raise InputError(f"num_frames must be a positive integer or None (unbounded), got {num_frames!r}")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+        if self.backend.model_card is not None:
+            self.backend.model_card.check_length(num_frames)
         return self._stream(prompt, int(seed), num_frames)
 
     def stream(self, prompt: str, *, seed: int = 0, num_frames: int | None = None) -> Iterator[np.ndarray]:

@@ -50,7 +50,8 @@ def write_model_dir(path, seed=0, stream=None):
     save_file(dit.state_dict(), os.path.join(path, "diffusion_pytorch_model.safetensors"))
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, os.path.join(path, "vae.safetensors"))
     card = {"vae": {k: list(v) if isinstance(v, tuple) else v for k, v in VAE.items()},
-            "stream": stream or {}, "resolution": [HEIGHT, WIDTH], "text_encoder": TEXT.to_dict()}
+            "stream": stream or {}, "resolution": [HEIGHT, WIDTH], "text_encoder": TEXT.to_dict(),
+            "model_card": {"name": "tiny-random", "training_stage": "random"}}
     with open(os.path.join(path, "rf_runtime.json"), "w") as f:
         json.dump(card, f)
     return dit, vae

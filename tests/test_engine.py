@@ -1,32 +1,25 @@
-"""Engine bundles: Streamer.from_engine (onnxruntime, no torch) against Streamer.from_checkpoint,
-and the refusal of missing or altered bundles."""
+"""Streamer.from_engine on an fp32 bundle through the onnxruntime runners: the same frames as the
+PyTorch reference streamer, no torch import, buffers allocated once (nothing per chunk but the
+returned frames), several streams on one loaded bundle, and the backend choice."""
 
-import json
-import os
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime")
 
-from export.bundle_builder import build_bundle  # noqa: E402
 from rf_runtime import Streamer  # noqa: E402
-from rf_runtime.bundle import BundleError  # noqa: E402
-from rf_runtime.testing import write_model_dir  # noqa: E402
+from rf_runtime.engine_backend import EngineBackend, choose_backend  # noqa: E402
+from rf_runtime.errors import ConfigError, MissingDependencyError  # noqa: E402
+from rf_runtime.runners import Buffer, RunnerError  # noqa: E402
+from rf_runtime.sampler import chunk_noise  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine")
-    write_model_dir(root / "model", seed=5, stream={"ema_alpha": 0.9})
-    build_bundle(root / "model", root / "bundle")
-    return root / "model", root / "bundle"
-
-
-def test_engine_frames_equal_checkpoint_frames(dirs):
-    model, bundle = dirs
+def test_engine_frames_equal_checkpoint_frames(engine_dirs):
+    model, bundle = engine_dirs
     n = 9 + 12 * 7  # 8 chunks: through evictions and EMA folds
     ref = np.concatenate(list(Streamer.from_checkpoint(model).stream("a red circle bouncing", seed=3, num_frames=n)))
     got = np.concatenate(list(Streamer.from_engine(bundle).stream("a red circle bouncing", seed=3, num_frames=n)))
@@ -34,8 +27,8 @@ def test_engine_frames_equal_checkpoint_frames(dirs):
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1  # uint8 frames may differ by one level
 
 
-def test_engine_stream_does_not_import_torch(dirs):
-    _, bundle = dirs
+def test_engine_stream_does_not_import_torch(engine_dirs):
+    _, bundle = engine_dirs
     code = ("import sys; from rf_runtime import Streamer; s = Streamer.from_engine(sys.argv[1]); "
             "f = [len(x) for x in s.stream('a cube', num_frames=21)]; assert f == [9, 12], f; "
             "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
@@ -44,41 +37,135 @@ def test_engine_stream_does_not_import_torch(dirs):
     assert out.stdout.strip() == "ok"
 
 
-def copy_bundle(src, dst):
-    import shutil
+class ChunkLoop:
+    """The streamer's chunk loop over the Backend interface, with every chunk's noise drawn up front so
+    that only the backend's own allocations are measured."""
 
-    shutil.copytree(src, dst)
-    return dst
+    def __init__(self, backend, prompt, chunks, seed=0):
+        self.be = backend
+        self.state = backend.new_stream(backend.encode_prompt(prompt))
+        info = backend.info
+        rng = np.random.Generator(np.random.PCG64(seed))
+        self.noise = [chunk_noise(rng, info.settings, (1, info.latent_channels, *info.latent_hw)) for _ in range(chunks)]
+        self.steps = info.settings.num_steps
+        self.next = 0
 
-
-def test_altered_or_truncated_graph_is_refused(dirs, tmp_path):
-    b = copy_bundle(dirs[1], tmp_path / "b")
-    with open(b / "cache_update.onnx", "r+b") as f:
-        f.truncate(100)
-    with pytest.raises(BundleError, match="cache_update.onnx.*sha256.*rf-export"):
-        Streamer.from_engine(b)
-
-
-def test_missing_file_and_bad_manifest_are_refused(dirs, tmp_path):
-    b = copy_bundle(dirs[1], tmp_path / "b")
-    os.remove(b / "vae_decode.onnx")
-    with pytest.raises(BundleError, match="vae_decode.onnx.*missing"):
-        Streamer.from_engine(b)
-    b2 = copy_bundle(dirs[1], tmp_path / "b2")
-    manifest = json.loads((b2 / "manifest.json").read_text())
-    manifest["schema_version"] = 99
-    (b2 / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="schema_version 99"):
-        Streamer.from_engine(b2)
-    with pytest.raises(BundleError, match="not an engine bundle"):
-        Streamer.from_engine(tmp_path)
+    def chunk(self):
+        be, state = self.be, self.state
+        init, fresh = self.noise[self.next]
+        self.next += 1
+        x = be.upload(init)
+        for k in range(self.steps):
+            x0, x = be.denoise_step(state, x, k, be.upload(fresh[k]) if k + 1 < self.steps else None)
+        be.cache_pass(state, x0)
+        return be.decode(state, x0)
 
 
-def test_rf_export_cli(dirs, tmp_path, capsys):
-    from export.cli import main
+def stream_buffers(backend, state) -> dict:
+    """Every buffer a stream's bindings point at: {(binding, tensor): data address}."""
+    s = state.device
+    bindings = {"dit": s.dit, "update0": s.updates[0], "update1": s.updates[1], "vae_first": s.vae_first,
+                "vae0": s.vae[0], "vae1": s.vae[1]}
+    return {(b, name): buf.ptr for b, binding in bindings.items() for name, buf in binding.buffers.items()}
 
-    assert main(["onnx", "--model-dir", str(dirs[0]), "--out", str(tmp_path / "b")]) == 0
-    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["schema_version"] == 1
-    assert main(["onnx", "--model-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert not (tmp_path / "c").exists()
+
+SLACK = 3 * 1024  # bytes of short-lived Python objects (views, small dicts) a chunk may touch
+
+
+def test_steady_state_allocates_nothing_but_the_frames(engine_dirs):
+    backend = EngineBackend.load(engine_dirs[1])
+    loop = ChunkLoop(backend, "a red circle bouncing", chunks=10)
+    x_bytes = loop.state.device.x[0].nbytes
+    assert x_bytes > SLACK  # so one chunk-latent-sized array allocated per chunk would fail the test
+    for _ in range(3):  # chunks 0, 1, 2: the cache fills; chunk 2 on is the steady state
+        loop.chunk()
+    allowed = set(stream_buffers(backend, loop.state).values())
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        kept = []
+        for _ in range(7):
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            frames = loop.chunk()
+            current, peak = tracemalloc.get_traced_memory()
+            kept.append(frames)
+            assert frames.shape == (12, 32, 48, 3)
+            assert peak - before <= frames.nbytes + SLACK, f"a chunk allocated {peak - before - frames.nbytes} B"
+            assert current - before <= frames.nbytes + SLACK
+        growth = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert growth <= sum(f.nbytes for f in kept) + SLACK  # nothing retained but the frames
+    # every buffer bound now is one that was bound before the measured chunks: none was replaced
+    assert set(stream_buffers(backend, loop.state).values()) <= allowed
+    for buf in (loop.state.device.x0, *loop.state.device.x, *loop.state.device.kv[0]):
+        assert buf.host.ctypes.data == buf.ptr  # host buffers were written in place, never reallocated
+
+
+def test_outputs_land_in_the_bound_buffers(engine_dirs):
+    """The step's x0 the streamer gets back is the stream's one x0 buffer, holding fresh results."""
+    backend = EngineBackend.load(engine_dirs[1])
+    loop = ChunkLoop(backend, "a cube", chunks=3)
+    loop.chunk()
+    s = loop.state.device
+    x0_ptr, seen = s.x0.ptr, []
+    init, fresh = loop.noise[1]
+    x = backend.upload(init)
+    for k in range(loop.steps):
+        x0, x = backend.denoise_step(loop.state, x, k, backend.upload(fresh[k]) if k + 1 < loop.steps else None)
+        assert isinstance(x0, Buffer) and x0 is s.x0 and x0.ptr == x0_ptr
+        seen.append(x0.host.copy())
+    assert not np.array_equal(seen[0], seen[-1])  # each step wrote new values into the same memory
+    with pytest.raises(RunnerError, match="ping-pong"):
+        s.dit.set("x", s.x0)  # x0 is an output of the same call: the runner refuses the alias
+
+
+def test_two_interleaved_streams_equal_each_alone(engine_dirs):
+    streamer = Streamer.from_engine(engine_dirs[1])
+    n = 9 + 12 * 3
+    alone_a = list(streamer.stream("a red circle bouncing", seed=1, num_frames=n))
+    alone_b = list(streamer.stream("a blue square sliding", seed=2, num_frames=n))
+    a = streamer.stream("a red circle bouncing", seed=1, num_frames=n)
+    b = streamer.stream("a blue square sliding", seed=2, num_frames=n)
+    mixed_a, mixed_b = [], []
+    for fa, fb in zip(a, b):  # chunk by chunk, alternating, on one set of sessions
+        mixed_a.append(fa)
+        mixed_b.append(fb)
+    assert len(mixed_a) == len(alone_a) == 4
+    for x, y in zip(mixed_a, alone_a):
+        assert np.array_equal(x, y)
+    for x, y in zip(mixed_b, alone_b):
+        assert np.array_equal(x, y)
+    assert not np.array_equal(alone_a[-1], alone_b[-1])  # the two streams really differ
+
+
+def test_backend_choice(engine_dirs):
+    from rf_runtime.bundle import Bundle
+
+    bundle = Bundle.load(engine_dirs[1])
+    no_trt = lambda: (None, None)  # noqa: E731
+    assert choose_backend(bundle, "auto", "cpu", no_trt) == "onnxruntime"
+    assert choose_backend(bundle, "auto", "cuda", no_trt) == "onnxruntime"  # no plans in this bundle
+    with pytest.raises(ConfigError, match="device='cuda'"):
+        choose_backend(bundle, "tensorrt", "cpu", no_trt)
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        choose_backend(bundle, "openvino", "cpu", no_trt)
+    with pytest.raises(ConfigError, match="device must be one of"):
+        choose_backend(bundle, "auto", "tpu", no_trt)
+
+
+def test_unavailable_backends_are_errors_not_fallbacks(engine_dirs):
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(MissingDependencyError, match=r"rf_runtime\[gpu\]"):
+        Streamer.from_engine(engine_dirs[1], backend="tensorrt", device="cuda")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(RunnerError, match="no CUDAExecutionProvider"):
+            Streamer.from_engine(engine_dirs[1], backend="onnxruntime", device="cuda")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping
 
 import numpy as np
@@ -80,7 +81,7 @@ class GraphSpec:
     def io_dict(self) -> dict:
         return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
 
-    @property
+    @cached_property
     def tensors(self) -> dict[str, TensorSpec]:
         return {t.name: t for t in (*self.inputs, *self.outputs)}
 
@@ -163,16 +164,36 @@ class Binding:
 
     def set(self, name: str, buffer: Buffer) -> None:
         """Bind ``name`` to another preallocated buffer (no copy). A no-op when it is already bound."""
-        if self.buffers.get(name) is buffer:
-            return
+        if self.buffers.get(name) is not buffer:
+            self.update({name: buffer})
+
+    def update(self, buffers: Mapping[str, Buffer]) -> None:
+        """Rebind several names at once (swapping ping-pong buffers needs the new set checked as a
+        whole). Names already bound to the given buffer are left alone."""
         graph = self.runner.graph
-        spec = graph.tensors.get(name)
-        if spec is None:
-            raise RunnerError(f"{graph.name} has no tensor {name!r}; its tensors are {sorted(graph.tensors)}")
-        check_buffer(spec, buffer, graph.name)
-        self.runner._check_aliasing(self, name, buffer)
-        self.buffers[name] = buffer
-        self.runner.rebind_impl(self, name)
+        tensors = graph.tensors
+        changed = []
+        for name, buffer in buffers.items():
+            if self.buffers.get(name) is buffer:
+                continue
+            spec = tensors.get(name)
+            if spec is None:
+                raise RunnerError(f"{graph.name} has no tensor {name!r}; its tensors are {sorted(tensors)}")
+            check_buffer(spec, buffer, graph.name)
+            changed.append(name)
+        if not changed:
+            return
+        previous = {name: self.buffers[name] for name in changed}
+        for name in changed:
+            self.buffers[name] = buffers[name]
+        try:
+            for name in changed:
+                self.runner._check_aliasing(self, name, self.buffers[name])
+        except RunnerError:
+            self.buffers.update(previous)
+            raise
+        for name in changed:
+            self.runner.rebind_impl(self, name)
 
 
 class Runner(ABC):
@@ -194,6 +215,8 @@ class Runner(ABC):
         self.activate_impl()
         if self.graph is None:
             raise RunnerError(f"runner {self.name}: activate_impl must set the graph spec")
+        self._input_names = tuple(self.graph.input_names())
+        self._output_names = tuple(self.graph.output_names())
         self.is_active = True
         return self
 
@@ -259,9 +282,8 @@ class Runner(ABC):
     def _check_aliasing(self, binding: Binding, name: str, buffer: Buffer) -> None:
         """An input may not share memory with an output (onnxruntime and TensorRT cannot alias):
         use two buffers and swap them between calls (ping-pong)."""
-        outputs = self.graph.output_names()
-        others = [o for o in outputs if o != name] if name not in outputs else \
-            [i.name for i in self.graph.inputs]
+        outputs = self._output_names
+        others = self._input_names if name in outputs else outputs
         for other in others:
             b = binding.buffers.get(other)
             if b is not None and _overlaps(b, buffer):

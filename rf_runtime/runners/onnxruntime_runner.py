@@ -63,6 +63,7 @@ class OnnxRuntimeRunner(Runner):
         if self.threads:
             options.intra_op_num_threads = self.threads
         self.session = ort.InferenceSession(self.path, options, providers=[provider])
+        self._run_options = ort.RunOptions()  # one object: without it every run keeps a few bytes
         actual = session_graph_spec(self.session, self.name)
         if self.graph is None:
             self.graph = actual
@@ -117,4 +118,4 @@ class OnnxRuntimeRunner(Runner):
         self._bind(binding.impl, name, binding.buffers[name], name in self._inputs)
 
     def run_impl(self, binding: Binding) -> None:
-        self.session.run_with_iobinding(binding.impl)
+        self.session.run_with_iobinding(binding.impl, self._run_options)
