@@ -77,6 +77,10 @@ def choose_backend(bundle: Bundle, backend: str, device: str, here=tensorrt_here
         version, capability = here()
         if version is None:
             require("tensorrt", "gpu")  # raises MissingDependencyError naming rf_runtime[gpu]
+        if capability is None:
+            from rf_runtime.runners.tensorrt_runner import import_cudart
+
+            import_cudart()  # cuda-python missing: MissingDependencyError naming rf_runtime[gpu]
         bundle.check_plans([plans.get(g, g) for g in GRAPHS], version, capability)
         return "tensorrt"
     if len(plans) < len(GRAPHS):

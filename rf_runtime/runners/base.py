@@ -123,9 +123,8 @@ class Buffer:
     owner: Any = None
     base: "Buffer | None" = field(default=None, repr=False)  # the buffer a view was taken from
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * ITEMSIZE[self.dtype]
+    def __post_init__(self):
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * ITEMSIZE[self.dtype]
 
     def view(self, offset: int, shape: tuple[int, ...]) -> "Buffer":
         """A buffer over ``prod(shape)`` elements of this one, starting at element ``offset``."""
