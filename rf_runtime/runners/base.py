@@ -327,7 +327,10 @@ class Runner(ABC):
             if value.shape != spec.shape:
                 raise RunnerError(f"{g.name}: input {spec.name!r} has shape {list(value.shape)}, the graph needs "
                                   f"{list(spec.shape)}")
-            if value.dtype != np.dtype(DTYPES.get(spec.dtype, np.float32)) or spec.dtype not in DTYPES:
+            if spec.dtype not in DTYPES:
+                raise RunnerError(f"{g.name}: input {spec.name!r} is {spec.dtype}, which numpy cannot hold: bind a "
+                                  "device buffer with bind() / run() instead of infer()")
+            if value.dtype != DTYPES[spec.dtype]:
                 raise RunnerError(f"{g.name}: input {spec.name!r} is {value.dtype}, the graph needs {spec.dtype}; "
                                   f"convert it with .astype(np.{spec.dtype})")
 
