@@ -122,9 +122,6 @@ class TrainConfig:
         for ok, key, want in check:
             if not ok:
                 raise ConfigError(f"config key '{key}' is invalid: it must be {want}")
-        if self.reward.kind == "videoalign" and not self.reward.videoalign.model_dir:
-            raise ConfigError("reward.kind is 'videoalign' but reward.videoalign.model_dir is not set: point it to the "
-                              "VideoAlign directory, or use reward.kind 'motion' or 'none'")
         self.check_paths()
 
     def check_paths(self):
@@ -138,6 +135,9 @@ class TrainConfig:
             raise ConfigError(f"config key 'student_checkpoint': {self.student_checkpoint} does not exist")
         if not os.path.isfile(self.prompts):
             raise ConfigError(f"config key 'prompts': {self.prompts} does not exist; give a text file with one prompt per line")
+        if self.reward.kind == "videoalign" and not self.reward.videoalign.model_dir:
+            raise ConfigError("reward.kind is 'videoalign' but reward.videoalign.model_dir is not set: point it to the "
+                              "VideoAlign directory, or use reward.kind 'motion' or 'none'")
         if self.reward.kind == "videoalign" and not os.path.isdir(self.reward.videoalign.model_dir):
             raise ConfigError(f"config key 'reward.videoalign.model_dir': {self.reward.videoalign.model_dir} "
                               "is not a directory")
