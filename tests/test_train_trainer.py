@@ -30,7 +30,8 @@ def raw_config(model_dir, prompt_file, out, /, **over):
     raw = dict(teacher=str(model_dir), prompts=str(prompt_file), output_dir=str(out), negative_prompt="static blurry",
                reward=dict(kind="motion", beta=0.5, normalize=True, motion=dict(mean=0.05, std=0.02)),
                num_frames=6, batch_size=2, steps=4, seed=0, checkpoint_every=100,
-               optim=dict(lr=1e-4, critic_lr=1e-3, critic_updates_per_generator=2), fold_in_training=True)
+               optim=dict(lr=1e-4, critic_lr=1e-3, critic_updates_per_generator=2, ema_start_step=0),
+               fold_in_training=True)
     raw.update(over)
     return raw
 
@@ -87,6 +88,7 @@ def test_yaml_paths_are_relative_to_the_file(model_dir, prompts, tmp_path):
     assert cfg.teacher == str(tmp_path / "teacher") and cfg.output_dir == str(tmp_path / "runs" / "x")
     assert (cfg.optim.lr, cfg.optim.critic_lr, cfg.optim.betas, cfg.optim.weight_decay) == (2e-6, 4e-7, (0.0, 0.999), 0.01)
     assert (cfg.optim.grad_clip, cfg.optim.critic_updates_per_generator, cfg.optim.ema_weight) == (10.0, 5, 0.99)
+    assert (cfg.optim.ema_start_step, cfg.batch_size, cfg.num_frames, cfg.reward.beta) == (200, 1, 21, 0.5)
     assert (cfg.dmd.guidance_scale, cfg.dmd.timestep_shift, cfg.dmd.min_timestep, cfg.dmd.max_timestep) == (3.0, 5.0, 20.0, 980.0)
 
 
@@ -111,7 +113,8 @@ def test_a_few_steps_lower_the_critic_loss(model_dir, prompts, tmp_path):
 
 
 def test_generator_ema_follows_the_update_rule(model_dir, prompts, tmp_path):
-    trainer = make(model_dir, prompts, tmp_path, steps=1, optim=dict(ema_weight=0.9, critic_updates_per_generator=1))
+    trainer = make(model_dir, prompts, tmp_path, steps=1,
+                   optim=dict(ema_weight=0.9, ema_start_step=0, critic_updates_per_generator=1))
     before = [p.detach().clone() for _, p in trainer.gen_params]
     list(trainer.train())
     for e, b, (n, p) in zip(trainer.ema, before, trainer.gen_params):

@@ -31,13 +31,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return _train(args)
-    except RFError as exc:
-        print(f"rf-train: error: {exc}", file=sys.stderr)
-        return 2
+    from rf_runtime.cli import run_command
+
+    return run_command("rf-train", _train, _parser().parse_args(argv), level=logging.INFO)
 
 
 def _train(args) -> int:

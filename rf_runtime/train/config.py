@@ -58,7 +58,7 @@ class OptimConfig:
     grad_clip: float = 10.0
     critic_updates_per_generator: int = 5  # the release's dfake_gen_update_ratio
     ema_weight: float = 0.99  # generator weight EMA; 0 disables it
-    ema_start_step: int = 0  # the EMA copies the generator until this step (the release starts at 200)
+    ema_start_step: int = 200  # the EMA copies the generator until this step (the release's ema_start_step)
 
 
 @dataclass(frozen=True)
