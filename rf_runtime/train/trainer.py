@@ -111,7 +111,9 @@ class Trainer:
         self.dmd = DMDSettings(cfg.dmd.guidance_scale, cfg.dmd.timestep_shift, cfg.dmd.min_timestep, cfg.dmd.max_timestep)
 
         # --- models -------------------------------------------------------------------------
-        self.teacher = CausalDiT.from_pretrained(cfg.teacher).to(self.device).eval().requires_grad_(False)
+        # the frozen teacher is stored in bf16 on GPUs (it only runs under bf16 autocast there)
+        teacher_dtype = torch.bfloat16 if self.autocast else torch.float32
+        self.teacher = CausalDiT.from_pretrained(cfg.teacher).to(self.device, teacher_dtype).eval().requires_grad_(False)
         self.critic = CausalDiT.from_pretrained(cfg.critic or cfg.teacher).to(self.device).eval()
         self.student = CausalDiT.from_pretrained(student_dir, cfg.student_checkpoint).to(self.device).eval()
         for name, m in (("critic", self.critic), ("student", self.student)):
