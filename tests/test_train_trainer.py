@@ -138,6 +138,31 @@ def test_resume_after_interruption_is_bit_exact(model_dir, prompts, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert any(k.startswith("optim.critic.") and k.endswith("exp_avg_sq") for k in a)
+    from rf_runtime.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not an rf-train checkpoint.*student_checkpoint"):
+        resumed.load_checkpoint(str(model_dir / "diffusion_pytorch_model.safetensors"))
+
+
+def test_reward_none_is_plain_dmd_and_a_custom_reward_plugs_in(model_dir, prompts, tmp_path):
+    from rf_runtime.train.rewards import RewardModel
+
+    plain = make(model_dir, prompts, tmp_path / "a", steps=1, reward=dict(kind="none"))
+    values = next(iter(plain.train())).values
+    assert "generator_loss" in values and "reward_mean" not in values
+    assert values["generator_loss"] == pytest.approx(values["dmd_loss"], rel=1e-12)
+
+    class Brightness(RewardModel):  # the interface a user implements for their own reward
+        def score(self, frames, prompts):
+            return frames.mean(dim=(1, 2, 3, 4))
+
+    cfg = config_from_dict(raw_config(model_dir, prompts, tmp_path / "b", steps=1,
+                                      reward=dict(kind="none", beta=0.5, normalize=False)))
+    custom = Trainer(cfg, reward_model=Brightness())
+    values = next(iter(custom.train())).values
+    # Z = 1: the generator loss is the DMD loss weighted by exp(2 r) per sample, r in [0, 1]
+    assert 0.0 < values["reward_mean"] < 1.0
+    assert values["generator_loss"] > values["dmd_loss"]
 
 
 def test_checkpoint_loads_into_streamer_and_exporter(model_dir, prompts, tmp_path):

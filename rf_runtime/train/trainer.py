@@ -212,7 +212,7 @@ class Trainer:
         w, _ = reward_weights(reward, r.beta, r.normalize, z)
         return w, logs
 
-    def _clip_and_step(self, model, params, opt) -> torch.Tensor:
+    def _clip_and_step(self, params, opt) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], self.config.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -231,7 +231,7 @@ class Trainer:
                                        self._uncond(d["text"]), self.dmd.guidance_scale)
             loss, llogs = generator_loss(x0, grad, w)
         loss.backward()
-        norm = self._clip_and_step(self.student, self.gen_params, self.gen_opt)
+        norm = self._clip_and_step(self.gen_params, self.gen_opt)
         self._update_ema()
         return {**logs, **glogs, **llogs, "generator_grad_norm": norm, "exit_step": d["exit_step"]}
 
@@ -244,7 +244,7 @@ class Trainer:
             score = lambda x, t, text: self.critic.forward_full(x, t, text)
             loss, logs = critic_loss(score, x0, d["t"], sigma, d["eps"], d["text"])
         loss.backward()
-        logs["critic_grad_norm"] = self._clip_and_step(self.critic, self.critic_params, self.critic_opt)
+        logs["critic_grad_norm"] = self._clip_and_step(self.critic_params, self.critic_opt)
         return logs
 
     @torch.no_grad()
@@ -367,7 +367,8 @@ class Trainer:
             os.remove(os.path.join(d, name))
 
     def load_checkpoint(self, path: str):
-        """Restore parameters, EMA, optimiser states, RNG states and the step from a checkpoint."""
+        """Restore parameters, EMA, optimiser states, RNG states and the step from a checkpoint
+        (under FSDP each rank keeps its shard of the full tensors)."""
         from safetensors import safe_open
 
         if not os.path.isfile(path):
@@ -379,44 +380,36 @@ class Trainer:
                                       "to start from generator weights, use the config key 'student_checkpoint'")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
 
-        def put(dst: torch.Tensor, key: str):
+        def get(key: str, like: torch.Tensor) -> torch.Tensor:
+            """The saved full tensor ``key`` laid out like ``like`` (sharded if ``like`` is)."""
             if key not in tensors:
-                raise CheckpointError(f"{path} lacks {key}: it was written by a different model or config")
-            src = tensors[key]
-            if hasattr(dst, "device_mesh"):  # a sharded parameter: take this rank's shard
+                raise CheckpointError(f"{path} lacks {key}: it was written for a different model or config")
+            value = tensors[key]
+            if tuple(value.shape) != tuple(like.shape):
+                raise CheckpointError(f"{key}: checkpoint {tuple(value.shape)} != model {tuple(like.shape)}")
+            value = value.to(like.device, like.dtype)
+            if hasattr(like, "device_mesh"):
                 from torch.distributed.tensor import distribute_tensor
 
-                src = distribute_tensor(src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements)
-            if tuple(src.shape) != tuple(dst.shape):
-                raise CheckpointError(f"{key}: checkpoint {tuple(src.shape)} != model {tuple(dst.shape)}")
-            dst.copy_(src.to(dst.dtype) if not hasattr(src, "device_mesh") else src)
+                value = distribute_tensor(value, like.device_mesh, like.placements)
+            return value
 
         with torch.no_grad():
             for prefix, params in (("generator", self.gen_params), ("critic", self.critic_params)):
                 for n, p in params:
-                    put(p, f"{prefix}.{n}")
+                    p.copy_(get(f"{prefix}.{n}", p))
             if self.ema is not None:
                 for e, (n, _) in zip(self.ema, self.gen_params):
-                    put(e, f"generator_ema.{n}")
+                    e.copy_(get(f"generator_ema.{n}", e))
             for prefix, opt, params in (("optim.generator", self.gen_opt, self.gen_params),
                                         ("optim.critic", self.critic_opt, self.critic_params)):
                 for n, p in params:
-                    keys = [k for k in tensors if k.startswith(f"{prefix}.{n}.")]
-                    if not keys:
-                        continue
-                    state = {}
-                    for k in keys:
-                        name = k[len(prefix) + len(n) + 2:]
-                        like = p if name != "step" else None
-                        value = tensors[k]
-                        if like is not None and hasattr(like, "device_mesh"):
-                            from torch.distributed.tensor import distribute_tensor
-
-                            value = distribute_tensor(value.to(like.device), like.device_mesh, like.placements)
-                        elif name != "step":
-                            value = value.to(p.device)
-                        state[name] = value
-                    opt.state[p] = state
+                    if f"{prefix}.{n}.step" not in tensors:
+                        continue  # no update yet for this parameter
+                    # AdamW keeps 'step' as a scalar CPU tensor and the moments shaped like the parameter
+                    opt.state[p] = {"step": tensors[f"{prefix}.{n}.step"],
+                                    "exp_avg": get(f"{prefix}.{n}.exp_avg", p),
+                                    "exp_avg_sq": get(f"{prefix}.{n}.exp_avg_sq", p)}
         torch.set_rng_state(tensors["rng.torch_cpu"])
         if "rng.torch_cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.torch_cuda"], self.device)
