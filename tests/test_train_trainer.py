@@ -190,6 +190,23 @@ def test_checkpoint_loads_into_streamer_and_exporter(model_dir, prompts, tmp_pat
     assert manifest["model_card"]["checkpoint"] == path
 
 
+def test_reward_statistics_for_normalisation(model_dir, prompts, tmp_path, capsys):
+    raw_reward = dict(kind="motion", motion=dict(mean=0.0, std=1.0))
+    stats = make(model_dir, prompts, tmp_path, reward=raw_reward).reward_statistics(batches=2)
+    assert stats["samples"] == 4 and stats["min"] <= stats["mean"] <= stats["max"] and stats["std"] > 0
+    shifted = make(model_dir, prompts, tmp_path, reward=dict(kind="motion", motion=dict(mean=0.01, std=0.5)))
+    again = shifted.reward_statistics(batches=2)  # the same samples, normalised: (r - 0.01) / 0.5
+    assert again["mean"] == pytest.approx((stats["mean"] - 0.01) / 0.5, rel=1e-6)
+    assert again["std"] == pytest.approx(stats["std"] / 0.5, rel=1e-5)
+    from rf_runtime.train.cli import main
+
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(raw_config(model_dir, prompts, tmp_path / "out", reward=raw_reward)))
+    assert main(["--config", str(cfg), "--measure-reward", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["mean"] == pytest.approx(stats["mean"]) and not (tmp_path / "out").exists()
+
+
 def test_cli_trains_and_resumes(model_dir, prompts, tmp_path):
     from rf_runtime.train.cli import main
 

@@ -10,6 +10,7 @@ Resume:           rf-train --config FILE --resume            (the newest checkpo
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -26,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="train until this step (overrides the config's 'steps')")
     p.add_argument("--output-dir", help="overrides the config's 'output_dir'")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's 'device'")
+    p.add_argument("--measure-reward", type=int, metavar="BATCHES",
+                   help="do not train: print the reward's mean/std/min/max on BATCHES batches of the student's "
+                        "samples (fully denoised), e.g. to set reward.motion.mean and std")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -53,6 +57,11 @@ def _train(args) -> int:
     config = load_config(args.config, overrides)
     ctx = D.context_from_env(config.device)
     trainer = Trainer(config, ctx)
+    if args.measure_reward:
+        stats = trainer.reward_statistics(args.measure_reward)
+        if ctx.is_main:
+            print(json.dumps(stats))
+        return 0
     if args.resume:
         path = latest_checkpoint(config.output_dir) if args.resume == "latest" else args.resume
         if path is None:

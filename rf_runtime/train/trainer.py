@@ -197,15 +197,19 @@ class Trainer:
         u = torch.nn.functional.pad(self.uncond, (0, 0, 0, max(pad, 0)))
         return u.expand(text.shape[0], -1, -1)
 
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Latents [b, F, C, H, W] -> frames [b, T, 3, H', W'] in [0, 1] (clamp(x * 0.5 + 0.5, 0, 1))."""
+        with self._autocast():
+            pixels = self.vae.decode(x0.detach().transpose(1, 2).to(torch.float32))  # [b, 3, T, H', W']
+        return (pixels.float() * 0.5 + 0.5).clamp(0, 1).transpose(1, 2)
+
     def _rewards(self, x0: torch.Tensor, prompts: list[str]):
         """Decode the clip and score it; -> (w [b], logs) with Z over the global batch."""
         r = self.config.reward
         if self.reward_model is None:
             return None, {}
-        with torch.no_grad(), self._autocast():
-            pixels = self.vae.decode(x0.detach().transpose(1, 2).to(torch.float32))  # [b, 3, T, H, W]
-        frames = (pixels.float() * 0.5 + 0.5).clamp(0, 1).transpose(1, 2)
-        reward = self.reward_model(frames, prompts).to(self.device)
+        reward = self.reward_model(self.decode(x0), prompts).to(self.device)
         everyone = D.all_gather_cat(reward, self.ctx)  # Z and the statistics over the global batch
         z = torch.exp(everyone.double() / r.beta).mean() if r.normalize else None
         _, logs = reward_weights(everyone, r.beta, r.normalize, z)
@@ -261,6 +265,25 @@ class Trainer:
                 loss, _ = critic_loss(score, x0, d["t"], sigma_of(d["t"], self.dmd), d["eps"], d["text"])
             total += float(D.all_reduce_sum(loss.detach().float().clone(), self.ctx)) / self.ctx.world_size
         return total / batches
+
+    @torch.no_grad()
+    def reward_statistics(self, batches: int = 4) -> dict:
+        """Mean / std / min / max of the reward on the current student's samples (fixed held-out
+        draws, full denoising), to set a reward's normalisation (e.g. ``reward.motion.mean/std``)."""
+        if self.reward_model is None:
+            raise ConfigError("reward.kind is 'none': there is no reward to measure")
+        settings = self.rollout_settings
+        rewards = []
+        for b in range(batches):
+            d = self._draws(EVAL, step=b)
+            with self._autocast():
+                x0 = self_forcing_rollout(self.student, d["text"], d["noise"], d["renoise"], settings,
+                                          settings.num_steps - 1, with_grad=False)
+            reward = self.reward_model(self.decode(x0), d["prompts"]).to(self.device)
+            rewards.append(D.all_gather_cat(reward, self.ctx))
+        r = torch.cat(rewards).double()
+        return {"mean": float(r.mean()), "std": float(r.std(unbiased=False)), "min": float(r.min()),
+                "max": float(r.max()), "samples": int(r.numel())}
 
     @torch.no_grad()
     def _update_ema(self):
