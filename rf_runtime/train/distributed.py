@@ -1,14 +1,11 @@
 """Data-parallel training over processes: FSDP2 (``fully_shard``) on CUDA (NCCL) and on CPU (gloo).
 
-The same code runs under ``torchrun`` on N GPUs and on CPU processes. Each trainable model (the
-student and the critic) is sharded as ONE FSDP2 unit over all ranks: parameters, gradients and
-AdamW states are split between ranks and gathered for each forward. The model's non-``forward``
-entry points (``forward_chunk``, ``forward_full``, ``text_kv``) are registered with FSDP so that
-they gather the parameters too. The frozen teacher is replicated (no gradient to reduce).
-
-Sharding the whole model as one unit keeps the model code free of FSDP (the cross-attention K/V
-projection is read outside a block's ``forward``); per-block units would gather less memory at a
-time and are the next step for the 14B teacher setting.
+The same code runs under ``torchrun`` on N GPUs and on CPU processes. The student, the critic and
+the frozen teacher are sharded over all ranks with one FSDP2 unit per transformer block plus one
+for the rest (embeddings, head): parameters, gradients and AdamW states are split between ranks,
+and a block's weights are gathered only while that block runs. The entry points that are not
+``forward`` (``CausalDiT.forward_chunk``, ``forward_full``, ``text_kv`` and ``Block.text_kv``) are
+registered with FSDP so that they gather weights too.
 """
 
 from __future__ import annotations
@@ -19,7 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-FORWARD_METHODS = ("forward_chunk", "forward_full", "text_kv")
+FORWARD_METHODS = ("forward_chunk", "forward_full", "text_kv")  # of CausalDiT
+BLOCK_METHODS = ("text_kv",)  # of each Block
 
 
 @dataclass(frozen=True)
@@ -58,13 +56,17 @@ def context_from_env(device: str = "auto") -> DistContext:
 
 
 def shard(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """Shard a trainable model with FSDP2 over all ranks (no-op in a single process)."""
+    """Shard a ``CausalDiT`` with FSDP2 over all ranks, block by block (no-op in a single process)."""
     if not ctx.distributed:
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+        for name in BLOCK_METHODS:
+            register_fsdp_forward_method(block, name)
     fully_shard(model, mesh=mesh)
     for name in FORWARD_METHODS:
         register_fsdp_forward_method(model, name)

@@ -128,8 +128,8 @@ class Trainer:
         self.prompts = read_prompts(cfg.prompts)
         self.reward_model = reward_model if reward_model is not None else self._reward_model()
 
-        D.shard(self.student, self.ctx)
-        D.shard(self.critic, self.ctx)
+        for model in (self.teacher, self.critic, self.student):
+            D.shard(model, self.ctx)
         self.gen_params = [(n, p) for n, p in self.student.named_parameters()]
         self.critic_params = [(n, p) for n, p in self.critic.named_parameters()]
         o = cfg.optim
