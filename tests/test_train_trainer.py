@@ -73,6 +73,8 @@ def test_missing_teacher_key_and_cli_errors(model_dir, prompts, tmp_path, capsys
     err = capsys.readouterr().err
     assert "rf-train: error: config key 'teacher'" in err and "Traceback" not in err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    with pytest.raises(ConfigError, match="multiple of chunk_frames"):
+        make(model_dir, prompts, tmp_path, num_frames=7)
     cfg = make(model_dir, prompts, tmp_path, batch_size=3).config  # a valid config with an odd batch
     with pytest.raises(ConfigError, match="multiple of the number of processes"):
         from rf_runtime.train.distributed import DistContext
@@ -219,6 +221,24 @@ def test_cli_trains_and_resumes(model_dir, prompts, tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert main(["--config", str(cfg), "--resume", str(tmp_path / "nope.safetensors"), "--quiet"]) == 2
+
+
+def test_cli_ctrl_c_saves_a_checkpoint(model_dir, prompts, tmp_path, monkeypatch, capsys):
+    from rf_runtime.train.cli import main
+
+    real_step = Trainer.train_step
+
+    def step_then_interrupt(self):
+        if self.step == 1:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(raw_config(model_dir, prompts, tmp_path / "out", steps=3)))
+    assert main(["--config", str(cfg), "--quiet"]) == 130
+    assert latest_checkpoint(str(tmp_path / "out")).endswith("_000001.safetensors")
+    assert "interrupted at step 1" in capsys.readouterr().err
 
 
 # ---- two processes over gloo -----------------------------------------------------------------

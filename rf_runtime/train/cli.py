@@ -70,11 +70,21 @@ def _train(args) -> int:
     bar = tqdm(total=config.steps, initial=trainer.step, unit="step", file=sys.stderr,
                disable=args.quiet or not ctx.is_main)
     last = None
-    for record in trainer.train():
-        bar.update(1)
-        shown = {k: f"{v:.4g}" for k, v in record.values.items() if k in ("critic_loss", "generator_loss", "reward_mean")}
-        bar.set_postfix(shown)
-        last = record
+    try:
+        for record in trainer.train():
+            bar.update(1)
+            shown = {k: f"{v:.4g}" for k, v in record.values.items()
+                     if k in ("critic_loss", "generator_loss", "reward_mean")}
+            bar.set_postfix(shown)
+            last = record
+    except KeyboardInterrupt:
+        bar.close()
+        if ctx.distributed:  # a collective save could wait forever on a rank that already stopped
+            print("interrupted: continue from the last periodic checkpoint with --resume", file=sys.stderr)
+            return 130
+        path = trainer.save_checkpoint()
+        print(f"interrupted at step {trainer.step}: saved {path}; continue with --resume", file=sys.stderr)
+        return 130
     bar.close()
     if ctx.is_main:
         final = os.path.join(config.output_dir, f"checkpoint_{trainer.step:06d}.safetensors")

@@ -89,6 +89,9 @@ class Trainer:
         from rf_runtime.torch_backend import DEFAULT_HW, find_vae, latent_hw_for, read_model_card, text_encoder_from_card
 
         self.config = cfg = config
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device is 'cuda' but no CUDA GPU is visible to torch: set device to 'cpu' or 'auto', "
+                              "or install a CUDA build of torch")
         self.ctx = ctx or D.DistContext(device=torch.device(
             "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"))
         if cfg.batch_size % self.ctx.world_size:
