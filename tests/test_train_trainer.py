@@ -124,6 +124,17 @@ def test_generator_ema_follows_the_update_rule(model_dir, prompts, tmp_path):
     assert any(not torch.equal(b, p) for b, (_, p) in zip(before, trainer.gen_params))
 
 
+def test_activation_checkpointing_gives_the_same_training(model_dir, prompts, tmp_path):
+    plain = make(model_dir, prompts, tmp_path / "a", steps=2)
+    ckpt = make(model_dir, prompts, tmp_path / "b", steps=2, activation_checkpointing=True)
+    list(plain.train())
+    list(ckpt.train())
+    a, b = plain.state_tensors(), ckpt.state_tensors()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-6, atol=1e-8), key
+    assert set(dict(ckpt.student.named_parameters())) == set(dict(plain.student.named_parameters()))
+
+
 def test_resume_after_interruption_is_bit_exact(model_dir, prompts, tmp_path):
     full = make(model_dir, prompts, tmp_path / "full", steps=5)
     list(full.train())

@@ -94,6 +94,7 @@ class TrainConfig:
     log_every: int = 1
     checkpoint_every: int = 100
     keep_checkpoints: int = 2  # newest checkpoints kept in output_dir; 0 keeps all
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (student, critic)
     device: str = "auto"  # auto (cuda if available), cpu, cuda
     cpu_threads: int | None = None  # torch intra-op threads on CPU
 

@@ -131,6 +131,9 @@ class Trainer:
         self.prompts = read_prompts(cfg.prompts)
         self.reward_model = reward_model if reward_model is not None else self._reward_model()
 
+        if cfg.activation_checkpointing:
+            D.checkpoint_blocks(self.student)
+            D.checkpoint_blocks(self.critic)
         for model in (self.teacher, self.critic, self.student):
             D.shard(model, self.ctx)
         self.gen_params = [(n, p) for n, p in self.student.named_parameters()]
