@@ -89,6 +89,7 @@ class TrainConfig:
     fold_in_training: bool = False  # True: EMA-Sink folds happen in training rollouts (see train.rollout)
     resolution: tuple[int, int] | None = None  # video height, width; default: the student's model card, else 480x832
     batch_size: int = 1  # global batch (split over ranks)
+    micro_batch_size: int | None = None  # per process, for gradient accumulation; None: the whole local batch
     steps: int = 600  # training steps; each step is a critic update, every Nth also a generator update
     seed: int = 0
     log_every: int = 1
@@ -108,6 +109,7 @@ class TrainConfig:
             (self.reward.motion.std > 0, "reward.motion.std", "a number > 0"),
             (self.num_frames > 0, "num_frames", "a positive multiple of the chunk size"),
             (self.batch_size > 0, "batch_size", "a positive integer"),
+            (self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size", "a positive integer or null"),
             (self.steps >= 0, "steps", "an integer >= 0"),
             (self.log_every > 0, "log_every", "a positive integer"),
             (self.checkpoint_every > 0, "checkpoint_every", "a positive integer"),

@@ -64,6 +64,11 @@ def _generator(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(_seed(*parts))
 
 
+def _mean_logs(logs: list[dict]) -> dict:
+    """Average each logged tensor over the micro-batches (they have equal sizes)."""
+    return {k: torch.stack([torch.as_tensor(x[k]).detach().float().cpu() for x in logs]).mean() for k in logs[0]}
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     """The checkpoint with the highest step in ``output_dir``, or None."""
     if not os.path.isdir(output_dir):
@@ -102,6 +107,9 @@ class Trainer:
         self.device = self.ctx.device
         self.autocast = self.device.type == "cuda"
         self.local_batch = cfg.batch_size // self.ctx.world_size
+        if cfg.micro_batch_size and self.local_batch % cfg.micro_batch_size:
+            raise ConfigError(f"micro_batch_size ({cfg.micro_batch_size}) must divide the batch of each process "
+                              f"(batch_size {cfg.batch_size} / {self.ctx.world_size} processes = {self.local_batch})")
         self.step = 0
 
         student_dir = cfg.student or cfg.teacher
@@ -211,16 +219,29 @@ class Trainer:
         return (pixels.float() * 0.5 + 0.5).clamp(0, 1).transpose(1, 2)
 
     def _rewards(self, x0: torch.Tensor, prompts: list[str]):
-        """Decode the clip and score it; -> (w [b], logs) with Z over the global batch."""
+        """Decode the clip and score it -> (w [b] or None, the rewards of all ranks' samples).
+
+        With ``reward.normalize``, Z is the mean of exp(r / beta) over this (micro-)batch on all ranks."""
         r = self.config.reward
         if self.reward_model is None:
-            return None, {}
+            return None, None
         reward = self.reward_model(self.decode(x0), prompts).to(self.device)
-        everyone = D.all_gather_cat(reward, self.ctx)  # Z and the statistics over the global batch
+        everyone = D.all_gather_cat(reward, self.ctx)
         z = torch.exp(everyone.double() / r.beta).mean() if r.normalize else None
-        _, logs = reward_weights(everyone, r.beta, r.normalize, z)
         w, _ = reward_weights(reward, r.beta, r.normalize, z)
-        return w, logs
+        return w, everyone
+
+    def _micro_batches(self) -> list[slice]:
+        """The local batch in micro-batches of ``micro_batch_size`` (gradient accumulation)."""
+        size = self.config.micro_batch_size or self.local_batch
+        return [slice(i, i + size) for i in range(0, self.local_batch, size)]
+
+    @staticmethod
+    def _part(d: dict, sl: slice) -> dict:
+        out = dict(d, prompts=d["prompts"][sl], renoise=d["renoise"][:, sl])
+        for key in ("text", "noise", "t", "eps"):
+            out[key] = d[key][sl]
+        return out
 
     def _clip_and_step(self, params, opt) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], self.config.optim.grad_clip)
@@ -229,33 +250,51 @@ class Trainer:
         return D.full_tensor(norm) if hasattr(norm, "full_tensor") else norm.detach()
 
     def generator_step(self) -> dict:
-        d = self._draws(GENERATOR)
+        """Rollout with gradient -> reward -> DMD gradient -> Re-DMD loss; gradients accumulated over
+        the micro-batches, then one AdamW step and the EMA update."""
+        draws = self._draws(GENERATOR)
         critic_score = lambda x, t, text: self.critic.forward_full(x, t, text)
         teacher_score = lambda x, t, text: self.teacher.forward_full(x, t, text)
-        with self._autocast():
-            x0 = self_forcing_rollout(self.student, d["text"], d["noise"], d["renoise"], self.rollout_settings,
-                                      d["exit_step"], with_grad=True)
-            w, logs = self._rewards(x0, d["prompts"])
-            sigma = sigma_of(d["t"], self.dmd)
-            grad, glogs = dmd_gradient(x0, d["t"], sigma, d["eps"], teacher_score, critic_score, d["text"],
-                                       self._uncond(d["text"]), self.dmd.guidance_scale)
-            loss, llogs = generator_loss(x0, grad, w)
-        loss.backward()
-        norm = self._clip_and_step(self.gen_params, self.gen_opt)
+        logs, rewards = [], []
+        for sl in self._micro_batches():
+            d = self._part(draws, sl)
+            with self._autocast():
+                x0 = self_forcing_rollout(self.student, d["text"], d["noise"], d["renoise"], self.rollout_settings,
+                                          d["exit_step"], with_grad=True)
+                w, everyone = self._rewards(x0, d["prompts"])
+                sigma = sigma_of(d["t"], self.dmd)
+                grad, glogs = dmd_gradient(x0, d["t"], sigma, d["eps"], teacher_score, critic_score, d["text"],
+                                           self._uncond(d["text"]), self.dmd.guidance_scale)
+                loss, llogs = generator_loss(x0, grad, w)
+            (loss * (x0.shape[0] / self.local_batch)).backward()
+            logs.append({**glogs, **llogs})
+            if everyone is not None:
+                rewards.append(everyone)
+        out = _mean_logs(logs)
+        if rewards:  # statistics over the whole global batch, so that reward hacking shows
+            r = self.config.reward
+            out.update(reward_weights(torch.cat(rewards), r.beta, r.normalize)[1])
+        out["generator_grad_norm"] = self._clip_and_step(self.gen_params, self.gen_opt)
         self._update_ema()
-        return {**logs, **glogs, **llogs, "generator_grad_norm": norm, "exit_step": d["exit_step"]}
+        out["exit_step"] = draws["exit_step"]
+        return out
 
     def critic_step(self) -> dict:
-        d = self._draws(CRITIC)
-        with self._autocast():
-            x0 = self_forcing_rollout(self.student, d["text"], d["noise"], d["renoise"], self.rollout_settings,
-                                      d["exit_step"], with_grad=False)
-            sigma = sigma_of(d["t"], self.dmd)
-            score = lambda x, t, text: self.critic.forward_full(x, t, text)
-            loss, logs = critic_loss(score, x0, d["t"], sigma, d["eps"], d["text"])
-        loss.backward()
-        logs["critic_grad_norm"] = self._clip_and_step(self.critic_params, self.critic_opt)
-        return logs
+        """Rollout without gradient -> critic flow-matching loss; accumulated over micro-batches."""
+        draws = self._draws(CRITIC)
+        score = lambda x, t, text: self.critic.forward_full(x, t, text)
+        logs = []
+        for sl in self._micro_batches():
+            d = self._part(draws, sl)
+            with self._autocast():
+                x0 = self_forcing_rollout(self.student, d["text"], d["noise"], d["renoise"], self.rollout_settings,
+                                          d["exit_step"], with_grad=False)
+                loss, clogs = critic_loss(score, x0, d["t"], sigma_of(d["t"], self.dmd), d["eps"], d["text"])
+            (loss * (x0.shape[0] / self.local_batch)).backward()
+            logs.append(clogs)
+        out = _mean_logs(logs)
+        out["critic_grad_norm"] = self._clip_and_step(self.critic_params, self.critic_opt)
+        return out
 
     @torch.no_grad()
     def evaluate_critic(self, batches: int = 4) -> float:
