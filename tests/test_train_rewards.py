@@ -1,6 +1,7 @@
 """Reward models: the frame-difference motion reward and VideoAlign on a tiny random Qwen2-VL."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -121,3 +122,32 @@ def test_videoalign_directory_errors(tmp_path, videoalign_dir):
         VideoAlignReward(tmp_path)
     with pytest.raises(ConfigError, match="'VQ', 'MQ' or 'TA'"):
         VideoAlignReward(videoalign_dir, output="XX")
+
+
+def test_trainer_with_the_videoalign_reward(videoalign_dir, tmp_path):
+    """The trainer decodes its rollout, scores it with VideoAlign (MQ, normalised) and logs the
+    statistics of exactly those scores."""
+    from rf_runtime.testing import write_model_dir
+    from rf_runtime.train.config import config_from_dict
+    from rf_runtime.train.trainer import Trainer
+
+    write_model_dir(tmp_path / "model")
+    (tmp_path / "p.txt").write_text("a red ball bouncing\n")
+    cfg = config_from_dict(dict(
+        teacher=str(tmp_path / "model"), prompts=str(tmp_path / "p.txt"), output_dir=str(tmp_path / "out"),
+        reward=dict(kind="videoalign", beta=0.5, videoalign=dict(model_dir=str(videoalign_dir))),
+        num_frames=3, batch_size=1, steps=1))
+    trainer = Trainer(cfg)
+    assert isinstance(trainer.reward_model, VideoAlignReward) and trainer.reward_model.output == "MQ"
+    scored = []
+    real_score = trainer.reward_model.score
+
+    def spy(frames, prompts):
+        scored.append(real_score(frames, prompts))
+        return scored[-1]
+
+    trainer.reward_model.score = spy
+    values = next(iter(trainer.train())).values
+    assert len(scored) == 1 and values["reward_mean"] == pytest.approx(float(scored[0][0]))
+    # Z = 1: the loss is exp(2 r) times the DMD loss
+    assert values["generator_loss"] == pytest.approx(math.exp(2 * values["reward_mean"]) * values["dmd_loss"], rel=1e-5)
