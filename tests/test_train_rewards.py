@@ -51,6 +51,24 @@ def test_qwen2vl_patch_layout():
     assert torch.equal(last[:, 0], last[:, 1]) and torch.equal(last[0, 0], video[2, 0, 0:14, 0:14])
 
 
+def test_preprocessing_matches_the_qwen2vl_image_processor():
+    """A one-frame video (padded to the temporal patch by repetition) is what Qwen2-VL's own image
+    processor makes of an image: same CLIP normalisation, same patch order (an independent reference;
+    transformers' video processor needs torchvision, so videos are patched by our code)."""
+    processors = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+    import numpy as np
+
+    from rf_runtime.train.rewards import CLIP_MEAN, CLIP_STD
+
+    img = (np.random.default_rng(0).random((56, 84, 3)) * 255).astype(np.uint8)
+    ref = processors.Qwen2VLImageProcessorPil(do_resize=False)(images=[img], return_tensors="pt")
+    x = torch.from_numpy(img).permute(2, 0, 1).float() / 255
+    x = (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    patches, grid = qwen2vl_video_patches(x[None], patch_size=14, temporal_patch_size=2, merge_size=2)
+    assert list(grid) == ref["image_grid_thw"][0].tolist()
+    assert torch.allclose(patches, ref["pixel_values"], atol=1e-6)
+
+
 def write_tiny_videoalign(path, mq_mean=0.5, mq_std=2.0):
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
