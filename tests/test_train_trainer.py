@@ -163,6 +163,14 @@ def test_gradient_accumulation_matches_the_whole_batch(model_dir, prompts, tmp_p
         make(model_dir, prompts, tmp_path / "c", micro_batch_size=3)
 
 
+def test_only_the_newest_checkpoints_are_kept(model_dir, prompts, tmp_path):
+    trainer = make(model_dir, prompts, tmp_path, steps=3, checkpoint_every=1, keep_checkpoints=2)
+    written = []
+    list(trainer.train(on_checkpoint=written.append))
+    assert [os.path.basename(p) for p in written] == [f"checkpoint_00000{i}.safetensors" for i in (1, 2, 3)]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_000002.safetensors", "checkpoint_000003.safetensors", "log.jsonl"]
+
+
 def test_resume_after_interruption_is_bit_exact(model_dir, prompts, tmp_path):
     full = make(model_dir, prompts, tmp_path / "full", steps=5)
     list(full.train())
