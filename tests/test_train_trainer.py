@@ -47,6 +47,7 @@ def make(model_dir, prompt_file, out, /, **over):
     (dict(learning_rate=1e-3), "unknown config key 'learning_rate'.*valid keys"),
     (dict(reward=dict(kind="motion", bta=1.0)), "unknown config key 'reward.bta'.*valid keys under reward"),
     (dict(steps="ten"), "'steps' must be an integer, got 'ten'"),
+    (dict(optim=dict(lr="fast")), "'optim.lr' must be a number, got 'fast'"),
     (dict(batch_size=2.5), "'batch_size' must be an integer"),
     (dict(fold_in_training="yes"), "'fold_in_training' must be true or false"),
     (dict(optim=dict(betas=[0.9])), "'optim.betas' must be a list of 2 values"),
@@ -87,6 +88,9 @@ def test_yaml_paths_are_relative_to_the_file(model_dir, prompts, tmp_path):
     (tmp_path / "p.txt").write_text(prompts.read_text())
     (tmp_path / "c.yaml").write_text("teacher: teacher\nprompts: p.txt\noutput_dir: runs/x\nreward: {kind: none}\n")
     cfg = load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("teacher: teacher\nprompts: p.txt\noutput_dir: o\noptim: {lr: 1e-4}\n"
+                                     "reward: {kind: none}\n")
+    assert load_config(tmp_path / "d.yaml").optim.lr == 1e-4  # YAML gives the string '1e-4' here
     assert cfg.teacher == str(tmp_path / "teacher") and cfg.output_dir == str(tmp_path / "runs" / "x")
     assert (cfg.optim.lr, cfg.optim.critic_lr, cfg.optim.betas, cfg.optim.weight_decay) == (2e-6, 4e-7, (0.0, 0.999), 0.01)
     assert (cfg.optim.grad_clip, cfg.optim.critic_updates_per_generator, cfg.optim.ema_weight) == (10.0, 5, 0.99)
