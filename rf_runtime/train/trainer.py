@@ -133,7 +133,13 @@ class Trainer:
                                   "the text encoder and the VAE")
         self.vae = WanVAE.from_pretrained(find_vae(student_dir), VAEConfig(**card["vae"]) if "vae" in card else None)
         self.vae = self.vae.to(self.device).eval().requires_grad_(False)
-        self.text_encoder = text_encoder_from_card(card, student_dir)
+        if self.autocast and card.get("text_encoder", {}).get("kind", "umt5") == "umt5":
+            # umT5-XXL runs every step on the prompts: keep it on the GPU, in bf16 (~11 GB)
+            from rf_runtime.models.text_encoder import load_text_encoder
+
+            self.text_encoder = load_text_encoder(student_dir, device=str(self.device), dtype="bfloat16")
+        else:
+            self.text_encoder = text_encoder_from_card(card, student_dir)
         h, w = cfg.resolution or card.get("resolution", DEFAULT_HW)
         self.latent_hw = latent_hw_for(h, w, self.vae.config.stride[1], self.student.config.patch_size[1:])
         self.prompts = read_prompts(cfg.prompts)
