@@ -38,9 +38,10 @@ def test_dmd_gradient_closed_form():
     c, u, f = 0.3, -0.2, 0.7
     cond, uncond = torch.ones(3, 2, 8), torch.zeros(3, 2, 8)
 
-    def teacher(x_t, tf, text):
-        assert tf.shape == SHAPE[:2] and torch.equal(tf[:, 0], t) and torch.equal(tf[:, -1], t)  # one t for all frames
-        return torch.full_like(x_t, c if text.sum() > 0 else u)
+    def teacher(x_t, tf, text):  # one batched call: conditional samples first, then unconditional
+        assert x_t.shape[0] == 6 and torch.equal(tf[:3, 0], t) and torch.equal(tf[3:, -1], t)  # one t for all frames
+        flow = torch.where(text.sum(dim=(1, 2)) > 0, c, u)
+        return flow.view(-1, 1, 1, 1, 1).expand_as(x_t)
 
     def critic(x_t, tf, text):
         assert text.sum() > 0  # conditional only

@@ -105,8 +105,9 @@ def dmd_gradient(x0, t, sigma, eps, teacher, critic, text_cond, text_uncond, gui
     # fake score: the critic, conditional only
     fake = x0_from_flow(x_t.float(), critic(x_t, tf, text_cond).float(), s)
     # real score: the teacher with classifier-free guidance against the negative prompt
-    real_cond = x0_from_flow(x_t.float(), teacher(x_t, tf, text_cond).float(), s)
-    real_uncond = x0_from_flow(x_t.float(), teacher(x_t, tf, text_uncond).float(), s)
+    # (conditional and unconditional in one batched call)
+    flows = teacher(torch.cat([x_t, x_t]), torch.cat([tf, tf]), torch.cat([text_cond, text_uncond])).float()
+    real_cond, real_uncond = (x0_from_flow(x_t.float(), f, s) for f in flows.chunk(2))
     real = real_cond + guidance_scale * (real_cond - real_uncond)
     # DMD eq. 7 (KL gradient), normalised per sample by eq. 8
     normalizer = (x0.float() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
