@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rf_runtime.backend import Backend, ModelInfo, StreamState, to_uint8_frames
+from rf_runtime.backend import Backend, ModelInfo, StateArrays, StreamState, to_uint8_frames
 from rf_runtime.bundle import Bundle
 from rf_runtime.cache import commit_matrix
 from rf_runtime.errors import ConfigError, require
@@ -104,6 +104,55 @@ class EngineBackend(Backend):
                     None, {"z": zi, **dict(zip(self._vae_inputs, dev["vae"]))})
             parts.append(frames)
         return to_uint8_frames(np.concatenate(parts, axis=2)[0])
+
+    # ---- prompt switch, snapshots (new methods only; the buffers live in state.device) ------------
+
+    def set_text(self, state, text) -> None:
+        state.device["text"] = text
+
+    def _latent_ring(self, state) -> np.ndarray:
+        dev = state.device
+        if "latents" not in dev:  # allocated once per stream, on first use
+            dev["latents"] = np.zeros((self.info.context_chunks, *self.info.chunk_latent_shape), np.float32)
+        return dev["latents"]
+
+    def store_latents(self, state, slot, x0) -> None:
+        self._latent_ring(state)[slot] = x0
+
+    def stored_latents(self, state, slot):
+        return self._latent_ring(state)[slot]
+
+    def set_cache_fill(self, state, chunks_committed) -> None:
+        state.chunks_committed = chunks_committed
+
+    def export_state(self, state) -> StateArrays:
+        dev = state.device
+        return StateArrays(cache_k=dev["ctx_k"].copy(), cache_v=dev["ctx_v"].copy(), text_k=dev["text"][0].copy(),
+                           text_v=dev["text"][1].copy(), latents=self._latent_ring(state).copy(),
+                           vae_cache=tuple(a.copy() for a in dev["vae"] or ()), chunks_committed=state.chunks_committed)
+
+    def import_state(self, arrays: StateArrays, latent_frames_decoded: int) -> StreamState:
+        def copy(a):
+            return np.array(a, dtype=np.float32, copy=True)
+
+        dev = {"text": (copy(arrays.text_k), copy(arrays.text_v)), "ctx_k": copy(arrays.cache_k),
+               "ctx_v": copy(arrays.cache_v), "vae": [copy(a) for a in arrays.vae_cache] or None,
+               "latents": copy(arrays.latents)}
+        return StreamState(dev, chunks_committed=arrays.chunks_committed)
+
+    def state_shapes(self) -> dict:
+        text = tuple(self.sessions["text_kv"].get_outputs()[0].shape)
+        return {"kv": self._kv_shape, "text_kv": text,
+                "latents": (self.info.context_chunks, *self.info.chunk_latent_shape),
+                "vae_cache": [tuple(s) for s in self.model["vae_cache_shapes"]]}
+
+    def describe(self) -> dict:
+        import onnxruntime
+
+        providers = self.sessions["dit_step"].get_providers()
+        return {"backend": self.name, "device": "cuda" if "CUDAExecutionProvider" in providers else "cpu",
+                "providers": providers, "precision": self.model.get("precision", "fp32"),
+                "onnxruntime": onnxruntime.__version__}
 
 
 def _text_encoder(spec: dict):
