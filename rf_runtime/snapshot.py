@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from rf_runtime.backend import StateArrays
 from rf_runtime.errors import RFError
+from rf_runtime.files import atomic_write
 
 FORMAT = "rf_runtime.stream_snapshot"
 FORMAT_VERSION = 1
@@ -70,16 +70,7 @@ class StreamSnapshot:
         arrays = {name: getattr(self.state, name) for name in _ARRAYS}
         arrays.update({f"vae_cache_{i}": a for i, a in enumerate(self.state.vae_cache)})
         arrays["header"] = np.array(json.dumps(self.header()))
-        fd, tmp = tempfile.mkstemp(prefix=".rf-snapshot-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        return path
+        return atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "StreamSnapshot":

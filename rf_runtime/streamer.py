@@ -4,6 +4,12 @@
     for frames in streamer.stream("a red fox running through snow", seed=0):
         ...  # uint8 [T, H, W, 3]: 9 frames for the first chunk, 12 after, at 16 fps
 
+    stream = streamer.open("a red fox running through snow", seed=0)   # a Stream: its own state
+    for chunk in stream:                                  # Chunk: frames + timing
+        ...
+        stream.set_prompt("the fox jumps into a river")   # LongLive re-cache: no cut
+        snapshot = stream.save_state()                    # resume with streamer.resume(snapshot)
+
 Work happens as the caller iterates. The noise comes from numpy's PCG64 seeded by ``seed``, in a
 fixed order (``sampler.chunk_noise``), so the same seed gives the same video on every backend.
 The streamer never branches on the backend: it runs the chunk loop over the ``Backend`` interface.

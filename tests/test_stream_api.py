@@ -16,29 +16,19 @@ from rf_runtime.snapshot import SnapshotError, StreamSnapshot
 from rf_runtime.streamer import recache_plan
 from rf_runtime.testing import HEIGHT, TEXT, WIDTH, write_model_dir
 
-ort = pytest.importorskip("onnxruntime")
-
-from export.bundle_builder import build_bundle  # noqa: E402
+pytest.importorskip("onnxruntime")
 
 A, B = "a red circle bouncing", "a blue square spinning slowly"
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stream_api")
-    write_model_dir(root / "model", seed=5, stream={"ema_alpha": 0.9})  # a visible EMA fold
-    build_bundle(root / "model", root / "bundle")
-    return root / "model", root / "bundle"
+def torch_streamer(tiny_engine_dirs):
+    return Streamer.from_checkpoint(tiny_engine_dirs[0])
 
 
 @pytest.fixture(scope="module")
-def torch_streamer(dirs):
-    return Streamer.from_checkpoint(dirs[0])
-
-
-@pytest.fixture(scope="module")
-def engine_streamer(dirs):
-    return Streamer.from_engine(dirs[1])
+def engine_streamer(tiny_engine_dirs):
+    return Streamer.from_engine(tiny_engine_dirs[1])
 
 
 @pytest.fixture(params=["torch", "onnxruntime"])
