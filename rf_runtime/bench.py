@@ -38,8 +38,10 @@ DEFINITIONS = {
     "denoise_fps": "frames / summed denoise time: video frames per second of the 4 denoising steps + cache pass "
                    "alone, without VAE decode, noise drawing and prompt encoding",
     "realtime_factor": "end_to_end_fps / the video's fps (16): above 1 the stream keeps up with playback",
-    "flat_cost": "mean per-chunk wall time of chunks 8..12 and of chunks 198..202 (or the last five if fewer "
-                 "were run), and late / early: about 1 when the cost does not grow with the stream",
+    "flat_cost": "per-chunk cost of chunks 8..12 against chunks 198..202 (or the last five if fewer were run): "
+                 "mean and median wall time, and median process CPU time (all threads; less sensitive to other "
+                 "load on the machine); late / early is about 1 when the cost does not grow with the stream",
+    "cpu_s": "process CPU time (time.process_time, every thread of the process) spent making a chunk",
     "peak_rss_mib": "peak resident memory of the process that ran this backend (getrusage ru_maxrss)",
 }
 
@@ -59,12 +61,12 @@ def percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, np.float64), q))
 
 
-def summarize(per_chunk: list[tuple[float, float, float, int]], *, load_s: float, ttff_s: float, stream_s: float,
-              fps: int) -> dict:
-    """Numbers of one run from its per-chunk (seconds, denoise_seconds, decode_seconds, frames)."""
+def summarize(per_chunk: list[tuple[float, float, float, int, float]], *, load_s: float, ttff_s: float,
+              stream_s: float, fps: int) -> dict:
+    """Numbers of one run from its per-chunk (seconds, denoise_seconds, decode_seconds, frames, cpu_seconds)."""
     if not per_chunk:
         raise InputError("no chunks were run: pass chunks >= 1")
-    seconds, denoise, decode, frames = (np.asarray(c, np.float64) for c in zip(*per_chunk))
+    seconds, denoise, decode, frames, cpu = (np.asarray(c, np.float64) for c in zip(*per_chunk))
     n = len(per_chunk)
     steady = slice(1, None) if n > 1 else slice(None)
     total_frames = int(frames.sum())
@@ -74,7 +76,12 @@ def summarize(per_chunk: list[tuple[float, float, float, int]], *, load_s: float
         return [i for i in range(center - HALF_WIDTH, center + HALF_WIDTH + 1) if 0 <= i < n]
 
     early, late = window(EARLY_CHUNK), window(LATE_CHUNK)
-    early_s, late_s = float(seconds[early].mean()), float(seconds[late].mean())
+
+    def cost(values, stat):
+        e, l_ = float(stat(values[early])), float(stat(values[late]))
+        return e, l_, l_ / e if e > 0 else float("nan")
+
+    mean, median, cpu_median = cost(seconds, np.mean), cost(seconds, np.median), cost(cpu, np.median)
     return {
         "chunks": n, "frames": total_frames,
         "load_s": load_s, "time_to_first_frame_s": ttff_s, "warmup_s": load_s + ttff_s, "stream_s": stream_s,
@@ -86,10 +93,13 @@ def summarize(per_chunk: list[tuple[float, float, float, int]], *, load_s: float
         "steady_fps": float(frames[steady].sum() / seconds[steady].sum()),
         "denoise_fps": total_frames / float(denoise.sum()),
         "realtime_factor": total_frames / stream_s / fps,
-        "flat_cost": {"early_chunks": [early[0], early[-1]], "early_mean_s": early_s,
-                      "late_chunks": [late[0], late[-1]], "late_mean_s": late_s, "late_over_early": late_s / early_s},
+        "flat_cost": {"early_chunks": [early[0], early[-1]], "late_chunks": [late[0], late[-1]],
+                      "early_mean_s": mean[0], "late_mean_s": mean[1], "late_over_early": mean[2],
+                      "early_median_s": median[0], "late_median_s": median[1], "late_over_early_median": median[2],
+                      "early_cpu_median_s": cpu_median[0], "late_cpu_median_s": cpu_median[1],
+                      "late_over_early_cpu": cpu_median[2]},
         "per_chunk": {"seconds": seconds.tolist(), "denoise_s": denoise.tolist(), "decode_s": decode.tolist(),
-                      "frames": frames.astype(int).tolist()},
+                      "frames": frames.astype(int).tolist(), "cpu_s": cpu.tolist()},
     }
 
 
@@ -115,10 +125,12 @@ def run_one(run: BenchRun, *, chunks: int, prompt: str, seed: int) -> dict:
     opened = time.perf_counter()
     stream = streamer.open(prompt, seed=seed)
     for _ in range(chunks):
+        cpu = time.process_time()
         chunk = next(stream)
+        cpu = time.process_time() - cpu
         if ttff_s is None:
             ttff_s = time.perf_counter() - opened
-        per_chunk.append((chunk.seconds, chunk.denoise_seconds, chunk.decode_seconds, len(chunk.frames)))
+        per_chunk.append((chunk.seconds, chunk.denoise_seconds, chunk.decode_seconds, len(chunk.frames), cpu))
     stream_s = time.perf_counter() - opened
     be, info = streamer.backend, streamer.info
     geometry = {k: v for k, v in be.geometry().items() if k != "vae_cache"}
@@ -208,7 +220,9 @@ def format_table(report: dict) -> str:
                                                                    r["flat_cost"]["late_mean_s"]))),
         ("  chunks (early / late)", col("{}-{} / {}-{}", lambda r: (*r["flat_cost"]["early_chunks"],
                                                                   *r["flat_cost"]["late_chunks"]))),
-        ("  late / early", col("{:.3f}", lambda r: r["flat_cost"]["late_over_early"])),
+        ("  late / early: mean, median", col("{:.3f}, {:.3f}", lambda r: (r["flat_cost"]["late_over_early"],
+                                                                       r["flat_cost"]["late_over_early_median"]))),
+        ("  late / early: CPU time", col("{:.3f}", lambda r: r["flat_cost"]["late_over_early_cpu"])),
         ("peak RSS MiB", col("{:.0f}", lambda r: r["peak_rss_mib"])),
     ]
     g = runs[0]["geometry"]

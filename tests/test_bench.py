@@ -13,7 +13,7 @@ from rf_runtime.cli import bench_main
 def test_summarize_counts_what_it_says():
     # chunk 0: 9 frames in 1.0 s; chunks 1..4: 12 frames, 0.5 / 0.7 / 0.6 / 0.9 s (denoise 0.2 s, decode the rest)
     seconds = [1.0, 0.5, 0.7, 0.6, 0.9]
-    per_chunk = [(s, 0.2, s - 0.2, 9 if i == 0 else 12) for i, s in enumerate(seconds)]
+    per_chunk = [(s, 0.2, s - 0.2, 9 if i == 0 else 12, 2 * s) for i, s in enumerate(seconds)]
     r = summarize(per_chunk, load_s=2.0, ttff_s=1.5, stream_s=4.0, fps=16)
     assert r["frames"] == 9 + 12 * 4 == 57
     assert r["warmup_s"] == 3.5
@@ -29,13 +29,16 @@ def test_summarize_counts_what_it_says():
                                             (30, [8, 12], [25, 29]), (12, [7, 11], [7, 11])])
 def test_flat_cost_windows(n, early, late):
     seconds = [1.0] + [0.5] * (n // 2) + [0.75] * (n - 1 - n // 2)
-    r = summarize([(s, s / 2, s / 2, 12) for s in seconds], load_s=0, ttff_s=1, stream_s=sum(seconds), fps=16)
+    seconds[late[0]] = 9.0  # one slow chunk moves the mean of its window, not the median
+    r = summarize([(s, s / 2, s / 2, 12, 3 * s) for s in seconds], load_s=0, ttff_s=1, stream_s=sum(seconds), fps=16)
     flat = r["flat_cost"]
     assert (flat["early_chunks"], flat["late_chunks"]) == (early, late)
-    want_early = np.mean(seconds[early[0]:early[1] + 1])
-    want_late = np.mean(seconds[late[0]:late[1] + 1])
-    assert flat["early_mean_s"] == pytest.approx(want_early) and flat["late_mean_s"] == pytest.approx(want_late)
-    assert flat["late_over_early"] == pytest.approx(want_late / want_early)
+    e, l_ = (seconds[a:b + 1] for a, b in (early, late))
+    assert flat["early_mean_s"] == pytest.approx(np.mean(e)) and flat["late_mean_s"] == pytest.approx(np.mean(l_))
+    assert flat["late_over_early"] == pytest.approx(np.mean(l_) / np.mean(e))
+    assert flat["late_over_early_median"] == pytest.approx(np.median(l_) / np.median(e))
+    assert flat["late_cpu_median_s"] == pytest.approx(3 * np.median(l_))
+    assert flat["late_over_early_cpu"] == pytest.approx(np.median(l_) / np.median(e))
 
 
 def test_rf_bench_runs_both_backends_on_one_model(tiny_engine_dirs, tmp_path, capsys):
@@ -63,8 +66,8 @@ def test_rf_bench_runs_both_backends_on_one_model(tiny_engine_dirs, tmp_path, ca
         assert sum(pc["seconds"]) <= r["stream_s"]
         assert r["end_to_end_fps"] == pytest.approx(r["frames"] / r["stream_s"])
         assert r["denoise_fps"] == pytest.approx(r["frames"] / r["denoise_s"]) and r["denoise_fps"] > r["end_to_end_fps"]
-        for s, d, v in zip(pc["seconds"], pc["denoise_s"], pc["decode_s"]):
-            assert 0 < d and 0 < v and d + v <= s
+        for s, d, v, c in zip(pc["seconds"], pc["denoise_s"], pc["decode_s"], pc["cpu_s"]):
+            assert 0 < d and 0 < v and d + v <= s and c > 0
         assert r["peak_rss_mib"] > 10
     ratio = report["engine_vs_torch"]["end_to_end_fps"]
     assert ratio == pytest.approx(runs["onnxruntime"]["end_to_end_fps"] / runs["torch"]["end_to_end_fps"])
