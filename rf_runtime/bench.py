@@ -48,13 +48,15 @@ DEFINITIONS = {
 
 @dataclass(frozen=True)
 class BenchRun:
-    """One backend to benchmark. kind: 'engine' (a bundle, onnxruntime) or 'torch' (a model directory)."""
+    """One backend to benchmark. kind: 'engine' (a bundle, onnxruntime) or 'torch' (a model directory).
+    threads: torch's intra-op threads (None: torch's default); onnxruntime keeps its own default."""
 
     kind: str
     path: str
     checkpoint: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    threads: int | None = None
 
 
 def percentile(values, q: float) -> float:
@@ -116,6 +118,10 @@ def run_one(run: BenchRun, *, chunks: int, prompt: str, seed: int) -> dict:
     from rf_runtime.streamer import Streamer
 
     start = time.perf_counter()
+    if run.threads:
+        import torch
+
+        torch.set_num_threads(run.threads)
     if run.kind == "engine":
         streamer = Streamer.from_engine(run.path, device=run.device)
     else:
@@ -163,6 +169,8 @@ def run_bench(runs: list[BenchRun], *, chunks: int = 200, prompt: str = "a red f
     for run in runs:
         if run.kind not in ("engine", "torch"):
             raise InputError(f"run kind must be 'engine' or 'torch', got {run.kind!r}")
+        if run.threads is not None and (run.kind != "torch" or run.threads < 1):
+            raise InputError(f"threads applies to the torch run and must be >= 1, got {run.threads!r} for {run.kind}")
         if not os.path.isdir(run.path):
             what = "engine bundle" if run.kind == "engine" else "model directory"
             raise InputError(f"{what} {run.path} does not exist")
@@ -206,6 +214,7 @@ def format_table(report: dict) -> str:
     rows = [
         ("backend", col("{}", lambda r: r["backend"])),
         ("device / precision", col("{} / {}", lambda r: (r["device"], r["precision"]))),
+        ("torch threads", col("{}", lambda r: r.get("threads", "-"))),
         ("frames (chunks)", col("{} ({})", lambda r: (r["frames"], r["chunks"]))),
         ("load s", col("{:.3f}", lambda r: r["load_s"])),
         ("time to first frame s", col("{:.3f}", lambda r: r["time_to_first_frame_s"])),

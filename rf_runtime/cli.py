@@ -128,6 +128,8 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="torch precision (the bundle's precision is fixed at export)")
+    p.add_argument("--torch-threads", type=int, help="intra-op threads of the torch run (default: torch's own); "
+                                                     "one thread is steadier on a machine shared with other work")
     p.add_argument("--json", default="rf-bench.json", help="report path (default rf-bench.json, written atomically)")
     return p
 
@@ -143,11 +145,14 @@ def bench_main(argv: list[str] | None = None) -> int:
     if args.bundle:
         runs.append(BenchRun("engine", args.bundle, device=args.device))
     if args.model_dir:
-        runs.append(BenchRun("torch", args.model_dir, args.checkpoint, device=args.device, dtype=args.dtype))
+        runs.append(BenchRun("torch", args.model_dir, args.checkpoint, device=args.device, dtype=args.dtype,
+                             threads=args.torch_threads))
     try:
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder):  # before the benchmark, not after it
             raise RFError(f"--json {args.json}: the folder {folder} does not exist")
+        if args.torch_threads is not None and not args.model_dir:
+            raise RFError("--torch-threads applies to the torch run: add --model-dir, or drop --torch-threads")
         report = run_bench(runs, chunks=args.chunks, prompt=args.prompt, seed=args.seed,
                            progress=lambda msg: print(f"rf-bench: {msg}", file=sys.stderr))
         write_json(report, args.json)

@@ -46,7 +46,7 @@ def test_rf_bench_runs_both_backends_on_one_model(tiny_engine_dirs, tmp_path, ca
     out = tmp_path / "bench.json"
     n = 6
     assert bench_main(["--bundle", str(bundle), "--model-dir", str(model), "--chunks", str(n),
-                       "--json", str(out)]) == 0
+                       "--torch-threads", "1", "--json", str(out)]) == 0
     assert os.listdir(tmp_path) == ["bench.json"]  # no temporary left behind
     table = capsys.readouterr().out
     assert "end-to-end fps" in table and "onnxruntime / torch" in table
@@ -55,7 +55,7 @@ def test_rf_bench_runs_both_backends_on_one_model(tiny_engine_dirs, tmp_path, ca
     runs = {r["backend"]: r for r in report["runs"]}
     assert set(runs) == {"onnxruntime", "torch"}
     assert runs["onnxruntime"]["geometry"] == runs["torch"]["geometry"]  # the same model
-    assert runs["torch"]["geometry"]["frame_hw"] == [32, 48]
+    assert runs["torch"]["geometry"]["frame_hw"] == [32, 48] and runs["torch"]["threads"] == 1
     for r in runs.values():
         assert r["device"] == "cpu" and r["precision"] in ("fp32", "float32")
         pc = r["per_chunk"]
@@ -82,4 +82,8 @@ def test_rf_bench_errors(tmp_path, capsys):
     assert "chunks must be a positive integer" in capsys.readouterr().err
     assert bench_main(["--model-dir", str(tmp_path), "--json", str(tmp_path / "no" / "r.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert bench_main(["--bundle", str(tmp_path), "--torch-threads", "2", "--json", str(tmp_path / "r.json")]) == 2
+    assert "--torch-threads applies to the torch run" in capsys.readouterr().err
+    assert bench_main(["--model-dir", str(tmp_path), "--torch-threads", "0", "--json", str(tmp_path / "r.json")]) == 2
+    assert "threads applies to the torch run and must be >= 1" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "r.json")
