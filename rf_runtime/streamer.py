@@ -186,6 +186,7 @@ class Stream:
         self.seed, self.num_frames = seed, num_frames
         self._rng = np.random.Generator(np.random.PCG64(seed))
         self._noise_shape = (1, self.info.latent_channels, *self.info.latent_hw)
+        self._noise = None  # the chunk's noise arrays, drawn into in place from the second chunk on
         if snapshot is None:
             self.prompt = prompt
             self.prompt_history: list[tuple[int, str]] = [(0, prompt)]
@@ -220,7 +221,7 @@ class Stream:
     def _next_chunk(self) -> Chunk:
         be, settings, state = self._backend, self.info.settings, self._state
         start = time.perf_counter()
-        init, fresh = chunk_noise(self._rng, settings, self._noise_shape)
+        self._noise = init, fresh = chunk_noise(self._rng, settings, self._noise_shape, self._noise)
         x = be.upload(init)
         for k in range(settings.num_steps):
             eps = be.upload(fresh[k]) if k + 1 < settings.num_steps else None
