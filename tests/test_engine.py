@@ -38,8 +38,8 @@ def test_engine_stream_does_not_import_torch(engine_dirs):
 
 
 class ChunkLoop:
-    """The streamer's chunk loop over the Backend interface, with every chunk's noise drawn up front so
-    that only the backend's own allocations are measured."""
+    """A chunk loop over the Backend interface with every chunk's noise drawn up front, for looking at a
+    stream's buffers between the steps of a chunk (the streamer's own loop is ``Stream``)."""
 
     def __init__(self, backend, prompt, chunks, seed=0):
         self.be = backend
