@@ -8,12 +8,14 @@ passes back what the backend gave it. Nothing but finished frames comes back to 
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from rf_runtime.errors import ConfigError
 from rf_runtime.sampler import StreamSettings
 
 
@@ -36,6 +38,16 @@ class ModelInfo:
         f, s = self.settings.chunk_frames, self.vae_stride[0]
         return 1 + s * (f - 1) if index == 0 else s * f
 
+    @property
+    def context_chunks(self) -> int:
+        """Chunks whose keys/values the cache holds once full (sink + window without the current): 2."""
+        return self.settings.cache_spec.context_frames // self.settings.chunk_frames
+
+    @property
+    def chunk_latent_shape(self) -> tuple[int, ...]:
+        """[1, f, C, H, W]: the latents of one chunk."""
+        return (1, self.settings.chunk_frames, self.latent_channels, *self.latent_hw)
+
 
 @dataclass
 class StreamState:
@@ -44,6 +56,27 @@ class StreamState:
     device: Any  # the backend's buffers (cache, text K/V, VAE feature cache)
     chunks_committed: int = 0
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StateArrays:
+    """A stream's device state copied to the host (float32 numpy), for snapshots.
+
+    cache_k, cache_v: [L, 1, M*T, N, D] the self-attention KV cache (sink + window, before RoPE).
+    text_k, text_v: [L, 1, text_len, N, D] the cross-attention K/V of the current prompt.
+    latents: [K, 1, f, C, H, W] clean latents of the last K chunks (ring, slot = chunk index % K),
+        kept so that a prompt switch can re-cache them.
+    vae_cache: the causal VAE decoder's feature cache slots, in call order; empty before the first decode.
+    chunks_committed: chunks written into the KV cache since it was last (re)filled.
+    """
+
+    cache_k: np.ndarray
+    cache_v: np.ndarray
+    text_k: np.ndarray
+    text_v: np.ndarray
+    latents: np.ndarray
+    vae_cache: tuple[np.ndarray, ...]
+    chunks_committed: int
 
 
 class Backend(ABC):
@@ -77,6 +110,55 @@ class Backend(ABC):
     @abstractmethod
     def decode(self, state: StreamState, x0: Any) -> np.ndarray:
         """Decode chunk latents through the streaming VAE -> uint8 frames [T, H, W, 3] on the host."""
+
+    # ---- prompt switch, snapshots, timing (optional: a backend without them says so) ------------
+
+    def set_text(self, state: StreamState, text: Any) -> None:
+        """Make ``text`` (from ``encode_prompt``) the stream's cross-attention K/V."""
+        raise self._unsupported("prompt switching")
+
+    def store_latents(self, state: StreamState, slot: int, x0: Any) -> None:
+        """Copy a chunk's clean latents into slot ``slot`` of the stream's ring of ``info.context_chunks``."""
+        raise self._unsupported("prompt switching")
+
+    def stored_latents(self, state: StreamState, slot: int) -> Any:
+        """The device latents [1, f, C, H, W] kept in ring slot ``slot``."""
+        raise self._unsupported("prompt switching")
+
+    def set_cache_fill(self, state: StreamState, chunks_committed: int) -> None:
+        """Declare only the first ``chunks_committed`` chunks of the KV cache valid (the rest is
+        ignored by attention and overwritten by the next commits)."""
+        raise self._unsupported("prompt switching")
+
+    def export_state(self, state: StreamState) -> StateArrays:
+        """Copy the stream's device state to the host, exactly."""
+        raise self._unsupported("save_state")
+
+    def import_state(self, arrays: StateArrays, latent_frames_decoded: int) -> StreamState:
+        """A new stream whose device state is ``arrays`` (exact copies)."""
+        raise self._unsupported("resume")
+
+    def state_shapes(self) -> dict:
+        """Shapes of the arrays of ``StateArrays`` for this model: {"kv", "text_kv", "latents", "vae_cache"}."""
+        raise self._unsupported("save_state")
+
+    def synchronize(self) -> None:
+        """Wait until queued device work is done (for timing); nothing to do on synchronous backends."""
+
+    def describe(self) -> dict:
+        """What runs: backend, device, precision (for benchmarks and logs)."""
+        return {"backend": self.name}
+
+    def geometry(self) -> dict:
+        """Everything a stream's state depends on; a snapshot resumes only where this is equal."""
+        info = self.info
+        settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(info.settings).items()}
+        shapes = {k: [list(s) for s in v] if k == "vae_cache" else list(v) for k, v in self.state_shapes().items()}
+        return {"latent_channels": info.latent_channels, "latent_hw": list(info.latent_hw),
+                "vae_stride": list(info.vae_stride), "fps": info.fps, "stream": settings, **shapes}
+
+    def _unsupported(self, what: str) -> ConfigError:
+        return ConfigError(f"the {self.name} backend does not support {what}: use the torch or onnxruntime backend")
 
 
 def to_uint8_frames(pixels: np.ndarray) -> np.ndarray:

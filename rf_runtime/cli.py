@@ -115,5 +115,58 @@ def _generate(args) -> int:
     return 0
 
 
+def _bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rf-bench",
+        description="Benchmark streaming: time to first frame, per-chunk latency, fps (denoise-only and end to end), "
+                    "warm-up, peak memory, and whether the per-chunk cost stays flat. With both --bundle and "
+                    "--model-dir, the onnxruntime engine and the PyTorch reference run on the same model, each in "
+                    "its own process. The JSON report says exactly what every number counts.")
+    p.add_argument("--bundle", help="engine bundle directory (rf-export onnx): runs onnxruntime")
+    p.add_argument("--model-dir", help="model directory: runs the PyTorch reference loop")
+    p.add_argument("--checkpoint", help="generator checkpoint on top of --model-dir")
+    p.add_argument("--chunks", type=int, default=200, help="chunks to stream per backend (default 200; 203 puts "
+                                                           "the late flat-cost window at chunks 198-202)")
+    p.add_argument("--prompt", default="a red fox running through fresh snow")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="torch precision (the bundle's precision is fixed at export)")
+    p.add_argument("--torch-threads", type=int, help="intra-op threads of the torch run (default: torch's own); "
+                                                     "one thread is steadier on a machine shared with other work")
+    p.add_argument("--json", default="rf-bench.json", help="report path (default rf-bench.json, written atomically)")
+    return p
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    import os
+
+    from rf_runtime.bench import BenchRun, format_table, run_bench, write_json
+
+    args = _bench_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    runs = []
+    if args.bundle:
+        runs.append(BenchRun("engine", args.bundle, device=args.device))
+    if args.model_dir:
+        runs.append(BenchRun("torch", args.model_dir, args.checkpoint, device=args.device, dtype=args.dtype,
+                             threads=args.torch_threads))
+    try:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):  # before the benchmark, not after it
+            raise RFError(f"--json {args.json}: the folder {folder} does not exist")
+        if args.torch_threads is not None and not args.model_dir:
+            raise RFError("--torch-threads applies to the torch run: add --model-dir, or drop --torch-threads")
+        report = run_bench(runs, chunks=args.chunks, prompt=args.prompt, seed=args.seed,
+                           progress=lambda msg: print(f"rf-bench: {msg}", file=sys.stderr))
+        write_json(report, args.json)
+    except RFError as exc:
+        print(f"rf-bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    print(f"report: {args.json}")
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(generate_main())

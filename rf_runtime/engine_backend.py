@@ -8,9 +8,10 @@ its buffers once, in ``new_stream``, and binds them once:
     text K/V (per prompt) | KV cache, two copies (ping-pong: the cache update cannot write its input)
     chunk latents x, two copies (step k writes x_next where step k+1 reads x) | x0 | eps
     the chunk's new K/V | VAE feature cache, two copies | the decoded pixels of one latent frame
+    the clean latents of the last chunks the cache holds (a ring, re-cached by a prompt switch)
 
-Per chunk only buffer addresses are rebound (no data moves, nothing is allocated) and the only
-new array is the uint8 frames returned to the caller. Several streams can run on one backend:
+Per chunk only buffer addresses are rebound, x0 is copied into its ring slot, nothing is allocated,
+and the only new array is the uint8 frames returned to the caller. Several streams can run on one backend:
 they share the runners and tables, never buffers.
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rf_runtime.backend import Backend, ModelInfo, StreamState
+from rf_runtime.backend import Backend, ModelInfo, StateArrays, StreamState
 from rf_runtime.bundle import Bundle, BundleError
 from rf_runtime.cache import commit_matrix
 from rf_runtime.errors import ConfigError, InputError, require
@@ -108,6 +109,7 @@ class _Stream:
     x0: Buffer  # the step's x0 prediction; after the last step, the chunk's clean latents
     z: tuple[Buffer, ...]  # latent frame i of x0, as the VAE's input shape (views, no copies)
     scratch: np.ndarray  # float32 [3, frames per latent frame, H, W], for the uint8 conversion
+    latents: tuple[Buffer, ...]  # ring of the last context_chunks chunks' clean latents (for a prompt switch)
     x_cur: int = 0  # which of x holds the current step's input
     kv_cur: int = 0  # which cache copy is current
     vae_cur: int = 0  # which VAE cache copy is current
@@ -224,7 +226,7 @@ class EngineBackend(Backend):
                                   "mix": self._mixes[0]}) for i in range(2))
         z = self._latent_frames(b_dit["x0"])
         first, step = r["vae_decode_first"], r["vae_decode"]
-        caches = [n for n in step.graph.input_names() if n != "z"]
+        caches = self._vae_cache_names()
         copies = tuple({n: step.allocate(step.graph.tensors[n].shape, step.graph.tensors[n].dtype) for n in caches}
                        for _ in range(2))
         vae_first = first.bind({"z": z[0], **{f"{n}_out": copies[0][n] for n in caches}})
@@ -232,7 +234,12 @@ class EngineBackend(Backend):
                     for i in range(2))
         frames = step.graph.tensors["frames"].shape  # [1, 3, t, H, W]
         scratch = np.zeros(frames[1:], np.float32)
-        return StreamState(_Stream(b_dit, updates, vae_first, vae, kv, x, b_dit["x0"], z, scratch))
+        latents = tuple(dit.allocate(x_spec.shape, x_spec.dtype) for _ in range(self.info.context_chunks))
+        return StreamState(_Stream(b_dit, updates, vae_first, vae, kv, x, b_dit["x0"], z, scratch, latents))
+
+    def _vae_cache_names(self) -> list[str]:
+        """The VAE step's feature-cache inputs, in the decoder's slot order."""
+        return [n for n in self.runners["vae_decode"].graph.input_names() if n != "z"]
 
     def set_text(self, state: StreamState, text) -> None:
         """Point a stream at other text K/V (from ``encode_prompt``): a prompt switch, no copies."""
@@ -279,9 +286,11 @@ class EngineBackend(Backend):
     def cache_pass(self, state, x0) -> None:
         s: _Stream = state.device
         x0_buf = s.x0
-        if x0 is not x0_buf:
+        if any(x0 is b for b in s.latents):  # a prompt switch re-caching a kept chunk
+            x0_buf = x0
+        elif x0 is not x0_buf:
             if isinstance(x0, Buffer):
-                raise InputError("x0 must come from this stream's last denoising step")
+                raise InputError("x0 must come from this stream's last denoising step or stored_latents()")
             self.runners["dit_step"].write(x0_buf, x0)
         b = s.dit
         # rerun with timestep zero to write the chunk's clean K/V; x0 / x_next land in scratch buffers
@@ -323,6 +332,76 @@ class EngineBackend(Backend):
             _to_uint8(pixels, out[done:done + t], s.scratch[:, :t])
             done += t
         return out
+
+    # ---- prompt switch, snapshots ---------------------------------------------------------------
+
+    def store_latents(self, state, slot, x0) -> None:
+        """Copy the chunk's clean latents into ring slot ``slot`` before the next chunk's steps overwrite x0."""
+        s: _Stream = state.device
+        if x0 is s.x0:
+            self._copy(s.x0, s.latents[slot])
+        elif isinstance(x0, Buffer):
+            raise InputError("store_latents() takes the x0 returned by this stream's last denoising step")
+        else:
+            self.runners["dit_step"].write(s.latents[slot], x0)
+
+    def stored_latents(self, state, slot) -> Buffer:
+        return state.device.latents[slot]
+
+    def set_cache_fill(self, state, chunks_committed) -> None:
+        state.chunks_committed = chunks_committed
+
+    def _copy(self, src: Buffer, dst: Buffer) -> None:
+        """Buffer to buffer: in place for host buffers (no allocation); device buffers go through the host."""
+        if src.host is not None and dst.host is not None:
+            np.copyto(dst.host, src.host)
+        else:
+            runner = self.runners["dit_step"]
+            runner.write(dst, runner.read(src))
+
+    def export_state(self, state) -> StateArrays:
+        """Host float32 copies of the buffers the stream currently reads (the current ping-pong copies)."""
+        s: _Stream = state.device
+        read = self.runners["dit_step"].read
+
+        def host(buffer):
+            return np.array(read(buffer), dtype=np.float32, copy=True)
+
+        k, v = s.kv[s.kv_cur]
+        vae = s.vae[s.vae_cur]
+        return StateArrays(cache_k=host(k), cache_v=host(v), text_k=host(s.dit["text_k"]),
+                           text_v=host(s.dit["text_v"]), latents=np.stack([host(b) for b in s.latents]),
+                           vae_cache=tuple(host(vae[n]) for n in self._vae_cache_names()) if s.vae_started else (),
+                           chunks_committed=state.chunks_committed)
+
+    def import_state(self, arrays: StateArrays, latent_frames_decoded: int) -> StreamState:
+        """A new stream (its own buffers) holding copies of ``arrays``, current copies 0."""
+        dit, step = self.runners["dit_step"], self.runners["vae_decode"]
+        text = []
+        for name, array in (("text_k", arrays.text_k), ("text_v", arrays.text_v)):
+            text.append(dit.allocate(array.shape, _dtype(dit, name)))
+            dit.write(text[-1], array)
+        state = self.new_stream(tuple(text))
+        s: _Stream = state.device
+        for buffer, array in ((s.kv[0][0], arrays.cache_k), (s.kv[0][1], arrays.cache_v),
+                              *zip(s.latents, arrays.latents)):
+            dit.write(buffer, array)
+        if latent_frames_decoded:
+            for name, array in zip(self._vae_cache_names(), arrays.vae_cache):
+                step.write(s.vae[0][name], array)
+            s.vae_started = True
+        state.chunks_committed = arrays.chunks_committed
+        return state
+
+    def state_shapes(self) -> dict:
+        step = self.runners["vae_decode"].graph.tensors
+        return {"kv": self._kv_shape, "text_kv": self.runners["dit_step"].graph.tensors["text_k"].shape,
+                "latents": (self.info.context_chunks, *self.info.chunk_latent_shape),
+                "vae_cache": [step[n].shape for n in self._vae_cache_names()]}
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": self.device, "precision": _dtype(self.runners["dit_step"], "ctx_k"),
+                "graphs": {g: r.name for g, r in self.runners.items()}}
 
 
 def _to_uint8(pixels: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:

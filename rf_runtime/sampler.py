@@ -106,14 +106,20 @@ def renoise(x0, eps, sigma: float):
     return (1 - sigma) * x0 + sigma * eps
 
 
-def chunk_noise(rng: np.random.Generator, settings: StreamSettings, shape_bchw: tuple[int, ...]):
+def chunk_noise(rng: np.random.Generator, settings: StreamSettings, shape_bchw: tuple[int, ...], out=None):
     """Draw one chunk's noise from a numpy generator, in a fixed order every backend shares:
     first the initial noise [B, f, C, H, W], then the re-noise of steps 0..S-2, [S-1, B, f, C, H, W].
+
+    ``out``: (init, fresh) float32 arrays of those shapes to fill in place (no allocation), as returned
+    by an earlier call; the draws are the same as into new arrays.
     """
-    b, c, h, w = shape_bchw
-    shape = (b, settings.chunk_frames, c, h, w)
-    init = rng.standard_normal(shape, dtype=np.float32)
-    fresh = rng.standard_normal((settings.num_steps - 1, *shape), dtype=np.float32)
+    if out is None:
+        b, c, h, w = shape_bchw
+        shape = (b, settings.chunk_frames, c, h, w)
+        out = np.empty(shape, np.float32), np.empty((settings.num_steps - 1, *shape), np.float32)
+    init, fresh = out
+    rng.standard_normal(dtype=np.float32, out=init)
+    rng.standard_normal(dtype=np.float32, out=fresh)
     return init, fresh
 
 

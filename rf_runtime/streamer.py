@@ -4,6 +4,12 @@
     for frames in streamer.stream("a red fox running through snow", seed=0):
         ...  # uint8 [T, H, W, 3]: 9 frames for the first chunk, 12 after, at 16 fps
 
+    stream = streamer.open("a red fox running through snow", seed=0)   # a Stream: its own state
+    for chunk in stream:                                  # Chunk: frames + timing
+        ...
+        stream.set_prompt("the fox jumps into a river")   # LongLive re-cache: no cut
+        snapshot = stream.save_state()                    # resume with streamer.resume(snapshot)
+
 Work happens as the caller iterates. The noise comes from numpy's PCG64 seeded by ``seed``, in a
 fixed order (``sampler.chunk_noise``), so the same seed gives the same video on every backend.
 The streamer never branches on the backend: it runs the chunk loop over the ``Backend`` interface.
@@ -11,7 +17,6 @@ The streamer never branches on the backend: it runs the chunk loop over the ``Ba
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
@@ -23,6 +28,7 @@ import numpy as np
 from rf_runtime.backend import Backend, ModelInfo
 from rf_runtime.errors import InputError
 from rf_runtime.sampler import StreamSettings, chunk_noise
+from rf_runtime.snapshot import SnapshotError, StreamSnapshot, geometry_difference
 
 logger = logging.getLogger("rf_runtime")
 
@@ -34,7 +40,9 @@ class Chunk:
     index: int  # 0, 1, 2, ...
     start_frame: int  # index of its first video frame in the stream
     frames: np.ndarray  # uint8 [T, H, W, 3]
-    seconds: float  # wall time to make it (denoise + cache pass + decode)
+    seconds: float  # wall time to make it: noise + denoise + cache pass + decode
+    denoise_seconds: float = 0.0  # the denoising steps and the clean-context cache pass (device synchronised)
+    decode_seconds: float = 0.0  # the VAE decode, until the frames are on the host
 
 
 def check_prompt(prompt) -> str:
@@ -112,8 +120,11 @@ class Streamer:
             return 1
         return 1 + -(-(num_frames - first) // later)
 
-    def stream_chunks(self, prompt: str, *, seed: int = 0, num_frames: int | None = None) -> Iterator[Chunk]:
-        """Yield ``Chunk`` objects as they are generated; forever when ``num_frames`` is None."""
+    def open(self, prompt: str, *, seed: int = 0, num_frames: int | None = None) -> "Stream":
+        """A ``Stream``: iterate it for ``Chunk`` objects; switch its prompt or save its state between chunks.
+
+        Each stream has its own state; several streams of one Streamer can be interleaved freely.
+        """
         check_prompt(prompt)
         if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
             raise InputError(f"num_frames must be a positive integer or None (unbounded), got {num_frames!r}")
@@ -121,7 +132,29 @@ class Streamer:
             raise InputError(f"seed must be a non-negative integer, got {seed!r}")
         if self.backend.model_card is not None:
             self.backend.model_card.check_length(num_frames)
-        return self._stream(prompt, int(seed), num_frames)
+        return Stream(self, prompt, int(seed), num_frames)
+
+    def resume(self, snapshot: StreamSnapshot) -> "Stream":
+        """A ``Stream`` that goes on from ``snapshot`` (``Stream.save_state``) exactly where it stopped.
+
+        The snapshot must come from a model of the same geometry (sizes, cache, resolution); the frames
+        then equal those of the uninterrupted stream bit for bit on the same backend.
+        """
+        if not isinstance(snapshot, StreamSnapshot):
+            raise InputError(f"resume takes a StreamSnapshot (from Stream.save_state or StreamSnapshot.load), "
+                             f"got {type(snapshot).__name__}")
+        diff = geometry_difference(snapshot.geometry, self.backend.geometry())
+        if diff:
+            raise SnapshotError("this snapshot was made by a model of another geometry and cannot be resumed on this "
+                                "one (" + "; ".join(diff) + "): resume it on the model that made it")
+        snapshot.check_shapes()
+        if self.backend.model_card is not None:
+            self.backend.model_card.check_length(snapshot.num_frames)
+        return Stream(self, snapshot.prompt, snapshot.seed, snapshot.num_frames, snapshot=snapshot)
+
+    def stream_chunks(self, prompt: str, *, seed: int = 0, num_frames: int | None = None) -> Iterator[Chunk]:
+        """Yield ``Chunk`` objects as they are generated; forever when ``num_frames`` is None."""
+        return self.open(prompt, seed=seed, num_frames=num_frames)
 
     def stream(self, prompt: str, *, seed: int = 0, num_frames: int | None = None) -> Iterator[np.ndarray]:
         """Yield each chunk's decoded frames, uint8 [T, H, W, 3], as soon as the chunk is done.
@@ -131,27 +164,136 @@ class Streamer:
         """
         return (chunk.frames for chunk in self.stream_chunks(prompt, seed=seed, num_frames=num_frames))
 
-    def _stream(self, prompt: str, seed: int, num_frames: int | None) -> Iterator[Chunk]:
-        be, info = self.backend, self.backend.info
-        settings = info.settings
-        rng = np.random.Generator(np.random.PCG64(seed))
-        state = be.new_stream(be.encode_prompt(prompt))
-        shape = (1, info.latent_channels, *info.latent_hw)
-        emitted = 0
-        chunks = range(self.frames_to_chunks(num_frames)) if num_frames else itertools.count()
-        for index in chunks:
-            start = time.perf_counter()
-            init, fresh = chunk_noise(rng, settings, shape)
-            x = be.upload(init)
-            for k in range(settings.num_steps):
-                eps = be.upload(fresh[k]) if k + 1 < settings.num_steps else None
-                x0, x = be.denoise_step(state, x, k, eps)
-            # rerun with timestep zero to update the KV cache using clean context
-            be.cache_pass(state, x0)
-            frames = be.decode(state, x0)
-            if num_frames is not None:
-                frames = frames[: num_frames - emitted]
-            chunk = Chunk(index, emitted, frames, time.perf_counter() - start)
-            emitted += len(frames)
-            logger.debug("chunk %d: %d frames in %.3f s", index, len(frames), chunk.seconds)
-            yield chunk
+
+class Stream:
+    """One stream: an iterator of ``Chunk`` objects with its own KV cache, text, VAE cache and RNG.
+
+        stream = streamer.open("a red fox running through snow", seed=0)
+        for chunk in stream:
+            show(chunk.frames)
+            if user_typed_something:
+                stream.set_prompt("the fox jumps into a river")   # the scene changes without a cut
+            if pausing:
+                stream.save_state().save("fox.npz")                # resume later with streamer.resume(...)
+
+    Work happens as the caller iterates; ``set_prompt`` and ``save_state`` act between chunks.
+    """
+
+    def __init__(self, streamer: Streamer, prompt: str, seed: int, num_frames: int | None, *,
+                 snapshot: StreamSnapshot | None = None):
+        self._backend = be = streamer.backend
+        self.info = be.info
+        self.seed, self.num_frames = seed, num_frames
+        self._rng = np.random.Generator(np.random.PCG64(seed))
+        self._noise_shape = (1, self.info.latent_channels, *self.info.latent_hw)
+        self._noise = None  # the chunk's noise arrays, drawn into in place from the second chunk on
+        if snapshot is None:
+            self.prompt = prompt
+            self.prompt_history: list[tuple[int, str]] = [(0, prompt)]
+            self.chunk_index = 0  # chunks made so far
+            self.frames_emitted = 0
+            self._state = be.new_stream(be.encode_prompt(prompt))
+        else:
+            self.prompt = snapshot.prompt
+            self.prompt_history = list(snapshot.prompt_history)
+            self.chunk_index, self.frames_emitted = snapshot.chunk_index, snapshot.frames_emitted
+            self._rng.bit_generator.state = snapshot.rng_state
+            frames_decoded = snapshot.chunk_index * self.info.settings.chunk_frames
+            self._state = be.import_state(snapshot.state, latent_frames_decoded=frames_decoded)
+
+    @property
+    def finished(self) -> bool:
+        """True once ``num_frames`` frames have been handed out (never for an unbounded stream)."""
+        return self.num_frames is not None and self.frames_emitted >= self.num_frames
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> Chunk:
+        if self.finished or self._state is None:
+            raise StopIteration
+        return self._next_chunk()
+
+    def close(self) -> None:
+        """Release the stream's buffers; iterating it afterwards stops at once."""
+        self._state = None
+
+    def _next_chunk(self) -> Chunk:
+        be, settings, state = self._backend, self.info.settings, self._state
+        start = time.perf_counter()
+        self._noise = init, fresh = chunk_noise(self._rng, settings, self._noise_shape, self._noise)
+        x = be.upload(init)
+        for k in range(settings.num_steps):
+            eps = be.upload(fresh[k]) if k + 1 < settings.num_steps else None
+            x0, x = be.denoise_step(state, x, k, eps)
+        # keep the clean latents of the last chunks: a prompt switch re-caches them
+        be.store_latents(state, self.chunk_index % self.info.context_chunks, x0)
+        # rerun with timestep zero to update the KV cache using clean context
+        be.cache_pass(state, x0)
+        be.synchronize()
+        denoised = time.perf_counter()
+        frames = be.decode(state, x0)
+        if self.num_frames is not None:
+            frames = frames[: self.num_frames - self.frames_emitted]
+        end = time.perf_counter()
+        chunk = Chunk(self.chunk_index, self.frames_emitted, frames, end - start,
+                      denoise_seconds=denoised - start, decode_seconds=end - denoised)
+        self.chunk_index += 1
+        self.frames_emitted += len(frames)
+        logger.debug("chunk %d: %d frames in %.3f s", chunk.index, len(frames), chunk.seconds)
+        return chunk
+
+    # ---- prompt switch ---------------------------------------------------------------------------
+
+    def set_prompt(self, prompt: str, *, keep_sink: bool = False) -> None:
+        """Switch the prompt before the next chunk, re-caching the context with the new text (LongLive).
+
+        The clean latents of the chunks in the cache's reach are re-run at t = context_t with the new
+        text, chunk by chunk, oldest first, each attending to the re-run chunks before it and to itself
+        (LongLive's block-causal re-cache), and their keys/values replace the cache. By default the sink
+        is re-cached too (LongLive's interactive setting, ``global_sink: false``): the oldest re-run
+        chunk becomes the sink, so the old prompt leaves the cache entirely. ``keep_sink=True``
+        (LongLive's ``global_sink: true``) keeps the sink's keys/values (the first chunk folded with
+        the EMA of evicted ones) and re-caches only the window.
+        """
+        check_prompt(prompt)
+        if self._state is None:
+            raise InputError("this stream is closed: open a new one with Streamer.open")
+        be, state = self._backend, self._state
+        be.set_text(state, be.encode_prompt(prompt))
+        self.prompt = prompt
+        self.prompt_history.append((self.chunk_index, prompt))
+        fill, rerun = recache_plan(self.info.settings, self.chunk_index, keep_sink)
+        if not rerun:
+            return
+        be.set_cache_fill(state, fill)
+        for index in rerun:
+            be.cache_pass(state, be.stored_latents(state, index % self.info.context_chunks))
+        logger.debug("prompt switch at chunk %d: re-cached chunks %s", self.chunk_index, list(rerun))
+
+    # ---- snapshots -------------------------------------------------------------------------------
+
+    def save_state(self) -> StreamSnapshot:
+        """Host copies of everything needed to continue this stream exactly (``Streamer.resume``)."""
+        if self._state is None:
+            raise InputError("this stream is closed: save its state before closing it")
+        be = self._backend
+        return StreamSnapshot(prompt=self.prompt, prompt_history=tuple(self.prompt_history), seed=self.seed,
+                              rng_state=self._rng.bit_generator.state, chunk_index=self.chunk_index,
+                              frames_emitted=self.frames_emitted, num_frames=self.num_frames,
+                              geometry=be.geometry(), state=be.export_state(self._state))
+
+
+def recache_plan(settings: StreamSettings, chunks_made: int, keep_sink: bool) -> tuple[int, range]:
+    """Which chunks a prompt switch re-runs after ``chunks_made`` chunks, and the cache fill to start from.
+
+    Returns (fill, chunk indices): the cache is declared to hold its first ``fill`` chunks (1: the
+    sink alone; 0: nothing), then the chunks are re-run and committed in order.
+    """
+    spec = settings.cache_spec
+    reach = spec.context_frames // spec.chunk_frames  # chunks the full cache holds
+    if keep_sink and spec.sink_frames:
+        count = min(spec.window_slots, max(chunks_made - 1, 0))
+        return 1, range(chunks_made - count, chunks_made)
+    count = min(reach, chunks_made)
+    return 0, range(chunks_made - count, chunks_made)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rf_runtime.backend import Backend, ModelInfo, StreamState, to_uint8_frames
+from rf_runtime.backend import Backend, ModelInfo, StateArrays, StreamState, to_uint8_frames
 from rf_runtime.errors import CheckpointError, ConfigError, require
 from rf_runtime.sampler import ChunkRollout, StreamSettings
 
@@ -24,6 +24,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class _TorchStream:
     rollout: ChunkRollout
     decoder: object  # VAEStreamDecoder
+    latents: object  # [K, 1, f, C, H, W] ring of the last K chunks' clean latents (for a prompt switch)
 
 
 def latent_hw_for(height: int, width: int, spatial_stride: int, patch_hw: tuple[int, int]) -> tuple[int, int]:
@@ -51,6 +52,7 @@ class TorchBackend(Backend):
         self.info = ModelInfo(latent_channels=cfg.in_dim, latent_hw=latent_hw, vae_stride=stride, settings=settings)
         self.device = dit.patch_embedding.weight.device
         self.dtype = dit.patch_embedding.weight.dtype
+        self._vae_cache_shapes = None  # found on first use by decoding one frame
 
     @classmethod
     def from_dir(cls, model_dir, checkpoint=None, *, vae_path=None, text_encoder=None, settings=None,
@@ -85,7 +87,9 @@ class TorchBackend(Backend):
 
     def new_stream(self, text) -> StreamState:
         rollout = ChunkRollout(self.dit, text, 1, self.info.latent_hw, self.info.settings)
-        return StreamState(_TorchStream(rollout, self.vae.stream_decoder(batch_size=1)))
+        latents = torch.zeros((self.info.context_chunks, *self.info.chunk_latent_shape), device=self.device,
+                              dtype=self.dtype)
+        return StreamState(_TorchStream(rollout, self.vae.stream_decoder(batch_size=1), latents))
 
     def upload(self, array: np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(array)).to(device=self.device, dtype=self.dtype)
@@ -103,6 +107,68 @@ class TorchBackend(Backend):
         with torch.no_grad():
             pixels = state.device.decoder.decode_chunk(x0.transpose(1, 2))  # [1, 3, T, H, W]
         return to_uint8_frames(pixels[0].float().cpu().numpy())
+
+    # ---- prompt switch, snapshots, timing --------------------------------------------------
+
+    def set_text(self, state: StreamState, text) -> None:
+        state.device.rollout.text_k, state.device.rollout.text_v = text
+
+    def store_latents(self, state: StreamState, slot: int, x0) -> None:
+        state.device.latents[slot].copy_(x0)
+
+    def stored_latents(self, state: StreamState, slot: int):
+        return state.device.latents[slot]
+
+    def set_cache_fill(self, state: StreamState, chunks_committed: int) -> None:
+        state.device.rollout.chunks_committed = chunks_committed
+        state.chunks_committed = chunks_committed
+
+    def export_state(self, state: StreamState) -> StateArrays:
+        dev = state.device
+
+        def host(t):
+            return t.detach().float().cpu().numpy().copy()
+
+        return StateArrays(cache_k=host(dev.rollout.cache_k), cache_v=host(dev.rollout.cache_v),
+                           text_k=host(dev.rollout.text_k), text_v=host(dev.rollout.text_v),
+                           latents=host(dev.latents), vae_cache=tuple(host(s) for s in dev.decoder.slots),
+                           chunks_committed=dev.rollout.chunks_committed)
+
+    def import_state(self, arrays: StateArrays, latent_frames_decoded: int) -> StreamState:
+        def device(a):  # a copy: the stream must not write into the caller's arrays
+            return self.upload(a).clone()
+
+        state = self.new_stream((device(arrays.text_k), device(arrays.text_v)))
+        dev = state.device
+        dev.rollout.cache_k.copy_(device(arrays.cache_k))
+        dev.rollout.cache_v.copy_(device(arrays.cache_v))
+        dev.latents.copy_(device(arrays.latents))
+        dev.decoder.slots = [device(s) for s in arrays.vae_cache]
+        dev.decoder.frames_decoded = latent_frames_decoded
+        self.set_cache_fill(state, arrays.chunks_committed)
+        return state
+
+    def state_shapes(self) -> dict:
+        cfg, info = self.dit.config, self.info
+        if self._vae_cache_shapes is None:
+            slots: list = []
+            with torch.no_grad():
+                z = torch.zeros(1, info.latent_channels, 1, *info.latent_hw, device=self.device, dtype=self.dtype)
+                self.vae.decode_step(z, slots, first=True)
+            self._vae_cache_shapes = [tuple(s.shape) for s in slots]
+        tokens = info.settings.cache_spec.context_frames * self.dit.tokens_per_frame(info.latent_hw)
+        return {"kv": (cfg.num_layers, 1, tokens, cfg.num_heads, cfg.head_dim),
+                "text_kv": (cfg.num_layers, 1, cfg.text_len, cfg.num_heads, cfg.head_dim),
+                "latents": (info.context_chunks, *info.chunk_latent_shape),
+                "vae_cache": list(self._vae_cache_shapes)}
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": str(self.device), "precision": str(self.dtype).replace("torch.", ""),
+                "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def read_model_card(model_dir: str) -> dict:

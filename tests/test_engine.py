@@ -38,8 +38,8 @@ def test_engine_stream_does_not_import_torch(engine_dirs):
 
 
 class ChunkLoop:
-    """The streamer's chunk loop over the Backend interface, with every chunk's noise drawn up front so
-    that only the backend's own allocations are measured."""
+    """A chunk loop over the Backend interface with every chunk's noise drawn up front, for looking at a
+    stream's buffers between the steps of a chunk (the streamer's own loop is ``Stream``)."""
 
     def __init__(self, backend, prompt, chunks, seed=0):
         self.be = backend
@@ -61,25 +61,30 @@ class ChunkLoop:
         return be.decode(state, x0)
 
 
-def stream_buffers(backend, state) -> dict:
-    """Every buffer a stream's bindings point at: {(binding, tensor): data address}."""
+def stream_buffers(state) -> dict:
+    """Every buffer a stream's bindings point at, and its latent ring: {(binding, tensor): data address}."""
     s = state.device
     bindings = {"dit": s.dit, "update0": s.updates[0], "update1": s.updates[1], "vae_first": s.vae_first,
                 "vae0": s.vae[0], "vae1": s.vae[1]}
-    return {(b, name): buf.ptr for b, binding in bindings.items() for name, buf in binding.buffers.items()}
+    ring = {("ring", str(i)): buf.ptr for i, buf in enumerate(s.latents)}
+    return {(b, name): buf.ptr for b, binding in bindings.items() for name, buf in binding.buffers.items()} | ring
 
 
-SLACK = 3 * 1024  # bytes of short-lived Python objects (views, small dicts) a chunk may touch
+SLACK = 3 * 1024  # bytes of short-lived Python objects (views, small dicts, the Chunk) a chunk may touch
 
 
 def test_steady_state_allocates_nothing_but_the_frames(engine_dirs):
+    """The streamer's own chunk loop (noise drawn in place, x0 kept in the latent ring, cache pass,
+    decode) allocates nothing per chunk beyond the returned frames."""
     backend = EngineBackend.load(engine_dirs[1])
-    loop = ChunkLoop(backend, "a red circle bouncing", chunks=10)
-    x_bytes = loop.state.device.x[0].nbytes
+    stream = Streamer(backend).open("a red circle bouncing", seed=0)
+    state = stream._state
+    x_bytes = state.device.x[0].nbytes
     assert x_bytes > SLACK  # so one chunk-latent-sized array allocated per chunk would fail the test
     for _ in range(3):  # chunks 0, 1, 2: the cache fills; chunk 2 on is the steady state
-        loop.chunk()
-    allowed = set(stream_buffers(backend, loop.state).values())
+        next(stream)
+    allowed = set(stream_buffers(state).values())
+    ring = state.device.latents
     tracemalloc.start()
     try:
         start = tracemalloc.get_traced_memory()[0]
@@ -87,7 +92,7 @@ def test_steady_state_allocates_nothing_but_the_frames(engine_dirs):
         for _ in range(7):
             tracemalloc.reset_peak()
             before = tracemalloc.get_traced_memory()[0]
-            frames = loop.chunk()
+            frames = next(stream).frames
             current, peak = tracemalloc.get_traced_memory()
             kept.append(frames)
             assert frames.shape == (12, 32, 48, 3)
@@ -98,9 +103,13 @@ def test_steady_state_allocates_nothing_but_the_frames(engine_dirs):
         tracemalloc.stop()
     assert growth <= sum(f.nbytes for f in kept) + SLACK  # nothing retained but the frames
     # every buffer bound now is one that was bound before the measured chunks: none was replaced
-    assert set(stream_buffers(backend, loop.state).values()) <= allowed
-    for buf in (loop.state.device.x0, *loop.state.device.x, *loop.state.device.kv[0]):
+    assert set(stream_buffers(state).values()) <= allowed
+    for buf in (state.device.x0, *state.device.x, *state.device.kv[0], *ring):
         assert buf.host.ctypes.data == buf.ptr  # host buffers were written in place, never reallocated
+    # the last chunk's clean latents were copied into its ring slot, the one before it kept its own
+    last = (stream.chunk_index - 1) % len(ring)
+    np.testing.assert_array_equal(ring[last].host, state.device.x0.host)
+    assert not np.array_equal(ring[(last - 1) % len(ring)].host, state.device.x0.host)
 
 
 def test_outputs_land_in_the_bound_buffers(engine_dirs):

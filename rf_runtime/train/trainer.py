@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 import torch
 
 from rf_runtime.errors import CheckpointError, ConfigError
+from rf_runtime.files import atomic_path
 from rf_runtime.sampler import StreamSettings
 from rf_runtime.train import distributed as D
 from rf_runtime.train.config import TrainConfig
@@ -418,14 +419,8 @@ class Trainer:
             meta = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "config": json.dumps(cfg.to_dict()),
                     "world_size": str(self.ctx.world_size)}
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            tmp = path + ".tmp"
-            try:
+            with atomic_path(path) as tmp:
                 save_file(tensors, tmp, metadata=meta)
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
             self._prune_checkpoints()
             logger.info("wrote checkpoint %s (step %d)", path, self.step)
         D.barrier(self.ctx)
