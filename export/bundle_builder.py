@@ -16,10 +16,13 @@ from rf_runtime.cache import commit_matrix
 from rf_runtime.errors import ConfigError
 
 
-def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None = None) -> str:
+def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None = None,
+                 precisions=("fp32",)) -> str:
     """Export every graph of the model in ``model_dir`` into the bundle directory ``out_dir``.
 
-    The bundle is assembled in a temporary directory beside ``out_dir`` and renamed when complete.
+    ``precisions``: "fp32" always; "fp16" / "bf16" add strongly typed ``<name>@<precision>``
+    variants of every graph (export/precision.py). The bundle is assembled in a temporary
+    directory beside ``out_dir`` and renamed when complete.
     """
     import torch
 
@@ -50,6 +53,10 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
         slot_shapes = [list(s.shape) for s in initial_cache(vae, info.latent_hw)]
         files = {name: {"path": f"{name}.onnx"} for name in
                  ("dit_step", "text_kv", "cache_update", "vae_decode_first", "vae_decode")}
+        # ---- export helper: strongly typed low-precision variants (export/precision.py)
+        from export.precision import add_precision_variants
+
+        files.update(add_precision_variants(tmp, dit, vae, precisions))
         manifest = {
             "files": files,
             "model": {"dit": cfg.to_dict(), "latent_channels": info.latent_channels,

@@ -27,12 +27,22 @@ INPUTS = ["x", "eps", "t_freq", "sigma", "sigma_next", "text_k", "text_v", "ctx_
 OUTPUTS = ["x0", "x_next", "new_k", "new_v"]
 
 
+class SamplerUpdate(nn.Module):
+    """The sampler's x0 / re-noise arithmetic (rf_runtime.sampler.x0_from_flow, renoise) as a module,
+    so that its nodes carry their own scope (the low-precision variants keep them in float32)."""
+
+    def forward(self, x, flow, sigma, sigma_next, eps):
+        x0 = x - sigma * flow
+        return x0, (1 - sigma_next) * x0 + sigma_next * eps
+
+
 class DiTStep(nn.Module):
     """CausalDiT.forward_chunk_tables plus the sampler's x0 / re-noise math, for export."""
 
     def __init__(self, model: CausalDiT):
         super().__init__()
         self.model = model
+        self.sampler_update = SamplerUpdate()
 
     def forward(self, x, eps, t_freq, sigma, sigma_next, text_k, text_v, ctx_k, ctx_v, key_mask,
                 cos_ctx, sin_ctx, cos_q, sin_q):
@@ -41,8 +51,7 @@ class DiTStep(nn.Module):
         e0 = m.time_projection(e).unflatten(-1, (6, m.config.dim))
         flow, new_k, new_v = m.forward_chunk_tables(
             x, None, text_k, text_v, ctx_k, ctx_v, key_mask > 0.5, cos_ctx, sin_ctx, cos_q, sin_q, time_emb=(e, e0))
-        x0 = x - sigma * flow
-        x_next = (1 - sigma_next) * x0 + sigma_next * eps
+        x0, x_next = self.sampler_update(x, flow.to(x.dtype), sigma, sigma_next, eps)
         return x0, x_next, new_k, new_v
 
 

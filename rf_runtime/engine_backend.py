@@ -18,6 +18,10 @@ from rf_runtime.positions import rope_tables_np, timestep_sinusoid_np
 from rf_runtime.sampler import StreamSettings
 
 
+# The fp32 graphs this backend runs (a bundle may also hold fp16 / bf16 variants and tokenizer files).
+FP32_GRAPHS = ("dit_step", "text_kv", "cache_update", "vae_decode_first", "vae_decode")
+
+
 class EngineBackend(Backend):
     name = "onnxruntime"
 
@@ -30,7 +34,7 @@ class EngineBackend(Backend):
         self.info = ModelInfo(latent_channels=self.model["latent_channels"], latent_hw=tuple(self.model["latent_hw"]),
                               vae_stride=tuple(self.model["vae_stride"]), settings=settings, fps=self.model["fps"])
         self.sessions = {name: ort.InferenceSession(bundle.file(name), providers=list(providers))
-                         for name in m["files"]}
+                         for name in FP32_GRAPHS}
         self.text_encoder = _text_encoder(m["text_encoder"])
         dit = self.model["dit"]
         self.spec = settings.cache_spec
