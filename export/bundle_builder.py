@@ -26,13 +26,14 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
     """
     import torch
 
+    from rf_runtime.models.text_encoder import UMT5TextEncoder
     from rf_runtime.torch_backend import TorchBackend
 
     backend = TorchBackend.from_dir(model_dir, checkpoint)
     text_spec = getattr(backend.text_encoder, "to_dict", None)
-    if text_spec is None:
-        raise ConfigError("only models with the hashed text encoder can be bundled yet: the umT5 graph export "
-                          "is not written")
+    if text_spec is None and not isinstance(backend.text_encoder, UMT5TextEncoder):
+        raise ConfigError(f"the text encoder {type(backend.text_encoder).__name__} cannot be bundled: bundles take "
+                          "Wan's umT5 encoder or the hashed encoder (rf_runtime.json text_encoder kind 'umt5' or 'hashed')")
     dit, vae, info = backend.dit, backend.vae, backend.info
     cfg, settings = dit.config, info.settings
     spec = settings.cache_spec
@@ -57,6 +58,15 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
         from export.precision import add_precision_variants
 
         files.update(add_precision_variants(tmp, dit, vae, precisions))
+        # ---- export helper: the umT5 text encoder graph (external data) and tokenizer (export/text_graph.py)
+        if text_spec is None:
+            from export.text_graph import export_text_encoder
+
+            text = export_text_encoder(backend.text_encoder, tmp)
+            files.update(text["files"])
+            text_section = text["spec"]
+        else:
+            text_section = text_spec()
         manifest = {
             "files": files,
             "model": {"dit": cfg.to_dict(), "latent_channels": info.latent_channels,
@@ -64,7 +74,7 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
                       "fps": info.fps, "vae_cache_slots": n_slots, "vae_cache_shapes": slot_shapes,
                       "precision": "fp32"},
             "stream": dataclasses.asdict(settings),
-            "text_encoder": text_spec(),
+            "text_encoder": text_section,
             "model_card": {"source": os.fspath(model_dir), "checkpoint": os.fspath(checkpoint) if checkpoint else None,
                            **(model_card or {})},
             "producer": {"torch": torch.__version__},

@@ -21,6 +21,7 @@ from rf_runtime.errors import ConfigError
 # Folding a node whose output is larger than this would add a large initializer to the file;
 # only shape arithmetic and small tables need folding.
 MAX_FOLDED_ELEMENTS = 1 << 16
+PROTOBUF_LIMIT = 2**31 - 1
 
 
 def _static_shape(t: onnx.TypeProto) -> list[int] | None:
@@ -48,9 +49,12 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     g = model.graph
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    known: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    # weights are never folded: only small initializers are read into numpy
+    big = {t.name: t for t in g.initializer if int(np.prod(t.dims)) > MAX_FOLDED_ELEMENTS}
+    known: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer if t.name not in big}
     types: dict[str, onnx.TypeProto] = {v.name: v.type for v in g.input}
     types.update({n: _type_of(a) for n, a in known.items()})
+    types.update({n: helper.make_tensor_type_proto(t.data_type, list(t.dims)) for n, t in big.items()})
     alias: dict[str, str] = {}
     graph_outputs = {o.name for o in g.output}
     kept: list[onnx.NodeProto] = []
@@ -127,10 +131,13 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     live.reverse()
 
     inputs = {i.name for i in g.input}
-    initializers = [numpy_helper.from_array(known[n], n) for n in sorted(needed) if n in known and n not in inputs]
+    initializers = [big[n] if n in big else numpy_helper.from_array(known[n], n)
+                    for n in sorted(needed) if (n in known or n in big) and n not in inputs]
     graph = helper.make_graph(live, g.name, list(g.input), list(g.output), initializers)
     out = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
                             producer_name=model.producer_name, producer_version=model.producer_version)
+    if out.ByteSize() >= PROTOBUF_LIMIT:  # whole-model shape inference serializes the model
+        return out
     return onnx.shape_inference.infer_shapes(out, strict_mode=True)
 
 

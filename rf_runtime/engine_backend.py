@@ -35,7 +35,7 @@ class EngineBackend(Backend):
                               vae_stride=tuple(self.model["vae_stride"]), settings=settings, fps=self.model["fps"])
         self.sessions = {name: ort.InferenceSession(bundle.file(name), providers=list(providers))
                          for name in FP32_GRAPHS}
-        self.text_encoder = _text_encoder(m["text_encoder"])
+        self.text_encoder = _text_encoder(m["text_encoder"], bundle, providers)
         dit = self.model["dit"]
         self.spec = settings.cache_spec
         self.schedule = settings.schedule()
@@ -110,9 +110,13 @@ class EngineBackend(Backend):
         return to_uint8_frames(np.concatenate(parts, axis=2)[0])
 
 
-def _text_encoder(spec: dict):
+def _text_encoder(spec: dict, bundle: Bundle, providers):
     spec = dict(spec)
     kind = spec.pop("kind", None)
+    if kind == "umt5":  # the exported umT5 graph with its tokenizer (rf_runtime/text_onnx.py)
+        from rf_runtime.text_onnx import OnnxTextEncoder
+
+        return OnnxTextEncoder.from_bundle(bundle.path, {"kind": kind, **spec}, bundle.manifest["files"], providers)
     if kind != "hashed":
         raise ConfigError(f"bundle text encoder {kind!r} is not supported by the engine runtime yet")
     from rf_runtime.models.hashed_text import HashedTextEncoder

@@ -191,26 +191,31 @@ CSV_TYPES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto
              TensorProto.INT32: "INT32", TensorProto.INT64: "INT64", TensorProto.BOOL: "BOOL", TensorProto.UINT8: "UINT8"}
 
 
-def test_every_op_and_type_is_supported_by_tensorrt(dirs):
-    """Every op of every graph (fp32, fp16, bf16) is marked Y with a listed type for each tensor it
-    reads or writes. Exceptions: the BOOL result of a comparison (its listed types are its inputs'),
-    and the CSV's "INF64" typo for ConstantOfShape read as INT64."""
+def assert_ops_supported(model, label):
+    """Every op is marked Y with a listed type for each tensor it reads or writes; static I/O shapes.
+    Exceptions: the BOOL result of a comparison (its listed types are its inputs'), and the CSV's
+    "INF64" typo for ConstantOfShape read as INT64."""
     with open(TRT_OPS) as f:
         rows = {r["operator"]: r for r in csv.DictReader(f)}
+    g, types = tensor_types(model)
+    for v in (*g.input, *g.output):
+        dims = v.type.tensor_type.shape.dim
+        assert dims and all(d.HasField("dim_value") for d in dims), f"{label}: {v.name} has a dynamic shape"
+    for node in g.node:
+        row = rows.get(node.op_type)
+        assert row is not None and row["supported"] == "Y", f"{label}: {node.op_type} is not supported"
+        allowed = {t.strip().replace("INF64", "INT64") for t in row["types"].split(",")}
+        comparison = node.op_type in ("Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Equal", "IsNaN")
+        for value in [i for i in node.input if i] + ([] if comparison else list(node.output)):
+            assert CSV_TYPES.get(types[value]) in allowed, (label, node.name, value, types[value])
+
+
+def test_every_op_and_type_is_supported_by_tensorrt(dirs):
+    """Every graph of the bundle: fp32, fp16 and bf16."""
     files = sorted(p for p in os.listdir(dirs[1]) if p.endswith(".onnx"))
     assert len(files) == 15
     for file in files:
-        g, types = tensor_types(onnx.load(str(dirs[1] / file)))
-        for v in (*g.input, *g.output):
-            dims = v.type.tensor_type.shape.dim
-            assert dims and all(d.HasField("dim_value") for d in dims), f"{file}: {v.name} has a dynamic shape"
-        for node in g.node:
-            row = rows.get(node.op_type)
-            assert row is not None and row["supported"] == "Y", f"{file}: {node.op_type} is not supported"
-            allowed = {t.strip().replace("INF64", "INT64") for t in row["types"].split(",")}
-            outputs = [] if node.op_type in ("Greater", "Less", "Equal", "IsNaN") else list(node.output)
-            for value in [i for i in node.input if i] + outputs:
-                assert CSV_TYPES.get(types[value]) in allowed, (file, node.name, value, types[value])
+        assert_ops_supported(onnx.load(str(dirs[1] / file)), file)
 
 
 # ---- rf-export verify ------------------------------------------------------------------------

@@ -1,0 +1,72 @@
+"""The umT5 text encoder of an engine bundle, without torch: ``tokenizers`` + onnxruntime.
+
+Same result as ``rf_runtime.models.text_encoder.UMT5TextEncoder.encode``: Wan's prompt cleaning
+(``clean_prompt``), the umT5 tokenizer with EOS appended, truncation and padding to ``text_len``
+(512 for Wan2.1), then the encoder graph written by ``export/text_graph.py``, whose output is zero
+at the padding positions. Output: ``[B, text_len, text_dim]`` float32 (SPEC section 5).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from rf_runtime.errors import ConfigError, InputError, require
+from rf_runtime.models.text_encoder import clean_prompt  # stdlib only: no torch, no transformers
+
+
+class OnnxTextEncoder:
+    """Prompts -> umT5 embeddings through an ONNX graph; ``text_len`` tokens per prompt."""
+
+    def __init__(self, graph_path: str, tokenizer_dir: str, text_len: int, providers=("CPUExecutionProvider",)):
+        tokenizers = require("tokenizers", "cpu")
+        ort = require("onnxruntime", "cpu")
+        path = os.path.join(tokenizer_dir, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path} is missing: the bundle's umT5 tokenizer is incomplete; rebuild the bundle with "
+                              "`rf-export onnx --model-dir MODEL_DIR --out BUNDLE`")
+        self.tokenizer = tokenizers.Tokenizer.from_file(path)
+        pad_id = self.tokenizer.token_to_id("<pad>")
+        if pad_id is None or self.tokenizer.token_to_id("</s>") is None:
+            raise ConfigError(f"{path} defines no <pad> or </s> token: it is not the umT5 tokenizer")
+        self.tokenizer.enable_truncation(max_length=text_len)  # the post-processor's EOS is kept
+        self.tokenizer.enable_padding(length=text_len, pad_id=pad_id, pad_token="<pad>")
+        self.session = ort.InferenceSession(graph_path, providers=list(providers))
+        shape = self.session.get_outputs()[0].shape
+        self.text_len, self.text_dim = int(text_len), int(shape[-1])
+        if list(self.session.get_inputs()[0].shape) != [1, self.text_len]:
+            raise ConfigError(f"{graph_path} takes {self.session.get_inputs()[0].shape} tokens but the manifest says "
+                              f"text_len={text_len}: rebuild the bundle")
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str, spec: dict, files: dict, providers=("CPUExecutionProvider",)):
+        """From a manifest's ``text_encoder`` section (``{"kind": "umt5", "graph", "tokenizer", "text_len"}``)."""
+        graph = os.path.join(bundle_dir, files[spec["graph"]]["path"])
+        return cls(graph, os.path.join(bundle_dir, spec["tokenizer"]), spec["text_len"], providers)
+
+    def tokenize(self, prompts) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts -> (ids, mask), both [B, text_len] int64, as the torch encoder's ``tokenize``."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise InputError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+        cleaned = []
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise InputError(f"prompt {i} must be a string, got {type(prompt).__name__}")
+            text = clean_prompt(prompt)
+            if not text:
+                raise InputError(f"prompt {i} ({prompt!r}) is empty: describe the video to generate")
+            cleaned.append(text)
+        encodings = self.tokenizer.encode_batch(cleaned)
+        ids = np.array([e.ids for e in encodings], np.int64)
+        mask = np.array([e.attention_mask for e in encodings], np.int64)
+        return ids, mask
+
+    def encode(self, prompts) -> np.ndarray:
+        """Prompts -> [B, text_len, text_dim] float32, padding positions 0.0."""
+        ids, mask = self.tokenize(prompts)
+        out = [self.session.run(None, {"input_ids": ids[b:b + 1], "attention_mask": mask[b:b + 1]})[0]
+               for b in range(len(ids))]
+        return np.concatenate(out).astype(np.float32, copy=False)
