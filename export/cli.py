@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
                      help="which graph variants to build (default fp16; the bundle must hold them)")
     trt.add_argument("--workspace-mib", type=_positive_mib, default=4096,
                      help="TensorRT workspace memory pool limit in MiB (default 4096)")
-    trt.add_argument("--timing-cache", help="timing cache file to load and update (default: BUNDLE/timing.cache)")
+    trt.add_argument("--timing-cache", help="timing cache file to load and update (default: tensorrt-timing.cache beside BUNDLE)")
     trt.add_argument("--graphs", help="comma-separated graph names to build (default: every graph of that precision)")
 
     verify = sub.add_parser("verify", help="run every graph of a bundle against the PyTorch reference")
