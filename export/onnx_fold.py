@@ -21,7 +21,6 @@ from rf_runtime.errors import ConfigError
 # Folding a node whose output is larger than this would add a large initializer to the file;
 # only shape arithmetic and small tables need folding.
 MAX_FOLDED_ELEMENTS = 1 << 16
-PROTOBUF_LIMIT = 2**31 - 1
 
 
 def _static_shape(t: onnx.TypeProto) -> list[int] | None:
@@ -133,12 +132,13 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     inputs = {i.name for i in g.input}
     initializers = [big[n] if n in big else numpy_helper.from_array(known[n], n)
                     for n in sorted(needed) if (n in known or n in big) and n not in inputs]
-    graph = helper.make_graph(live, g.name, list(g.input), list(g.output), initializers)
-    out = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
-                            producer_name=model.producer_name, producer_version=model.producer_version)
-    if out.ByteSize() >= PROTOBUF_LIMIT:  # whole-model shape inference serializes the model
-        return out
-    return onnx.shape_inference.infer_shapes(out, strict_mode=True)
+    # the types tracked node by node: no whole-model shape inference, which cannot serialize > 2 GB
+    outputs = {o.name for o in g.output}
+    value_info = [helper.make_value_info(o, types[o]) for n in live for o in n.output
+                  if o and o in types and o not in outputs]
+    graph = helper.make_graph(live, g.name, list(g.input), list(g.output), initializers, value_info=value_info)
+    return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
+                             producer_name=model.producer_name, producer_version=model.producer_version)
 
 
 def _renamed(node: onnx.NodeProto, name_of) -> onnx.NodeProto:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -51,6 +52,7 @@ SOFTMAX_ISLAND_OPS = {"Add", "Sub", "Mul", "Div", "Where", "Neg"}
 # Statistics ops: float32 wherever they occur, whatever module they come from.
 STATISTICS_OPS = {"ReduceMean", "ReduceL2", "ReduceSum", "LayerNormalization"}
 FP16_MAX = float(np.finfo(np.float16).max)
+PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto this large cannot be serialized in one piece
 
 
 @dataclass(frozen=True)
@@ -136,13 +138,11 @@ def lower_graph(model: onnx.ModelProto, precision: str, policy: GraphPolicy) -> 
                 for a in new.attribute:
                     if a.name == "value" and a.t.data_type == FLOAT:
                         a.t.CopyFrom(_convert(numpy_helper.to_array(a.t), t, a.t.name))
-        unknown = [a.name for a in node.attribute if a.name in ("dtype",)]
-        if unknown:
-            raise ConfigError(f"node {node.name} ({node.op_type}) sets an output type by attribute; the precision "
-                              "lowering does not handle it")
-        for o in node.output:
-            if o in float_out or (node.op_type == "Cast" and old_types.get(o) == FLOAT):
-                types[o] = t
+        if any(a.name == "dtype" for a in node.attribute):  # EyeLike, Random*: not in our graphs
+            raise ConfigError(f"node {node.name} ({node.op_type}) sets its output type by attribute, which the "
+                              "precision lowering does not handle")
+        for o in float_out:
+            types[o] = t
         nodes.append(new)
 
     # graph outputs: the declared type, through a final Cast where the computed type differs
@@ -194,12 +194,17 @@ def lower_graph(model: onnx.ModelProto, precision: str, policy: GraphPolicy) -> 
     graph = helper.make_graph(nodes, f"{g.name}_{precision}", io(g.input), io(g.output), initializers)
     lowered = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
                                 producer_name="rf_runtime export.precision")
-    lowered = onnx.shape_inference.infer_shapes(lowered, strict_mode=True)
-    onnx.checker.check_model(lowered, full_check=True)
-    problems = check_strongly_typed(lowered)
+    if lowered.ByteSize() < PROTOBUF_LIMIT:  # larger graphs are checked from their file (lower_file)
+        _check(lowered, precision)
+    return lowered
+
+
+def _check(model: onnx.ModelProto | str, precision: str) -> None:
+    """The ONNX checker (with shape inference) and the strong-typing check, on a model or a file."""
+    onnx.checker.check_model(model, full_check=True)
+    problems = check_strongly_typed(model)
     if problems:
         raise ConfigError(f"the {precision} lowering produced a graph that is not strongly typed: {problems[:5]}")
-    return lowered
 
 
 def op_allows(op_type: str, opset: int, elem_type: int, index: int = 0) -> bool:
@@ -254,10 +259,17 @@ def softmax_islands(graph: onnx.GraphProto) -> set[str]:
     return island
 
 
-def check_strongly_typed(model: onnx.ModelProto) -> list[str]:
-    """Problems that keep ``model`` from being strongly typed (empty when it is): a value without
-    an element type after shape inference, or a node whose float inputs mix element types."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+def check_strongly_typed(model: onnx.ModelProto | str) -> list[str]:
+    """Problems that keep ``model`` (or the .onnx file at that path, of any size) from being strongly
+    typed (empty when it is): a value without an element type after shape inference, or a node
+    whose float inputs mix element types."""
+    if isinstance(model, str):
+        with tempfile.TemporaryDirectory() as tmp:
+            inferred_path = os.path.join(tmp, "inferred.onnx")
+            onnx.shape_inference.infer_shapes_path(model, inferred_path, strict_mode=True)
+            inferred = onnx.load(inferred_path, load_external_data=False)
+    else:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     g = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
     types.update({t.name: t.data_type for t in g.initializer})
@@ -339,9 +351,18 @@ def graph_policies(dit, vae) -> dict:
     }
 
 
-def lower_file(src: str, dst: str, precision: str, policy: GraphPolicy) -> None:
-    """Lower the fp32 graph in ``src`` and write it to ``dst``."""
-    onnx.save(lower_graph(onnx.load(src), precision, policy), dst)
+def lower_file(src: str, dst: str, precision: str, policy: GraphPolicy) -> list[str]:
+    """Lower the fp32 graph in ``src`` and write it to ``dst``; returns the external-data file names
+    written beside it (one ``<dst>.data`` for a graph over protobuf's 2 GB, else none)."""
+    lowered = lower_graph(onnx.load(src), precision, policy)
+    if lowered.ByteSize() < PROTOBUF_LIMIT:
+        onnx.save(lowered, dst)
+        return []
+    data = os.path.basename(dst) + ".data"
+    onnx.save(lowered, dst, save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+              size_threshold=1024)
+    _check(dst, precision)
+    return [data]
 
 
 def graph_entry(path: str, name: str, file_key: str, external_data: list[str] | None = None) -> dict:
@@ -373,6 +394,7 @@ def add_precision_variants(bundle_dir: str, dit, vae, precisions) -> dict:
             continue
         for name, policy in policies.items():
             path = f"{name}.{precision}.onnx"
-            lower_file(os.path.join(bundle_dir, f"{name}.onnx"), os.path.join(bundle_dir, path), precision, policy)
+            data = lower_file(os.path.join(bundle_dir, f"{name}.onnx"), os.path.join(bundle_dir, path), precision, policy)
             files[f"{name}@{precision}"] = {"path": path}
+            files.update({f"{name}@{precision}_data": {"path": d} for d in data})
     return files

@@ -78,12 +78,10 @@ def graph_io(path: str):
 class References:
     """The PyTorch fp32 reference module of every graph kind, and well-formed random inputs for it."""
 
-    def __init__(self, model_dir, checkpoint=None, manifest: dict | None = None):
+    def __init__(self, model_dir, checkpoint=None):
         from rf_runtime.torch_backend import TorchBackend
 
         self.backend = TorchBackend.from_dir(model_dir, checkpoint)
-        self.manifest = manifest or {}
-        self._text = None
 
     def module(self, base: str):
         from export.dit_graph import CacheUpdate, DiTStep, TextKV
@@ -193,7 +191,7 @@ def verify_bundle(bundle_dir, model_dir, checkpoint=None, *, backends=None, seed
         if missing:
             raise InputError(f"graph(s) {missing} are not in {bundle_dir}; it has {sorted(paths)}")
         paths = {g: paths[g] for g in graphs}
-    refs = References(model_dir, checkpoint, manifest)
+    refs = References(model_dir, checkpoint)
     plans = manifest.get("plans", {})
     rows = []
     for i, (graph, path) in enumerate(sorted(paths.items())):

@@ -1,7 +1,7 @@
 """The umT5 text encoder of an engine bundle, without torch: ``tokenizers`` + onnxruntime.
 
 Same result as ``rf_runtime.models.text_encoder.UMT5TextEncoder.encode``: Wan's prompt cleaning
-(``clean_prompt``), the umT5 tokenizer with EOS appended, truncation and padding to ``text_len``
+(``clean_prompts``), the umT5 tokenizer with EOS appended, truncation and padding to ``text_len``
 (512 for Wan2.1), then the encoder graph written by ``export/text_graph.py``, whose output is zero
 at the padding positions. Output: ``[B, text_len, text_dim]`` float32 (SPEC section 5).
 """
@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-from rf_runtime.errors import ConfigError, InputError, require
-from rf_runtime.models.text_encoder import clean_prompt  # stdlib only: no torch, no transformers
+from rf_runtime.errors import ConfigError, require
+from rf_runtime.models.text_encoder import clean_prompts  # stdlib only: no torch, no transformers
 
 
 class OnnxTextEncoder:
@@ -47,18 +47,7 @@ class OnnxTextEncoder:
 
     def tokenize(self, prompts) -> tuple[np.ndarray, np.ndarray]:
         """Prompts -> (ids, mask), both [B, text_len] int64, as the torch encoder's ``tokenize``."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise InputError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-        cleaned = []
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise InputError(f"prompt {i} must be a string, got {type(prompt).__name__}")
-            text = clean_prompt(prompt)
-            if not text:
-                raise InputError(f"prompt {i} ({prompt!r}) is empty: describe the video to generate")
-            cleaned.append(text)
+        cleaned = clean_prompts(prompts)
         encodings = self.tokenizer.encode_batch(cleaned)
         ids = np.array([e.ids for e in encodings], np.int64)
         mask = np.array([e.attention_mask for e in encodings], np.int64)

@@ -273,3 +273,32 @@ def test_verify_refuses_bad_input(dirs, tmp_path, capsys):
         main(["onnx", "--model-dir", str(dirs[0]), "--out", str(tmp_path / "b"), "--precision", "fp8"])
     assert e.value.code == 2
     assert "fp32, fp16, bf16" in capsys.readouterr().err
+
+
+def test_graphs_over_the_protobuf_limit_go_to_external_data(dirs, models, tmp_path, monkeypatch):
+    """The 1.3B DiT is > 2 GB even in fp16: the lowering then writes one external-data file and checks
+    the graph from its file. Exercised here by lowering the limit to 1 KiB."""
+    import export.precision as precision
+
+    monkeypatch.setattr(precision, "PROTOBUF_LIMIT", 1024)
+    policy = precision.graph_policies(*models)["text_kv"]
+    data = precision.lower_file(str(dirs[1] / "text_kv.onnx"), str(tmp_path / "text_kv.fp16.onnx"), "fp16", policy)
+    assert data == ["text_kv.fp16.onnx.data"] and (tmp_path / data[0]).stat().st_size > 1024
+    assert (tmp_path / "text_kv.fp16.onnx").stat().st_size < (tmp_path / data[0]).stat().st_size
+    assert precision.check_strongly_typed(str(tmp_path / "text_kv.fp16.onnx")) == []
+    embeds = np.random.default_rng(2).standard_normal((1, 8, 16), dtype=np.float32)
+    got = run(str(tmp_path / "text_kv.fp16.onnx"), {"text_embeds": embeds}, "fp16")
+    expect = run(str(dirs[1] / "text_kv.fp16.onnx"), {"text_embeds": embeds}, "fp16")
+    assert all(np.array_equal(a, b) for a, b in zip(got, expect))
+
+
+def test_manifest_graph_entries(dirs):
+    from export.precision import graph_entry
+
+    entry = graph_entry(str(dirs[1] / "dit_step.fp16.onnx"), "dit_step@fp16", "dit_step@fp16")
+    assert entry["precision"] == "fp16" and entry["file"] == "dit_step@fp16"
+    dtypes = {i["name"]: i["dtype"] for i in entry["inputs"] + entry["outputs"]}
+    assert dtypes["ctx_k"] == dtypes["new_k"] == "float16" and dtypes["x"] == dtypes["x0"] == "float32"
+    shapes = {i["name"]: i["shape"] for i in entry["inputs"]}
+    assert shapes["x"] == [1, 3, 16, 4, 6] and shapes["ctx_k"] == [2, 1, 36, 2, 16]
+    assert graph_entry(str(dirs[1] / "vae_decode.bf16.onnx"), "vae_decode@bf16", "k")["inputs"][1]["dtype"] == "bfloat16"
