@@ -43,7 +43,7 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
     tmp = tempfile.mkdtemp(prefix=".rf-bundle-", dir=os.path.dirname(out_dir))
     try:
         feeds = example_inputs(dit, info.latent_hw, spec.context_frames, spec.chunk_frames, spec.context_frames)
-        export_dit_step(dit, os.path.join(tmp, "dit_step.onnx"), feeds)
+        dit_data = export_dit_step(dit, os.path.join(tmp, "dit_step.onnx"), feeds)
         export_text_kv(dit, os.path.join(tmp, "text_kv.onnx"))
         kv = feeds["ctx_k"]
         new = np.zeros((*kv.shape[:2], spec.chunk_frames * tpf, *kv.shape[3:]), np.float32)
@@ -54,6 +54,7 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
         slot_shapes = [list(s.shape) for s in initial_cache(vae, info.latent_hw)]
         files = {name: {"path": f"{name}.onnx"} for name in
                  ("dit_step", "text_kv", "cache_update", "vae_decode_first", "vae_decode")}
+        files.update({"dit_step_data": {"path": d} for d in dit_data})  # > 2 GB graphs: their weights
         # ---- export helper: strongly typed low-precision variants (export/precision.py)
         from export.precision import add_precision_variants
 

@@ -82,13 +82,28 @@ def example_inputs(model: CausalDiT, latent_hw, context_frames: int, chunk_frame
     }
 
 
-def export_dit_step(model: CausalDiT, path: str, feeds: dict, opset: int = 17) -> None:
-    """Export the step graph with the static shapes of ``feeds`` (see ``example_inputs``)."""
+def export_dit_step(model: CausalDiT, path: str, feeds: dict, opset: int = 17) -> list[str]:
+    """Export the step graph with the static shapes of ``feeds`` (see ``example_inputs``).
+
+    Returns the external-data files written beside ``path``: none for small models, one
+    ``dit_step.onnx.data`` when the graph is over protobuf's 2 GB (the 1.3B model in fp32).
+    """
+    import os
+    import tempfile
+
+    import onnx
+
+    from export.onnx_files import save_onnx
+
     step = DiTStep(model.eval())
     args = tuple(torch.from_numpy(feeds[name]) for name in INPUTS)
-    with torch.no_grad():
-        torch.onnx.export(step, args, path, input_names=INPUTS, output_names=OUTPUTS, opset_version=opset,
-                          dynamo=False, do_constant_folding=True)
+    # torch writes a > 2 GB graph with one file per tensor: export apart, then save with one data file
+    with tempfile.TemporaryDirectory(prefix=".rf-dit-", dir=os.path.dirname(os.path.abspath(path))) as scratch:
+        raw = os.path.join(scratch, os.path.basename(path))
+        with torch.no_grad():
+            torch.onnx.export(step, args, raw, input_names=INPUTS, output_names=OUTPUTS, opset_version=opset,
+                              dynamo=False, do_constant_folding=True)
+        return save_onnx(onnx.load(raw), path)
 
 
 class CacheUpdate(nn.Module):

@@ -37,6 +37,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from export import onnx_files
+from export.onnx_files import save_onnx
 from export.onnx_fold import fold_constants
 from rf_runtime.errors import ConfigError
 
@@ -52,7 +54,7 @@ SOFTMAX_ISLAND_OPS = {"Add", "Sub", "Mul", "Div", "Where", "Neg"}
 # Statistics ops: float32 wherever they occur, whatever module they come from.
 STATISTICS_OPS = {"ReduceMean", "ReduceL2", "ReduceSum", "LayerNormalization"}
 FP16_MAX = float(np.finfo(np.float16).max)
-PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto this large cannot be serialized in one piece
+PROTOBUF_LIMIT = onnx_files.PROTOBUF_LIMIT
 
 
 @dataclass(frozen=True)
@@ -355,14 +357,10 @@ def lower_file(src: str, dst: str, precision: str, policy: GraphPolicy) -> list[
     """Lower the fp32 graph in ``src`` and write it to ``dst``; returns the external-data file names
     written beside it (one ``<dst>.data`` for a graph over protobuf's 2 GB, else none)."""
     lowered = lower_graph(onnx.load(src), precision, policy)
-    if lowered.ByteSize() < PROTOBUF_LIMIT:
-        onnx.save(lowered, dst)
-        return []
-    data = os.path.basename(dst) + ".data"
-    onnx.save(lowered, dst, save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-              size_threshold=1024)
-    _check(dst, precision)
-    return [data]
+    data = save_onnx(lowered, dst, external=lowered.ByteSize() >= PROTOBUF_LIMIT)
+    if data:  # too large to check in memory
+        _check(dst, precision)
+    return data
 
 
 def graph_entry(path: str, name: str, file_key: str, external_data: list[str] | None = None) -> dict:

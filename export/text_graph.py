@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 GRAPH_FILE = "text_encoder.onnx"
-DATA_FILE = "text_encoder.onnx.data"
+DATA_FILE = GRAPH_FILE + ".data"  # written by export.onnx_files.save_onnx
 TOKENIZER_DIR = "tokenizer"
 INPUTS = ["input_ids", "attention_mask"]
 OUTPUTS = ["text_embeds"]
@@ -51,6 +51,7 @@ def export_text_encoder(encoder, out_dir: str, opset: int = 17) -> dict:
     """
     import onnx
 
+    from export.onnx_files import save_onnx
     from export.onnx_fold import fold_constants
 
     model = encoder.model.float().eval()
@@ -70,16 +71,14 @@ def export_text_encoder(encoder, out_dir: str, opset: int = 17) -> dict:
                               opset_version=opset, dynamo=False, do_constant_folding=False)
         # scalar arithmetic (the attention scale, in float64) and shape computations become constants
         graph = fold_constants(onnx.load(raw))  # onnx.load reads any external tensors too
-        onnx.external_data_helper.convert_model_to_external_data(
-            graph, all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024, convert_attribute=True)
-        onnx.save(graph, os.path.join(out_dir, GRAPH_FILE))
+        data = save_onnx(graph, os.path.join(out_dir, GRAPH_FILE), external=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     tok_dir = os.path.join(out_dir, TOKENIZER_DIR)
     encoder.tokenizer.save_pretrained(tok_dir)
     if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
         raise RuntimeError(f"the tokenizer saved to {tok_dir} has no tokenizer.json (not a fast tokenizer)")
-    files = {"text_encoder": {"path": GRAPH_FILE}, "text_encoder_data": {"path": DATA_FILE}}
+    files = {"text_encoder": {"path": GRAPH_FILE}, "text_encoder_data": {"path": data[0]}}
     for name in sorted(os.listdir(tok_dir)):
         files[f"{TOKENIZER_DIR}/{name}"] = {"path": f"{TOKENIZER_DIR}/{name}"}
     spec = {"kind": "umt5", "graph": "text_encoder", "tokenizer": TOKENIZER_DIR, "text_len": length,

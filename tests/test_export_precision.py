@@ -284,6 +284,10 @@ def test_graphs_over_the_protobuf_limit_go_to_external_data(dirs, models, tmp_pa
     policy = precision.graph_policies(*models)["text_kv"]
     data = precision.lower_file(str(dirs[1] / "text_kv.onnx"), str(tmp_path / "text_kv.fp16.onnx"), "fp16", policy)
     assert data == ["text_kv.fp16.onnx.data"] and (tmp_path / data[0]).stat().st_size > 1024
+    size = (tmp_path / data[0]).stat().st_size
+    precision.lower_file(str(dirs[1] / "text_kv.onnx"), str(tmp_path / "text_kv.fp16.onnx"), "fp16", policy)
+    assert (tmp_path / data[0]).stat().st_size == size  # written again, not appended to
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text_kv.fp16.onnx", "text_kv.fp16.onnx.data"]
     assert (tmp_path / "text_kv.fp16.onnx").stat().st_size < (tmp_path / data[0]).stat().st_size
     assert precision.check_strongly_typed(str(tmp_path / "text_kv.fp16.onnx")) == []
     embeds = np.random.default_rng(2).standard_normal((1, 8, 16), dtype=np.float32)
