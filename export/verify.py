@@ -229,7 +229,10 @@ def verify_bundle(bundle_dir, model_dir, checkpoint=None, *, backends=None, seed
 
 def format_table(rows: list[VerifyRow]) -> str:
     head = ("graph", "precision", "backend", "max abs err", "rel err", "tol", "result")
-    body = [(r.graph, r.precision, r.backend, f"{r.max_abs:.3e}", f"{r.rel:.3e}", f"{r.tol:.0e}",
+    def num(x: float) -> str:
+        return f"{x:.3e}" if np.isfinite(x) else "-"
+
+    body = [(r.graph, r.precision, r.backend, num(r.max_abs), num(r.rel), f"{r.tol:.0e}",
              r.status + (f" ({r.note})" if r.note else "")) for r in rows]
     widths = [max(len(str(x[c])) for x in [head, *body]) for c in range(len(head))]
     lines = ["  ".join(str(x[c]).ljust(widths[c]) for c in range(len(head))).rstrip() for x in [head, *body]]
