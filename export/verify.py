@@ -132,6 +132,17 @@ class References:
         return feeds
 
 
+def _check_same_model(manifest: dict, backend, bundle_dir: str, model_dir) -> None:
+    """The reference must have the bundle's geometry, or there is nothing to compare."""
+    model = manifest.get("model", {})
+    ours = {"dit": backend.dit.config.to_dict(), "latent_hw": list(backend.info.latent_hw)}
+    for key, value in ours.items():
+        if key in model and model[key] != value:
+            raise InputError(f"{bundle_dir} was exported from another model: its {key} is {model[key]}, the model in "
+                             f"{os.fspath(model_dir)} has {value}; pass the --model-dir (and --checkpoint) it was "
+                             "exported from")
+
+
 def run_reference(module, names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     import torch
 
@@ -192,6 +203,7 @@ def verify_bundle(bundle_dir, model_dir, checkpoint=None, *, backends=None, seed
             raise InputError(f"graph(s) {missing} are not in {bundle_dir}; it has {sorted(paths)}")
         paths = {g: paths[g] for g in graphs}
     refs = References(model_dir, checkpoint)
+    _check_same_model(manifest, refs.backend, bundle_dir, model_dir)
     plans = manifest.get("plans", {})
     rows = []
     for i, (graph, path) in enumerate(sorted(paths.items())):

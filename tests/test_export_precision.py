@@ -263,9 +263,19 @@ def test_verify_detects_a_graph_from_other_weights(dirs, tmp_path, capsys):
 
 def test_verify_refuses_bad_input(dirs, tmp_path, capsys):
     from export.cli import main
+    from rf_runtime.bundle import write_manifest
 
     assert main(["verify", str(tmp_path), "--model-dir", str(dirs[0])]) == 2
     assert "not an engine bundle" in capsys.readouterr().err
+    bundle = tmp_path / "bundle"  # a bundle of a 3-layer model checked against the 2-layer model directory
+    shutil.copytree(dirs[1], bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest.pop("schema_version")
+    manifest["model"]["dit"]["num_layers"] = 3
+    write_manifest(str(bundle), manifest)
+    assert main(["verify", str(bundle), "--model-dir", str(dirs[0])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another model" in err and "--model-dir" in err
     with pytest.raises(SystemExit) as e:
         main(["verify", str(dirs[1]), "--model-dir", str(dirs[0]), "--backends", "cuda-magic"])
     assert e.value.code == 2
