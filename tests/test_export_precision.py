@@ -232,6 +232,10 @@ def test_verify_passes_on_a_tiny_bundle(dirs, capsys):
         assert by[(name, "onnxruntime-cpu")].status == "PASS" and by[(name, "onnxruntime-cpu")].rel < 1e-4
         assert by[(f"{name}@fp16", "onnxruntime-cpu")].status == "PASS"
         assert by[(f"{name}@bf16", "onnxruntime-cpu")].status == "SKIP"  # no bf16 kernels on CPU
+    # the bf16 VAE graphs (not covered above) through onnx's numpy evaluator, which runs bf16
+    vae_bf16 = verify_bundle(dirs[1], dirs[0], backends=["onnx-reference"],
+                             graphs=["vae_decode_first@bf16", "vae_decode@bf16"])
+    assert [r.status for r in vae_bf16] == ["PASS", "PASS"] and all(r.rel < BF16_TOL for r in vae_bf16)
     assert main(["verify", str(dirs[1]), "--model-dir", str(dirs[0]), "--backends", "onnxruntime-cpu"]) == 0
     out = capsys.readouterr().out
     assert "dit_step@fp16" in out and "PASS" in out and "FAIL" not in out
