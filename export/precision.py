@@ -83,10 +83,10 @@ def lower_graph(model: onnx.ModelProto, precision: str, policy: GraphPolicy) -> 
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
     def wanted(node: onnx.NodeProto) -> int:
+        """The element type a node computes in (see the module docstring)."""
         first_float = next((k for k, i in enumerate(node.input) if old_types.get(i) == FLOAT), 0)
-        if node.name in island or node.op_type in STATISTICS_OPS or policy.fp32_node(node.name) or not op_allows(node.op_type, opset, low, first_float):
-            return FLOAT
-        return low
+        sensitive = node.name in island or node.op_type in STATISTICS_OPS or policy.fp32_node(node.name)
+        return FLOAT if sensitive or not op_allows(node.op_type, opset, low, first_float) else low
 
     types: dict[str, int] = {}  # element type of every float value of the new graph
     for v in g.input:
@@ -147,43 +147,10 @@ def lower_graph(model: onnx.ModelProto, precision: str, policy: GraphPolicy) -> 
             types[o] = t
         nodes.append(new)
 
-    # graph outputs: the declared type, through a final Cast where the computed type differs
-    renames = {}
-    for v in g.output:
-        if old_types[v.name] != FLOAT:
-            continue
-        want = FLOAT if v.name in policy.fp32_io else low
-        if types[v.name] != want:
-            inner = f"{v.name}_{TYPE_NAMES[types[v.name]]}"
-            renames[v.name] = inner
-            types[inner] = types[v.name]
-            types[v.name] = want
-    for n in nodes:
-        for k, i in enumerate(n.input):
-            if i in renames:
-                n.input[k] = renames[i]
-        for k, o in enumerate(n.output):
-            if o in renames:
-                n.output[k] = renames[o]
-    for name, inner in renames.items():
-        nodes.append(helper.make_node("Cast", [inner], [name], to=types[name], name=f"{name}/Cast_out"))
-
-    # typed initializers: one tensor per requested type, named as before where only one type is read
-    initializers, init_names = [], {}
-    for name, tensor in inits.items():
-        if tensor.data_type != FLOAT:
-            initializers.append(tensor)
-            continue
-        wanted_types = sorted(init_requests.get(name, ()))
-        for t in wanted_types:
-            new_name = name if len(wanted_types) == 1 else f"{name}_{TYPE_NAMES[t]}"
-            init_names[f"{name}::{t}"] = new_name
-            array = numpy_helper.to_array(tensor)
-            initializers.append(_convert(array, t, new_name))
-    for n in nodes:
-        for k, i in enumerate(n.input):
-            if i in init_names:
-                n.input[k] = init_names[i]
+    wanted_outputs = {v.name: FLOAT if v.name in policy.fp32_io else low for v in g.output
+                      if old_types[v.name] == FLOAT}
+    nodes += _cast_outputs(nodes, types, wanted_outputs)
+    initializers = _typed_initializers(inits, init_requests, nodes)
 
     def io(values):
         out = []
@@ -199,6 +166,45 @@ def lower_graph(model: onnx.ModelProto, precision: str, policy: GraphPolicy) -> 
     if lowered.ByteSize() < PROTOBUF_LIMIT:  # larger graphs are checked from their file (lower_file)
         _check(lowered, precision)
     return lowered
+
+
+def _cast_outputs(nodes: list, types: dict, wanted: dict[str, int]) -> list:
+    """Give each graph output its declared type: where the computed type differs, the producer's
+    output is renamed and a final Cast writes the output. Returns the Cast nodes; updates ``types``."""
+    renames = {}
+    for name, want in wanted.items():
+        if types[name] != want:
+            renames[name] = f"{name}_{TYPE_NAMES[types[name]]}"
+            types[renames[name]] = types[name]
+            types[name] = want
+    for n in nodes:
+        for k, i in enumerate(n.input):
+            if i in renames:
+                n.input[k] = renames[i]
+        for k, o in enumerate(n.output):
+            if o in renames:
+                n.output[k] = renames[o]
+    return [helper.make_node("Cast", [inner], [name], to=types[name], name=f"{name}/Cast_out")
+            for name, inner in renames.items()]
+
+
+def _typed_initializers(inits: dict, requests: dict, nodes: list) -> list:
+    """One tensor per requested element type of each float initializer (named as before where only
+    one type is read, else suffixed); the nodes' ``<name>::<type>`` placeholders are resolved."""
+    initializers, names = [], {}
+    for name, tensor in inits.items():
+        if tensor.data_type != FLOAT:
+            initializers.append(tensor)
+            continue
+        wanted = sorted(requests.get(name, ()))
+        for t in wanted:
+            names[f"{name}::{t}"] = name if len(wanted) == 1 else f"{name}_{TYPE_NAMES[t]}"
+            initializers.append(_convert(numpy_helper.to_array(tensor), t, names[f"{name}::{t}"]))
+    for n in nodes:
+        for k, i in enumerate(n.input):
+            if i in names:
+                n.input[k] = names[i]
+    return initializers
 
 
 def _check(model: onnx.ModelProto | str, precision: str) -> None:
