@@ -13,6 +13,8 @@ graph, with one explicit element type per tensor and explicit ``Cast`` nodes whe
   would lose its small update in fp16 arithmetic), and every softmax together with its logit
   scaling and masking (a ``Cast`` to float32 right after the logits ``MatMul``, a ``Cast`` back
   before the probabilities multiply the values);
+* bf16 only: an op whose ONNX schema at the graph's opset takes no bfloat16 (opset 17's ``Conv``
+  and ``Einsum``) computes in float32 (``op_allows``);
 * weights are stored in the type of the node that reads them (a weight read in both is stored twice);
 * graph inputs and outputs are in the low precision, except the ones a ``GraphPolicy`` keeps in
   float32: the small tensors whose arithmetic is float32 anyway (latents, noise, sigma, the host's
