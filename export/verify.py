@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rf_runtime.errors import ConfigError, InputError, require
+from rf_runtime.errors import ConfigError, InputError, MissingDependencyError, require
 
 # Relative error allowed per graph precision (fp16 has 11 significant bits, bf16 8).
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
@@ -193,6 +193,9 @@ def verify_bundle(bundle_dir, model_dir, checkpoint=None, *, backends=None, seed
     bundle_dir = os.fspath(bundle_dir)
     manifest = Bundle.load(bundle_dir).manifest  # refuses a missing, altered or unknown bundle
     backends = list(backends) if backends else available_backends()
+    if not backends:
+        raise MissingDependencyError("no backend to verify on: pip install 'rf_runtime[cpu]' (onnxruntime), or "
+                                     "'rf_runtime[gpu]' on a machine with an NVIDIA GPU")
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ConfigError(f"unknown backend(s) {unknown}: choose from {', '.join(BACKENDS)}")
