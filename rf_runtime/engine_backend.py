@@ -9,6 +9,9 @@ its buffers once, in ``new_stream``, and binds them once:
     chunk latents x, two copies (step k writes x_next where step k+1 reads x) | x0 | eps
     the chunk's new K/V | VAE feature cache, two copies | the decoded pixels of one latent frame
 
+A umT5 bundle's ``text_encoder`` graph gets a runner too (run once per prompt by
+``rf_runtime.text_onnx.OnnxTextEncoder``, with the bundle's tokenizer), so no torch is needed.
+
 Per chunk only buffer addresses are rebound (no data moves, nothing is allocated) and the only
 new array is the uint8 frames returned to the caller. Several streams can run on one backend:
 they share the runners and tables, never buffers.
@@ -154,10 +157,7 @@ class EngineBackend(Backend):
             runners = {g: OnnxRuntimeRunner(b.graph_file(g), b.graphs[g], device=device, threads=threads)
                        for g in GRAPHS}
         if b.manifest["text_encoder"].get("kind") == "umt5":  # the umT5 graph: once per prompt
-            graph = b.manifest["text_encoder"].get("graph", TEXT_GRAPH)
-            if graph not in b.graphs:
-                raise BundleError(f"{b.path}: the umT5 text encoder graph {graph!r} is not in the manifest's graphs; "
-                                  "rebuild it with `rf-export onnx`")
+            graph = b.manifest["text_encoder"]["graph"]  # Bundle.load checked that it is one of the graphs
             if backend == "tensorrt" and graph in b.plans:
                 runners[TEXT_GRAPH] = TensorRTRunner(b.file(b.plans[graph]["file"]), b.graphs[graph], name=graph)
             else:

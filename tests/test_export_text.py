@@ -5,9 +5,12 @@ Tolerance: relative error ||onnx - torch|| / ||torch|| < 1e-4 (fp32); padding po
 """
 
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,9 +114,6 @@ def test_onnx_encoder_errors(exported, tmp_path):
 def write_umt5_model_dir(path, t5_dir):
     """The tiny model directory of rf_runtime.testing, with the tiny umT5 (text_dim 32, 512 tokens)
     as its text encoder instead of the hashed one."""
-    import json
-    import shutil
-
     from safetensors.torch import save_file
 
     from rf_runtime.models import CausalDiT, DiTConfig
@@ -146,7 +146,7 @@ def test_umt5_bundle_streams_like_the_checkpoint(exported, tmp_path):
     _, bundle, _ = exported
     model = write_umt5_model_dir(tmp_path / "model", bundle.parent)
     out = build_bundle(model, tmp_path / "bundle")
-    manifest = __import__("json").loads((tmp_path / "bundle" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert manifest["schema_version"] == 2 and manifest["text_encoder"]["kind"] == "umt5"
     assert {"text_encoder", "text_encoder_data", "tokenizer/tokenizer.json"} <= set(manifest["files"])
     # schema 2: the text graph declares its IO and its external-data file; every file is hashed
@@ -155,7 +155,7 @@ def test_umt5_bundle_streams_like_the_checkpoint(exported, tmp_path):
     assert graph["precision"] == "fp32"
     assert graph["inputs"] == [{"name": n, "shape": [1, TEXT_LEN], "dtype": "int64"} for n in ("input_ids", "attention_mask")]
     assert graph["outputs"] == [{"name": "text_embeds", "shape": [1, TEXT_LEN, 32], "dtype": "float32"}]
-    on_disk = {str(p.relative_to(out)) for p in __import__("pathlib").Path(out).rglob("*") if p.is_file()}
+    on_disk = {str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file()}
     assert {f["path"] for f in manifest["files"].values()} == on_disk - {"manifest.json"}
     for f in manifest["files"].values():
         data = (tmp_path / "bundle" / f["path"]).read_bytes()
@@ -178,6 +178,18 @@ def test_umt5_bundle_streams_like_the_checkpoint(exported, tmp_path):
     run = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "ok"
+
+    # the text encoder section must name a graph and a listed tokenizer
+    broken = tmp_path / "broken"
+    for edit, message in ((lambda m: m["text_encoder"].update(graph="umt5"), "text_encoder graph 'umt5' is not in"),
+                          (lambda m: m["files"].pop("tokenizer/tokenizer.json"), "tokenizer/tokenizer.json is not in")):
+        shutil.copytree(out, broken)
+        m = json.loads((broken / "manifest.json").read_text())
+        edit(m)
+        (broken / "manifest.json").write_text(json.dumps(m))  # as edited: no hashes recomputed
+        with pytest.raises(BundleError, match=f"{message}.*rf-export onnx"):
+            Streamer.from_engine(broken)
+        shutil.rmtree(broken)
 
     # a missing or altered external-data file is refused by name
     data = tmp_path / "bundle" / DATA_FILE
