@@ -1,4 +1,5 @@
-"""Build an fp32 ONNX engine bundle (for onnxruntime on CPU) from a model directory."""
+"""Build an ONNX engine bundle (schema 2) from a model directory: the fp32 graphs for onnxruntime,
+optional strongly typed fp16 / bf16 variants for TensorRT, and the umT5 text graph with its tokenizer."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from export.dit_graph import example_inputs, export_cache_update, export_dit_step, export_text_kv
 from export.vae_graph import export_vae_decoder, initial_cache
-from rf_runtime.bundle import write_manifest
+from rf_runtime.bundle import graph_io_from_onnx, write_manifest
 from rf_runtime.cache import commit_matrix
 from rf_runtime.errors import ConfigError
 
@@ -20,19 +21,23 @@ GRAPHS = ("dit_step", "text_kv", "cache_update", "vae_decode_first", "vae_decode
 OPSET = 17
 
 
-def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None = None) -> str:
+def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None = None,
+                 precisions=("fp32",)) -> str:
     """Export every graph of the model in ``model_dir`` into the bundle directory ``out_dir``.
 
     model_card: overrides of the manifest's model card (``name``, ``training_stage``,
         ``longest_tested_frames``); by default they come from the model directory's
         ``rf_runtime.json`` ("model_card" entry).
+    precisions: "fp32" always; "fp16" / "bf16" add strongly typed ``<name>@<precision>``
+        variants of every graph (export/precision.py).
     The bundle is assembled in a temporary directory beside ``out_dir`` and renamed when complete.
     """
     import onnx
     import torch
 
     import rf_runtime
-    from rf_runtime.bundle import TRAINING_STAGES, graph_io_from_onnx
+    from rf_runtime.bundle import TRAINING_STAGES
+    from rf_runtime.models.text_encoder import UMT5TextEncoder
     from rf_runtime.torch_backend import TorchBackend, read_model_card
 
     backend = TorchBackend.from_dir(model_dir, checkpoint)
@@ -42,9 +47,9 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
                           f"{card.get('training_stage')!r}): put it in {os.fspath(model_dir)}/rf_runtime.json under "
                           "'model_card', or pass --training-stage")
     text_spec = getattr(backend.text_encoder, "to_dict", None)
-    if text_spec is None:
-        raise ConfigError("only models with the hashed text encoder can be bundled yet: the umT5 graph export "
-                          "is not written")
+    if text_spec is None and not isinstance(backend.text_encoder, UMT5TextEncoder):
+        raise ConfigError(f"the text encoder {type(backend.text_encoder).__name__} cannot be bundled: bundles take "
+                          "Wan's umT5 encoder or the hashed encoder (rf_runtime.json text_encoder kind 'umt5' or 'hashed')")
     dit, vae, info = backend.dit, backend.vae, backend.info
     cfg, settings = dit.config, info.settings
     spec = settings.cache_spec
@@ -54,7 +59,7 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
     tmp = tempfile.mkdtemp(prefix=".rf-bundle-", dir=os.path.dirname(out_dir))
     try:
         feeds = example_inputs(dit, info.latent_hw, spec.context_frames, spec.chunk_frames, spec.context_frames)
-        export_dit_step(dit, os.path.join(tmp, "dit_step.onnx"), feeds)
+        dit_data = export_dit_step(dit, os.path.join(tmp, "dit_step.onnx"), feeds)
         export_text_kv(dit, os.path.join(tmp, "text_kv.onnx"))
         kv = feeds["ctx_k"]
         new = np.zeros((*kv.shape[:2], spec.chunk_frames * tpf, *kv.shape[3:]), np.float32)
@@ -64,18 +69,30 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
                                      os.path.join(tmp, "vae_decode.onnx"))
         slot_shapes = [list(s.shape) for s in initial_cache(vae, info.latent_hw)]
         files = {name: {"path": f"{name}.onnx"} for name in GRAPHS}
-        graphs = {name: {"file": name, "precision": "fp32", **graph_io_from_onnx(os.path.join(tmp, f"{name}.onnx"))}
-                  for name in GRAPHS}
+        files.update({"dit_step_data": {"path": d} for d in dit_data})  # > 2 GB graphs: their weights
+        # strongly typed low-precision variants (export/precision.py)
+        from export.precision import add_precision_variants
+
+        files.update(add_precision_variants(tmp, dit, vae, precisions))
+        # the umT5 text encoder graph (external data) and its tokenizer (export/text_graph.py)
+        if text_spec is None:
+            from export.text_graph import export_text_encoder
+
+            text = export_text_encoder(backend.text_encoder, tmp)
+            files.update(text["files"])
+            text_section = text["spec"]
+        else:
+            text_section = text_spec()
         source = os.path.basename(os.path.normpath(os.fspath(model_dir)))
         manifest = {
             "files": files,
-            "graphs": graphs,
+            "graphs": graph_entries(tmp, files),
             "model": {"dit": cfg.to_dict(), "latent_channels": info.latent_channels,
                       "latent_hw": list(info.latent_hw), "grid_hw": list(grid), "vae_stride": list(info.vae_stride),
                       "fps": info.fps, "vae_cache_slots": n_slots, "vae_cache_shapes": slot_shapes,
                       "precision": "fp32"},
             "stream": dataclasses.asdict(settings),
-            "text_encoder": text_spec(),
+            "text_encoder": text_section,
             "model_card": {
                 "name": card.get("name", source), "source": source,
                 "checkpoint": os.path.basename(os.fspath(checkpoint)) if checkpoint else None,
@@ -94,3 +111,20 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def graph_entries(bundle_dir: str, files: dict) -> dict:
+    """The manifest ``graphs`` section for every .onnx in ``files``: the graph is named by its file
+    key (``dit_step``, ``dit_step@fp16``, ``text_encoder``), its precision is the ``@`` suffix (fp32
+    without one), its IO is read from the file, and its weights file, when it has one, is the file
+    key ``<graph>_data`` (export/onnx_files.py writes at most one per graph)."""
+    graphs = {}
+    for key, entry in files.items():
+        if not entry["path"].endswith(".onnx"):
+            continue
+        graph = {"file": key, "precision": key.partition("@")[2] or "fp32",
+                 **graph_io_from_onnx(os.path.join(bundle_dir, entry["path"]))}
+        if f"{key}_data" in files:
+            graph["external_data"] = [f"{key}_data"]
+        graphs[key] = graph
+    return graphs

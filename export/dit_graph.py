@@ -27,12 +27,22 @@ INPUTS = ["x", "eps", "t_freq", "sigma", "sigma_next", "text_k", "text_v", "ctx_
 OUTPUTS = ["x0", "x_next", "new_k", "new_v"]
 
 
+class SamplerUpdate(nn.Module):
+    """The sampler's x0 / re-noise arithmetic (rf_runtime.sampler.x0_from_flow, renoise) as a module,
+    so that its nodes carry their own scope (the low-precision variants keep them in float32)."""
+
+    def forward(self, x, flow, sigma, sigma_next, eps):
+        x0 = x - sigma * flow
+        return x0, (1 - sigma_next) * x0 + sigma_next * eps
+
+
 class DiTStep(nn.Module):
     """CausalDiT.forward_chunk_tables plus the sampler's x0 / re-noise math, for export."""
 
     def __init__(self, model: CausalDiT):
         super().__init__()
         self.model = model
+        self.sampler_update = SamplerUpdate()
 
     def forward(self, x, eps, t_freq, sigma, sigma_next, text_k, text_v, ctx_k, ctx_v, key_mask,
                 cos_ctx, sin_ctx, cos_q, sin_q):
@@ -41,8 +51,7 @@ class DiTStep(nn.Module):
         e0 = m.time_projection(e).unflatten(-1, (6, m.config.dim))
         flow, new_k, new_v = m.forward_chunk_tables(
             x, None, text_k, text_v, ctx_k, ctx_v, key_mask > 0.5, cos_ctx, sin_ctx, cos_q, sin_q, time_emb=(e, e0))
-        x0 = x - sigma * flow
-        x_next = (1 - sigma_next) * x0 + sigma_next * eps
+        x0, x_next = self.sampler_update(x, flow.to(x.dtype), sigma, sigma_next, eps)
         return x0, x_next, new_k, new_v
 
 
@@ -73,13 +82,28 @@ def example_inputs(model: CausalDiT, latent_hw, context_frames: int, chunk_frame
     }
 
 
-def export_dit_step(model: CausalDiT, path: str, feeds: dict, opset: int = 17) -> None:
-    """Export the step graph with the static shapes of ``feeds`` (see ``example_inputs``)."""
+def export_dit_step(model: CausalDiT, path: str, feeds: dict, opset: int = 17) -> list[str]:
+    """Export the step graph with the static shapes of ``feeds`` (see ``example_inputs``).
+
+    Returns the external-data files written beside ``path``: none for small models, one
+    ``dit_step.onnx.data`` when the graph is over protobuf's 2 GB (the 1.3B model in fp32).
+    """
+    import os
+    import tempfile
+
+    import onnx
+
+    from export.onnx_files import save_onnx
+
     step = DiTStep(model.eval())
     args = tuple(torch.from_numpy(feeds[name]) for name in INPUTS)
-    with torch.no_grad():
-        torch.onnx.export(step, args, path, input_names=INPUTS, output_names=OUTPUTS, opset_version=opset,
-                          dynamo=False, do_constant_folding=True)
+    # torch writes a > 2 GB graph with one file per tensor: export apart, then save with one data file
+    with tempfile.TemporaryDirectory(prefix=".rf-dit-", dir=os.path.dirname(os.path.abspath(path))) as scratch:
+        raw = os.path.join(scratch, os.path.basename(path))
+        with torch.no_grad():
+            torch.onnx.export(step, args, raw, input_names=INPUTS, output_names=OUTPUTS, opset_version=opset,
+                              dynamo=False, do_constant_folding=True)
+        return save_onnx(onnx.load(raw), path)
 
 
 class CacheUpdate(nn.Module):

@@ -204,6 +204,7 @@ class Bundle:
                 raise BundleError(f"{mpath}: required key {key!r} is missing; {REBUILD}")
         _check_files(path, manifest["files"], verify_hashes)
         graphs = _check_graphs(path, manifest)
+        _check_text_encoder(mpath, manifest)
         _check_plans(mpath, manifest)
         card = ModelCard.from_dict(manifest["model_card"], mpath)
         checked = _check_graph_io(path, manifest, graphs)
@@ -246,6 +247,19 @@ def _check_graphs(path: str, manifest: dict) -> dict[str, GraphSpec]:
                 raise BundleError(f"{where}: tensor {t.name!r} has unknown dtype {t.dtype!r}; {REBUILD}")
         graphs[name] = spec
     return graphs
+
+
+def _check_text_encoder(mpath: str, manifest: dict) -> None:
+    """A umT5 text encoder names a graph of the bundle and a tokenizer directory whose
+    tokenizer.json is one of the bundle's (hashed) files."""
+    spec = manifest["text_encoder"]
+    if not isinstance(spec, dict) or spec.get("kind") != "umt5":
+        return
+    if spec.get("graph") not in manifest["graphs"]:
+        raise BundleError(f"{mpath}: text_encoder graph {spec.get('graph')!r} is not in 'graphs'; {REBUILD}")
+    tokenizer = f"{spec.get('tokenizer')}/tokenizer.json"
+    if tokenizer not in {f.get("path") for f in manifest["files"].values()}:
+        raise BundleError(f"{mpath}: the umT5 tokenizer file {tokenizer} is not in 'files'; {REBUILD}")
 
 
 def _check_plans(mpath: str, manifest: dict) -> None:

@@ -10,6 +10,9 @@ its buffers once, in ``new_stream``, and binds them once:
     the chunk's new K/V | VAE feature cache, two copies | the decoded pixels of one latent frame
     the clean latents of the last chunks the cache holds (a ring, re-cached by a prompt switch)
 
+A umT5 bundle's ``text_encoder`` graph gets a runner too (run once per prompt by
+``rf_runtime.text_onnx.OnnxTextEncoder``, with the bundle's tokenizer), so no torch is needed.
+
 Per chunk only buffer addresses are rebound, x0 is copied into its ring slot, nothing is allocated,
 and the only new array is the uint8 frames returned to the caller. Several streams can run on one backend:
 they share the runners and tables, never buffers.
@@ -18,6 +21,7 @@ they share the runners and tables, never buffers.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +37,7 @@ from rf_runtime.sampler import StreamSettings
 logger = logging.getLogger("rf_runtime")
 
 GRAPHS = ("text_kv", "dit_step", "cache_update", "vae_decode_first", "vae_decode")
+TEXT_GRAPH = "text_encoder"  # umT5 bundles only; run like the other graphs, once per prompt
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 DEVICES = ("cpu", "cuda")
 
@@ -127,12 +132,12 @@ class EngineBackend(Backend):
                               vae_stride=tuple(self.model["vae_stride"]), settings=settings, fps=self.model["fps"])
         self.model_card = bundle.model_card
         self.model_card.check_settings(settings, self.info.frame_hw)
-        self.text_encoder = _text_encoder(m["text_encoder"])
         self.spec = settings.cache_spec
         self.schedule = settings.schedule()
         self.runners = self._make_runners(backend, device, cuda_graph, threads)
         for runner in self.runners.values():
             runner.activate()
+        self.text_encoder = _text_encoder(m["text_encoder"], bundle, self.runners.get(TEXT_GRAPH))
         self._check_geometry()
         self._tables()
 
@@ -148,9 +153,23 @@ class EngineBackend(Backend):
             raise BundleError(f"{b.path} lacks the graphs {missing}; rebuild it with `rf-export onnx`")
         if backend == "tensorrt":
             plans = plan_names(b)
-            return {g: TensorRTRunner(b.file(b.plans[plans[g]]["file"]), b.graphs[plans[g]], cuda_graph=cuda_graph,
-                                      name=plans[g]) for g in GRAPHS}
-        return {g: OnnxRuntimeRunner(b.graph_file(g), b.graphs[g], device=device, threads=threads) for g in GRAPHS}
+            runners = {g: TensorRTRunner(b.file(b.plans[plans[g]]["file"]), b.graphs[plans[g]], cuda_graph=cuda_graph,
+                                         name=plans[g]) for g in GRAPHS}
+        else:
+            runners = {g: OnnxRuntimeRunner(b.graph_file(g), b.graphs[g], device=device, threads=threads)
+                       for g in GRAPHS}
+        if b.manifest["text_encoder"].get("kind") == "umt5":  # the umT5 graph: once per prompt
+            graph = b.manifest["text_encoder"]["graph"]  # Bundle.load checked that it is one of the graphs
+            if backend == "tensorrt" and graph in b.plans:
+                runners[TEXT_GRAPH] = TensorRTRunner(b.file(b.plans[graph]["file"]), b.graphs[graph], name=graph)
+            else:
+                if backend == "tensorrt":
+                    logger.info("bundle %s has no TensorRT plan for %s: the text encoder runs on onnxruntime (%s); "
+                                "`rf-export trt BUNDLE --precision fp32 --graphs %s` builds one", b.path, graph,
+                                device, graph)
+                runners[TEXT_GRAPH] = OnnxRuntimeRunner(b.graph_file(graph), b.graphs[graph], device=device,
+                                                        threads=threads, name=graph)
+        return runners
 
     def _check_geometry(self) -> None:
         """The graphs' tensor shapes must be the ones the manifest's model and stream settings imply."""
@@ -420,12 +439,18 @@ def _dtype(runner: Runner, name: str) -> str:
     return runner.graph.tensors[name].dtype
 
 
-def _text_encoder(spec: dict):
+def _text_encoder(spec: dict, bundle: Bundle, runner: Runner | None):
+    """The bundle's text encoder: the hashed one (pure numpy), or the umT5 graph through ``runner``
+    with the bundle's tokenizer (rf_runtime/text_onnx.py); never torch."""
     spec = dict(spec)
     kind = spec.pop("kind", None)
+    if kind == "umt5":
+        from rf_runtime.text_onnx import OnnxTextEncoder
+
+        return OnnxTextEncoder(runner, os.path.join(bundle.path, spec["tokenizer"]), spec["text_len"])
     if kind != "hashed":
-        raise ConfigError(f"bundle text encoder {kind!r} is not supported by the engine runtime yet: bundles with "
-                          "the hashed text encoder run; the umT5 graph runtime is not written")
+        raise ConfigError(f"bundle text encoder {kind!r} is not supported: bundles hold the 'hashed' or the 'umt5' "
+                          "text encoder; rebuild the bundle with `rf-export onnx`")
     from rf_runtime.models.hashed_text import HashedTextEncoder
 
     return HashedTextEncoder(**spec)

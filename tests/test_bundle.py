@@ -14,7 +14,7 @@ import pytest
 ort = pytest.importorskip("onnxruntime")
 
 from rf_runtime import Streamer  # noqa: E402
-from rf_runtime.bundle import Bundle, BundleError, ModelCard, plan_problem, write_manifest  # noqa: E402
+from rf_runtime.bundle import Bundle, BundleError, ModelCard, plan_problem  # noqa: E402
 from rf_runtime.engine_backend import GRAPHS, choose_backend  # noqa: E402
 from rf_runtime.runners import RunnerError  # noqa: E402
 from rf_runtime.sampler import StreamSettings  # noqa: E402
@@ -180,19 +180,20 @@ def test_plan_compatibility():
 def bundle_with_plans(src, dst):
     """A bundle whose manifest records a TensorRT plan for every graph (the plan bytes are never
     deserialized here: only the compatibility check reads the manifest)."""
+    from export.trt_build import record_plans  # what `rf-export trt` records after a build
+
     b = copy_bundle(src, dst)
-    m = read_manifest(b)
-    m["plans"] = {}
     for g in GRAPHS:
         (b / f"{g}.plan").write_bytes(b"plan bytes")
-        m["files"][f"{g}_plan"] = {"path": f"{g}.plan"}
-        m["plans"][g] = {**PLAN, "file": f"{g}_plan"}
-    write_manifest(str(b), m)
+    info = {k: v for k, v in PLAN.items() if k != "file"}
+    record_plans(str(b), read_manifest(b), {g: f"{g}.plan" for g in GRAPHS}, **info)
     return b
 
 
 def test_plan_for_another_gpu_or_tensorrt_is_refused(engine_dirs, tmp_path):
     bundle = Bundle.load(bundle_with_plans(engine_dirs[1], tmp_path / "b"))
+    assert bundle.plans["text_kv"] == {**PLAN, "file": "plan:text_kv"}  # as `rf-export trt` records it
+    assert bundle.file("plan:text_kv") == os.path.join(bundle.path, "text_kv.plan")
     bundle.check_plans(GRAPHS, "10.8.0", "9.0")
     with pytest.raises(BundleError, match=r"text_kv.plan \(text_kv\) cannot run here: .*compute capability 9.0.*"
                                           r"this GPU is 8.6; rebuild the engines with `rf-export trt BUNDLE`"):
@@ -210,7 +211,7 @@ def test_plan_for_another_gpu_or_tensorrt_is_refused(engine_dirs, tmp_path):
 def test_plan_entries_are_validated(engine_dirs, tmp_path):
     b = bundle_with_plans(engine_dirs[1], tmp_path / "b")
     m = read_manifest(b)
-    m["plans"]["nope"] = dict(PLAN, file="dit_step_plan")
+    m["plans"]["nope"] = dict(PLAN, file="plan:dit_step")
     write_raw_manifest(b, m)
     with pytest.raises(BundleError, match="plan 'nope' names no graph.*rf-export trt"):
         Bundle.load(b)

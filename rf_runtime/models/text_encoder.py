@@ -47,6 +47,7 @@ __all__ = [
     "UMT5TextEncoder",
     "load_text_encoder",
     "clean_prompt",
+    "clean_prompts",
     "wan_to_hf_state_dict",
     "WAN_T5_FILE",
     "WAN_TOKENIZER_DIR",
@@ -195,6 +196,24 @@ def clean_prompt(text: str, *, use_ftfy: bool | None = None) -> str:
     text = fix(text) if fix is not None else _fix_text_lite(text)
     text = html.unescape(html.unescape(text)).strip()
     return _WHITESPACE.sub(" ", text).strip()
+
+
+def clean_prompts(prompts) -> list[str]:
+    """A prompt or a non-empty list of prompts -> the cleaned prompts (``clean_prompt``); an empty or
+    non-string prompt raises InputError. Shared by the torch and the ONNX umT5 encoders."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise InputError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    cleaned = []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt {i} must be a string, got {type(prompt).__name__}")
+        text = clean_prompt(prompt)
+        if not text:
+            raise InputError(f"prompt {i} ({prompt!r}) is empty: describe the video to generate")
+        cleaned.append(text)
+    return cleaned
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
@@ -493,18 +512,7 @@ class UMT5TextEncoder(TextEncoder):
 
     def tokenize(self, prompts: list[str]) -> tuple["torch.Tensor", "torch.Tensor"]:
         """Cleaned prompts -> (ids, mask), both ``[B, text_len]`` int64: EOS appended, truncated, padded."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise InputError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-        cleaned = []
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise InputError(f"prompt {i} must be a string, got {type(prompt).__name__}")
-            text = clean_prompt(prompt)
-            if not text:
-                raise InputError(f"prompt {i} ({prompt!r}) is empty: describe the video to generate")
-            cleaned.append(text)
+        cleaned = clean_prompts(prompts)
         out = self.tokenizer(cleaned, padding="max_length", truncation=True, max_length=self.text_len,
                              add_special_tokens=True, return_tensors="pt", return_attention_mask=True)
         return out["input_ids"], out["attention_mask"]

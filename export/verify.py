@@ -1,0 +1,241 @@
+"""``rf-export verify``: every graph of a bundle, on every available backend, against PyTorch.
+
+For each graph (fp32 and its low-precision variants) one set of random, well-formed inputs is
+drawn (a valid key mask and real RoPE tables for the DiT step, a real commit matrix for the cache
+update, token ids with a padding tail for umT5), rounded to the graph's input types, and run both
+through the backend and through the PyTorch fp32 reference module the graph was exported from
+(loaded from the model directory). A row reports the worst output: max abs error, relative error
+``||got - ref|| / ||ref||``, the tolerance of the graph's precision, and PASS / FAIL / SKIP.
+
+Backends: ``onnxruntime-cpu`` (always), ``onnxruntime-cuda`` (when onnxruntime-gpu sees a GPU),
+``tensorrt`` (the bundle's plans, when TensorRT and a GPU are present) and ``onnx-reference``
+(onnx's numpy evaluator: slow, but it runs bf16 graphs, which onnxruntime's CPU provider cannot;
+asked for explicitly with ``backends=``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from rf_runtime.errors import ConfigError, InputError, MissingDependencyError
+
+# Relative error allowed per graph precision (fp16 has 11 significant bits, bf16 8).
+TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "onnx-reference")
+
+
+@dataclass(frozen=True)
+class VerifyRow:
+    graph: str
+    precision: str
+    backend: str
+    max_abs: float
+    rel: float
+    tol: float
+    status: str  # PASS, FAIL or SKIP
+    note: str = ""
+
+
+def split_name(graph: str) -> tuple[str, str]:
+    """'dit_step@fp16' -> ('dit_step', 'fp16'); 'dit_step' -> ('dit_step', 'fp32')."""
+    base, _, precision = graph.partition("@")
+    return base, precision or "fp32"
+
+
+def graph_io(spec):
+    """[(name, shape, numpy dtype)] of the inputs and of the outputs of a ``GraphSpec`` (a manifest
+    ``graphs`` entry, checked against its .onnx by ``Bundle.load``); bfloat16 via ml_dtypes."""
+    import ml_dtypes
+
+    from rf_runtime.runners.base import DTYPES
+
+    dtypes = {**DTYPES, "bfloat16": ml_dtypes.bfloat16}
+    return tuple([(t.name, t.shape, dtypes[t.dtype]) for t in ts] for ts in (spec.inputs, spec.outputs))
+
+
+class References:
+    """The PyTorch fp32 reference module of every graph kind, and well-formed random inputs for it."""
+
+    def __init__(self, model_dir, checkpoint=None):
+        from rf_runtime.torch_backend import TorchBackend
+
+        self.backend = TorchBackend.from_dir(model_dir, checkpoint)
+
+    def module(self, base: str):
+        from export.dit_graph import CacheUpdate, DiTStep, TextKV
+        from export.vae_graph import DecodeFirst, DecodeNext
+
+        b = self.backend
+        if base == "dit_step":
+            return DiTStep(b.dit)
+        if base == "text_kv":
+            return TextKV(b.dit)
+        if base == "cache_update":
+            h, w = b.dit.grid(b.info.latent_hw)
+            return CacheUpdate(h * w)
+        if base == "vae_decode_first":
+            return DecodeFirst(b.vae)
+        if base == "vae_decode":
+            return DecodeNext(b.vae)
+        if base == "text_encoder":
+            from export.text_graph import TextEncoderGraph
+
+            return TextEncoderGraph(b.text_encoder.model)
+        raise ConfigError(f"no PyTorch reference for graph {base!r}: known graphs are dit_step, text_kv, cache_update, "
+                          "vae_decode_first, vae_decode, text_encoder")
+
+    def inputs(self, base: str, inputs, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Random well-formed float32 / int64 inputs of graph ``base`` for the declared ``inputs``."""
+        from rf_runtime.cache import commit_matrix
+
+        b = self.backend
+        spec = b.info.settings.cache_spec
+        if base == "dit_step":
+            from export.dit_graph import example_inputs
+
+            valid = int(rng.choice(sorted({spec.valid_frames(n) for n in range(spec.window_slots + 3)})))
+            return example_inputs(b.dit, b.info.latent_hw, spec.context_frames, spec.chunk_frames, valid,
+                                  seed=int(rng.integers(1 << 31)))
+        if base == "text_encoder":
+            shape = inputs[0][1]
+            vocab = b.text_encoder.model.config.vocab_size
+            length = int(rng.integers(1, shape[1] + 1))
+            ids = np.zeros(shape, np.int64)
+            ids[:, :length] = rng.integers(2, vocab, (shape[0], length))
+            mask = (np.arange(shape[1]) < length).astype(np.int64)[None].repeat(shape[0], 0)
+            return {"input_ids": ids, "attention_mask": mask}
+        feeds = {name: rng.standard_normal(shape).astype(np.float32) for name, shape, _ in inputs}
+        if base == "cache_update":  # a state where the window is full: write, evict and fold at once
+            feeds["mix"] = commit_matrix(spec, spec.window_slots + 1).astype(np.float32)
+        return feeds
+
+
+def _check_same_model(manifest: dict, backend, bundle_dir: str, model_dir) -> None:
+    """The reference must have the bundle's geometry, or there is nothing to compare."""
+    model = manifest.get("model", {})
+    ours = {"dit": backend.dit.config.to_dict(), "latent_hw": list(backend.info.latent_hw)}
+    for key, value in ours.items():
+        if key in model and model[key] != value:
+            raise InputError(f"{bundle_dir} was exported from another model: its {key} is {model[key]}, the model in "
+                             f"{os.fspath(model_dir)} has {value}; pass the --model-dir (and --checkpoint) it was "
+                             "exported from")
+
+
+def run_reference(module, names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        out = module.eval()(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names))
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    return [o.float().numpy() for o in out]
+
+
+def available_backends() -> list[str]:
+    """The backends this machine can run (without importing TensorRT when it is absent)."""
+    import importlib.util
+
+    found = []
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime as ort
+
+        found.append("onnxruntime-cpu")
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            found.append("onnxruntime-cuda")
+    if importlib.util.find_spec("tensorrt") is not None:
+        found.append("tensorrt")
+    return found
+
+
+def _run_backend(backend: str, path: str, spec, feeds: dict, out_names, plan: str | None):
+    if backend in ("onnxruntime-cpu", "onnxruntime-cuda"):
+        from rf_runtime.runners import OnnxRuntimeRunner
+
+        with OnnxRuntimeRunner(path, spec, device=backend.partition("-")[2]) as runner:
+            out = runner.infer(feeds)
+            return [out[n].copy() for n in out_names]
+    if backend == "onnx-reference":
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        return ReferenceEvaluator(onnx.load(path)).run(out_names, feeds)
+    if backend == "tensorrt":
+        from export.trt_build import run_plan
+
+        return run_plan(plan, feeds, out_names)
+    raise ConfigError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
+
+
+def verify_bundle(bundle_dir, model_dir, checkpoint=None, *, backends=None, seed: int = 0,
+                  graphs=None) -> list[VerifyRow]:
+    """Run every graph of the bundle on each backend against the PyTorch reference; return the rows."""
+    from rf_runtime.bundle import Bundle
+
+    bundle_dir = os.fspath(bundle_dir)
+    bundle = Bundle.load(bundle_dir)  # refuses a missing, altered or unknown bundle, or one whose graphs' IO differs
+    manifest = bundle.manifest
+    backends = list(backends) if backends else available_backends()
+    if not backends:
+        raise MissingDependencyError("no backend to verify on: pip install 'rf_runtime[cpu]' (onnxruntime), or "
+                                     "'rf_runtime[gpu]' on a machine with an NVIDIA GPU")
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ConfigError(f"unknown backend(s) {unknown}: choose from {', '.join(BACKENDS)}")
+    paths = {name: bundle.graph_file(name) for name in bundle.graphs}
+    if graphs:
+        missing = sorted(set(graphs) - set(paths))
+        if missing:
+            raise InputError(f"graph(s) {missing} are not in {bundle_dir}; it has {sorted(paths)}")
+        paths = {g: paths[g] for g in graphs}
+    refs = References(model_dir, checkpoint)
+    _check_same_model(manifest, refs.backend, bundle_dir, model_dir)
+    plans = bundle.plans
+    rows = []
+    for i, (graph, path) in enumerate(sorted(paths.items())):
+        base, precision = split_name(graph)
+        inputs, outputs = graph_io(bundle.graphs[graph])
+        rng = np.random.default_rng([seed, i])
+        raw = refs.inputs(base, inputs, rng)
+        # the same values on both sides: round to the graph's input types first
+        feeds = {name: raw[name].astype(dtype) for name, _, dtype in inputs}
+        expect = run_reference(refs.module(base), [n for n, _, _ in inputs],
+                               {n: v if v.dtype == np.int64 else v.astype(np.float32) for n, v in feeds.items()})
+        tol = TOLERANCES[precision]
+        for backend in backends:
+            plan = plans.get(graph, {}).get("file")
+            if backend == "tensorrt" and plan is None:
+                rows.append(VerifyRow(graph, precision, backend, float("nan"), float("nan"), tol, "SKIP",
+                                      "no TensorRT plan in the bundle (rf-export trt BUNDLE)"))
+                continue
+            if backend.startswith("onnxruntime") and precision == "bf16":
+                why = ("onnxruntime's CPU provider has no bf16 kernels" if backend == "onnxruntime-cpu" else
+                       "the onnxruntime runner takes no bf16 host arrays (numpy has no bf16)")
+                rows.append(VerifyRow(graph, precision, backend, float("nan"), float("nan"), tol, "SKIP",
+                                      f"{why}; try --backends onnx-reference or tensorrt"))
+                continue
+            plan_path = bundle.file(plan) if plan else None
+            got = _run_backend(backend, path, bundle.graphs[graph], feeds, [n for n, _, _ in outputs], plan_path)
+            max_abs, rel = 0.0, 0.0
+            for g_out, ref in zip(got, expect):
+                diff = np.asarray(g_out).astype(np.float32) - ref
+                max_abs = max(max_abs, float(np.abs(diff).max(initial=0.0)))
+                norm = float(np.linalg.norm(ref))
+                rel = max(rel, float(np.linalg.norm(diff)) / norm if norm > 0 else float(np.linalg.norm(diff)))
+            status = "PASS" if rel <= tol and np.isfinite(rel) else "FAIL"
+            rows.append(VerifyRow(graph, precision, backend, max_abs, rel, tol, status))
+    return rows
+
+
+def format_table(rows: list[VerifyRow]) -> str:
+    head = ("graph", "precision", "backend", "max abs err", "rel err", "tol", "result")
+    def num(x: float) -> str:
+        return f"{x:.3e}" if np.isfinite(x) else "-"
+
+    body = [(r.graph, r.precision, r.backend, num(r.max_abs), num(r.rel), f"{r.tol:.0e}",
+             r.status + (f" ({r.note})" if r.note else "")) for r in rows]
+    widths = [max(len(str(x[c])) for x in [head, *body]) for c in range(len(head))]
+    lines = ["  ".join(str(x[c]).ljust(widths[c]) for c in range(len(head))).rstrip() for x in [head, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
