@@ -1,0 +1,119 @@
+"""rf-world: make data and train the small world model on CPU, stage by stage. Thin: parse, call, report.
+
+    rf-world vae      --out W/vae.safetensors --steps 3000 --max-minutes 12
+    rf-world encode   --vae W/vae.safetensors --videos 1500 --out W/latents.safetensors
+    rf-world teacher  --data W/latents.safetensors --out W/teacher.safetensors --steps 3000 --max-minutes 25
+    rf-world student  --data W/latents.safetensors --teacher W/teacher.safetensors --out W/student.safetensors
+    rf-world model-dir --vae W/vae.safetensors --dit W/student.safetensors --out W/model
+
+Every stage writes its weights atomically, ``<out>.json`` with the config, and ``<out>.log.json``
+with the per-step losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rf_runtime.errors import RFError
+
+
+def _common(p, steps, batch, lr):
+    p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+    p.add_argument("--steps", type=int, default=steps, help=f"optimiser steps (default {steps})")
+    p.add_argument("--max-minutes", type=float, help="stop early after this much training time")
+    p.add_argument("--batch", type=int, default=batch, help=f"batch size (default {batch})")
+    p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="seconds-sized models (smoke tests)")
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="rf-world", description="Train the small procedural-world model on CPU.")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub = p.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("vae", help="train the VAE (autoencoder on procedural clips)"), 3000, 4, 2e-3)
+    enc = sub.add_parser("encode", help="render procedural clips and encode them with the VAE")
+    enc.add_argument("--vae", required=True)
+    enc.add_argument("--videos", type=int, default=1500)
+    enc.add_argument("--out", required=True)
+    enc.add_argument("--seed", type=int, default=1_000_000)
+    enc.add_argument("--tiny", action="store_true")
+    _common(sub.add_parser("teacher", help="train the bidirectional teacher DiT (flow matching)"), 3000, 16, 5e-4)
+    st = sub.add_parser("student", help="fine-tune the causal student from the teacher (teacher forcing)")
+    _common(st, 500, 8, 2e-4)
+    st.add_argument("--teacher", required=True)
+    for name in ("teacher", "student"):
+        sub.choices[name].add_argument("--data", required=True, help="latents from `rf-world encode`")
+    md = sub.add_parser("model-dir", help="write a model directory that rf-generate / rf-export read")
+    md.add_argument("--vae", required=True)
+    md.add_argument("--dit", required=True)
+    md.add_argument("--out", required=True)
+    md.add_argument("--note", default="", help="free text for the model card")
+    md.add_argument("--tiny", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except RFError as exc:
+        print(f"rf-world: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from rf_runtime.world import training as T
+
+    torch.set_num_threads(args.threads)
+    cfg = T.TINY if args.tiny else T.WorldConfig()
+    max_s = args.max_minutes * 60 if getattr(args, "max_minutes", None) else None
+    total = getattr(args, "steps", None) or getattr(args, "videos", None)
+    bar = tqdm(total=total, disable=args.quiet, file=sys.stderr, mininterval=5)
+
+    def on_step(step, logs):
+        bar.n = step + 1 if args.command != "encode" else step
+        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "mse", "kl")}, refresh=False)
+        bar.refresh()
+
+    if args.command == "vae":
+        vae, history = T.train_vae(cfg, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                                   max_seconds=max_s, on_step=on_step)
+        vae = T.with_config(vae, T.latent_stats(vae, cfg, num_videos=16 if args.tiny else 64))
+        T.save_vae(vae, args.out)
+    elif args.command == "encode":
+        data = T.encode_dataset(T.load_vae(args.vae), cfg, args.videos, seed=args.seed, on_step=on_step)
+        data.save(args.out)
+        history = None
+    elif args.command == "teacher":
+        model, history = T.train_teacher(cfg, T.LatentData.load(args.data), steps=args.steps, batch=args.batch,
+                                         lr=args.lr, seed=args.seed, max_seconds=max_s, on_step=on_step)
+        T.save_dit(model, args.out)
+    elif args.command == "student":
+        model, history = T.train_student(cfg, T.LatentData.load(args.data), T.load_dit(args.teacher),
+                                         steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                                         max_seconds=max_s, on_step=on_step)
+        T.save_dit(model, args.out)
+    else:
+        card = {"name": "procedural-world", "note": args.note}
+        T.write_model_dir(args.out, cfg, T.load_dit(args.dit), T.load_vae(args.vae), card)
+        history = None
+    bar.close()
+    if history is not None:
+        T.save_json(history, args.out + ".log.json")
+        last = history[-1]
+        print(f"wrote {args.out}: {len(history)} steps in {last['seconds']:.0f} s, final loss {last['loss']:.4f}")
+    else:
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
