@@ -23,9 +23,10 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
     """
     import torch
 
-    from rf_runtime.torch_backend import TorchBackend
+    from rf_runtime.torch_backend import TorchBackend, read_model_card
 
     backend = TorchBackend.from_dir(model_dir, checkpoint)
+    card = read_model_card(os.fspath(model_dir))
     text_spec = getattr(backend.text_encoder, "to_dict", None)
     if text_spec is None:
         raise ConfigError("only models with the hashed text encoder can be bundled yet: the umT5 graph export "
@@ -58,7 +59,9 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
                       "precision": "fp32"},
             "stream": dataclasses.asdict(settings),
             "text_encoder": text_spec(),
-            "model_card": {"source": os.fspath(model_dir), "checkpoint": os.fspath(checkpoint) if checkpoint else None,
+            # basenames only: a bundle is copied between machines, and paths of this one mean nothing there
+            "model_card": {**card.get("model_card", {}), "source": os.path.basename(os.path.normpath(os.fspath(model_dir))),
+                           "checkpoint": os.path.basename(os.fspath(checkpoint)) if checkpoint else None,
                            **(model_card or {})},
             "producer": {"torch": torch.__version__},
         }

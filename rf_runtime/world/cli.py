@@ -47,17 +47,36 @@ def _parser():
     st.add_argument("--teacher", required=True)
     for name in ("teacher", "student"):
         sub.choices[name].add_argument("--data", required=True, help="latents from `rf-world encode`")
+    for name in ("vae", "teacher"):
+        sub.choices[name].add_argument("--init", help="continue training from these weights")
+    sub.choices["vae"].add_argument("--crop", type=int, help="train on random crops of this size (e.g. 32)")
     md = sub.add_parser("model-dir", help="write a model directory that rf-generate / rf-export read")
     md.add_argument("--vae", required=True)
     md.add_argument("--dit", required=True)
     md.add_argument("--out", required=True)
     md.add_argument("--note", default="", help="free text for the model card")
     md.add_argument("--tiny", action="store_true")
+    ab = sub.add_parser("ablate", help="cache variants (and several students) over long streams: table + plots")
+    ab.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
+                    help="a model directory to compare, as name=path (repeat for DMD vs Re-DMD students)")
+    ab.add_argument("--variants", default=",".join(_variant_names()),
+                    help="comma-separated cache variants (default: all of %(default)s)")
+    ab.add_argument("--prompt", action="append", help="prompt (repeatable; default: three procedural prompts)")
+    ab.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
+    ab.add_argument("--seconds", type=float, default=60.0, help="stream length (default 60)")
+    ab.add_argument("--out", required=True, help="directory for ablation.md/.json and the plots")
     return p
+
+
+def _variant_names():
+    from rf_runtime.world.ablation import CACHE_VARIANTS
+
+    return list(CACHE_VARIANTS)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
@@ -73,6 +92,8 @@ def _run(args) -> int:
     from rf_runtime.world import training as T
 
     torch.set_num_threads(args.threads)
+    if args.command == "ablate":
+        return _ablate(args)
     cfg = T.TINY if args.tiny else T.WorldConfig()
     max_s = args.max_minutes * 60 if getattr(args, "max_minutes", None) else None
     total = getattr(args, "steps", None) or getattr(args, "videos", None)
@@ -84,8 +105,9 @@ def _run(args) -> int:
         bar.refresh()
 
     if args.command == "vae":
+        init = T.load_vae(args.init) if args.init else None
         vae, history = T.train_vae(cfg, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                                   max_seconds=max_s, on_step=on_step)
+                                   max_seconds=max_s, crop=args.crop, init=init, on_step=on_step)
         vae = T.with_config(vae, T.latent_stats(vae, cfg, num_videos=16 if args.tiny else 64))
         T.save_vae(vae, args.out)
     elif args.command == "encode":
@@ -93,8 +115,9 @@ def _run(args) -> int:
         data.save(args.out)
         history = None
     elif args.command == "teacher":
+        init = T.load_dit(args.init) if args.init else None
         model, history = T.train_teacher(cfg, T.LatentData.load(args.data), steps=args.steps, batch=args.batch,
-                                         lr=args.lr, seed=args.seed, max_seconds=max_s, on_step=on_step)
+                                         lr=args.lr, seed=args.seed, max_seconds=max_s, init=init, on_step=on_step)
         T.save_dit(model, args.out)
     elif args.command == "student":
         model, history = T.train_student(cfg, T.LatentData.load(args.data), T.load_dit(args.teacher),
@@ -112,6 +135,36 @@ def _run(args) -> int:
         print(f"wrote {args.out}: {len(history)} steps in {last['seconds']:.0f} s, final loss {last['loss']:.4f}")
     else:
         print(f"wrote {args.out}")
+    return 0
+
+
+def _ablate(args) -> int:
+    import shlex
+
+    from tqdm import tqdm
+
+    from rf_runtime.world import ablation as A
+
+    models = {}
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise RFError(f"--model {item!r}: write it as NAME=DIR, e.g. --model re-dmd=work/model")
+        models[name] = path
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in A.CACHE_VARIANTS]
+    if unknown:
+        raise RFError(f"unknown cache variants {unknown}: choose from {list(A.CACHE_VARIANTS)}")
+    prompts = args.prompt or list(A.DEFAULT_PROMPTS)
+    total = len(models) * len(names) * len(prompts) * args.seeds
+    bar = tqdm(total=total, unit="run", disable=args.quiet, file=sys.stderr)
+    runs = A.run_ablation(models, {v: A.CACHE_VARIANTS[v] for v in names}, prompts, list(range(args.seeds)),
+                          args.seconds, on_run=lambda run: bar.update(1))
+    bar.close()
+    command = "rf-world " + " ".join(shlex.quote(a) for a in args.argv)
+    for path in A.write_report(runs, args.out, command):
+        print(f"wrote {path}")
+    print(A.markdown_table(A.summarize(runs)))
     return 0
 
 
