@@ -50,6 +50,8 @@ def _parser():
     for name in ("vae", "teacher"):
         sub.choices[name].add_argument("--init", help="continue training from these weights")
     sub.choices["vae"].add_argument("--crop", type=int, help="train on random crops of this size (e.g. 32)")
+    sub.choices["vae"].add_argument("--decoder-only", action="store_true",
+                                    help="freeze the encoder (latents already encoded stay valid)")
     md = sub.add_parser("model-dir", help="write a model directory that rf-generate / rf-export read")
     md.add_argument("--vae", required=True)
     md.add_argument("--dit", required=True)
@@ -107,7 +109,8 @@ def _run(args) -> int:
     if args.command == "vae":
         init = T.load_vae(args.init) if args.init else None
         vae, history = T.train_vae(cfg, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                                   max_seconds=max_s, crop=args.crop, init=init, on_step=on_step)
+                                   max_seconds=max_s, crop=args.crop, init=init,
+                                   decoder_only=args.decoder_only, on_step=on_step)
         vae = T.with_config(vae, T.latent_stats(vae, cfg, num_videos=16 if args.tiny else 64))
         T.save_vae(vae, args.out)
     elif args.command == "encode":
