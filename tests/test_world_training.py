@@ -155,3 +155,12 @@ def test_cli_runs_every_stage(tmp_path, capsys):
     assert main(["--quiet", "teacher", "--tiny", "--data", f"{w}/missing.safetensors", "--steps", "1",
                  "--out", f"{w}/x.safetensors"]) == 2
     assert "missing.safetensors" in capsys.readouterr().err
+
+
+def test_decoder_only_training_keeps_the_encoder(vae):
+    tuned, _ = T.train_vae(CFG, steps=2, batch=2, clip_frames=5, init=vae, decoder_only=True)
+    before, after = vae.state_dict(), tuned.state_dict()
+    for k in before:
+        if k.startswith(("encoder.", "conv1.")):
+            torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("decoder."))
