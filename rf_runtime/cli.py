@@ -77,14 +77,18 @@ def _load_streamer(args):
                                     device=args.device, dtype=args.dtype)
 
 
-def generate_main(argv: list[str] | None = None) -> int:
-    args = _generate_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def run_command(prog: str, body, args, level: int = logging.WARNING) -> int:
+    """Run a CLI body; an RFError becomes one line on stderr and exit status 2 (no traceback)."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _generate(args)
+        return body(args)
     except RFError as exc:
-        print(f"rf-generate: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    return run_command("rf-generate", _generate, _generate_parser().parse_args(argv))
 
 
 def _generate(args) -> int:
@@ -155,13 +159,7 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    args = _eval_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return _eval(args)
-    except RFError as exc:
-        print(f"rf-eval: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("rf-eval", _eval, _eval_parser().parse_args(argv))
 
 
 def _eval(args) -> int:

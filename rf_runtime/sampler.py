@@ -186,13 +186,15 @@ class ChunkRollout:
         return torch.full(x.shape[:2], float(t), dtype=torch.float32, device=x.device)
 
     def denoise_step(self, x, k: int, eps=None):
-        """Step k on chunk latents x [B, f, C, H, W] -> (x0, x re-noised with eps to the next sigma or None)."""
+        """Step k on chunk latents x [B, f, C, H, W] -> (x0, x re-noised with eps to the next sigma or None).
+
+        eps=None stops after x0 (the last step, or a training rollout's exit step)."""
         sched = self.schedule
         valid = self.spec.valid_frames(self.chunks_committed)
         flow, _, _ = self.model.forward_chunk(x, self._times(x, sched.t[k]), self.text_k, self.text_v,
                                               self.cache_k, self.cache_v, valid)
         x0 = x0_from_flow(x, flow, sched.sigma[k])
-        if k + 1 == len(sched.t):
+        if k + 1 == len(sched.t) or eps is None:
             return x0, None
         return x0, renoise(x0, eps, sched.sigma[k + 1])
 

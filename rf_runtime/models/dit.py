@@ -204,6 +204,11 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
+    def text_kv(self, context):
+        """This block's cross-attention K/V of a prompt (a Block method, so that a sharded block,
+        e.g. under FSDP, can gather its weights for it as it does for ``forward``)."""
+        return self.cross_attn.text_kv(context)
+
     def forward(self, x, e0, text_k, text_v, self_attention):
         """x [B, F*T, dim]; e0 [B, F, 6, dim]; self_attention(q, k, v) -> [B, F*T, N, D].
 
@@ -336,7 +341,7 @@ class CausalDiT(nn.Module):
         -> (k, v), each [num_layers, B, text_len, N, D].
         """
         ctx = self.text_context(text_embeds)
-        ks, vs = zip(*(blk.cross_attn.text_kv(ctx) for blk in self.blocks))
+        ks, vs = zip(*(blk.text_kv(ctx) for blk in self.blocks))
         return torch.stack(ks), torch.stack(vs)
 
     def time_embeddings(self, t: torch.Tensor):

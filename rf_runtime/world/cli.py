@@ -77,14 +77,11 @@ def _variant_names():
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rf_runtime.cli import run_command
+
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return _run(args)
-    except RFError as exc:
-        print(f"rf-world: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("rf-world", _run, args, level=logging.INFO)
 
 
 def _run(args) -> int:

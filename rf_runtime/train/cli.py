@@ -1,0 +1,101 @@
+"""``rf-train --config FILE``: Re-DMD training from a YAML or JSON config.
+
+Single process:   rf-train --config configs/tiny_redmd.yaml
+N GPUs (FSDP2):   torchrun --nproc_per_node N -m rf_runtime.train.cli --config FILE
+N CPU processes:  torchrun --nproc_per_node N -m rf_runtime.train.cli --config FILE --device cpu
+Resume:           rf-train --config FILE --resume            (the newest checkpoint in output_dir)
+                  rf-train --config FILE --resume PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from rf_runtime.errors import RFError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rf-train", description="Re-DMD training of a causal Reward Forcing student "
+                                "(Self-Forcing rollouts, reward-weighted DMD, EMA-Sink cache).")
+    p.add_argument("--config", required=True, help="YAML or JSON training config (see configs/tiny_redmd.yaml)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from a checkpoint: PATH, or without a value the newest one in output_dir")
+    p.add_argument("--steps", type=int, help="train until this step (overrides the config's 'steps')")
+    p.add_argument("--output-dir", help="overrides the config's 'output_dir'")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's 'device'")
+    p.add_argument("--measure-reward", type=int, metavar="BATCHES",
+                   help="do not train: print the reward's mean/std/min/max on BATCHES batches of the student's "
+                        "samples (fully denoised), e.g. to set reward.motion.mean and std")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rf_runtime.cli import run_command
+
+    return run_command("rf-train", _train, _parser().parse_args(argv), level=logging.INFO)
+
+
+def _train(args) -> int:
+    from tqdm import tqdm
+
+    from rf_runtime.train import distributed as D
+    from rf_runtime.train.config import load_config
+    from rf_runtime.train.trainer import Trainer, latest_checkpoint
+
+    overrides = {}
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.output_dir:
+        overrides["output_dir"] = os.path.abspath(args.output_dir)
+    if args.device:
+        overrides["device"] = args.device
+    config = load_config(args.config, overrides)
+    ctx = D.context_from_env(config.device)
+    trainer = Trainer(config, ctx)
+    if args.measure_reward:
+        stats = trainer.reward_statistics(args.measure_reward)
+        if ctx.is_main:
+            print(json.dumps(stats))
+        return 0
+    if args.resume:
+        path = latest_checkpoint(config.output_dir) if args.resume == "latest" else args.resume
+        if path is None:
+            raise RFError(f"--resume: no checkpoint in {config.output_dir}; run without --resume to start training")
+        trainer.load_checkpoint(path)
+    bar = tqdm(total=config.steps, initial=trainer.step, unit="step", file=sys.stderr,
+               disable=args.quiet or not ctx.is_main)
+    last = None
+    try:
+        for record in trainer.train():
+            bar.update(1)
+            shown = {k: f"{v:.4g}" for k, v in record.values.items()
+                     if k in ("critic_loss", "generator_loss", "reward_mean")}
+            bar.set_postfix(shown)
+            last = record
+    except KeyboardInterrupt:
+        bar.close()
+        if ctx.distributed:  # a collective save could wait forever on a rank that already stopped
+            print("interrupted: continue from the last periodic checkpoint with --resume", file=sys.stderr)
+            return 130
+        path = trainer.save_checkpoint()
+        print(f"interrupted at step {trainer.step}: saved {path}; continue with --resume", file=sys.stderr)
+        return 130
+    bar.close()
+    if ctx.is_main:
+        final = os.path.join(config.output_dir, f"checkpoint_{trainer.step:06d}.safetensors")
+        print(f"trained to step {trainer.step}; checkpoint {final}; log {os.path.join(config.output_dir, 'log.jsonl')}"
+              + (f"; last critic loss {last.values.get('critic_loss'):.4g}" if last else ""))
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""The training configuration: frozen, typed dataclasses read from YAML or JSON and validated.
+
+Every key of the file maps to a field below; an unknown key, a value of the wrong type or a
+missing required path is refused with a ``ConfigError`` that names the key and says what to do.
+Defaults are the release's (``configs/reward_forcing.yaml`` of Reward Forcing, SPEC section 6).
+Relative paths in a config file are taken relative to the file's directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+from rf_runtime.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class MotionRewardConfig:
+    mean: float = 0.0  # the reward is (motion - flicker_weight * flicker - mean) / std
+    std: float = 1.0
+    flicker_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class VideoAlignConfig:
+    model_dir: str = ""  # merged Qwen2-VL reward model + rm_head.safetensors + videoalign.json
+    output: str = "MQ"  # VQ, MQ (the release) or TA
+    pixel_range: str = "release"  # "release": frames in [-1, 1] as the release feeds them; "unit": [0, 1]
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    kind: str = "videoalign"  # videoalign | motion | none (plain DMD)
+    beta: float = 0.5  # w = exp(r / beta) / Z; the release's exp(2 r) is beta = 1/2
+    normalize: bool = False  # False: Z = 1 (release, batch 1 per GPU); True: Z = mean of exp(r/beta) over the global batch
+    motion: MotionRewardConfig = field(default_factory=MotionRewardConfig)
+    videoalign: VideoAlignConfig = field(default_factory=VideoAlignConfig)
+
+
+@dataclass(frozen=True)
+class DMDConfig:
+    guidance_scale: float = 3.0
+    timestep_shift: float = 5.0
+    min_timestep: float = 20.0
+    max_timestep: float = 980.0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 2e-6  # generator
+    critic_lr: float = 4e-7
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    critic_updates_per_generator: int = 5  # the release's dfake_gen_update_ratio
+    ema_weight: float = 0.99  # generator weight EMA; 0 disables it
+    ema_start_step: int = 200  # the EMA copies the generator until this step (the release's ema_start_step)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Overrides of the student's stream settings (None: the model card's, else the release's)."""
+
+    chunk_frames: int | None = None
+    sink_frames: int | None = None
+    window_frames: int | None = None
+    ema_alpha: float | None = None
+    timesteps: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    teacher: str  # model directory of the bidirectional teacher (real score): config.json + DiT weights
+    prompts: str  # text file, one prompt per line
+    output_dir: str  # checkpoints and logs go here
+    critic: str | None = None  # model directory the critic (fake score) starts from; default: teacher
+    student: str | None = None  # model directory of the student (DiT, VAE, text encoder, model card); default: teacher
+    student_checkpoint: str | None = None  # student weights on top of its directory (e.g. an ODE-init or training checkpoint)
+    negative_prompt: str = ""  # the teacher's CFG negative; "" = no text (all-zero embeddings)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    num_frames: int = 21  # latent frames per rollout (21 = 7 chunks)
+    fold_in_training: bool = False  # True: EMA-Sink folds happen in training rollouts (see train.rollout)
+    resolution: tuple[int, int] | None = None  # video height, width; default: the student's model card, else 480x832
+    batch_size: int = 1  # global batch (split over ranks)
+    micro_batch_size: int | None = None  # per process, for gradient accumulation; None: the whole local batch
+    steps: int = 600  # training steps; each step is a critic update, every Nth also a generator update
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2  # newest checkpoints kept in output_dir; 0 keeps all
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (student, critic)
+    device: str = "auto"  # auto (cuda if available), cpu, cuda
+    cpu_threads: int | None = None  # torch intra-op threads on CPU
+
+    def __post_init__(self):
+        for name in ("teacher", "prompts", "output_dir"):
+            if not getattr(self, name):
+                raise ConfigError(f"'{name}' is required: set it in the config file")
+        check = [
+            (self.reward.kind in ("videoalign", "motion", "none"), "reward.kind", "'videoalign', 'motion' or 'none'"),
+            (self.reward.beta > 0, "reward.beta", "a number > 0"),
+            (self.reward.motion.std > 0, "reward.motion.std", "a number > 0"),
+            (self.num_frames > 0, "num_frames", "a positive multiple of the chunk size"),
+            (self.batch_size > 0, "batch_size", "a positive integer"),
+            (self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size", "a positive integer or null"),
+            (self.steps >= 0, "steps", "an integer >= 0"),
+            (self.log_every > 0, "log_every", "a positive integer"),
+            (self.checkpoint_every > 0, "checkpoint_every", "a positive integer"),
+            (self.keep_checkpoints >= 0, "keep_checkpoints", "an integer >= 0"),
+            (self.optim.critic_updates_per_generator > 0, "optim.critic_updates_per_generator", "a positive integer"),
+            (0 <= self.optim.ema_weight < 1, "optim.ema_weight", "a number in [0, 1)"),
+            (self.optim.lr >= 0 and self.optim.critic_lr >= 0, "optim.lr / optim.critic_lr", "numbers >= 0"),
+            (self.optim.grad_clip > 0, "optim.grad_clip", "a number > 0"),
+            (self.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'"),
+            (self.cpu_threads is None or self.cpu_threads > 0, "cpu_threads", "a positive integer or null"),
+            (self.resolution is None or len(self.resolution) == 2, "resolution", "[height, width]"),
+        ]
+        for ok, key, want in check:
+            if not ok:
+                raise ConfigError(f"config key '{key}' is invalid: it must be {want}")
+        self.check_paths()
+
+    def check_paths(self):
+        for key in ("teacher", "critic", "student"):
+            path = getattr(self, key)
+            if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
+                raise ConfigError(f"config key '{key}': {path} is not a model directory (no config.json there); "
+                                  "point it to a Wan2.1-style directory, e.g. one made by "
+                                  "`python -m rf_runtime.testing DIR`")
+        if self.student_checkpoint is not None and not os.path.isfile(self.student_checkpoint):
+            raise ConfigError(f"config key 'student_checkpoint': {self.student_checkpoint} does not exist")
+        if not os.path.isfile(self.prompts):
+            raise ConfigError(f"config key 'prompts': {self.prompts} does not exist; give a text file with one prompt per line")
+        if self.reward.kind == "videoalign" and not self.reward.videoalign.model_dir:
+            raise ConfigError("reward.kind is 'videoalign' but reward.videoalign.model_dir is not set: point it to the "
+                              "VideoAlign directory, or use reward.kind 'motion' or 'none'")
+        if self.reward.kind == "videoalign" and not os.path.isdir(self.reward.videoalign.model_dir):
+            raise ConfigError(f"config key 'reward.videoalign.model_dir': {self.reward.videoalign.model_dir} "
+                              "is not a directory")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and type checking
+# --------------------------------------------------------------------------------------------
+
+_PATH_KEYS = {"teacher", "prompts", "output_dir", "critic", "student", "student_checkpoint", "reward.videoalign.model_dir"}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value, tp, key: str):
+    """Check ``value`` against the annotation ``tp`` and convert lists to tuples; raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
+                              f"got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'" + (f" (and {unknown[1:]})" if unknown[1:] else "")
+                          + f"; valid keys{' under ' + prefix[:-1] if prefix else ''} are {sorted(fields)}")
+    missing = [n for n, f in fields.items() if n not in raw and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"config key '{prefix}{missing[0]}' is required: set it in the config file")
+    return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in raw.items()})
+
+
+def _resolve_paths(raw: dict, base: str) -> dict:
+    """Make the path keys of a raw config relative to ``base`` (the config file's directory)."""
+    out = dict(raw)
+    for key in _PATH_KEYS:
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node = None
+                break
+            node[p] = dict(node[p])
+            node = node[p]
+        if node is not None and isinstance(node.get(parts[-1]), str) and node[parts[-1]]:
+            node[parts[-1]] = os.path.normpath(os.path.join(base, os.path.expanduser(node[parts[-1]])))
+    return out
+
+
+def config_from_dict(raw: dict, base_dir: str | None = None) -> TrainConfig:
+    """Build and validate a TrainConfig from a plain dict (paths relative to ``base_dir``)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a training config must be a mapping of keys to values, got {type(raw).__name__}")
+    if base_dir is not None:
+        raw = _resolve_paths(raw, base_dir)
+    return _build(TrainConfig, raw)
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> TrainConfig:
+    """Read a YAML (``.yaml``/``.yml``) or JSON config file; ``overrides`` replace top-level keys."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as f:
+        text = f.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as exc:  # the parsers raise many types
+        raise ConfigError(f"could not parse {path}: {exc}") from exc
+    raw = dict(raw or {})
+    raw.update(overrides or {})
+    return config_from_dict(raw, os.path.dirname(os.path.abspath(path)))
