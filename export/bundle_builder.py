@@ -37,6 +37,7 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
     grid = dit.grid(info.latent_hw)
     tpf = grid[0] * grid[1]
     out_dir = os.path.abspath(os.fspath(out_dir))
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".rf-bundle-", dir=os.path.dirname(out_dir))
     try:
         feeds = example_inputs(dit, info.latent_hw, spec.context_frames, spec.chunk_frames, spec.context_frames)

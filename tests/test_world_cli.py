@@ -123,3 +123,29 @@ def test_ablation_command_writes_table_and_plots(model_dir, tmp_path, capsys):
     assert main(["ablate", "--model", "nodir", "--out", str(out)]) == 2
     assert main(["ablate", "--model", f"x={model_dir}", "--variants", "huge sink", "--out", str(out)]) == 2
     assert "unknown cache variants" in capsys.readouterr().err
+
+
+def test_rf_generate_without_a_model_runs_the_shipped_bundle_and_the_shape_moves(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from rf_runtime.bundle import DEFAULT_ENGINE, Bundle, default_engine_dir
+    from rf_runtime.eval import evaluate
+    from rf_runtime.video import read_mp4
+
+    path = default_engine_dir()
+    assert os.path.basename(path) == DEFAULT_ENGINE
+    bundle = Bundle.load(path)  # hashes verified
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    assert size < 50 * 2**20  # a few MB, shipped in git
+    text = open(os.path.join(path, "manifest.json")).read()
+    assert "/work/" not in text and "/root/" not in text and "/tmp/" not in text
+    assert bundle.manifest["text_encoder"]["kind"] == "hashed"
+
+    out = tmp_path / "ball.mp4"
+    assert generate_main(["--prompt", "a red circle bouncing", "--seconds", "4", "--out", str(out), "--quiet"]) == 0
+    frames = read_mp4(out)
+    assert frames.shape == (64, 64, 64, 3)
+    result = evaluate(frames, "a red circle bouncing", segment_seconds=2)
+    # something moves in every 2 s segment (VBench rule, threshold 1.5 px at 64 px) ...
+    assert result.dynamic_degree == 100.0 and result.flow_score > 1.5
+    # ... and it is a foreground object on the prompt's (black) background, not noise
+    assert result.shape_score > 0.5

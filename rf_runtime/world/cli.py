@@ -58,6 +58,10 @@ def _parser():
     md.add_argument("--out", required=True)
     md.add_argument("--note", default="", help="free text for the model card")
     md.add_argument("--tiny", action="store_true")
+    pr = sub.add_parser("prompts", help="write procedural prompts, one per line (for rf-train)")
+    pr.add_argument("--count", type=int, default=500)
+    pr.add_argument("--seed", type=int, default=2_000_000)
+    pr.add_argument("--out", required=True)
     ab = sub.add_parser("ablate", help="cache variants (and several students) over long streams: table + plots")
     ab.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
                     help="a model directory to compare, as name=path (repeat for DMD vs Re-DMD students)")
@@ -93,6 +97,18 @@ def _run(args) -> int:
     torch.set_num_threads(args.threads)
     if args.command == "ablate":
         return _ablate(args)
+    if args.command == "prompts":
+        from rf_runtime.world.procedural import sample_scene
+
+        lines = "".join(sample_scene(args.seed + i).prompt + "\n" for i in range(args.count))
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(lines)
+
+        T.atomic_save(write, args.out)
+        print(f"wrote {args.count} prompts to {args.out}")
+        return 0
     cfg = T.TINY if args.tiny else T.WorldConfig()
     max_s = args.max_minutes * 60 if getattr(args, "max_minutes", None) else None
     total = getattr(args, "steps", None) or getattr(args, "videos", None)
