@@ -121,6 +121,8 @@ def test_ablation_command_writes_table_and_plots(model_dir, tmp_path, capsys):
     assert [r["variant"] for r in data["summary"]] == ["no sink", "EMA-Sink a=0.99"]
     assert data["command"].startswith("rf-world --quiet ablate")
     assert main(["ablate", "--model", "nodir", "--out", str(out)]) == 2
+    assert main(["ablate", "--model", f"x={model_dir}@{tmp_path}/missing.safetensors", "--out", str(out)]) == 2
+    assert "missing.safetensors does not exist" in capsys.readouterr().err
     assert main(["ablate", "--model", f"x={model_dir}", "--variants", "huge sink", "--out", str(out)]) == 2
     assert "unknown cache variants" in capsys.readouterr().err
 

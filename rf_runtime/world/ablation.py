@@ -53,25 +53,30 @@ def settings_for(model_dir: str, overrides: dict) -> StreamSettings:
     return StreamSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in stream.items()})
 
 
-def run_one(model_dir: str, overrides: dict, prompt: str, seed: int, seconds: float):
-    """Stream one video with the variant's settings and evaluate it -> (EvalResult, generation seconds)."""
+def run_one(model, overrides: dict, prompt: str, seed: int, seconds: float):
+    """Stream one video with the variant's settings and evaluate it -> (EvalResult, generation seconds).
+    model: a model directory, or (model directory, generator checkpoint)."""
     import time
 
     from rf_runtime.streamer import Streamer
 
-    streamer = Streamer.from_checkpoint(model_dir, settings=settings_for(model_dir, overrides))
+    model_dir, checkpoint = model if isinstance(model, tuple) else (model, None)
+    streamer = Streamer.from_checkpoint(model_dir, checkpoint, settings=settings_for(model_dir, overrides))
     start = time.perf_counter()
     frames = np.concatenate(list(streamer.stream(prompt, seed=seed, num_frames=round(seconds * streamer.fps))))
     elapsed = time.perf_counter() - start
     return evaluate(frames, prompt, fps=streamer.fps), elapsed
 
 
-def run_ablation(models: dict[str, str], variants: dict[str, dict], prompts, seeds, seconds: float,
+def run_ablation(models: dict, variants: dict[str, dict], prompts, seeds, seconds: float,
                  on_run=None) -> list[Run]:
-    """Every model x variant x prompt x seed. ``models``: name -> model directory."""
+    """Every model x variant x prompt x seed. ``models``: name -> model directory or (directory, checkpoint)."""
     if not models or not variants or not prompts or not seeds:
         raise ConfigError("the ablation needs at least one model, variant, prompt and seed")
-    for name, path in models.items():
+    for name, model in models.items():
+        path, checkpoint = model if isinstance(model, tuple) else (model, None)
+        if checkpoint is not None and not os.path.isfile(checkpoint):
+            raise ConfigError(f"model {name!r}: checkpoint {checkpoint} does not exist")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"model {name!r}: {path} is not a model directory (no config.json); "
                               "make one with `rf-world model-dir`")

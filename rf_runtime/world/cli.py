@@ -63,8 +63,8 @@ def _parser():
     pr.add_argument("--seed", type=int, default=2_000_000)
     pr.add_argument("--out", required=True)
     ab = sub.add_parser("ablate", help="cache variants (and several students) over long streams: table + plots")
-    ab.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
-                    help="a model directory to compare, as name=path (repeat for DMD vs Re-DMD students)")
+    ab.add_argument("--model", action="append", required=True, metavar="NAME=DIR[@CHECKPOINT]",
+                    help="a model directory (and generator checkpoint) to compare (repeat for DMD vs Re-DMD students)")
     ab.add_argument("--variants", default=",".join(_variant_names()),
                     help="comma-separated cache variants (default: all of %(default)s)")
     ab.add_argument("--prompt", action="append", help="prompt (repeatable; default: three procedural prompts)")
@@ -165,8 +165,8 @@ def _ablate(args) -> int:
     for item in args.model:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise RFError(f"--model {item!r}: write it as NAME=DIR, e.g. --model re-dmd=work/model")
-        models[name] = path
+            raise RFError(f"--model {item!r}: write it as NAME=DIR or NAME=DIR@CHECKPOINT, e.g. --model re-dmd=work/model")
+        models[name] = tuple(path.split("@", 1)) if "@" in path else path
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in A.CACHE_VARIANTS]
     if unknown:
