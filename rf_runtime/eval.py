@@ -14,6 +14,9 @@ The metrics follow VBench's definitions where one exists, with light stand-ins f
 - ``subject consistency`` (VBench uses DINO features): cosine similarity of a subject descriptor
   (colour histogram of the foreground) of each frame with the first frame and the previous frame,
   averaged, in percent.
+- ``travel`` (not in VBench): how far the subject goes: the spread (95th - 5th percentile) of the
+  foreground centroid along its widest axis, in pixels, and its median speed in pixels per frame.
+  Flow-based dynamic degree cannot tell a shape crossing the frame from one wobbling in place.
 - ``prompt adherence`` (procedural world only): the prompt names a colour and a shape;
   colour score = share of foreground pixels whose nearest palette colour is the prompt's,
   shape score = share of frames whose foreground blob has the prompt shape's fill ratio
@@ -108,6 +111,29 @@ def subject_descriptor(frame: np.ndarray, bins: int = 4) -> np.ndarray:
     return hist / n if n else hist
 
 
+def centroid_track(frames: np.ndarray) -> np.ndarray:
+    """Foreground centroid (x, y) of each frame in pixels, float64 [T, 2]; NaN where there is no foreground."""
+    out = np.full((len(frames), 2), np.nan)
+    for i, f in enumerate(frames):
+        ys, xs = np.nonzero(foreground_mask(f))
+        if len(xs):
+            out[i] = xs.mean() + 0.5, ys.mean() + 0.5
+    return out
+
+
+def travel(frames: np.ndarray) -> tuple[float, float]:
+    """(spread, speed): 95th - 5th percentile of the centroid along its widest axis (px), and the
+    median centroid step (px per frame); zeros when the subject is never seen."""
+    track = centroid_track(frames)
+    seen = track[~np.isnan(track[:, 0])]
+    if len(seen) < 2:
+        return 0.0, 0.0
+    spread = float(np.max(np.percentile(seen, 95, axis=0) - np.percentile(seen, 5, axis=0)))
+    steps = np.linalg.norm(np.diff(track, axis=0), axis=1)
+    steps = steps[~np.isnan(steps)]
+    return spread, float(np.median(steps)) if len(steps) else 0.0
+
+
 def subject_consistency(frames: np.ndarray) -> float:
     """VBench's form over a stand-in descriptor: mean over frames t >= 1 of
     (cos(d_t, d_0) + cos(d_t, d_{t-1})) / 2, in percent."""
@@ -175,6 +201,8 @@ class EvalResult:
     flow_score: float  # mean VBench flow score over the stream, pixels
     drift: float  # mean |stats(last segment) - stats(first segment)|, 0..255 units
     subject_consistency: float  # percent
+    travel: float = 0.0  # centroid spread along the widest axis, pixels
+    centroid_speed: float = 0.0  # median centroid step, pixels per frame
     prompt_adherence: float | None = None  # percent; procedural prompts only
     colour_score: float | None = None
     shape_score: float | None = None
@@ -187,7 +215,8 @@ class EvalResult:
     def table(self) -> str:
         rows = [("seconds", self.seconds), ("segments", self.segments), ("dynamic degree %", self.dynamic_degree),
                 ("flow score (px)", self.flow_score), ("drift (stats)", self.drift),
-                ("subject consistency %", self.subject_consistency)]
+                ("subject consistency %", self.subject_consistency), ("travel (px)", self.travel),
+                ("centroid speed (px/fr)", self.centroid_speed)]
         if self.prompt_adherence is not None:
             rows += [("prompt adherence %", self.prompt_adherence), ("  colour score", self.colour_score),
                      ("  shape score", self.shape_score), ("quality drift (pts)", self.quality_drift)]
@@ -217,6 +246,7 @@ def evaluate(frames, prompt: str | None = None, *, fps: int = 16, segment_second
         drift=float(np.abs(stats[-1] - stats[0]).mean()),
         subject_consistency=subject_consistency(frames),
         per_segment=per_segment)
+    result.travel, result.centroid_speed = travel(frames)
     if prompt:
         from rf_runtime.world.procedural import BACKGROUNDS, COLOURS, parse_prompt
 

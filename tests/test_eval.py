@@ -47,6 +47,15 @@ def test_static_video_has_no_dynamics_and_a_moving_one_has():
     assert r_moving.subject_consistency > 99.0
 
 
+def test_travel_tells_a_crossing_shape_from_one_standing_still():
+    moving = P.render(scene(velocity=(1.0, 0.0), size="small"), 30)  # 29 px to the right, no bounce
+    spread, speed = E.travel(moving)
+    assert spread == pytest.approx(0.9 * 29, abs=0.5)  # 95th - 5th percentile of a uniform sweep of 29 px
+    assert speed == pytest.approx(1.0, abs=0.02)
+    assert E.travel(np.repeat(moving[:1], 30, axis=0)) == (0.0, 0.0)
+    assert E.travel(np.zeros((5, 16, 16, 3), np.uint8)) == (0.0, 0.0)  # nothing to follow
+
+
 def test_the_right_colour_and_shape_score_higher_than_wrong_ones():
     for shape in P.SHAPES:
         video = P.render(scene(shape=shape, colour="green", background="gray"), 16)

@@ -97,7 +97,7 @@ def test_ablation_summary_is_mean_and_standard_error():
     from rf_runtime.world.ablation import Run, markdown_table, summarize
 
     def run(variant, dd):
-        metrics = {"dynamic_degree": dd, "flow_score": 1.0, "drift": 0.5, "quality_drift": None,
+        metrics = {"dynamic_degree": dd, "flow_score": 1.0, "travel": 2.0, "drift": 0.5, "quality_drift": None,
                    "subject_consistency": 90.0, "prompt_adherence": 50.0}
         return Run("m", variant, "p", 0, metrics, [1.0], 1.0)
 

@@ -31,7 +31,8 @@ CACHE_VARIANTS: dict[str, dict] = {
 }
 DEFAULT_PROMPTS = ("a red circle bouncing", "a small blue square moving left on a gray background",
                    "a big yellow triangle moving down quickly")
-METRICS = ("dynamic_degree", "flow_score", "drift", "quality_drift", "subject_consistency", "prompt_adherence")
+METRICS = ("dynamic_degree", "flow_score", "travel", "drift", "quality_drift", "subject_consistency",
+           "prompt_adherence")
 
 
 @dataclass
@@ -112,7 +113,7 @@ def summarize(runs: list[Run]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ["model", "cache", "runs", "dynamic degree %", "flow (px)", "drift", "quality drift",
+    head = ["model", "cache", "runs", "dynamic degree %", "flow (px)", "travel (px)", "drift", "quality drift",
             "subject consistency %", "prompt adherence %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
