@@ -86,11 +86,11 @@ def test_rf_generate_engine_conflicts(bundle, tmp_path, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
-def test_bundle_manifest_holds_no_absolute_path(bundle):
+def test_bundle_manifest_holds_no_absolute_path(bundle, model_dir):
     text = open(os.path.join(bundle, "manifest.json")).read()
     card = json.loads(text)["model_card"]
-    assert card["source"] == "tiny_model0" or "/" not in card["source"]
-    assert os.path.abspath(os.sep + "tmp") not in text and str(bundle) not in text
+    assert card["source"] == os.path.basename(model_dir)
+    assert model_dir not in text and str(bundle) not in text
 
 
 def test_ablation_summary_is_mean_and_standard_error():
@@ -138,8 +138,14 @@ def test_rf_generate_without_a_model_runs_the_shipped_bundle_and_the_shape_moves
     bundle = Bundle.load(path)  # hashes verified
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     assert size < 50 * 2**20  # a few MB, shipped in git
-    text = open(os.path.join(path, "manifest.json")).read()
-    assert "/work/" not in text and "/root/" not in text and "/tmp/" not in text
+    def strings(x):
+        if isinstance(x, dict):
+            return [s for v in x.values() for s in strings(v)]
+        if isinstance(x, list):
+            return [s for v in x for s in strings(v)]
+        return [x] if isinstance(x, str) else []
+
+    assert not [s for s in strings(bundle.manifest) if os.path.isabs(s)]  # no path of the machine that built it
     assert bundle.manifest["text_encoder"]["kind"] == "hashed"
 
     out = tmp_path / "ball.mp4"
