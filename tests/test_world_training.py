@@ -164,3 +164,12 @@ def test_decoder_only_training_keeps_the_encoder(vae):
         if k.startswith(("encoder.", "conv1.")):
             torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)
     assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("decoder."))
+
+
+def test_training_is_reproducible_by_seed(data):
+    a, _ = T.train_teacher(CFG, data, steps=2, batch=2, seed=4)
+    b, _ = T.train_teacher(CFG, data, steps=2, batch=2, seed=4)
+    c, _ = T.train_teacher(CFG, data, steps=2, batch=2, seed=5)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert not torch.equal(a.head.head.weight, c.head.head.weight)

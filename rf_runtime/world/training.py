@@ -219,12 +219,7 @@ def train_vae(cfg: WorldConfig, *, steps: int, batch: int = 4, clip_frames: int 
         raise ConfigError(f"crop must be a multiple of {stride} no larger than the frame, got {crop}")
     if (clip_frames - 1) % cfg.vae.stride[0]:
         raise ConfigError(f"clip_frames must be 1 + {cfg.vae.stride[0]}k, got {clip_frames}")
-    torch.manual_seed(seed)
-    rng = np.random.Generator(np.random.PCG64(seed))
-    vae = WanVAE(cfg.vae)
-    if init is not None:
-        vae.load_state_dict(init.state_dict())
-    vae.train()
+    vae, rng = _start(lambda: WanVAE(cfg.vae), init, seed)
     params = [p for n, p in vae.named_parameters() if not decoder_only or n.startswith(("decoder.", "conv2."))]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = _warmup_decay(opt, steps, warmup=50)
@@ -236,6 +231,16 @@ def train_vae(cfg: WorldConfig, *, steps: int, batch: int = 4, clip_frames: int 
         return _step(opt, sched, vae, vae_loss(vae, pixels, kl_weight, fg_weight))
 
     return vae.eval(), _loop(steps, max_seconds, on_step, step)
+
+
+def _start(make, init: torch.nn.Module | None, seed: int):
+    """``make()`` after seeding torch (so a fresh init is reproducible), in training mode, with
+    ``init``'s weights if given; and the numpy generator of the run."""
+    torch.manual_seed(seed)
+    model = make()
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    return model.train(), np.random.Generator(np.random.PCG64(seed))
 
 
 def _warmup_decay(opt, steps: int, warmup: int):
@@ -321,18 +326,21 @@ def train_teacher(cfg: WorldConfig, data: LatentData, *, steps: int, batch: int 
                   seed: int = 0, max_seconds: float | None = None, init: CausalDiT | None = None,
                   on_step=None) -> tuple[CausalDiT, list[dict]]:
     """The bidirectional teacher, from scratch or continued from ``init``."""
-    torch.manual_seed(seed)
-    rng = np.random.Generator(np.random.PCG64(seed))
-    model = CausalDiT(cfg.dit)
-    if init is not None:
-        model.load_state_dict(init.state_dict())
-    model.train()
+    return _train_dit(cfg, data, lambda m, x, text, rng: teacher_loss(m, x, text, rng, cfg.stream.shift), init=init,
+                      steps=steps, batch=batch, lr=lr, seed=seed, max_seconds=max_seconds, warmup=100,
+                      on_step=on_step)
+
+
+def _train_dit(cfg: WorldConfig, data: LatentData, loss, *, init, steps, batch, lr, seed, max_seconds, warmup,
+               on_step) -> tuple[CausalDiT, list[dict]]:
+    """AdamW on ``loss(model, latents, text, rng) -> (loss, logs)`` over random batches of ``data``."""
+    model, rng = _start(lambda: CausalDiT(cfg.dit), init, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    sched = _warmup_decay(opt, steps, warmup=100)
+    sched = _warmup_decay(opt, steps, warmup=warmup)
 
     def step():
         latents, text = data.batch(rng, batch)
-        return _step(opt, sched, model, teacher_loss(model, latents, text, rng, cfg.stream.shift))
+        return _step(opt, sched, model, loss(model, latents, text, rng))
 
     return model.eval(), _loop(steps, max_seconds, on_step, step)
 
@@ -378,19 +386,9 @@ def train_student(cfg: WorldConfig, data: LatentData, teacher: CausalDiT, *, ste
                   lr: float = 2e-4, seed: int = 0, max_seconds: float | None = None,
                   on_step=None) -> tuple[CausalDiT, list[dict]]:
     """The causal student: the teacher's weights, fine-tuned on teacher-forced causal chunks."""
-    torch.manual_seed(seed)
-    rng = np.random.Generator(np.random.PCG64(seed))
-    model = CausalDiT(cfg.dit)
-    model.load_state_dict(teacher.state_dict())
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    sched = _warmup_decay(opt, steps, warmup=20)
-
-    def step():
-        latents, text = data.batch(rng, batch)
-        return _step(opt, sched, model, student_loss(model, latents, text, rng, cfg.stream))
-
-    return model.eval(), _loop(steps, max_seconds, on_step, step)
+    return _train_dit(cfg, data, lambda m, x, text, rng: student_loss(m, x, text, rng, cfg.stream), init=teacher,
+                      steps=steps, batch=batch, lr=lr, seed=seed, max_seconds=max_seconds, warmup=20,
+                      on_step=on_step)
 
 
 # --------------------------------------------------------------------------------------------
