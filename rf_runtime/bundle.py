@@ -287,6 +287,25 @@ def _check_graph_io(path: str, manifest: dict, graphs: dict[str, GraphSpec]) -> 
     return True
 
 
+DEFAULT_ENGINE = "procedural-world-64"
+"""The bundle ``rf-generate`` uses when given no model: a small model trained on the procedural world."""
+
+
+def default_engine_dir() -> str:
+    """Where the default bundle lives: ``engines/<DEFAULT_ENGINE>`` beside the installed package
+    (``rf_runtime/engines/...``, for wheels that carry it) or at the root of the source checkout
+    the package runs from (``pip install -e .``)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.path.join(here, "engines", DEFAULT_ENGINE),
+                  os.path.join(os.path.dirname(here), "engines", DEFAULT_ENGINE)]
+    for path in candidates:
+        if os.path.isfile(os.path.join(path, MANIFEST)):
+            return path
+    raise BundleError(f"the default engine bundle {DEFAULT_ENGINE!r} is not installed (looked in "
+                      f"{' and '.join(candidates)}): install rf_runtime from a source checkout with `pip install -e .`, "
+                      "or pass a model with --engine BUNDLE or --model-dir DIR")
+
+
 def write_manifest(path: str, manifest: dict) -> None:
     """Hash every listed file (sha256 + bytes) and write manifest.json atomically (schema 2)."""
     for entry in manifest["files"].values():

@@ -17,21 +17,28 @@ def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rf-generate",
         description="Generate a video from a text prompt with a Reward Forcing model and write it as MP4 (16 fps).")
-    src = p.add_argument_group("model")
-    src.add_argument("--model-dir", help="Wan2.1-style model directory (config.json, DiT weights, VAE, text encoder)")
-    src.add_argument("--checkpoint", help="generator checkpoint on top of --model-dir (e.g. rewardforcing.pt); "
-                                          "a directory here is taken as --model-dir")
+    _add_model_args(p)
     p.add_argument("--prompt", required=True, help="what the video shows")
     p.add_argument("--seconds", type=float, default=5.0, help="video length in seconds (default 5)")
     p.add_argument("--out", required=True, help="output .mp4 path (written to a temporary name, then renamed)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video (default 0)")
-    p.add_argument("--height", type=int, help="video height (default: the model's, 480)")
-    p.add_argument("--width", type=int, help="video width (default: the model's, 832)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--ema-alpha", type=float, help="EMA-Sink rate in [0, 1] (default: the model's, 0.999)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model (default: the engine bundle that ships with rf_runtime)")
+    src.add_argument("--engine", help="engine bundle directory (manifest.json + ONNX graphs), run by onnxruntime")
+    src.add_argument("--model-dir", help="Wan2.1-style model directory (config.json, DiT weights, VAE, text encoder), "
+                                         "run by PyTorch")
+    src.add_argument("--checkpoint", help="generator checkpoint on top of --model-dir (e.g. rewardforcing.pt); "
+                                          "a directory here is taken as --model-dir")
+    src.add_argument("--height", type=int, help="video height (--model-dir only; default: the model's)")
+    src.add_argument("--width", type=int, help="video width (--model-dir only; default: the model's)")
+    src.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    src.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                     help="--model-dir only (bundles carry their precision)")
+    src.add_argument("--ema-alpha", type=float, help="EMA-Sink rate in [0, 1] (--model-dir only; default: the model's)")
 
 
 def _load_streamer(args):
@@ -42,9 +49,23 @@ def _load_streamer(args):
     model_dir, checkpoint = args.model_dir, args.checkpoint
     if checkpoint and os.path.isdir(checkpoint) and not model_dir:
         model_dir, checkpoint = checkpoint, None
+    if args.engine and (model_dir or checkpoint):
+        raise RFError("--engine and --model-dir/--checkpoint name two models: pass one of them")
     if not model_dir:
-        raise RFError("no model given: pass --model-dir DIR (a Wan2.1-style directory), optionally with "
-                      "--checkpoint FILE for a generator checkpoint on top")
+        if checkpoint:
+            raise RFError("--checkpoint needs --model-dir DIR (the directory with config.json, VAE and text encoder)")
+        torch_only = [name for name, value in (("--height", args.height), ("--width", args.width),
+                                                ("--ema-alpha", args.ema_alpha)) if value is not None]
+        if args.dtype != "float32":
+            torch_only.append("--dtype")
+        if torch_only:
+            raise RFError(f"{', '.join(torch_only)} apply to --model-dir models only: an engine bundle has a fixed "
+                          "size, precision and cache; pass --model-dir DIR to change them")
+        from rf_runtime.bundle import default_engine_dir
+
+        engine = args.engine or default_engine_dir()
+        logger.info("using the engine bundle %s", engine)
+        return Streamer.from_engine(engine, device=args.device)
     settings = None
     if args.ema_alpha is not None:
         from rf_runtime.sampler import StreamSettings
@@ -165,6 +186,75 @@ def bench_main(argv: list[str] | None = None) -> int:
         return 2
     print(format_table(report))
     print(f"report: {args.json}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# rf-eval
+# --------------------------------------------------------------------------------------------
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rf-eval",
+        description="Long-stream metrics of a video: dynamic degree, drift, subject consistency and, for prompts of "
+                    "the procedural world, prompt adherence. Give an MP4, or no video to generate a stream first.")
+    p.add_argument("video", nargs="?", help="MP4 to evaluate; without it a stream of --seconds is generated and evaluated")
+    p.add_argument("--prompt", help="the prompt of the video (needed for prompt adherence, and to generate)")
+    p.add_argument("--seconds", type=float, default=60.0, help="length of the generated stream (default 60)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the generated stream (default 0)")
+    p.add_argument("--fps", type=int, default=16, help="frame rate of the MP4 (default 16)")
+    p.add_argument("--segment-seconds", type=float, default=5.0, help="segment length for drift and dynamics (5)")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    _add_model_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    return run_command("rf-eval", _eval, _eval_parser().parse_args(argv))
+
+
+def _eval(args) -> int:
+    import os
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from rf_runtime.eval import evaluate
+
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise RFError(f"the directory of --json {args.json} does not exist: create it first")
+    if args.video:
+        from rf_runtime.video import read_mp4
+
+        if not os.path.isfile(args.video):
+            raise RFError(f"video {args.video} does not exist")
+        frames, fps, what = read_mp4(args.video), args.fps, args.video
+    else:
+        if not args.prompt:
+            raise RFError("give a video to evaluate, or --prompt to generate a stream and evaluate it")
+        if not (args.seconds > 0 and math.isfinite(args.seconds)):
+            raise RFError(f"--seconds must be a positive number, got {args.seconds}")
+        streamer = _load_streamer(args)
+        fps = streamer.fps
+        num_frames = max(2, round(args.seconds * fps))
+        bar = tqdm(total=num_frames, unit="frame", disable=args.quiet, file=sys.stderr)
+        parts = []
+        for frames in streamer.stream(args.prompt, seed=args.seed, num_frames=num_frames):
+            parts.append(frames)
+            bar.update(len(frames))
+        bar.close()
+        frames, what = np.concatenate(parts), f"a {args.seconds:g} s stream of {args.prompt!r} (seed {args.seed})"
+    result = evaluate(frames, args.prompt, fps=fps, segment_seconds=args.segment_seconds)
+    print(f"rf-eval: {what}")
+    print(result.table())
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(result.to_json())
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
     return 0
 
 

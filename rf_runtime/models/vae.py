@@ -318,16 +318,22 @@ class WanVAE(nn.Module):
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, 1+4k, H, W] in [-1, 1] -> normalised mean latents [B, z_dim, 1+k, H/8, W/8]."""
+        mu, _ = self.encode_moments(pixels)
+        return (mu - self.latents_mean) * self.latents_inv_std
+
+    def encode_moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixels [B, 3, 1+4k, H, W] -> (mu, log_var) of the posterior, each [B, z_dim, 1+k, H/8, W/8],
+        before the latent normalisation (training a VAE needs both)."""
         self._check(pixels, 3, "pixels")
-        t = pixels.shape[2]
-        if (t - 1) % self.config.stride[0]:
-            raise InputError(f"pixels need 1 + {self.config.stride[0]}k frames, got {t}")
+        t, step = pixels.shape[2], self.config.stride[0]
+        if (t - 1) % step:
+            raise InputError(f"pixels need 1 + {step}k frames, got {t}")
         slots: list = []
         outs = [self.encoder(pixels[:, :, :1], FeatureCache(slots, first=True))]
-        for i in range(1, 1 + (t - 1) // 4):  # frames in chunks of 1, 4, 4, ...
-            outs.append(self.encoder(pixels[:, :, 1 + 4 * (i - 1): 1 + 4 * i], FeatureCache(slots, first=False)))
-        mu = self.conv1(torch.cat(outs, dim=2)).chunk(2, dim=1)[0]
-        return (mu - self.latents_mean) * self.latents_inv_std
+        for i in range(1, 1 + (t - 1) // step):  # frames in chunks of 1, 4, 4, ...
+            outs.append(self.encoder(pixels[:, :, 1 + step * (i - 1): 1 + step * i], FeatureCache(slots, first=False)))
+        mu, log_var = self.conv1(torch.cat(outs, dim=2)).chunk(2, dim=1)
+        return mu, log_var
 
     def decode_step(self, z: torch.Tensor, slots: list, first: bool) -> torch.Tensor:
         """Decode ONE latent frame z [B, z_dim, 1, H, W] (normalised space) with the feature cache

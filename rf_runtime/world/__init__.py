@@ -1,0 +1,1 @@
+"""The procedural text-to-video world and the small model trained on it."""

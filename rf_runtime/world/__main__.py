@@ -1,0 +1,5 @@
+import sys
+
+from rf_runtime.world.cli import main
+
+sys.exit(main())

@@ -1,0 +1,183 @@
+"""The paper's ablation on the world model: cache variants (no sink, static sink, EMA-Sink at several
+alpha) and, given several students (e.g. DMD and Re-DMD at several beta), the same metrics per model.
+
+Every run streams ``seconds`` of video per prompt and seed through the PyTorch reference model
+with the variant's ``StreamSettings`` (inference only: the cache is a runtime choice), then scores
+it with ``rf_runtime.eval``. Results: one row per run, aggregated per (model, variant).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from rf_runtime.errors import ConfigError
+from rf_runtime.eval import evaluate
+from rf_runtime.sampler import StreamSettings
+
+logger = logging.getLogger("rf_runtime")
+
+CACHE_VARIANTS: dict[str, dict] = {
+    "no sink": {"sink_frames": 0},
+    "static sink": {"ema_alpha": 1.0},
+    "EMA-Sink a=0.999": {"ema_alpha": 0.999},
+    "EMA-Sink a=0.99": {"ema_alpha": 0.99},
+    "EMA-Sink a=0.9": {"ema_alpha": 0.9},
+}
+DEFAULT_PROMPTS = ("a red circle bouncing", "a small blue square moving left on a gray background",
+                   "a big yellow triangle moving down quickly")
+METRICS = ("dynamic_degree", "flow_score", "travel", "drift", "quality_drift", "subject_consistency",
+           "prompt_adherence")
+
+
+@dataclass
+class Run:
+    model: str
+    variant: str
+    prompt: str
+    seed: int
+    metrics: dict
+    per_segment_flow: list
+    seconds_to_generate: float
+
+
+def settings_for(model_dir: str, overrides: dict) -> StreamSettings:
+    from rf_runtime.torch_backend import read_model_card
+
+    stream = dict(read_model_card(model_dir).get("stream", {}))
+    stream.update(overrides)
+    return StreamSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in stream.items()})
+
+
+def run_one(model, overrides: dict, prompt: str, seed: int, seconds: float):
+    """Stream one video with the variant's settings and evaluate it -> (EvalResult, generation seconds).
+    model: a model directory, or (model directory, generator checkpoint)."""
+    import time
+
+    from rf_runtime.streamer import Streamer
+
+    model_dir, checkpoint = model if isinstance(model, tuple) else (model, None)
+    streamer = Streamer.from_checkpoint(model_dir, checkpoint, settings=settings_for(model_dir, overrides))
+    start = time.perf_counter()
+    frames = np.concatenate(list(streamer.stream(prompt, seed=seed, num_frames=round(seconds * streamer.fps))))
+    elapsed = time.perf_counter() - start
+    return evaluate(frames, prompt, fps=streamer.fps), elapsed
+
+
+def run_ablation(models: dict, variants: dict[str, dict], prompts, seeds, seconds: float,
+                 on_run=None) -> list[Run]:
+    """Every model x variant x prompt x seed. ``models``: name -> model directory or (directory, checkpoint)."""
+    if not models or not variants or not prompts or not seeds:
+        raise ConfigError("the ablation needs at least one model, variant, prompt and seed")
+    for name, model in models.items():
+        path, checkpoint = model if isinstance(model, tuple) else (model, None)
+        if checkpoint is not None and not os.path.isfile(checkpoint):
+            raise ConfigError(f"model {name!r}: checkpoint {checkpoint} does not exist")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"model {name!r}: {path} is not a model directory (no config.json); "
+                              "make one with `rf-world model-dir`")
+    runs = []
+    for model, path in models.items():
+        for variant, overrides in variants.items():
+            for prompt in prompts:
+                for seed in seeds:
+                    result, elapsed = run_one(path, overrides, prompt, seed, seconds)
+                    metrics = {m: getattr(result, m) for m in METRICS}
+                    run = Run(model, variant, prompt, seed, metrics, result.per_segment["flow_score"], elapsed)
+                    runs.append(run)
+                    logger.info("%s / %s / %r / seed %d: %s", model, variant, prompt, seed, metrics)
+                    if on_run:
+                        on_run(run)
+    return runs
+
+
+def summarize(runs: list[Run]) -> list[dict]:
+    """Mean and standard error of each metric per (model, variant), in the order first seen."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.model, r.variant), []).append(r)
+    rows = []
+    for (model, variant), rs in groups.items():
+        row = {"model": model, "variant": variant, "runs": len(rs)}
+        for m in METRICS:
+            vals = np.array([r.metrics[m] for r in rs if r.metrics[m] is not None], np.float64)
+            row[m] = float(vals.mean()) if len(vals) else None
+            row[m + "_se"] = float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else None
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ["model", "cache", "runs", "dynamic degree %", "flow (px)", "travel (px)", "drift", "quality drift",
+            "subject consistency %", "prompt adherence %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        def cell(m):
+            if r[m] is None:
+                return "-"
+            se = r.get(m + "_se")
+            return f"{r[m]:.2f}" + (f" ± {se:.2f}" if se is not None else "")
+
+        lines.append("| " + " | ".join([r["model"], r["variant"], str(r["runs"])] + [cell(m) for m in METRICS]) + " |")
+    return "\n".join(lines)
+
+
+def write_report(runs: list[Run], out_dir: str, command: str) -> list[str]:
+    """ablation.json (every run), ablation.md (the table + the command), and plots (matplotlib)."""
+    from rf_runtime.errors import require
+    from rf_runtime.world.training import atomic_save, save_json
+
+    os.makedirs(out_dir, exist_ok=True)
+    rows = summarize(runs)
+    written = [save_json({"command": command, "summary": rows, "runs": [dataclasses.asdict(r) for r in runs]},
+                         os.path.join(out_dir, "ablation.json"))]
+    md = (f"# Ablation on the procedural-world model\n\nMade by:\n\n    {command}\n\n{markdown_table(rows)}\n\n"
+          "Mean ± standard error over prompts and seeds. Metrics: `rf_runtime/eval.py`.\n")
+
+    def write_md(tmp):
+        with open(tmp, "w") as f:
+            f.write(md)
+
+    written.append(atomic_save(write_md, os.path.join(out_dir, "ablation.md")))
+
+    matplotlib = require("matplotlib", "eval")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\n{r['variant']}" if len({x['model'] for x in rows}) > 1 else r["variant"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, m, title in zip(axes, ("dynamic_degree", "drift", "subject_consistency"),
+                            ("dynamic degree % (higher: more motion)", "drift (lower: steadier)",
+                             "subject consistency %")):
+        vals = [r[m] or 0.0 for r in rows]
+        errs = [r.get(m + "_se") or 0.0 for r in rows]
+        ax.bar(range(len(rows)), vals, yerr=errs, color="tab:blue", capsize=3)
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "ablation_metrics.png")
+    atomic_save(lambda tmp: fig.savefig(tmp, dpi=100, format="png"), path)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, r in zip(labels, rows):
+        curves = [run.per_segment_flow for run in runs if (run.model, run.variant) == (r["model"], r["variant"])]
+        n = min(len(c) for c in curves)
+        mean = np.mean([c[:n] for c in curves], axis=0)
+        ax.plot(np.arange(n) * 5 + 2.5, mean, marker="o", label=label.replace("\n", " / "))
+    ax.set_xlabel("time in the stream (s), 5 s segments")
+    ax.set_ylabel("flow score (px, VBench top-5 % magnitude)")
+    ax.set_title("motion over the stream")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "ablation_motion_over_time.png")
+    atomic_save(lambda tmp: fig.savefig(tmp, dpi=100, format="png"), path)
+    plt.close(fig)
+    written.append(path)
+    return written

@@ -1,0 +1,188 @@
+"""rf-world: make data and train the small world model on CPU, stage by stage. Thin: parse, call, report.
+
+    rf-world vae      --out W/vae.safetensors --steps 3000 --max-minutes 12
+    rf-world encode   --vae W/vae.safetensors --videos 1500 --out W/latents.safetensors
+    rf-world teacher  --data W/latents.safetensors --out W/teacher.safetensors --steps 3000 --max-minutes 25
+    rf-world student  --data W/latents.safetensors --teacher W/teacher.safetensors --out W/student.safetensors
+    rf-world model-dir --vae W/vae.safetensors --dit W/student.safetensors --out W/model
+
+Every stage writes its weights atomically, ``<out>.json`` with the config, and ``<out>.log.json``
+with the per-step losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rf_runtime.errors import RFError
+
+
+def _common(p, steps, batch, lr):
+    p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+    p.add_argument("--steps", type=int, default=steps, help=f"optimiser steps (default {steps})")
+    p.add_argument("--max-minutes", type=float, help="stop early after this much training time")
+    p.add_argument("--batch", type=int, default=batch, help=f"batch size (default {batch})")
+    p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="seconds-sized models (smoke tests)")
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="rf-world", description="Train the small procedural-world model on CPU.")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub = p.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("vae", help="train the VAE (autoencoder on procedural clips)"), 3000, 4, 2e-3)
+    enc = sub.add_parser("encode", help="render procedural clips and encode them with the VAE")
+    enc.add_argument("--vae", required=True)
+    enc.add_argument("--videos", type=int, default=1500)
+    enc.add_argument("--out", required=True)
+    enc.add_argument("--seed", type=int, default=1_000_000)
+    enc.add_argument("--tiny", action="store_true")
+    _common(sub.add_parser("teacher", help="train the bidirectional teacher DiT (flow matching)"), 3000, 16, 5e-4)
+    st = sub.add_parser("student", help="fine-tune the causal student from the teacher (teacher forcing)")
+    _common(st, 500, 8, 2e-4)
+    st.add_argument("--teacher", required=True)
+    for name in ("teacher", "student"):
+        sub.choices[name].add_argument("--data", required=True, help="latents from `rf-world encode`")
+    for name in ("vae", "teacher"):
+        sub.choices[name].add_argument("--init", help="continue training from these weights")
+    sub.choices["vae"].add_argument("--crop", type=int, help="train on random crops of this size (e.g. 32)")
+    sub.choices["vae"].add_argument("--decoder-only", action="store_true",
+                                    help="freeze the encoder (latents already encoded stay valid)")
+    md = sub.add_parser("model-dir", help="write a model directory that rf-generate / rf-export read")
+    md.add_argument("--vae", required=True)
+    md.add_argument("--dit", required=True)
+    md.add_argument("--out", required=True)
+    md.add_argument("--note", default="", help="free text for the model card")
+    md.add_argument("--tiny", action="store_true")
+    pr = sub.add_parser("prompts", help="write procedural prompts, one per line (for rf-train)")
+    pr.add_argument("--count", type=int, default=500)
+    pr.add_argument("--seed", type=int, default=2_000_000)
+    pr.add_argument("--out", required=True)
+    ab = sub.add_parser("ablate", help="cache variants (and several students) over long streams: table + plots")
+    ab.add_argument("--model", action="append", required=True, metavar="NAME=DIR[@CHECKPOINT]",
+                    help="a model directory (and generator checkpoint) to compare (repeat for DMD vs Re-DMD students)")
+    ab.add_argument("--variants", default=",".join(_variant_names()),
+                    help="comma-separated cache variants (default: all of %(default)s)")
+    ab.add_argument("--prompt", action="append", help="prompt (repeatable; default: three procedural prompts)")
+    ab.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
+    ab.add_argument("--seconds", type=float, default=60.0, help="stream length (default 60)")
+    ab.add_argument("--out", required=True, help="directory for ablation.md/.json and the plots")
+    return p
+
+
+def _variant_names():
+    from rf_runtime.world.ablation import CACHE_VARIANTS
+
+    return list(CACHE_VARIANTS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rf_runtime.cli import run_command
+
+    args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return run_command("rf-world", _run, args, level=logging.INFO)
+
+
+def _run(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from rf_runtime.world import training as T
+
+    torch.set_num_threads(args.threads)
+    if args.command == "ablate":
+        return _ablate(args)
+    if args.command == "prompts":
+        from rf_runtime.world.procedural import sample_scene
+
+        lines = "".join(sample_scene(args.seed + i).prompt + "\n" for i in range(args.count))
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(lines)
+
+        T.atomic_save(write, args.out)
+        print(f"wrote {args.count} prompts to {args.out}")
+        return 0
+    cfg = T.TINY if args.tiny else T.WorldConfig()
+    max_s = args.max_minutes * 60 if getattr(args, "max_minutes", None) else None
+    total = getattr(args, "steps", None) or getattr(args, "videos", None)
+    bar = tqdm(total=total, disable=args.quiet, file=sys.stderr, mininterval=5)
+
+    def on_step(step, logs):
+        bar.n = step + 1 if args.command != "encode" else step
+        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "mse", "kl")}, refresh=False)
+        bar.refresh()
+
+    if args.command == "vae":
+        init = T.load_vae(args.init) if args.init else None
+        vae, history = T.train_vae(cfg, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                                   max_seconds=max_s, crop=args.crop, init=init,
+                                   decoder_only=args.decoder_only, on_step=on_step)
+        vae = T.with_config(vae, T.latent_stats(vae, cfg, num_videos=16 if args.tiny else 64))
+        T.save_vae(vae, args.out)
+    elif args.command == "encode":
+        data = T.encode_dataset(T.load_vae(args.vae), cfg, args.videos, seed=args.seed, on_step=on_step)
+        data.save(args.out)
+        history = None
+    elif args.command == "teacher":
+        init = T.load_dit(args.init) if args.init else None
+        model, history = T.train_teacher(cfg, T.LatentData.load(args.data), steps=args.steps, batch=args.batch,
+                                         lr=args.lr, seed=args.seed, max_seconds=max_s, init=init, on_step=on_step)
+        T.save_dit(model, args.out)
+    elif args.command == "student":
+        model, history = T.train_student(cfg, T.LatentData.load(args.data), T.load_dit(args.teacher),
+                                         steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                                         max_seconds=max_s, on_step=on_step)
+        T.save_dit(model, args.out)
+    else:
+        card = {"name": "procedural-world", "note": args.note}
+        T.write_model_dir(args.out, cfg, T.load_dit(args.dit), T.load_vae(args.vae), card)
+        history = None
+    bar.close()
+    if history is not None:
+        T.save_json(history, args.out + ".log.json")
+        last = history[-1]
+        print(f"wrote {args.out}: {len(history)} steps in {last['seconds']:.0f} s, final loss {last['loss']:.4f}")
+    else:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _ablate(args) -> int:
+    import shlex
+
+    from tqdm import tqdm
+
+    from rf_runtime.world import ablation as A
+
+    models = {}
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise RFError(f"--model {item!r}: write it as NAME=DIR or NAME=DIR@CHECKPOINT, e.g. --model re-dmd=work/model")
+        models[name] = tuple(path.split("@", 1)) if "@" in path else path
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in A.CACHE_VARIANTS]
+    if unknown:
+        raise RFError(f"unknown cache variants {unknown}: choose from {list(A.CACHE_VARIANTS)}")
+    prompts = args.prompt or list(A.DEFAULT_PROMPTS)
+    total = len(models) * len(names) * len(prompts) * args.seeds
+    bar = tqdm(total=total, unit="run", disable=args.quiet, file=sys.stderr)
+    runs = A.run_ablation(models, {v: A.CACHE_VARIANTS[v] for v in names}, prompts, list(range(args.seeds)),
+                          args.seconds, on_run=lambda run: bar.update(1))
+    bar.close()
+    command = "rf-world " + " ".join(shlex.quote(a) for a in args.argv)
+    for path in A.write_report(runs, args.out, command):
+        print(f"wrote {path}")
+    print(A.markdown_table(A.summarize(runs)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""Training the small world model on CPU: a Wan VAE, a bidirectional teacher DiT, a causal student.
+
+The models are the project's own (``rf_runtime.models``) at small sizes (``WorldConfig``); the
+data is the procedural world (``rf_runtime.world.procedural``). Three stages, each a function that
+returns the trained module and a list of per-step logs:
+
+1. ``train_vae``: autoencoder on pixel clips, loss = weighted pixel MSE + kl_weight * KL.
+   Then ``latent_stats`` sets the per-channel latent mean/std in the VAE config (Wan normalises
+   latents with such constants), so the DiT sees latents of unit scale.
+2. ``train_teacher``: ``CausalDiT.forward_full`` on whole latent clips, flow matching
+   (x_t = (1 - s) x0 + s eps, target v = eps - x0), s drawn through the shift-5 table (SPEC 2, 6).
+3. ``train_student``: the same weights run causally, chunk by chunk, through the streaming KV cache
+   (``sampler.ChunkRollout``: sink + window + EMA-Sink fold) with clean context from the data
+   (teacher forcing); the loss is the same flow-matching loss on each noisy chunk. Half of the
+   chunks are noised at the sampler's own steps, which are the only ones the student runs at.
+
+Library code: no prints, no progress bars; ``on_step(step, logs)`` lets a CLI show progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rf_runtime.errors import ConfigError, InputError
+from rf_runtime.models import CausalDiT, DiTConfig
+from rf_runtime.models.hashed_text import HashedTextEncoder
+from rf_runtime.models.vae import VAEConfig, WanVAE
+from rf_runtime.sampler import ChunkRollout, StreamSettings
+from rf_runtime.world import procedural
+
+logger = logging.getLogger("rf_runtime")
+
+
+def _small_vae() -> VAEConfig:
+    # Spatial stride 8 as Wan, but no temporal compression: a VAE this small, trained for minutes on one
+    # core, blurs shapes and shifts colours when it must also pack 4 frames into one (measured: PSNR 18 dB
+    # after 26 min with stride (4, 8, 8)); one latent frame per video frame is easy for it.
+    z = 8
+    return VAEConfig(dim=8, z_dim=z, dim_mult=(1, 2, 2, 2), num_res_blocks=1, attn_scales=(),
+                     temperal_downsample=(False, False, False), latents_mean=(0.0,) * z, latents_std=(1.0,) * z)
+
+
+def _small_text() -> HashedTextEncoder:
+    return HashedTextEncoder(text_dim=32, text_len=16, seed=0)
+
+
+def _small_dit() -> DiTConfig:
+    text = _small_text()
+    return DiTConfig(in_dim=8, out_dim=8, dim=96, ffn_dim=384, freq_dim=64, text_dim=text.text_dim,
+                     text_len=text.text_len, num_heads=4, num_layers=4)
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Sizes of the world model. Frames must be multiples of VAE stride x patch (8 x 2 = 16)."""
+
+    height: int = 64
+    width: int = 64
+    vae: VAEConfig = field(default_factory=_small_vae)
+    dit: DiTConfig = field(default_factory=_small_dit)
+    text: HashedTextEncoder = field(default_factory=_small_text)
+    stream: StreamSettings = field(default_factory=StreamSettings)
+    # latent clip length for the DiTs, in chunks: 4 x 3 = 12 latent frames. With the default cache, chunk 2
+    # already attends at the steady-state positions (sink 0..2, window 3..5, itself 6..8); chunk 3 is the
+    # first after an eviction and EMA-Sink fold.
+    clip_chunks: int = 4
+
+    def __post_init__(self):
+        stride = self.vae.stride[1]
+        unit_h, unit_w = stride * self.dit.patch_size[1], stride * self.dit.patch_size[2]
+        if self.height % unit_h or self.width % unit_w:
+            raise ConfigError(f"frames {self.height}x{self.width} must be multiples of {unit_h}x{unit_w} "
+                              "(VAE stride x patch size)")
+        if self.vae.z_dim != self.dit.in_dim or self.dit.in_dim != self.dit.out_dim:
+            raise ConfigError(f"the DiT's in_dim/out_dim ({self.dit.in_dim}/{self.dit.out_dim}) must equal the "
+                              f"VAE's z_dim ({self.vae.z_dim})")
+        if (self.text.text_dim, self.text.text_len) != (self.dit.text_dim, self.dit.text_len):
+            raise ConfigError("the text encoder's text_dim/text_len must match the DiT's")
+
+    @property
+    def latent_frames(self) -> int:
+        return self.clip_chunks * self.stream.chunk_frames
+
+    @property
+    def pixel_frames(self) -> int:
+        return 1 + self.vae.stride[0] * (self.latent_frames - 1)
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.height // self.vae.stride[1], self.width // self.vae.stride[2]
+
+
+TINY = WorldConfig(
+    height=32, width=32,
+    vae=VAEConfig(dim=4, z_dim=4, dim_mult=(1, 1, 1, 1), num_res_blocks=1, attn_scales=(),
+                  temperal_downsample=(False, True, True), latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4),
+    dit=DiTConfig(in_dim=4, out_dim=4, dim=32, ffn_dim=48, freq_dim=16, text_dim=8, text_len=16, num_heads=2,
+                  num_layers=2),
+    text=HashedTextEncoder(text_dim=8, text_len=16, seed=0), clip_chunks=4)
+"""Seconds-sized config for smoke tests (4 chunks, so the cache evicts and folds once)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def to_pixels(videos: np.ndarray) -> torch.Tensor:
+    """uint8 [B, T, H, W, 3] -> float32 [B, 3, T, H, W] in [-1, 1]."""
+    return torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+
+
+def sample_clips(rng: np.random.Generator, cfg: WorldConfig, batch: int, num_frames: int):
+    """A batch of fresh procedural scenes (seeds drawn from ``rng``) -> (scenes, pixels [B, 3, T, H, W])."""
+    seeds = rng.integers(0, 2**31, size=batch)
+    scenes = [procedural.sample_scene(int(s), cfg.height, cfg.width) for s in seeds]
+    return scenes, to_pixels(np.stack([procedural.render(s, num_frames) for s in scenes]))
+
+
+@dataclass
+class LatentData:
+    """Encoded clips for the DiTs: latents [N, F, C, H, W] (normalised), text embeddings, prompts."""
+
+    latents: torch.Tensor
+    text: torch.Tensor
+    prompts: list[str]
+
+    def batch(self, rng: np.random.Generator, size: int):
+        idx = torch.from_numpy(rng.integers(0, len(self.prompts), size=size))
+        return self.latents[idx], self.text[idx]
+
+    def save(self, path: str) -> None:
+        from safetensors.torch import save_file
+
+        atomic_save(lambda tmp: save_file({"latents": self.latents.contiguous(), "text": self.text.contiguous()}, tmp,
+                                          metadata={"prompts": json.dumps(self.prompts)}), path)
+
+    @classmethod
+    def load(cls, path: str) -> "LatentData":
+        from safetensors import safe_open
+
+        if not os.path.isfile(path):
+            raise InputError(f"latent data {path} does not exist: make it with `rf-world encode --vae VAE --out {path}`")
+        with safe_open(path, "pt") as f:
+            prompts = json.loads(f.metadata()["prompts"])
+            return cls(f.get_tensor("latents"), f.get_tensor("text"), prompts)
+
+
+@torch.no_grad()
+def encode_dataset(vae: WanVAE, cfg: WorldConfig, num_videos: int, *, seed: int = 1_000_000, batch: int = 16,
+                   on_step=None) -> LatentData:
+    """Render ``num_videos`` scenes (seeds seed, seed+1, ...) of ``cfg.pixel_frames`` frames and encode them."""
+    vae.eval()
+    latents, prompts = [], []
+    for start in range(0, num_videos, batch):
+        n = min(batch, num_videos - start)
+        scenes = [procedural.sample_scene(seed + start + i, cfg.height, cfg.width) for i in range(n)]
+        pixels = to_pixels(np.stack([procedural.render(s, cfg.pixel_frames) for s in scenes]))
+        latents.append(vae.encode(pixels).transpose(1, 2))  # [B, F, C, H, W]
+        prompts += [s.prompt for s in scenes]
+        if on_step:
+            on_step(start + n, {})
+    text = torch.from_numpy(cfg.text.encode(prompts))
+    return LatentData(torch.cat(latents), text, prompts)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: the VAE
+# --------------------------------------------------------------------------------------------
+
+
+def decode_train(vae: WanVAE, z: torch.Tensor) -> torch.Tensor:
+    """Decode normalised latents [B, C, F, H, W] frame by frame with the feature cache, unclamped
+    (``WanVAE.decode`` clamps, which stops gradients outside [-1, 1])."""
+    slots: list = []
+    return torch.cat([vae.decode_step(z[:, :, i:i + 1], slots, first=i == 0) for i in range(z.shape[2])], dim=2)
+
+
+def vae_loss(vae: WanVAE, pixels: torch.Tensor, kl_weight: float, fg_weight: float):
+    """Pixel MSE weighted towards the shape + kl_weight * KL(q(z|x) || N(0, 1)) per latent element.
+
+    The shape covers a few percent of a frame; pixels that differ from the frame's corner pixel
+    (the background) weigh ``1 + fg_weight``, so the small moving shape is not traded for the background.
+    Returns (loss, logs).
+    """
+    mu, log_var = vae.encode_moments(pixels)
+    z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
+    recon = decode_train(vae, (z - vae.latents_mean) * vae.latents_inv_std)
+    background = pixels[..., :1, :1]
+    weight = 1.0 + fg_weight * ((pixels - background).abs().amax(dim=1, keepdim=True) > 0.1).float()
+    mse = ((recon - pixels) ** 2 * weight).mean() / weight.mean()
+    kl = 0.5 * (mu**2 + log_var.exp() - 1.0 - log_var).mean()
+    loss = mse + kl_weight * kl
+    return loss, {"loss": float(loss.detach()), "mse": float(mse.detach()), "kl": float(kl.detach())}
+
+
+def train_vae(cfg: WorldConfig, *, steps: int, batch: int = 4, clip_frames: int = 9, lr: float = 2e-3,
+              kl_weight: float = 1e-3, fg_weight: float = 4.0, seed: int = 0, max_seconds: float | None = None,
+              crop: int | None = None, init: WanVAE | None = None, decoder_only: bool = False,
+              on_step=None) -> tuple[WanVAE, list[dict]]:
+    """Train the VAE as an autoencoder on fresh procedural clips; stops after ``steps`` or ``max_seconds``.
+
+    crop: train on random crop x crop windows of the frames (the VAE is convolutional; a 32 x 32
+        crop of 64 x 64 frames makes a step about 4x cheaper). A multiple of the spatial stride.
+    init: continue from these weights.
+    decoder_only: train the decoder (``conv2``, ``decoder``) and freeze the encoder, so latents already
+        encoded (and DiTs trained on them) stay valid while the pictures get better.
+    """
+    stride = cfg.vae.stride[1]
+    if crop is not None and (crop % stride or crop < stride or crop > min(cfg.height, cfg.width)):
+        raise ConfigError(f"crop must be a multiple of {stride} no larger than the frame, got {crop}")
+    if (clip_frames - 1) % cfg.vae.stride[0]:
+        raise ConfigError(f"clip_frames must be 1 + {cfg.vae.stride[0]}k, got {clip_frames}")
+    vae, rng = _start(lambda: WanVAE(cfg.vae), init, seed)
+    params = [p for n, p in vae.named_parameters() if not decoder_only or n.startswith(("decoder.", "conv2."))]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = _warmup_decay(opt, steps, warmup=50)
+    def step():
+        pixels = sample_clips(rng, cfg, batch, clip_frames)[1]
+        if crop is not None:
+            y, x = (int(rng.integers(0, n - crop + 1)) for n in pixels.shape[-2:])
+            pixels = pixels[..., y:y + crop, x:x + crop]
+        return _step(opt, sched, vae, vae_loss(vae, pixels, kl_weight, fg_weight))
+
+    return vae.eval(), _loop(steps, max_seconds, on_step, step)
+
+
+def _start(make, init: torch.nn.Module | None, seed: int):
+    """``make()`` after seeding torch (so a fresh init is reproducible), in training mode, with
+    ``init``'s weights if given; and the numpy generator of the run."""
+    torch.manual_seed(seed)
+    model = make()
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    return model.train(), np.random.Generator(np.random.PCG64(seed))
+
+
+def _warmup_decay(opt, steps: int, warmup: int):
+    """Linear warm-up over ``warmup`` steps, then linear decay to 10 % of the rate at ``steps``."""
+    total = max(steps, 1)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * (1 - s / total)))
+
+
+def _step(opt, sched, model, loss_logs, clip: float = 1.0) -> dict:
+    loss, logs = loss_logs
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    opt.step()
+    sched.step()
+    return logs
+
+
+def _loop(steps: int, max_seconds: float | None, on_step, step_fn, log_every: int = 25) -> list[dict]:
+    history, start = [], time.perf_counter()
+    for step in range(steps):
+        logs = step_fn()
+        logs["step"], logs["seconds"] = step, round(time.perf_counter() - start, 2)
+        history.append(logs)
+        if on_step:
+            on_step(step, logs)
+        if step % log_every == 0 or step + 1 == steps:
+            logger.info("step %d (%.0f s): %s", step, logs["seconds"],
+                        " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k not in ("step", "seconds")))
+        if max_seconds is not None and logs["seconds"] > max_seconds:
+            logger.info("stopping at step %d: time budget of %.0f s spent", step, max_seconds)
+            break
+    return history
+
+
+@torch.no_grad()
+def latent_stats(vae: WanVAE, cfg: WorldConfig, num_videos: int = 64, seed: int = 123) -> VAEConfig:
+    """The VAE config with ``latents_mean``/``latents_std`` measured on procedural clips (per channel)."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    mus = []
+    for _ in range(0, num_videos, 16):
+        mu, _ = vae.encode_moments(sample_clips(rng, cfg, 16, cfg.pixel_frames)[1])
+        mus.append(mu.transpose(0, 1).flatten(1))
+    mu = torch.cat(mus, dim=1)
+    mean, std = mu.mean(dim=1), mu.std(dim=1).clamp_min(1e-3)
+    return dataclasses.replace(vae.config, latents_mean=tuple(mean.tolist()), latents_std=tuple(std.tolist()))
+
+
+def with_config(vae: WanVAE, config: VAEConfig) -> WanVAE:
+    """The same weights under another config (new latent normalisation constants)."""
+    return WanVAE.from_state_dict(vae.state_dict(), config).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Stages 2 and 3: teacher and student
+# --------------------------------------------------------------------------------------------
+
+
+def shifted_sigma(rng: np.random.Generator, size, shift: float) -> np.ndarray:
+    """Noise levels for flow-matching training: s ~ U(0, 1) warped by s' = shift s / (1 + (shift - 1) s),
+    the table the sampler uses (SPEC 2), so training puts its weight where sampling runs."""
+    s = rng.uniform(0.0, 1.0, size=size)
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+def flow_loss(pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Flow matching: the network predicts v = eps - x0 (SPEC 2)."""
+    return ((pred - (eps - x0)) ** 2).mean()
+
+
+def teacher_loss(model: CausalDiT, latents, text, rng: np.random.Generator, shift: float):
+    """One t per clip, every frame noised to it, bidirectional forward. Returns (loss, logs)."""
+    b, f = latents.shape[:2]
+    sigma = torch.from_numpy(shifted_sigma(rng, b, shift)).float().view(b, 1, 1, 1, 1)
+    eps = torch.randn_like(latents)
+    x_t = (1 - sigma) * latents + sigma * eps
+    t = (sigma.view(b, 1) * 1000).expand(b, f)
+    loss = flow_loss(model.forward_full(x_t, t, text), latents, eps)
+    return loss, {"loss": float(loss.detach())}
+
+
+def train_teacher(cfg: WorldConfig, data: LatentData, *, steps: int, batch: int = 16, lr: float = 5e-4,
+                  seed: int = 0, max_seconds: float | None = None, init: CausalDiT | None = None,
+                  on_step=None) -> tuple[CausalDiT, list[dict]]:
+    """The bidirectional teacher, from scratch or continued from ``init``."""
+    return _train_dit(cfg, data, lambda m, x, text, rng: teacher_loss(m, x, text, rng, cfg.stream.shift), init=init,
+                      steps=steps, batch=batch, lr=lr, seed=seed, max_seconds=max_seconds, warmup=100,
+                      on_step=on_step)
+
+
+def _train_dit(cfg: WorldConfig, data: LatentData, loss, *, init, steps, batch, lr, seed, max_seconds, warmup,
+               on_step) -> tuple[CausalDiT, list[dict]]:
+    """AdamW on ``loss(model, latents, text, rng) -> (loss, logs)`` over random batches of ``data``."""
+    model, rng = _start(lambda: CausalDiT(cfg.dit), init, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    sched = _warmup_decay(opt, steps, warmup=warmup)
+
+    def step():
+        latents, text = data.batch(rng, batch)
+        return _step(opt, sched, model, loss(model, latents, text, rng))
+
+    return model.eval(), _loop(steps, max_seconds, on_step, step)
+
+
+def student_loss(model: CausalDiT, latents, text, rng: np.random.Generator, settings: StreamSettings,
+                 sampler_fraction: float = 0.5):
+    """Teacher-forced causal flow matching through the streaming KV cache.
+
+    The clip is cut into chunks; chunk i is noised (one sigma per chunk and sample) and predicted
+    with the clean chunks before it in the cache, exactly as the streamer holds them (sink, window,
+    EMA-Sink fold); then its clean latents are written to the cache by the clean-context pass,
+    without gradient (as in Self Forcing). A ``sampler_fraction`` of the sigmas are the sampler's
+    own steps. Returns (loss, logs).
+    """
+    b, f = latents.shape[:2]
+    c = settings.chunk_frames
+    if f % c:
+        raise ConfigError(f"clips of {f} latent frames do not split into chunks of {c}")
+    sched_sigma = np.array(settings.schedule().sigma)
+    rollout = ChunkRollout.for_prompt(model, text, latents.shape, settings)
+    losses = []
+    for i in range(f // c):
+        x0 = latents[:, i * c:(i + 1) * c]
+        sigma = shifted_sigma(rng, b, settings.shift)
+        use_sched = rng.random(b) < sampler_fraction
+        sigma = np.where(use_sched, sched_sigma[rng.integers(len(sched_sigma), size=b)], sigma)
+        sigma = torch.from_numpy(sigma).float().view(b, 1, 1, 1, 1)
+        eps = torch.randn_like(x0)
+        x_t = (1 - sigma) * x0 + sigma * eps
+        t = (sigma.view(b, 1) * 1000).expand(b, c)
+        valid = rollout.spec.valid_frames(rollout.chunks_committed)
+        # the cache is updated in place below: give the differentiable forward its own copy
+        pred, _, _ = model.forward_chunk(x_t, t, rollout.text_k, rollout.text_v, rollout.cache_k.clone(),
+                                         rollout.cache_v.clone(), valid)
+        losses.append(flow_loss(pred, x0, eps))
+        with torch.no_grad():
+            rollout.cache_pass(x0)  # rerun with timestep zero to update the KV cache using clean context
+    loss = torch.stack(losses).mean()
+    return loss, {"loss": float(loss.detach()), **{f"loss_chunk{i}": float(v.detach()) for i, v in enumerate(losses)}}
+
+
+def train_student(cfg: WorldConfig, data: LatentData, teacher: CausalDiT, *, steps: int, batch: int = 8,
+                  lr: float = 2e-4, seed: int = 0, max_seconds: float | None = None,
+                  on_step=None) -> tuple[CausalDiT, list[dict]]:
+    """The causal student: the teacher's weights, fine-tuned on teacher-forced causal chunks."""
+    return _train_dit(cfg, data, lambda m, x, text, rng: student_loss(m, x, text, rng, cfg.stream), init=teacher,
+                      steps=steps, batch=batch, lr=lr, seed=seed, max_seconds=max_seconds, warmup=20,
+                      on_step=on_step)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def atomic_save(write, path: str) -> str:
+    """Call ``write(tmp_path)`` then rename onto ``path``: the file appears complete or not at all."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def save_weights(module: torch.nn.Module, path: str) -> str:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    return atomic_save(lambda tmp: save_file(state, tmp), path)
+
+
+def save_json(obj, path: str) -> str:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+
+    return atomic_save(write, path)
+
+
+def vae_config_dict(config: VAEConfig) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def load_vae(path: str) -> WanVAE:
+    """A VAE saved by ``save_vae`` (weights + ``<path>.json`` config)."""
+    with open(path + ".json") as f:
+        return WanVAE.from_pretrained(path, VAEConfig(**json.load(f)))
+
+
+def save_vae(vae: WanVAE, path: str) -> str:
+    save_json(vae_config_dict(vae.config), path + ".json")
+    return save_weights(vae, path)
+
+
+def load_dit(path: str) -> CausalDiT:
+    """A DiT saved by ``save_dit`` (weights + ``<path>.json`` config)."""
+    from rf_runtime.models.dit import load_checkpoint_file
+
+    with open(path + ".json") as f:
+        cfg = DiTConfig(**json.load(f))
+    return CausalDiT.from_state_dict(load_checkpoint_file(path), cfg)
+
+
+def save_dit(model: CausalDiT, path: str) -> str:
+    save_json(model.config.to_dict(), path + ".json")
+    return save_weights(model, path)
+
+
+def write_model_dir(path: str, cfg: WorldConfig, dit: CausalDiT, vae: WanVAE, model_card: dict | None = None) -> str:
+    """The layout ``Streamer.from_checkpoint`` reads: config.json, diffusion_pytorch_model.safetensors,
+    vae.safetensors, rf_runtime.json (VAE config, stream settings, resolution, text encoder, card)."""
+    os.makedirs(path, exist_ok=True)
+    save_json(dict(dit.config.to_dict(), _class_name="WanModel"), os.path.join(path, "config.json"))
+    save_weights(dit, os.path.join(path, "diffusion_pytorch_model.safetensors"))
+    save_weights(vae, os.path.join(path, "vae.safetensors"))
+    stream = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg.stream).items()}
+    card = {"vae": vae_config_dict(vae.config), "stream": stream, "resolution": [cfg.height, cfg.width],
+            "text_encoder": cfg.text.to_dict(), "model_card": model_card or {}}
+    save_json(card, os.path.join(path, "rf_runtime.json"))
+    return path

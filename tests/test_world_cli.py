@@ -1,0 +1,159 @@
+"""rf-eval, rf-generate's model choice (--engine, the default bundle), and the ablation command."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rf_runtime.cli import eval_main, generate_main
+from rf_runtime.testing import HEIGHT, WIDTH, write_model_dir
+from rf_runtime.video import Mp4Writer
+from rf_runtime.world import procedural as P
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_model")
+    write_model_dir(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bundle(model_dir, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from export.bundle_builder import build_bundle
+
+    return build_bundle(model_dir, tmp_path_factory.mktemp("b") / "bundle")
+
+
+def test_rf_eval_scores_an_mp4_of_a_procedural_video(tmp_path, capsys):
+    scene = P.Scene("circle", "red", "small", "fast", "moving right", "black", start=(20.0, 30.0), velocity=(2.2, 0.0))
+    path = str(tmp_path / "v.mp4")
+    with Mp4Writer(path) as w:
+        w.write(P.render(scene, 16 * 4))
+    out = str(tmp_path / "m.json")
+    assert eval_main([path, "--prompt", "a red circle bouncing", "--json", out, "--segment-seconds", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "dynamic degree %" in printed and "prompt adherence %" in printed
+    m = json.load(open(out))
+    assert m["segments"] == 2 and m["seconds"] == pytest.approx(4.0)
+    assert m["dynamic_degree"] == 100.0
+    assert m["colour_score"] > 0.9 and m["shape_score"] > 0.9  # through H.264 compression
+    # the same video against a wrong prompt
+    assert eval_main([path, "--prompt", "a blue square bouncing", "--json", out]) == 0
+    assert json.load(open(out))["prompt_adherence"] < 10.0
+
+
+def test_rf_eval_generates_and_scores_a_stream(model_dir, tmp_path):
+    out = str(tmp_path / "m.json")
+    assert eval_main(["--model-dir", model_dir, "--prompt", "a red circle bouncing", "--seconds", "2",
+                      "--segment-seconds", "1", "--json", out, "--quiet"]) == 0
+    m = json.load(open(out))
+    assert m["seconds"] == pytest.approx(2.0) and m["segments"] == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["missing.mp4"], "does not exist"),
+    ([], "give a video"),
+    (["--prompt", "a cube", "--seconds", "-1"], "--seconds"),
+    (["--prompt", "a cube", "--json", "/nonexistent-dir/m.json"], "does not exist"),
+])
+def test_rf_eval_bad_arguments(args, message, capsys):
+    assert eval_main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_rf_generate_runs_an_engine_bundle(bundle, tmp_path):
+    from rf_runtime.video import read_mp4
+
+    out = tmp_path / "e.mp4"
+    assert generate_main(["--engine", str(bundle), "--prompt", "a red circle", "--seconds", "1", "--out", str(out),
+                          "--quiet"]) == 0
+    assert read_mp4(out).shape == (16, HEIGHT, WIDTH, 3)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--model-dir", "x"], "two models"),
+    (["--height", "64"], "--model-dir models only"),
+    (["--ema-alpha", "0.9"], "--model-dir models only"),
+])
+def test_rf_generate_engine_conflicts(bundle, tmp_path, capsys, extra, message):
+    argv = ["--engine", str(bundle), "--prompt", "a cube", "--out", str(tmp_path / "c.mp4"), "--quiet"] + extra
+    if "--model-dir" not in extra:
+        argv = argv[2:]  # the default bundle is meant: no --engine either
+    assert generate_main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bundle_manifest_holds_no_absolute_path(bundle, model_dir):
+    text = open(os.path.join(bundle, "manifest.json")).read()
+    card = json.loads(text)["model_card"]
+    assert card["source"] == os.path.basename(model_dir)
+    assert model_dir not in text and str(bundle) not in text
+
+
+def test_ablation_summary_is_mean_and_standard_error():
+    from rf_runtime.world.ablation import Run, markdown_table, summarize
+
+    def run(variant, dd):
+        metrics = {"dynamic_degree": dd, "flow_score": 1.0, "travel": 2.0, "drift": 0.5, "quality_drift": None,
+                   "subject_consistency": 90.0, "prompt_adherence": 50.0}
+        return Run("m", variant, "p", 0, metrics, [1.0], 1.0)
+
+    rows = summarize([run("a", 10.0), run("a", 20.0), run("a", 60.0), run("b", 5.0)])
+    assert [r["variant"] for r in rows] == ["a", "b"]
+    assert rows[0]["dynamic_degree"] == pytest.approx(30.0)
+    assert rows[0]["dynamic_degree_se"] == pytest.approx(np.std([10, 20, 60], ddof=1) / np.sqrt(3))
+    assert rows[1]["dynamic_degree_se"] is None and rows[0]["quality_drift"] is None
+    assert "| m | a | 3 | 30.00 ± 15.28 |" in markdown_table(rows)  # std(10, 20, 60) = 26.46, / sqrt(3)
+
+
+def test_ablation_command_writes_table_and_plots(model_dir, tmp_path, capsys):
+    from rf_runtime.world.cli import main
+
+    out = tmp_path / "abl"
+    assert main(["--quiet", "ablate", "--model", f"tiny={model_dir}", "--variants", "no sink,EMA-Sink a=0.99",
+                 "--prompt", "a red circle bouncing", "--seeds", "1", "--seconds", "2", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["ablation.json", "ablation.md", "ablation_metrics.png",
+                                       "ablation_motion_over_time.png"]
+    data = json.load(open(out / "ablation.json"))
+    assert [r["variant"] for r in data["summary"]] == ["no sink", "EMA-Sink a=0.99"]
+    assert data["command"].startswith("rf-world --quiet ablate")
+    assert main(["ablate", "--model", "nodir", "--out", str(out)]) == 2
+    assert main(["ablate", "--model", f"x={model_dir}@{tmp_path}/missing.safetensors", "--out", str(out)]) == 2
+    assert "missing.safetensors does not exist" in capsys.readouterr().err
+    assert main(["ablate", "--model", f"x={model_dir}", "--variants", "huge sink", "--out", str(out)]) == 2
+    assert "unknown cache variants" in capsys.readouterr().err
+
+
+def test_rf_generate_without_a_model_runs_the_shipped_bundle_and_the_shape_moves(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from rf_runtime.bundle import DEFAULT_ENGINE, Bundle, default_engine_dir
+    from rf_runtime.eval import evaluate
+    from rf_runtime.video import read_mp4
+
+    path = default_engine_dir()
+    assert os.path.basename(path) == DEFAULT_ENGINE
+    bundle = Bundle.load(path)  # hashes verified
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    assert size < 50 * 2**20  # a few MB, shipped in git
+    def strings(x):
+        if isinstance(x, dict):
+            return [s for v in x.values() for s in strings(v)]
+        if isinstance(x, list):
+            return [s for v in x for s in strings(v)]
+        return [x] if isinstance(x, str) else []
+
+    assert not [s for s in strings(bundle.manifest) if os.path.isabs(s)]  # no path of the machine that built it
+    assert bundle.manifest["text_encoder"]["kind"] == "hashed"
+
+    out = tmp_path / "ball.mp4"
+    assert generate_main(["--prompt", "a red circle bouncing", "--seconds", "4", "--out", str(out), "--quiet"]) == 0
+    frames = read_mp4(out)
+    assert frames.shape == (64, 64, 64, 3)
+    result = evaluate(frames, "a red circle bouncing", segment_seconds=2)
+    # something moves in every 2 s segment (VBench rule, threshold 1.5 px at 64 px) ...
+    assert result.dynamic_degree == 100.0 and result.flow_score > 1.5
+    # ... and it is a foreground object on the prompt's (black) background, not noise
+    assert result.shape_score > 0.5

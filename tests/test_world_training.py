@@ -1,0 +1,175 @@
+"""Smoke tests of every training stage of the world model, on the seconds-sized TINY config."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from rf_runtime.errors import ConfigError
+from rf_runtime.world import training as T
+
+CFG = T.TINY
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.set_num_threads(1)
+    model, history = T.train_vae(CFG, steps=3, batch=2, clip_frames=5)
+    assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
+    return model
+
+
+@pytest.fixture(scope="module")
+def data(vae):
+    return T.encode_dataset(vae, CFG, 6, batch=4)
+
+
+def test_latent_stats_make_the_latents_zero_mean_unit_std(vae):
+    normalised = T.with_config(vae, T.latent_stats(vae, CFG, num_videos=32, seed=5))
+    rng = np.random.Generator(np.random.PCG64(5))
+    pixels = torch.cat([T.sample_clips(rng, CFG, 16, CFG.pixel_frames)[1] for _ in range(2)])
+    with torch.no_grad():
+        z = normalised.encode(pixels).transpose(0, 1).flatten(1)  # same clips as the stats: exact moments
+    np.testing.assert_allclose(z.mean(1).numpy(), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z.std(1).numpy(), 1.0, atol=1e-3)
+
+
+def test_encoded_dataset_matches_the_config(data):
+    assert data.latents.shape == (6, CFG.latent_frames, CFG.vae.z_dim, *CFG.latent_hw)
+    assert data.text.shape == (6, CFG.text.text_len, CFG.text.text_dim)
+    np.testing.assert_array_equal(data.text[2].numpy(), CFG.text.encode([data.prompts[2]])[0])
+
+
+def test_dataset_round_trips_through_safetensors(data, tmp_path):
+    data.save(str(tmp_path / "d.safetensors"))
+    back = T.LatentData.load(str(tmp_path / "d.safetensors"))
+    assert back.prompts == data.prompts
+    torch.testing.assert_close(back.latents, data.latents, rtol=0, atol=0)
+
+
+def test_teacher_learns_on_a_fixed_small_set(data):
+    # 6 clips, 80 steps: the flow-matching loss must fall well below its starting value
+    model, history = T.train_teacher(CFG, data, steps=80, batch=6, lr=3e-3)
+    losses = [h["loss"] for h in history]
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+
+
+def test_student_starts_from_the_teacher_and_runs_through_the_cache(data):
+    teacher = T.CausalDiT(CFG.dit).eval()
+    student, history = T.train_student(CFG, data, teacher, steps=0)
+    for (k, a), b in zip(teacher.state_dict().items(), student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    rng = np.random.Generator(np.random.PCG64(0))
+    latents, text = data.batch(rng, 2)
+    loss, logs = T.student_loss(student, latents, text, rng, CFG.stream)
+    # one loss per chunk; TINY has 4 chunks, so the last one is predicted after an eviction + EMA fold
+    assert sorted(k for k in logs if k.startswith("loss_chunk")) == [f"loss_chunk{i}" for i in range(4)]
+    assert loss.requires_grad and np.isfinite(float(loss.detach()))
+    loss.backward()
+    assert all(p.grad is not None for p in student.parameters())
+
+
+def test_student_chunk0_loss_equals_the_bidirectional_forward_on_that_chunk(data):
+    # with an empty cache, the causal forward of chunk 0 is the full forward of those frames alone
+    model = T.CausalDiT(CFG.dit).eval()
+    c = CFG.stream.chunk_frames
+    x = data.latents[:1, :c]
+    t = torch.full((1, c), 500.0)
+    text = data.text[:1]
+    from rf_runtime.sampler import ChunkRollout
+
+    rollout = ChunkRollout.for_prompt(model, text, x.shape, CFG.stream)
+    with torch.no_grad():
+        chunk, _, _ = model.forward_chunk(x, t, rollout.text_k, rollout.text_v, rollout.cache_k, rollout.cache_v, 0)
+        full = model.forward_full(x, t, text)
+    torch.testing.assert_close(chunk, full, rtol=1e-4, atol=1e-5)
+
+
+def test_model_dir_streams_and_card_round_trips(vae, data, tmp_path):
+    from rf_runtime.streamer import Streamer
+    from rf_runtime.torch_backend import read_model_card
+
+    dit = T.CausalDiT(CFG.dit).eval()
+    path = T.write_model_dir(str(tmp_path / "m"), CFG, dit, vae, {"name": "tiny"})
+    card = read_model_card(path)
+    assert card["resolution"] == [CFG.height, CFG.width] and card["text_encoder"]["kind"] == "hashed"
+    assert card["model_card"] == {"name": "tiny"}
+    streamer = Streamer.from_checkpoint(path)
+    frames = np.concatenate(list(streamer.stream("a red circle bouncing", num_frames=30)))
+    assert frames.shape == (30, CFG.height, CFG.width, 3)
+
+
+def test_saved_dit_and_vae_load_back_identically(vae, tmp_path):
+    dit = T.CausalDiT(CFG.dit)
+    T.save_dit(dit, str(tmp_path / "d.safetensors"))
+    T.save_vae(vae, str(tmp_path / "v.safetensors"))
+    back, vback = T.load_dit(str(tmp_path / "d.safetensors")), T.load_vae(str(tmp_path / "v.safetensors"))
+    assert back.config == dit.config and vback.config == vae.config
+    for k, v in dit.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_atomic_save_leaves_nothing_when_the_write_fails(tmp_path):
+    target = tmp_path / "x.bin"
+
+    def failing(tmp):
+        with open(tmp, "w") as f:
+            f.write("partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        T.atomic_save(failing, str(target))
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_configs_are_refused_with_the_fix():
+    import dataclasses
+
+    with pytest.raises(ConfigError, match="multiples of 16x16"):
+        dataclasses.replace(CFG, height=40)
+    with pytest.raises(ConfigError, match="z_dim"):
+        dataclasses.replace(CFG, dit=dataclasses.replace(CFG.dit, in_dim=8, out_dim=8))
+    with pytest.raises(ConfigError, match="clip_frames"):
+        T.train_vae(CFG, steps=1, clip_frames=6)
+
+
+def test_cli_runs_every_stage(tmp_path, capsys):
+    from rf_runtime.world.cli import main
+
+    w = str(tmp_path)
+    assert main(["--quiet", "vae", "--tiny", "--steps", "2", "--batch", "2", "--out", f"{w}/v.safetensors"]) == 0
+    assert main(["--quiet", "encode", "--tiny", "--vae", f"{w}/v.safetensors", "--videos", "3",
+                 "--out", f"{w}/d.safetensors"]) == 0
+    assert main(["--quiet", "teacher", "--tiny", "--data", f"{w}/d.safetensors", "--steps", "2",
+                 "--out", f"{w}/t.safetensors"]) == 0
+    assert main(["--quiet", "student", "--tiny", "--data", f"{w}/d.safetensors", "--teacher", f"{w}/t.safetensors",
+                 "--steps", "2", "--batch", "2", "--out", f"{w}/s.safetensors"]) == 0
+    assert main(["--quiet", "model-dir", "--tiny", "--vae", f"{w}/v.safetensors", "--dit", f"{w}/s.safetensors",
+                 "--out", f"{w}/model"]) == 0
+    log = json.load(open(f"{w}/t.safetensors.log.json"))
+    assert [h["step"] for h in log] == [0, 1]
+    assert sorted(os.listdir(f"{w}/model")) == ["config.json", "diffusion_pytorch_model.safetensors",
+                                                 "rf_runtime.json", "vae.safetensors"]
+    assert main(["--quiet", "teacher", "--tiny", "--data", f"{w}/missing.safetensors", "--steps", "1",
+                 "--out", f"{w}/x.safetensors"]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+
+
+def test_decoder_only_training_keeps_the_encoder(vae):
+    tuned, _ = T.train_vae(CFG, steps=2, batch=2, clip_frames=5, init=vae, decoder_only=True)
+    before, after = vae.state_dict(), tuned.state_dict()
+    for k in before:
+        if k.startswith(("encoder.", "conv1.")):
+            torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("decoder."))
+
+
+def test_training_is_reproducible_by_seed(data):
+    a, _ = T.train_teacher(CFG, data, steps=2, batch=2, seed=4)
+    b, _ = T.train_teacher(CFG, data, steps=2, batch=2, seed=4)
+    c, _ = T.train_teacher(CFG, data, steps=2, batch=2, seed=5)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert not torch.equal(a.head.head.weight, c.head.head.weight)
