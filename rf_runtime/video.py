@@ -8,6 +8,7 @@ import tempfile
 import numpy as np
 
 from rf_runtime.errors import InputError, require
+from rf_runtime.files import give_default_permissions, output_folder
 
 
 class Mp4Writer:
@@ -21,12 +22,11 @@ class Mp4Writer:
         self.path = os.fspath(path)
         if not self.path.lower().endswith(".mp4"):
             raise InputError(f"output {self.path!r} must end in .mp4")
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
-            raise InputError(f"the output directory {directory} does not exist: create it first")
+        directory = output_folder(self.path, "the video")
         self.fps, self.quality = fps, quality
         fd, self.tmp_path = tempfile.mkstemp(prefix=".rf-", suffix=".mp4", dir=directory)
         os.close(fd)
+        give_default_permissions(self.tmp_path)  # not mkstemp's owner-only 0600
         self._gen = None
         self.frames_written = 0
 
