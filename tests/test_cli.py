@@ -70,3 +70,15 @@ def test_ema_alpha_option_is_validated(model_dir, tmp_path, capsys):
     argv = ["--model-dir", model_dir, "--prompt", "a cube", "--out", str(tmp_path / "c.mp4"), "--quiet"]
     assert generate_main(argv + ["--ema-alpha", "1.5"]) == 2
     assert "ema_alpha" in capsys.readouterr().err
+
+
+def test_tiny_model_command_takes_help_and_refuses_option_like_dirs(tmp_path, monkeypatch, capsys):
+    """`python -m rf_runtime.testing --help` once wrote a model directory named '--help'."""
+    from rf_runtime.testing import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--help"]) == 0 and "OUTPUT_DIR" in capsys.readouterr().out
+    assert main(["--out"]) == 2 and main([]) == 2 and main(["a", "b"]) == 2
+    assert os.listdir(tmp_path) == []
+    assert main(["tiny"]) == 0 and sorted(os.listdir(tmp_path / "tiny")) == [
+        "config.json", "diffusion_pytorch_model.safetensors", "rf_runtime.json", "vae.safetensors"]
