@@ -40,6 +40,7 @@ def test_checkpoint_dir_is_taken_as_model_dir(model_dir, tmp_path):
     (["--prompt", "a cube", "--seconds", "0"], "--seconds"),
     (["--prompt", "a cube", "--out", "/nonexistent-dir/x.mp4"], "does not exist"),
     (["--prompt", "a cube", "--out", "clip.avi"], "must end in .mp4"),
+    (["--prompt", "a cube", "--height", "0"], "must be positive multiples"),  # was taken as 'the default'
 ])
 def test_bad_arguments_exit_2_with_message(model_dir, tmp_path, capsys, args, message):
     argv = ["--model-dir", model_dir, "--out", str(tmp_path / "c.mp4"), "--quiet"] + args
