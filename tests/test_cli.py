@@ -83,3 +83,25 @@ def test_tiny_model_command_takes_help_and_refuses_option_like_dirs(tmp_path, mo
     assert os.listdir(tmp_path) == []
     assert main(["tiny"]) == 0 and sorted(os.listdir(tmp_path / "tiny")) == [
         "config.json", "diffusion_pytorch_model.safetensors", "rf_runtime.json", "vae.safetensors"]
+
+
+def test_sigterm_is_handled_like_ctrl_c(model_dir, tmp_path, monkeypatch, capsys):
+    """kill / docker stop mid-video: the frames made so far are saved and no temporary file is left
+    (Python's default SIGTERM action exits without cleanup and left a hidden .rf-*.mp4 behind)."""
+    import signal
+
+    real_write = Mp4Writer.write
+
+    def write_then_terminated(self, frames):
+        real_write(self, frames)
+        os.kill(os.getpid(), signal.SIGTERM)  # as an operator's kill would, after the first chunk
+
+    monkeypatch.setattr(Mp4Writer, "write", write_then_terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "clip.mp4"
+    assert generate_main(["--model-dir", model_dir, "--prompt", "a cube", "--seconds", "3", "--out", str(out),
+                          "--quiet"]) == 130
+    assert read_mp4(out).shape[0] == 9  # chunk 0's frames
+    assert os.listdir(tmp_path) == ["clip.mp4"]
+    assert "interrupted: saved the 9 frames" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before  # the command restores the caller's handler
