@@ -20,10 +20,25 @@ def output_folder(path: str | os.PathLike, what: str = "the output") -> str:
     if not os.path.isdir(folder):
         raise InputError(f"cannot write {what} to {os.fspath(path)}: the folder {folder} does not exist; "
                          "create it first or pick another path")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write {what} to {os.fspath(path)}: the folder {folder} is not writable; "
-                         "pick a folder you can write to")
+    os.close(temp_file(path, what, folder=folder, remove=True)[0])  # the one sure test of writability (root, /proc)
     return folder
+
+
+def temp_file(path: str | os.PathLike, what: str = "the output", *, folder: str | None = None,
+              suffix: str = ".tmp", remove: bool = False) -> tuple[int, str]:
+    """(fd, name) of a new hidden temporary file beside ``path`` with ordinary permissions; an InputError
+    naming the fix when the folder cannot take it. ``remove``: delete it at once (a writability probe)."""
+    path = os.fspath(path)
+    folder = folder or os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=folder)
+    except OSError as exc:
+        raise InputError(f"cannot write {what} to {path} ({exc.strerror}): pick a folder you can write to") from exc
+    if remove:
+        os.remove(tmp)
+    else:
+        give_default_permissions(tmp)
+    return fd, tmp
 
 
 def give_default_permissions(path: str, directory: bool = False) -> None:
@@ -39,14 +54,10 @@ def atomic_path(path: str | os.PathLike, what: str = "the output") -> Iterator[s
     On any error (or Ctrl-C) in the block the temporary file is removed and ``path`` is left as it was.
     """
     path = os.fspath(path)
-    folder = output_folder(path, what)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise InputError(f"cannot write {what} to {path} ({exc.strerror}): pick a folder you can write to") from exc
+    output_folder(path, what)
+    fd, tmp = temp_file(path, what)
     os.close(fd)
     try:
-        give_default_permissions(tmp)
         yield tmp
         os.replace(tmp, path)
     except BaseException:

@@ -50,6 +50,8 @@ def test_missing_or_unwritable_folder_is_an_rferror_naming_the_fix(tmp_path):
     if os.path.isdir("/proc/self"):  # Linux: no regular file can be created there, even by root
         with pytest.raises(RFError, match="cannot write the snapshot to /proc/x.npz"):
             atomic_write("/proc/x.npz", lambda f: f.write(b"x"), what="the snapshot")
+        with pytest.raises(RFError, match="cannot write the video to /proc/v.mp4.*pick a folder"):
+            Mp4Writer("/proc/v.mp4")  # before any frame is made
 
 
 def test_mp4_and_bundle_get_ordinary_permissions(tmp_path, engine_dirs):
