@@ -77,6 +77,9 @@ def run_command(prog: str, body, args, level: int = logging.WARNING) -> int:
     except RFError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a body without its own Ctrl-C path: its temporary files are already removed
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)

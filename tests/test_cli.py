@@ -105,3 +105,14 @@ def test_sigterm_is_handled_like_ctrl_c(model_dir, tmp_path, monkeypatch, capsys
     assert os.listdir(tmp_path) == ["clip.mp4"]
     assert "interrupted: saved the 9 frames" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == before  # the command restores the caller's handler
+
+
+def test_run_command_reports_an_interrupt_in_one_line(capsys):
+    """A command without its own Ctrl-C path (rf-export, rf-bench): exit 130 and one line, no traceback."""
+    from rf_runtime.cli import run_command
+
+    def body(args):
+        raise KeyboardInterrupt
+
+    assert run_command("rf-export", body, None) == 130
+    assert capsys.readouterr().err.strip() == "rf-export: interrupted"
