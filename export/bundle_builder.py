@@ -15,6 +15,7 @@ from export.vae_graph import export_vae_decoder, initial_cache
 from rf_runtime.bundle import graph_io_from_onnx, write_manifest
 from rf_runtime.cache import commit_matrix
 from rf_runtime.errors import ConfigError
+from rf_runtime.files import give_default_permissions, output_folder
 
 
 GRAPHS = ("dit_step", "text_kv", "cache_update", "vae_decode_first", "vae_decode")
@@ -56,8 +57,9 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
     grid = dit.grid(info.latent_hw)
     tpf = grid[0] * grid[1]
     out_dir = os.path.abspath(os.fspath(out_dir))
-    tmp = tempfile.mkdtemp(prefix=".rf-bundle-", dir=os.path.dirname(out_dir))
+    tmp = tempfile.mkdtemp(prefix=".rf-bundle-", dir=output_folder(out_dir, "the bundle"))
     try:
+        give_default_permissions(tmp, directory=True)  # not mkdtemp's owner-only 0700
         feeds = example_inputs(dit, info.latent_hw, spec.context_frames, spec.chunk_frames, spec.context_frames)
         dit_data = export_dit_step(dit, os.path.join(tmp, "dit_step.onnx"), feeds)
         export_text_kv(dit, os.path.join(tmp, "text_kv.onnx"))

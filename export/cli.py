@@ -7,7 +7,6 @@ import argparse
 import sys
 
 from rf_runtime.bundle import TRAINING_STAGES
-from rf_runtime.errors import RFError
 
 
 def _precisions(text: str) -> tuple[str, ...]:
@@ -77,37 +76,38 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        if args.command == "onnx":
-            from export.bundle_builder import build_bundle
+    from rf_runtime.cli import run_command
 
-            card = {k: v for k, v in (("training_stage", args.training_stage), ("name", args.name),
-                                      ("longest_tested_frames", args.longest_tested_frames)) if v is not None}
-            path = build_bundle(args.model_dir, args.out, checkpoint=args.checkpoint, model_card=card,
-                                precisions=args.precision)
-            print(f"wrote bundle {path}")
-        elif args.command == "trt":
-            from export.trt_build import build_plans
+    return run_command("rf-export", _run, parser().parse_args(argv))
 
-            graphs = [g.strip() for g in args.graphs.split(",")] if args.graphs else None
-            plans = build_plans(args.bundle, precision=args.precision, workspace_mib=args.workspace_mib,
-                                timing_cache=args.timing_cache, graphs=graphs)
-            for name, entry in plans.items():
-                print(f"built {name}: {entry['file']} (TensorRT {entry['tensorrt_version']}, "
-                      f"compute capability {entry['compute_capability']}, {entry['device_name']})")
-        else:
-            from export.verify import format_table, verify_bundle
 
-            rows = verify_bundle(args.bundle, args.model_dir, args.checkpoint, backends=args.backends, seed=args.seed)
-            print(format_table(rows))
-            failed = [r for r in rows if r.status == "FAIL"]
-            if failed:
-                print(f"rf-export verify: {len(failed)} of {len(rows)} checks FAILED", file=sys.stderr)
-                return 1
-    except RFError as exc:
-        print(f"rf-export: error: {exc}", file=sys.stderr)
-        return 2
+def _run(args) -> int:
+    if args.command == "onnx":
+        from export.bundle_builder import build_bundle
+
+        card = {k: v for k, v in (("training_stage", args.training_stage), ("name", args.name),
+                                  ("longest_tested_frames", args.longest_tested_frames)) if v is not None}
+        path = build_bundle(args.model_dir, args.out, checkpoint=args.checkpoint, model_card=card,
+                            precisions=args.precision)
+        print(f"wrote bundle {path}")
+    elif args.command == "trt":
+        from export.trt_build import build_plans
+
+        graphs = [g.strip() for g in args.graphs.split(",")] if args.graphs else None
+        plans = build_plans(args.bundle, precision=args.precision, workspace_mib=args.workspace_mib,
+                            timing_cache=args.timing_cache, graphs=graphs)
+        for name, entry in plans.items():
+            print(f"built {name}: {entry['file']} (TensorRT {entry['tensorrt_version']}, "
+                  f"compute capability {entry['compute_capability']}, {entry['device_name']})")
+    else:
+        from export.verify import format_table, verify_bundle
+
+        rows = verify_bundle(args.bundle, args.model_dir, args.checkpoint, backends=args.backends, seed=args.seed)
+        print(format_table(rows))
+        failed = [r for r in rows if r.status == "FAIL"]
+        if failed:
+            print(f"rf-export verify: {len(failed)} of {len(rows)} checks FAILED", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -20,6 +20,7 @@ import logging
 import os
 
 from rf_runtime.errors import ConfigError, InputError, MissingDependencyError
+from rf_runtime.files import atomic_write
 
 log = logging.getLogger("rf_runtime")
 TIMING_CACHE = "tensorrt-timing.cache"
@@ -114,7 +115,7 @@ def build_plans(bundle_dir, *, precision: str = "fp16", workspace_mib: int = 409
                               f"log above); a larger --workspace-mib than {workspace_mib} may help")
         base, prec = graph.partition("@")[0], precision
         rel_path = f"{base}.{prec}.plan" if prec != "fp32" else f"{base}.plan"
-        _write_atomic(os.path.join(bundle_dir, rel_path), bytes(serialized))
+        atomic_write(os.path.join(bundle_dir, rel_path), lambda f: f.write(serialized), what="the TensorRT plan")
         _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
         built[graph] = rel_path
     return record_plans(bundle_dir, manifest, built, tensorrt_version=trt.__version__, compute_capability=capability,
@@ -141,13 +142,6 @@ def record_plans(bundle_dir: str, manifest: dict, built: dict[str, str], *, tens
     manifest.setdefault("plans", {}).update(plans)
     write_manifest(bundle_dir, manifest)
     return plans
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def run_plan(plan_path: str, feeds: dict, out_names) -> list:

@@ -198,10 +198,7 @@ def write_json(report: dict, path: str | os.PathLike) -> str:
     """Write the report atomically (temporary name, then rename)."""
     from rf_runtime.files import atomic_write
 
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise InputError(f"cannot write the report to {path}: the folder {folder} does not exist")
-    return atomic_write(path, lambda f: f.write(json.dumps(report, indent=2).encode()))
+    return atomic_write(path, lambda f: f.write(json.dumps(report, indent=2).encode()), what="the report")
 
 
 def format_table(report: dict) -> str:

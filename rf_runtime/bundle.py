@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass, field
 
 from rf_runtime.errors import RFError
+from rf_runtime.files import atomic_write
 from rf_runtime.runners.base import ITEMSIZE, GraphSpec
 
 SCHEMA_VERSION = 2
@@ -313,10 +314,8 @@ def write_manifest(path: str, manifest: dict) -> None:
         entry["sha256"] = sha256(fpath)
         entry["bytes"] = os.path.getsize(fpath)
     manifest = {**manifest, "schema_version": SCHEMA_VERSION}
-    tmp = os.path.join(path, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(path, MANIFEST))
+    text = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    atomic_write(os.path.join(path, MANIFEST), lambda f: f.write(text), what="the bundle manifest")
 
 
 __all__ = ["Bundle", "BundleError", "ModelCard", "SCHEMA_VERSION", "graph_io_from_onnx", "plan_problem",

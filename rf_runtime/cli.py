@@ -77,14 +77,33 @@ def _load_streamer(args):
                                     device=args.device, dtype=args.dtype)
 
 
+def _sigterm_as_ctrl_c(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_command(prog: str, body, args, level: int = logging.WARNING) -> int:
-    """Run a CLI body; an RFError becomes one line on stderr and exit status 2 (no traceback)."""
+    """Run a CLI body; an RFError becomes one line on stderr and exit status 2 (no traceback).
+
+    SIGTERM (kill, docker stop, systemd, a scheduler's preemption) is handled like Ctrl-C, so the body's
+    KeyboardInterrupt path runs: rf-generate keeps the frames made so far, rf-train saves a checkpoint,
+    and no temporary file is left behind (the default SIGTERM action ends Python without cleanup)."""
+    import signal
+    import threading
+
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c) if in_main else None
     try:
         return body(args)
     except RFError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a body without its own Ctrl-C path: its temporary files are already removed
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def generate_main(argv: list[str] | None = None) -> int:
@@ -160,30 +179,25 @@ def _bench_parser() -> argparse.ArgumentParser:
 
 
 def bench_main(argv: list[str] | None = None) -> int:
-    import os
+    return run_command("rf-bench", _bench, _bench_parser().parse_args(argv))
 
+
+def _bench(args) -> int:
     from rf_runtime.bench import BenchRun, format_table, run_bench, write_json
+    from rf_runtime.files import output_folder
 
-    args = _bench_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     runs = []
     if args.bundle:
         runs.append(BenchRun("engine", args.bundle, device=args.device))
     if args.model_dir:
         runs.append(BenchRun("torch", args.model_dir, args.checkpoint, device=args.device, dtype=args.dtype,
                              threads=args.torch_threads))
-    try:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder):  # before the benchmark, not after it
-            raise RFError(f"--json {args.json}: the folder {folder} does not exist")
-        if args.torch_threads is not None and not args.model_dir:
-            raise RFError("--torch-threads applies to the torch run: add --model-dir, or drop --torch-threads")
-        report = run_bench(runs, chunks=args.chunks, prompt=args.prompt, seed=args.seed,
-                           progress=lambda msg: print(f"rf-bench: {msg}", file=sys.stderr))
-        write_json(report, args.json)
-    except RFError as exc:
-        print(f"rf-bench: error: {exc}", file=sys.stderr)
-        return 2
+    output_folder(args.json, "the report")  # before the benchmark, not after it
+    if args.torch_threads is not None and not args.model_dir:
+        raise RFError("--torch-threads applies to the torch run: add --model-dir, or drop --torch-threads")
+    report = run_bench(runs, chunks=args.chunks, prompt=args.prompt, seed=args.seed,
+                       progress=lambda msg: print(f"rf-bench: {msg}", file=sys.stderr))
+    write_json(report, args.json)
     print(format_table(report))
     print(f"report: {args.json}")
     return 0

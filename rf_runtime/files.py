@@ -7,22 +7,57 @@ import os
 import tempfile
 from typing import BinaryIO, Callable, Iterator
 
+from rf_runtime.errors import InputError
+
 _UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it)
 os.umask(_UMASK)
 
 
+def output_folder(path: str | os.PathLike, what: str = "the output") -> str:
+    """The folder ``path`` will be written into, checked to exist and be writable (else an InputError
+    naming the fix), so a bad output path fails before any work is done and never with a traceback."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise InputError(f"cannot write {what} to {os.fspath(path)}: the folder {folder} does not exist; "
+                         "create it first or pick another path")
+    os.close(temp_file(path, what, folder=folder, remove=True)[0])  # the one sure test of writability (root, /proc)
+    return folder
+
+
+def temp_file(path: str | os.PathLike, what: str = "the output", *, folder: str | None = None,
+              suffix: str = ".tmp", remove: bool = False) -> tuple[int, str]:
+    """(fd, name) of a new hidden temporary file beside ``path`` with ordinary permissions; an InputError
+    naming the fix when the folder cannot take it. ``remove``: delete it at once (a writability probe)."""
+    path = os.fspath(path)
+    folder = folder or os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=folder)
+    except OSError as exc:
+        raise InputError(f"cannot write {what} to {path} ({exc.strerror}): pick a folder you can write to") from exc
+    if remove:
+        os.remove(tmp)
+    else:
+        give_default_permissions(tmp)
+    return fd, tmp
+
+
+def give_default_permissions(path: str, directory: bool = False) -> None:
+    """The permissions ``open``/``mkdir`` would give under the umask, not mkstemp/mkdtemp's owner-only ones
+    (an exported bundle or video must be readable by the service that serves it)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+def atomic_path(path: str | os.PathLike, what: str = "the output") -> Iterator[str]:
     """A temporary file name beside ``path`` to write to; renamed to ``path`` when the block ends.
 
     On any error (or Ctrl-C) in the block the temporary file is removed and ``path`` is left as it was.
     """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    output_folder(path, what)
+    fd, tmp = temp_file(path, what)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # the permissions open() would give, not mkstemp's owner-only 0600
         yield tmp
         os.replace(tmp, path)
     except BaseException:
@@ -31,8 +66,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> str:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], what: str = "the output") -> str:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path`` (``atomic_path``)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, what) as tmp, open(tmp, "wb") as f:
         write(f)
     return os.fspath(path)

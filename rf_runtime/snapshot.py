@@ -70,7 +70,7 @@ class StreamSnapshot:
         arrays = {name: getattr(self.state, name) for name in _ARRAYS}
         arrays.update({f"vae_cache_{i}": a for i, a in enumerate(self.state.vae_cache)})
         arrays["header"] = np.array(json.dumps(self.header()))
-        return atomic_write(path, lambda f: np.savez(f, **arrays))
+        return atomic_write(path, lambda f: np.savez(f, **arrays), what="the snapshot")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "StreamSnapshot":

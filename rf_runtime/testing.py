@@ -39,8 +39,8 @@ def tiny_vae(seed=0):
 
 
 def write_model_dir(path, seed=0, stream=None):
-    path = os.fspath(path)
     """A complete model directory (the layout Streamer.from_checkpoint reads) with random weights."""
+    path = os.fspath(path)
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
@@ -62,8 +62,12 @@ def main(argv=None):
     import sys
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m rf_runtime.testing OUTPUT_DIR", file=sys.stderr)
+    usage = "usage: python -m rf_runtime.testing OUTPUT_DIR   (writes a tiny random model directory there)"
+    if args in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    if len(args) != 1 or args[0].startswith("-"):  # never a model directory named '--help'
+        print(usage, file=sys.stderr)
         return 2
     write_model_dir(args[0])
     print(f"wrote a tiny random model to {args[0]} (random weights: the video will be noise)")

@@ -76,7 +76,8 @@ class TorchBackend(Backend):
         hw = card.get("resolution", DEFAULT_HW)
         dit = dit.to(device=device, dtype=_DTYPES[dtype])
         vae = vae.to(device=device, dtype=_DTYPES[dtype])
-        return cls(dit, vae, text_encoder, settings, height or hw[0], width or hw[1])
+        return cls(dit, vae, text_encoder, settings, hw[0] if height is None else height,  # 0 is refused, not the default
+                   hw[1] if width is None else width)
 
     # ---- Backend ---------------------------------------------------------------------------
 

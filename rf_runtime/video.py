@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
 from rf_runtime.errors import InputError, require
+from rf_runtime.files import output_folder, temp_file
 
 
 class Mp4Writer:
@@ -21,11 +21,9 @@ class Mp4Writer:
         self.path = os.fspath(path)
         if not self.path.lower().endswith(".mp4"):
             raise InputError(f"output {self.path!r} must end in .mp4")
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
-            raise InputError(f"the output directory {directory} does not exist: create it first")
+        output_folder(self.path, "the video")
         self.fps, self.quality = fps, quality
-        fd, self.tmp_path = tempfile.mkstemp(prefix=".rf-", suffix=".mp4", dir=directory)
+        fd, self.tmp_path = temp_file(self.path, "the video", suffix=".mp4")  # ffmpeg picks the container from it
         os.close(fd)
         self._gen = None
         self.frames_written = 0

@@ -40,6 +40,7 @@ def test_checkpoint_dir_is_taken_as_model_dir(model_dir, tmp_path):
     (["--prompt", "a cube", "--seconds", "0"], "--seconds"),
     (["--prompt", "a cube", "--out", "/nonexistent-dir/x.mp4"], "does not exist"),
     (["--prompt", "a cube", "--out", "clip.avi"], "must end in .mp4"),
+    (["--prompt", "a cube", "--height", "0"], "must be positive multiples"),  # was taken as 'the default'
 ])
 def test_bad_arguments_exit_2_with_message(model_dir, tmp_path, capsys, args, message):
     argv = ["--model-dir", model_dir, "--out", str(tmp_path / "c.mp4"), "--quiet"] + args
@@ -70,3 +71,48 @@ def test_ema_alpha_option_is_validated(model_dir, tmp_path, capsys):
     argv = ["--model-dir", model_dir, "--prompt", "a cube", "--out", str(tmp_path / "c.mp4"), "--quiet"]
     assert generate_main(argv + ["--ema-alpha", "1.5"]) == 2
     assert "ema_alpha" in capsys.readouterr().err
+
+
+def test_tiny_model_command_takes_help_and_refuses_option_like_dirs(tmp_path, monkeypatch, capsys):
+    """`python -m rf_runtime.testing --help` once wrote a model directory named '--help'."""
+    from rf_runtime.testing import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--help"]) == 0 and "OUTPUT_DIR" in capsys.readouterr().out
+    assert main(["--out"]) == 2 and main([]) == 2 and main(["a", "b"]) == 2
+    assert os.listdir(tmp_path) == []
+    assert main(["tiny"]) == 0 and sorted(os.listdir(tmp_path / "tiny")) == [
+        "config.json", "diffusion_pytorch_model.safetensors", "rf_runtime.json", "vae.safetensors"]
+
+
+def test_sigterm_is_handled_like_ctrl_c(model_dir, tmp_path, monkeypatch, capsys):
+    """kill / docker stop mid-video: the frames made so far are saved and no temporary file is left
+    (Python's default SIGTERM action exits without cleanup and left a hidden .rf-*.mp4 behind)."""
+    import signal
+
+    real_write = Mp4Writer.write
+
+    def write_then_terminated(self, frames):
+        real_write(self, frames)
+        os.kill(os.getpid(), signal.SIGTERM)  # as an operator's kill would, after the first chunk
+
+    monkeypatch.setattr(Mp4Writer, "write", write_then_terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "clip.mp4"
+    assert generate_main(["--model-dir", model_dir, "--prompt", "a cube", "--seconds", "3", "--out", str(out),
+                          "--quiet"]) == 130
+    assert read_mp4(out).shape[0] == 9  # chunk 0's frames
+    assert os.listdir(tmp_path) == ["clip.mp4"]
+    assert "interrupted: saved the 9 frames" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before  # the command restores the caller's handler
+
+
+def test_run_command_reports_an_interrupt_in_one_line(capsys):
+    """A command without its own Ctrl-C path (rf-export, rf-bench): exit 130 and one line, no traceback."""
+    from rf_runtime.cli import run_command
+
+    def body(args):
+        raise KeyboardInterrupt
+
+    assert run_command("rf-export", body, None) == 130
+    assert capsys.readouterr().err.strip() == "rf-export: interrupted"

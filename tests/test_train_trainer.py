@@ -274,6 +274,43 @@ def test_cli_trains_and_resumes(model_dir, prompts, tmp_path):
     assert main(["--config", str(cfg), "--resume", str(tmp_path / "nope.safetensors"), "--quiet"]) == 2
 
 
+def test_cli_refuses_a_fresh_run_over_another_and_bad_output_dirs(model_dir, prompts, tmp_path, capsys):
+    """Starting again without --resume in a folder that holds a run would overwrite some of its checkpoints
+    and interleave the logs; an output_dir that cannot be written fails before any work, in one line."""
+    from rf_runtime.train.cli import main
+
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(raw_config(model_dir, prompts, tmp_path / "out", steps=1)))
+    assert main(["--config", str(cfg), "--quiet"]) == 0
+    before = sorted(os.listdir(tmp_path / "out")), (tmp_path / "out" / "log.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["--config", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (checkpoint_000001.safetensors)" in err and "--resume" in err
+    assert (sorted(os.listdir(tmp_path / "out")), (tmp_path / "out" / "log.jsonl").read_text()) == before
+    assert main(["--config", str(cfg), "--output-dir", str(tmp_path / "out2"), "--quiet"]) == 0
+    (tmp_path / "file").write_text("x")  # a file where a folder is needed: no user can create it
+    assert main(["--config", str(cfg), "--output-dir", str(tmp_path / "file" / "run"), "--quiet"]) == 2
+    assert "cannot create output_dir" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_an_unreadable_checkpoint_is_one_line(model_dir, prompts, tmp_path, capsys):
+    """A file that is not a checkpoint: a CheckpointError in one line, not torch's or safetensors' traceback."""
+    from rf_runtime.errors import CheckpointError
+    from rf_runtime.models.dit import load_checkpoint_file
+    from rf_runtime.train.cli import main
+
+    for name in ("junk.safetensors", "junk.pt"):
+        (tmp_path / name).write_bytes(b"{not a checkpoint}" * 10)
+        with pytest.raises(CheckpointError, match=f"could not read checkpoint .*{name}") as err:
+            load_checkpoint_file(tmp_path / name)
+        assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(raw_config(model_dir, prompts, tmp_path / "out", steps=1)))
+    assert main(["--config", str(cfg), "--resume", str(tmp_path / "junk.safetensors"), "--quiet"]) == 2
+    assert "could not read" in capsys.readouterr().err
+
+
 def test_cli_ctrl_c_saves_a_checkpoint(model_dir, prompts, tmp_path, monkeypatch, capsys):
     from rf_runtime.train.cli import main
 

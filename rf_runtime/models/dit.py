@@ -468,14 +468,18 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
     try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors come in many types
-        raise CheckpointError(f"could not read checkpoint {path}: {exc}") from exc
+    except Exception as exc:  # pickle and safetensors errors come in many types
+        # one line, and not torch's multi-paragraph advice to load the file unsafely (not the fix here)
+        lines = str(exc).strip().splitlines()
+        reason = lines[0] if path.endswith(".safetensors") and lines else f"torch.load: {type(exc).__name__}"
+        raise CheckpointError(f"could not read checkpoint {path} ({reason}): pass a .safetensors or "
+                              ".pt/.pth state dict (a Reward Forcing or rf-train checkpoint)") from exc
 
 
 def normalize_state_dict(state_dict: dict, *, use_ema: bool = True) -> dict:

@@ -55,6 +55,8 @@ def _train(args) -> int:
     if args.device:
         overrides["device"] = args.device
     config = load_config(args.config, overrides)
+    if not args.measure_reward:
+        _check_output_dir(config.output_dir, resuming=bool(args.resume))
     ctx = D.context_from_env(config.device)
     trainer = Trainer(config, ctx)
     if args.measure_reward:
@@ -95,6 +97,26 @@ def _train(args) -> int:
 
         dist.destroy_process_group()
     return 0
+
+
+def _check_output_dir(output_dir: str, resuming: bool) -> None:
+    """Fail before any work on an output_dir that cannot be written, or that holds another run's
+    checkpoints (a fresh start would overwrite some of them, interleave its log.jsonl with theirs, and a
+    later --resume would pick up the other run's newest checkpoint)."""
+    from rf_runtime.train.trainer import latest_checkpoint
+
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as exc:
+        raise RFError(f"cannot create output_dir {output_dir} ({exc.strerror}): set 'output_dir' in the config "
+                      "or --output-dir to a folder you can write to") from exc
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise RFError(f"output_dir {output_dir} is not writable: set 'output_dir' or --output-dir to a folder "
+                      "you can write to")
+    existing = latest_checkpoint(output_dir)
+    if existing and not resuming:
+        raise RFError(f"output_dir {output_dir} already holds a run ({os.path.basename(existing)}): pass --resume "
+                      "to continue it, or --output-dir NEW_DIR to start a new run")
 
 
 if __name__ == "__main__":

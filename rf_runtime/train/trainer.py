@@ -442,7 +442,12 @@ class Trainer:
 
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {path} does not exist")
-        with safe_open(path, "pt") as f:
+        try:
+            handle = safe_open(path, "pt")
+        except Exception as exc:  # safetensors raises its own error type for a file that is not safetensors
+            raise CheckpointError(f"could not read {path} ({exc}): pass a checkpoint_*.safetensors written by "
+                                  "rf-train, or --resume without a value for the newest in output_dir") from exc
+        with handle as f:
             meta = f.metadata() or {}
             if meta.get("format") != CHECKPOINT_FORMAT:
                 raise CheckpointError(f"{path} is not an rf-train checkpoint (format {meta.get('format')!r}); "
