@@ -40,7 +40,8 @@ DEFINITIONS = {
     "realtime_factor": "end_to_end_fps / the video's fps (16): above 1 the stream keeps up with playback",
     "flat_cost": "per-chunk cost of chunks 8..12 against chunks 198..202 (or the last five if fewer were run): "
                  "mean and median wall time, and median process CPU time (all threads; less sensitive to other "
-                 "load on the machine); late / early is about 1 when the cost does not grow with the stream",
+                 "load on the machine); late / early is about 1 when the cost does not grow with the stream; "
+                 "with fewer than 18 chunks the two windows overlap, 'comparable' is false and the ratios are NaN",
     "cpu_s": "process CPU time (time.process_time, every thread of the process) spent making a chunk",
     "peak_rss_mib": "peak resident memory of the process that ran this backend (getrusage ru_maxrss)",
 }
@@ -79,9 +80,11 @@ def summarize(per_chunk: list[tuple[float, float, float, int, float]], *, load_s
 
     early, late = window(EARLY_CHUNK), window(LATE_CHUNK)
 
+    comparable = not set(early) & set(late)  # too few chunks: the two windows share chunks
+
     def cost(values, stat):
         e, l_ = float(stat(values[early])), float(stat(values[late]))
-        return e, l_, l_ / e if e > 0 else float("nan")
+        return e, l_, l_ / e if e > 0 and comparable else float("nan")
 
     mean, median, cpu_median = cost(seconds, np.mean), cost(seconds, np.median), cost(cpu, np.median)
     return {
@@ -96,6 +99,7 @@ def summarize(per_chunk: list[tuple[float, float, float, int, float]], *, load_s
         "denoise_fps": total_frames / float(denoise.sum()),
         "realtime_factor": total_frames / stream_s / fps,
         "flat_cost": {"early_chunks": [early[0], early[-1]], "late_chunks": [late[0], late[-1]],
+                      "comparable": comparable,
                       "early_mean_s": mean[0], "late_mean_s": mean[1], "late_over_early": mean[2],
                       "early_median_s": median[0], "late_median_s": median[1], "late_over_early_median": median[2],
                       "early_cpu_median_s": cpu_median[0], "late_cpu_median_s": cpu_median[1],

@@ -26,7 +26,7 @@ def test_summarize_counts_what_it_says():
 
 
 @pytest.mark.parametrize("n, early, late", [(203, [8, 12], [198, 202]), (200, [8, 12], [195, 199]),
-                                            (30, [8, 12], [25, 29]), (12, [7, 11], [7, 11])])
+                                            (30, [8, 12], [25, 29]), (18, [8, 12], [13, 17])])
 def test_flat_cost_windows(n, early, late):
     seconds = [1.0] + [0.5] * (n // 2) + [0.75] * (n - 1 - n // 2)
     seconds[late[0]] = 9.0  # one slow chunk moves the mean of its window, not the median
@@ -39,6 +39,19 @@ def test_flat_cost_windows(n, early, late):
     assert flat["late_over_early_median"] == pytest.approx(np.median(l_) / np.median(e))
     assert flat["late_cpu_median_s"] == pytest.approx(3 * np.median(l_))
     assert flat["late_over_early_cpu"] == pytest.approx(np.median(l_) / np.median(e))
+    assert flat["comparable"] is True
+
+
+@pytest.mark.parametrize("n", [12, 17])
+def test_flat_cost_needs_two_separate_windows(n):
+    # with fewer than 18 chunks the early (8..12) and late (last five) windows share chunks: a ratio
+    # would be ~1 by construction, so it is not reported
+    seconds = [1.0] + [0.5] * (n - 1)
+    r = summarize([(s, s / 2, s / 2, 12, s) for s in seconds], load_s=0, ttff_s=1, stream_s=sum(seconds), fps=16)
+    flat = r["flat_cost"]
+    assert flat["comparable"] is False
+    assert np.isnan(flat["late_over_early"]) and np.isnan(flat["late_over_early_median"])
+    assert np.isnan(flat["late_over_early_cpu"])
 
 
 def test_rf_bench_runs_both_backends_on_one_model(engine_dirs, tmp_path, capsys):
