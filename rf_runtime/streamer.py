@@ -112,14 +112,6 @@ class Streamer:
 
     # ---- streaming ---------------------------------------------------------------------------
 
-    def frames_to_chunks(self, num_frames: int) -> int:
-        """Chunks needed for ``num_frames`` video frames (the last one is trimmed)."""
-        first = self.info.frames_of_chunk(0)
-        later = self.info.frames_of_chunk(1)
-        if num_frames <= first:
-            return 1
-        return 1 + -(-(num_frames - first) // later)
-
     def open(self, prompt: str, *, seed: int = 0, num_frames: int | None = None) -> "Stream":
         """A ``Stream``: iterate it for ``Chunk`` objects; switch its prompt or save its state between chunks.
 

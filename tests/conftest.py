@@ -14,6 +14,16 @@ def golden_path():
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random model directory (rf_runtime.testing defaults), built once per session; read only."""
+    from rf_runtime.testing import write_model_dir
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    write_model_dir(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def engine_dirs(tmp_path_factory):
     """A tiny random model directory and its fp32 engine bundle, built once per test session."""
     pytest.importorskip("onnx")

@@ -7,14 +7,12 @@ import pytest
 
 from rf_runtime.cli import generate_main
 from rf_runtime.video import Mp4Writer, read_mp4
-from rf_runtime.testing import HEIGHT, WIDTH, write_model_dir
+from rf_runtime.testing import HEIGHT, WIDTH
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_model")
-    write_model_dir(path)
-    return str(path)
+def model_dir(tiny_model_dir):
+    return str(tiny_model_dir)
 
 
 def test_generate_writes_mp4(model_dir, tmp_path, capsys):

@@ -11,10 +11,8 @@ from rf_runtime.testing import HEIGHT, TEXT, WIDTH, write_model_dir
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_model")
-    write_model_dir(path)
-    return path
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,13 @@ import pytest
 import torch
 
 from rf_runtime.errors import ConfigError
-from rf_runtime.testing import write_model_dir
 from rf_runtime.train.config import config_from_dict, load_config
 from rf_runtime.train.trainer import Trainer, latest_checkpoint
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_teacher")
-    write_model_dir(path)
-    return path
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

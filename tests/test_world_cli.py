@@ -7,16 +7,14 @@ import numpy as np
 import pytest
 
 from rf_runtime.cli import eval_main, generate_main
-from rf_runtime.testing import HEIGHT, WIDTH, write_model_dir
+from rf_runtime.testing import HEIGHT, WIDTH
 from rf_runtime.video import Mp4Writer
 from rf_runtime.world import procedural as P
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_model")
-    write_model_dir(path)
-    return str(path)
+def model_dir(tiny_model_dir):
+    return str(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -78,9 +78,6 @@ class GraphSpec:
         return cls(name, tuple(TensorSpec.from_dict(d) for d in entry["inputs"]),
                    tuple(TensorSpec.from_dict(d) for d in entry["outputs"]))
 
-    def io_dict(self) -> dict:
-        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
-
     @cached_property
     def tensors(self) -> dict[str, TensorSpec]:
         return {t.name: t for t in (*self.inputs, *self.outputs)}
