@@ -173,3 +173,65 @@ def test_training_is_reproducible_by_seed(data):
     for k, v in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0, msg=k)
     assert not torch.equal(a.head.head.weight, c.head.head.weight)
+
+
+def test_foreground_weight_marks_the_cells_that_differ_from_the_background():
+    x0 = torch.zeros(1, 2, 3, 4, 4)
+    x0[0, 0, 1, 2, 3] = 2.0  # frame 0: one cell of the shape, in one channel
+    x0[0, 1] = 5.0  # frame 1: a uniform (background-only) frame at another level
+    x0[0, 1, 0, 0, 0] = 5.4  # below the 0.5 threshold: still background
+    w = T.foreground_weight(x0, fg_weight=4.0)
+    expected = torch.ones(1, 2, 1, 4, 4)
+    expected[0, 0, 0, 2, 3] = 5.0
+    torch.testing.assert_close(w, expected, rtol=0, atol=0)
+    assert T.foreground_weight(x0, fg_weight=0.0) is None
+
+
+def test_weighted_flow_loss_by_hand():
+    x0, eps = torch.zeros(1, 1, 1, 1, 2), torch.zeros(1, 1, 1, 1, 2)
+    pred = torch.tensor([1.0, 3.0]).view(1, 1, 1, 1, 2)  # squared errors 1 and 9
+    assert float(T.flow_loss(pred, x0, eps)) == 5.0
+    weight = torch.tensor([1.0, 3.0]).view(1, 1, 1, 1, 2)
+    assert float(T.flow_loss(pred, x0, eps, weight)) == (1 * 1 + 9 * 3) / 2 / 2  # mean(err w) / mean(w) = 7
+    torch.testing.assert_close(T.flow_loss(pred, x0, eps, torch.ones(1, 1, 1, 1, 1)), T.flow_loss(pred, x0, eps))
+
+
+def test_text_dropout_zeroes_whole_prompts_at_the_given_rate():
+    text = torch.ones(4000, 3, 2)
+    out = T.drop_text(text, np.random.Generator(np.random.PCG64(0)), 0.25)
+    per_sample = out.flatten(1)
+    dropped = (per_sample == 0).all(1)
+    assert ((per_sample == 1).all(1) | dropped).all()  # a prompt is kept or dropped as a whole
+    assert abs(float(dropped.float().mean()) - 0.25) < 0.03  # binomial sd 0.007
+    assert T.drop_text(text, np.random.Generator(np.random.PCG64(0)), 0.0) is text
+
+
+def test_sample_teacher_is_euler_with_guidance_by_hand():
+    # one Euler step from sigma 1 to 0: x0 = noise - v, and v = v_c + g (v_c - v_u)
+    model = T.CausalDiT(CFG.dit).eval()
+    shape = (3, CFG.vae.z_dim, *CFG.latent_hw)
+    text = torch.randn(1, CFG.dit.text_len, CFG.dit.text_dim)
+    noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(7))
+    t = torch.full((1, 3), 1000.0)
+    with torch.no_grad():
+        v_c, v_u = model.forward_full(noise, t, text), model.forward_full(noise, t, torch.zeros_like(text))
+    out = T.sample_teacher(model, text, shape, steps=1, guidance=2.0, seed=7)
+    torch.testing.assert_close(out, noise - (v_c + 2.0 * (v_c - v_u)), rtol=1e-5, atol=1e-5)
+    plain = T.sample_teacher(model, text, shape, steps=1, guidance=0.0, seed=7)
+    torch.testing.assert_close(plain, noise - v_c, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_sample_writes_one_row_per_prompt(vae, tmp_path):
+    import matplotlib.image
+
+    from rf_runtime.world.cli import main
+
+    T.save_vae(vae, str(tmp_path / "v.safetensors"))
+    T.save_dit(T.CausalDiT(CFG.dit).eval(), str(tmp_path / "d.safetensors"))
+    out = str(tmp_path / "s.png")
+    assert main(["--quiet", "sample", "--tiny", "--dit", str(tmp_path / "d.safetensors"), "--vae",
+                 str(tmp_path / "v.safetensors"), "--prompt", "a red circle bouncing", "--prompt", "a blue square",
+                 "--steps", "2", "--guidance", "3", "--out", out]) == 0
+    image = matplotlib.image.imread(out)
+    pixel_frames = 1 + CFG.vae.stride[0] * (CFG.latent_frames - 1)
+    assert image.shape[:2] == (2 * CFG.height, len(range(0, pixel_frames, 2)) * CFG.width)

@@ -50,8 +50,24 @@ def _parser():
     for name in ("vae", "teacher"):
         sub.choices[name].add_argument("--init", help="continue training from these weights")
     sub.choices["vae"].add_argument("--crop", type=int, help="train on random crops of this size (e.g. 32)")
+    sub.choices["vae"].add_argument("--clip-frames", type=int,
+                                    help="frames per training clip (default 1 + 2 x the temporal stride: 3)")
     sub.choices["vae"].add_argument("--decoder-only", action="store_true",
                                     help="freeze the encoder (latents already encoded stay valid)")
+    sub.choices["teacher"].add_argument("--text-dropout", type=float, default=0.1,
+                                        help="fraction of samples trained without text, for CFG (default 0.1)")
+    for name in ("teacher", "student"):
+        sub.choices[name].add_argument("--fg-weight", type=float, default=4.0,
+                                       help="extra loss weight on the shape's latent cells (default 4; 0 = plain MSE)")
+    sa = sub.add_parser("sample", help="sample a bidirectional DiT (the teacher) into a PNG grid, to check it")
+    sa.add_argument("--dit", required=True)
+    sa.add_argument("--vae", required=True)
+    sa.add_argument("--prompt", action="append", required=True, help="prompt (repeatable: one row each)")
+    sa.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (default 0)")
+    sa.add_argument("--steps", type=int, default=24, help="Euler steps (default 24)")
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--out", required=True, help="PNG to write: one row per prompt, every other latent frame")
+    sa.add_argument("--tiny", action="store_true")
     md = sub.add_parser("model-dir", help="write a model directory that rf-generate / rf-export read")
     md.add_argument("--vae", required=True)
     md.add_argument("--dit", required=True)
@@ -122,10 +138,13 @@ def _run(args) -> int:
     if args.command == "vae":
         init = T.load_vae(args.init) if args.init else None
         vae, history = T.train_vae(cfg, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                                   max_seconds=max_s, crop=args.crop, init=init,
+                                   max_seconds=max_s, crop=args.crop, init=init, clip_frames=args.clip_frames,
                                    decoder_only=args.decoder_only, on_step=on_step)
         vae = T.with_config(vae, T.latent_stats(vae, cfg, num_videos=16 if args.tiny else 64))
         T.save_vae(vae, args.out)
+    elif args.command == "sample":
+        _sample(args, cfg)
+        history = None
     elif args.command == "encode":
         data = T.encode_dataset(T.load_vae(args.vae), cfg, args.videos, seed=args.seed, on_step=on_step)
         data.save(args.out)
@@ -133,12 +152,13 @@ def _run(args) -> int:
     elif args.command == "teacher":
         init = T.load_dit(args.init) if args.init else None
         model, history = T.train_teacher(cfg, T.LatentData.load(args.data), steps=args.steps, batch=args.batch,
-                                         lr=args.lr, seed=args.seed, max_seconds=max_s, init=init, on_step=on_step)
+                                         lr=args.lr, seed=args.seed, max_seconds=max_s, init=init,
+                                         text_dropout=args.text_dropout, fg_weight=args.fg_weight, on_step=on_step)
         T.save_dit(model, args.out)
     elif args.command == "student":
         model, history = T.train_student(cfg, T.LatentData.load(args.data), T.load_dit(args.teacher),
                                          steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                                         max_seconds=max_s, on_step=on_step)
+                                         max_seconds=max_s, fg_weight=args.fg_weight, on_step=on_step)
         T.save_dit(model, args.out)
     else:
         card = {"name": "procedural-world", "note": args.note}
@@ -152,6 +172,33 @@ def _run(args) -> int:
     else:
         print(f"wrote {args.out}")
     return 0
+
+
+def _sample(args, cfg) -> None:
+    import numpy as np
+    import torch
+
+    from rf_runtime.world import training as T
+
+    dit, vae = T.load_dit(args.dit), T.load_vae(args.vae)
+    text = torch.from_numpy(cfg.text.encode(args.prompt))
+    h, w = cfg.latent_hw
+    z = T.sample_teacher(dit, text, (cfg.latent_frames, cfg.vae.z_dim, h, w), steps=args.steps,
+                         guidance=args.guidance, shift=cfg.stream.shift, seed=args.seed)
+    with torch.no_grad():
+        pixels = vae.decode(z.transpose(1, 2))  # [B, 3, T, H, W] in [-1, 1]
+    frames = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+    grid = np.concatenate([np.concatenate(list(row[::2]), axis=1) for row in frames], axis=0)
+
+    def write(tmp):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        plt.imsave(tmp, grid, format="png")
+
+    T.atomic_save(write, args.out)
 
 
 def _ablate(args) -> int:

@@ -44,7 +44,7 @@ def _small_vae() -> VAEConfig:
     # core, blurs shapes and shifts colours when it must also pack 4 frames into one (measured: PSNR 18 dB
     # after 26 min with stride (4, 8, 8)); one latent frame per video frame is easy for it.
     z = 8
-    return VAEConfig(dim=8, z_dim=z, dim_mult=(1, 2, 2, 2), num_res_blocks=1, attn_scales=(),
+    return VAEConfig(dim=16, z_dim=z, dim_mult=(1, 2, 2, 2), num_res_blocks=1, attn_scales=(),
                      temperal_downsample=(False, False, False), latents_mean=(0.0,) * z, latents_std=(1.0,) * z)
 
 
@@ -202,18 +202,22 @@ def vae_loss(vae: WanVAE, pixels: torch.Tensor, kl_weight: float, fg_weight: flo
     return loss, {"loss": float(loss.detach()), "mse": float(mse.detach()), "kl": float(kl.detach())}
 
 
-def train_vae(cfg: WorldConfig, *, steps: int, batch: int = 4, clip_frames: int = 9, lr: float = 2e-3,
+def train_vae(cfg: WorldConfig, *, steps: int, batch: int = 4, clip_frames: int | None = None, lr: float = 2e-3,
               kl_weight: float = 1e-3, fg_weight: float = 4.0, seed: int = 0, max_seconds: float | None = None,
               crop: int | None = None, init: WanVAE | None = None, decoder_only: bool = False,
               on_step=None) -> tuple[WanVAE, list[dict]]:
     """Train the VAE as an autoencoder on fresh procedural clips; stops after ``steps`` or ``max_seconds``.
 
+    clip_frames: frames per training clip, 1 + k x the temporal stride (default 1 + 2 x stride: 3 frames
+        without temporal compression; the convolutions see 3 frames, so longer clips teach little more).
     crop: train on random crop x crop windows of the frames (the VAE is convolutional; a 32 x 32
         crop of 64 x 64 frames makes a step about 4x cheaper). A multiple of the spatial stride.
     init: continue from these weights.
     decoder_only: train the decoder (``conv2``, ``decoder``) and freeze the encoder, so latents already
         encoded (and DiTs trained on them) stay valid while the pictures get better.
     """
+    if clip_frames is None:
+        clip_frames = 1 + 2 * cfg.vae.stride[0]  # two latent steps after the first frame
     stride = cfg.vae.stride[1]
     if crop is not None and (crop % stride or crop < stride or crop > min(cfg.height, cfg.width)):
         raise ConfigError(f"crop must be a multiple of {stride} no larger than the frame, got {crop}")
@@ -306,29 +310,90 @@ def shifted_sigma(rng: np.random.Generator, size, shift: float) -> np.ndarray:
     return shift * s / (1.0 + (shift - 1.0) * s)
 
 
-def flow_loss(pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Flow matching: the network predicts v = eps - x0 (SPEC 2)."""
-    return ((pred - (eps - x0)) ** 2).mean()
+def foreground_weight(x0: torch.Tensor, fg_weight: float, threshold: float = 0.5) -> torch.Tensor | None:
+    """Per-position loss weights for latents [B, F, C, H, W]: 1 + fg_weight where any channel differs from
+    the frame's median latent (the background: it covers most of a frame) by more than ``threshold``.
+
+    The shape covers a few latent cells of a frame; without this the loss is mostly background and a
+    small model learns the backdrop long before the object. A per-position weight leaves the minimiser
+    (the conditional mean at each position) unchanged; it only moves the model's effort."""
+    if fg_weight <= 0:
+        return None
+    background = x0.flatten(-2).median(dim=-1).values[..., None, None]
+    mask = ((x0 - background).abs().amax(dim=2, keepdim=True) > threshold).to(x0.dtype)
+    return 1.0 + fg_weight * mask
 
 
-def teacher_loss(model: CausalDiT, latents, text, rng: np.random.Generator, shift: float):
+def flow_loss(pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Flow matching: the network predicts v = eps - x0 (SPEC 2); ``weight`` broadcasts over the error
+    and the result is normalised by its mean, so the loss keeps the scale of the plain MSE."""
+    err = (pred - (eps - x0)) ** 2
+    if weight is None:
+        return err.mean()
+    weight = weight.expand_as(err)
+    return (err * weight).mean() / weight.mean()
+
+
+def drop_text(text: torch.Tensor, rng: np.random.Generator, p: float) -> torch.Tensor:
+    """Replace the prompt by no text (all-zero embeddings, what rf-train's empty negative prompt gives)
+    for a fraction ``p`` of the samples, so the model also learns the unconditional velocity that
+    classifier-free guidance needs."""
+    if p <= 0:
+        return text
+    keep = torch.from_numpy(rng.random(text.shape[0]) >= p).to(text.dtype).view(-1, 1, 1)
+    return text * keep
+
+
+def teacher_loss(model: CausalDiT, latents, text, rng: np.random.Generator, shift: float,
+                 text_dropout: float = 0.0, fg_weight: float = 0.0):
     """One t per clip, every frame noised to it, bidirectional forward. Returns (loss, logs)."""
     b, f = latents.shape[:2]
     sigma = torch.from_numpy(shifted_sigma(rng, b, shift)).float().view(b, 1, 1, 1, 1)
     eps = torch.randn_like(latents)
     x_t = (1 - sigma) * latents + sigma * eps
     t = (sigma.view(b, 1) * 1000).expand(b, f)
-    loss = flow_loss(model.forward_full(x_t, t, text), latents, eps)
+    pred = model.forward_full(x_t, t, drop_text(text, rng, text_dropout))
+    loss = flow_loss(pred, latents, eps, foreground_weight(latents, fg_weight))
     return loss, {"loss": float(loss.detach())}
 
 
 def train_teacher(cfg: WorldConfig, data: LatentData, *, steps: int, batch: int = 16, lr: float = 5e-4,
                   seed: int = 0, max_seconds: float | None = None, init: CausalDiT | None = None,
+                  text_dropout: float = 0.1, fg_weight: float = 4.0,
                   on_step=None) -> tuple[CausalDiT, list[dict]]:
-    """The bidirectional teacher, from scratch or continued from ``init``."""
-    return _train_dit(cfg, data, lambda m, x, text, rng: teacher_loss(m, x, text, rng, cfg.stream.shift), init=init,
-                      steps=steps, batch=batch, lr=lr, seed=seed, max_seconds=max_seconds, warmup=100,
-                      on_step=on_step)
+    """The bidirectional teacher, from scratch or continued from ``init``.
+
+    text_dropout: fraction of samples trained without text (for classifier-free guidance in DMD).
+    fg_weight: extra loss weight on the shape's latent cells (``foreground_weight``); 0 = plain MSE.
+    """
+    def loss(m, x, text, rng):
+        return teacher_loss(m, x, text, rng, cfg.stream.shift, text_dropout, fg_weight)
+
+    return _train_dit(cfg, data, loss, init=init, steps=steps, batch=batch, lr=lr, seed=seed,
+                      max_seconds=max_seconds, warmup=100, on_step=on_step)
+
+
+@torch.no_grad()
+def sample_teacher(model: CausalDiT, text: torch.Tensor, shape: tuple, *, steps: int = 24, guidance: float = 0.0,
+                   shift: float = 5.0, seed: int = 0) -> torch.Tensor:
+    """Bidirectional samples of a teacher: Euler on the flow ODE from sigma 1 to 0 over the shift-warped
+    schedule, with classifier-free guidance against no text when ``guidance`` > 0
+    (v = v_cond + guidance (v_cond - v_uncond)). text [B, L, D]; shape (F, C, H, W) -> latents [B, F, C, H, W]."""
+    b = text.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((b, *shape), generator=gen)
+    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    sig = (shift * s / (1 + (shift - 1) * s)).tolist()
+    for a, c in zip(sig[:-1], sig[1:]):
+        t = torch.full((b, shape[0]), a * 1000.0)
+        if guidance > 0:
+            v_both = model.forward_full(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, torch.zeros_like(text)]))
+            v_cond, v_uncond = v_both.chunk(2)
+            v = v_cond + guidance * (v_cond - v_uncond)
+        else:
+            v = model.forward_full(x, t, text)
+        x = x + (c - a) * v
+    return x
 
 
 def _train_dit(cfg: WorldConfig, data: LatentData, loss, *, init, steps, batch, lr, seed, max_seconds, warmup,
@@ -346,7 +411,7 @@ def _train_dit(cfg: WorldConfig, data: LatentData, loss, *, init, steps, batch, 
 
 
 def student_loss(model: CausalDiT, latents, text, rng: np.random.Generator, settings: StreamSettings,
-                 sampler_fraction: float = 0.5):
+                 sampler_fraction: float = 0.5, fg_weight: float = 0.0):
     """Teacher-forced causal flow matching through the streaming KV cache.
 
     The clip is cut into chunks; chunk i is noised (one sigma per chunk and sample) and predicted
@@ -375,7 +440,7 @@ def student_loss(model: CausalDiT, latents, text, rng: np.random.Generator, sett
         # the cache is updated in place below: give the differentiable forward its own copy
         pred, _, _ = model.forward_chunk(x_t, t, rollout.text_k, rollout.text_v, rollout.cache_k.clone(),
                                          rollout.cache_v.clone(), valid)
-        losses.append(flow_loss(pred, x0, eps))
+        losses.append(flow_loss(pred, x0, eps, foreground_weight(x0, fg_weight)))
         with torch.no_grad():
             rollout.cache_pass(x0)  # rerun with timestep zero to update the KV cache using clean context
     loss = torch.stack(losses).mean()
@@ -383,10 +448,11 @@ def student_loss(model: CausalDiT, latents, text, rng: np.random.Generator, sett
 
 
 def train_student(cfg: WorldConfig, data: LatentData, teacher: CausalDiT, *, steps: int, batch: int = 8,
-                  lr: float = 2e-4, seed: int = 0, max_seconds: float | None = None,
+                  lr: float = 2e-4, seed: int = 0, max_seconds: float | None = None, fg_weight: float = 4.0,
                   on_step=None) -> tuple[CausalDiT, list[dict]]:
     """The causal student: the teacher's weights, fine-tuned on teacher-forced causal chunks."""
-    return _train_dit(cfg, data, lambda m, x, text, rng: student_loss(m, x, text, rng, cfg.stream), init=teacher,
+    return _train_dit(cfg, data, lambda m, x, text, rng: student_loss(m, x, text, rng, cfg.stream, fg_weight=fg_weight),
+                      init=teacher,
                       steps=steps, batch=batch, lr=lr, seed=seed, max_seconds=max_seconds, warmup=20,
                       on_step=on_step)
 
