@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rf_runtime.cli import eval_main, generate_main
+from rf_runtime.errors import ConfigError
 from rf_runtime.testing import HEIGHT, WIDTH
 from rf_runtime.video import Mp4Writer
 from rf_runtime.world import procedural as P
@@ -123,6 +124,21 @@ def test_ablation_command_writes_table_and_plots(model_dir, tmp_path, capsys):
     assert "missing.safetensors does not exist" in capsys.readouterr().err
     assert main(["ablate", "--model", f"x={model_dir}", "--variants", "huge sink", "--out", str(out)]) == 2
     assert "unknown cache variants" in capsys.readouterr().err
+
+
+def test_ablation_in_worker_processes_gives_the_same_runs(model_dir):
+    from rf_runtime.world.ablation import CACHE_VARIANTS, run_ablation
+
+    args = ({"tiny": model_dir}, {v: CACHE_VARIANTS[v] for v in ("no sink", "static sink")},
+            ["a red circle bouncing"], [0], 3.0)  # 4+ chunks: past the sink and window, where they differ
+    here, workers = run_ablation(*args), run_ablation(*args, jobs=2)
+    # equal up to float summation order (the workers run one torch thread, this process may run more)
+    assert [r.variant for r in workers] == [r.variant for r in here]
+    for a, b in zip(workers, here):
+        assert a.metrics == pytest.approx(b.metrics, rel=1e-3, abs=1e-3)
+    assert here[0].metrics != here[1].metrics  # the variants differ, so the comparison above means something
+    with pytest.raises(ConfigError, match="jobs"):
+        run_ablation(*args, jobs=0)
 
 
 def test_rf_generate_without_a_model_runs_the_shipped_bundle_and_the_shape_moves(tmp_path):

@@ -69,9 +69,21 @@ def run_one(model, overrides: dict, prompt: str, seed: int, seconds: float):
     return evaluate(frames, prompt, fps=streamer.fps), elapsed
 
 
+def _run_one_in_worker(model, overrides: dict, prompt: str, seed: int, seconds: float):
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker process
+    return run_one(model, overrides, prompt, seed, seconds)
+
+
 def run_ablation(models: dict, variants: dict[str, dict], prompts, seeds, seconds: float,
-                 on_run=None) -> list[Run]:
-    """Every model x variant x prompt x seed. ``models``: name -> model directory or (directory, checkpoint)."""
+                 on_run=None, jobs: int = 1) -> list[Run]:
+    """Every model x variant x prompt x seed. ``models``: name -> model directory or (directory, checkpoint).
+
+    jobs: runs at once, each in its own process with one torch thread (the runs are independent and
+    deterministic by seed, so the results do not depend on ``jobs``); 1 = in this process."""
+    if jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}")
     if not models or not variants or not prompts or not seeds:
         raise ConfigError("the ablation needs at least one model, variant, prompt and seed")
     for name, model in models.items():
@@ -81,19 +93,27 @@ def run_ablation(models: dict, variants: dict[str, dict], prompts, seeds, second
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"model {name!r}: {path} is not a model directory (no config.json); "
                               "make one with `rf-world model-dir`")
-    runs = []
-    for model, path in models.items():
-        for variant, overrides in variants.items():
-            for prompt in prompts:
-                for seed in seeds:
-                    result, elapsed = run_one(path, overrides, prompt, seed, seconds)
-                    metrics = {m: getattr(result, m) for m in METRICS}
-                    run = Run(model, variant, prompt, seed, metrics, result.per_segment["flow_score"], elapsed)
-                    runs.append(run)
-                    logger.info("%s / %s / %r / seed %d: %s", model, variant, prompt, seed, metrics)
-                    if on_run:
-                        on_run(run)
-    return runs
+    cells = [(model, variant, prompt, seed) for model in models for variant in variants for prompt in prompts
+             for seed in seeds]
+
+    def record(cell, outcome) -> Run:
+        model, variant, prompt, seed = cell
+        result, elapsed = outcome
+        metrics = {m: getattr(result, m) for m in METRICS}
+        run = Run(model, variant, prompt, seed, metrics, result.per_segment["flow_score"], elapsed)
+        logger.info("%s / %s / %r / seed %d: %s", model, variant, prompt, seed, metrics)
+        if on_run:
+            on_run(run)
+        return run
+
+    if jobs == 1:
+        return [record(c, run_one(models[c[0]], variants[c[1]], c[2], c[3], seconds)) for c in cells]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_one_in_worker, models[c[0]], variants[c[1]], c[2], c[3], seconds) for c in cells]
+        return [record(c, f.result()) for c, f in zip(cells, futures)]
 
 
 def summarize(runs: list[Run]) -> list[dict]:
@@ -150,10 +170,12 @@ def write_report(runs: list[Run], out_dir: str, command: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['model']}\n{r['variant']}" if len({x['model'] for x in rows}) > 1 else r["variant"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, m, title in zip(axes, ("dynamic_degree", "drift", "subject_consistency"),
-                            ("dynamic degree % (higher: more motion)", "drift (lower: steadier)",
-                             "subject consistency %")):
+    fig, axes = plt.subplots(2, 3, figsize=(15, 9))
+    for ax, m, title in zip(axes.flat, ("dynamic_degree", "flow_score", "travel", "drift", "subject_consistency",
+                                        "prompt_adherence"),
+                            ("dynamic degree % (higher: more motion)", "flow score, px (higher: more motion)",
+                             "travel, px (how far the object goes)", "drift (lower: steadier)",
+                             "subject consistency %", "prompt adherence %")):
         vals = [r[m] or 0.0 for r in rows]
         errs = [r.get(m + "_se") or 0.0 for r in rows]
         ax.bar(range(len(rows)), vals, yerr=errs, color="tab:blue", capsize=3)

@@ -50,15 +50,15 @@ def _parser():
     for name in ("vae", "teacher"):
         sub.choices[name].add_argument("--init", help="continue training from these weights")
     sub.choices["vae"].add_argument("--crop", type=int, help="train on random crops of this size (e.g. 32)")
-    sub.choices["vae"].add_argument("--clip-frames", type=int,
-                                    help="frames per training clip (default 1 + 2 x the temporal stride: 3)")
+    sub.choices["vae"].add_argument("--clip-frames", type=int, default=9,
+                                    help="frames per training clip, 1 + k x the temporal stride (default 9)")
     sub.choices["vae"].add_argument("--decoder-only", action="store_true",
                                     help="freeze the encoder (latents already encoded stay valid)")
     sub.choices["teacher"].add_argument("--text-dropout", type=float, default=0.1,
                                         help="fraction of samples trained without text, for CFG (default 0.1)")
     for name in ("teacher", "student"):
-        sub.choices[name].add_argument("--fg-weight", type=float, default=4.0,
-                                       help="extra loss weight on the shape's latent cells (default 4; 0 = plain MSE)")
+        sub.choices[name].add_argument("--fg-weight", type=float, default=3.0,
+                                       help="extra loss weight on the shape's latent cells (default 3; 0 = plain MSE)")
     sa = sub.add_parser("sample", help="sample a bidirectional DiT (the teacher) into a PNG grid, to check it")
     sa.add_argument("--dit", required=True)
     sa.add_argument("--vae", required=True)
@@ -86,6 +86,7 @@ def _parser():
     ab.add_argument("--prompt", action="append", help="prompt (repeatable; default: three procedural prompts)")
     ab.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
     ab.add_argument("--seconds", type=float, default=60.0, help="stream length (default 60)")
+    ab.add_argument("--jobs", type=int, default=1, help="runs at once, one process and core each (default 1)")
     ab.add_argument("--out", required=True, help="directory for ablation.md/.json and the plots")
     return p
 
@@ -222,7 +223,7 @@ def _ablate(args) -> int:
     total = len(models) * len(names) * len(prompts) * args.seeds
     bar = tqdm(total=total, unit="run", disable=args.quiet, file=sys.stderr)
     runs = A.run_ablation(models, {v: A.CACHE_VARIANTS[v] for v in names}, prompts, list(range(args.seeds)),
-                          args.seconds, on_run=lambda run: bar.update(1))
+                          args.seconds, on_run=lambda run: bar.update(1), jobs=args.jobs)
     bar.close()
     command = "rf-world " + " ".join(shlex.quote(a) for a in args.argv)
     for path in A.write_report(runs, args.out, command):

@@ -202,22 +202,21 @@ def vae_loss(vae: WanVAE, pixels: torch.Tensor, kl_weight: float, fg_weight: flo
     return loss, {"loss": float(loss.detach()), "mse": float(mse.detach()), "kl": float(kl.detach())}
 
 
-def train_vae(cfg: WorldConfig, *, steps: int, batch: int = 4, clip_frames: int | None = None, lr: float = 2e-3,
+def train_vae(cfg: WorldConfig, *, steps: int, batch: int = 4, clip_frames: int = 9, lr: float = 2e-3,
               kl_weight: float = 1e-3, fg_weight: float = 4.0, seed: int = 0, max_seconds: float | None = None,
               crop: int | None = None, init: WanVAE | None = None, decoder_only: bool = False,
               on_step=None) -> tuple[WanVAE, list[dict]]:
     """Train the VAE as an autoencoder on fresh procedural clips; stops after ``steps`` or ``max_seconds``.
 
-    clip_frames: frames per training clip, 1 + k x the temporal stride (default 1 + 2 x stride: 3 frames
-        without temporal compression; the convolutions see 3 frames, so longer clips teach little more).
+    clip_frames: frames per training clip, 1 + k x the temporal stride. Keep it long (default 9): the
+        stacked causal convolutions see many frames back, and a VAE trained on 3-frame clips reconstructs
+        the first frame well and later frames badly (measured: 10.6 dB PSNR over 12 frames).
     crop: train on random crop x crop windows of the frames (the VAE is convolutional; a 32 x 32
         crop of 64 x 64 frames makes a step about 4x cheaper). A multiple of the spatial stride.
     init: continue from these weights.
     decoder_only: train the decoder (``conv2``, ``decoder``) and freeze the encoder, so latents already
         encoded (and DiTs trained on them) stay valid while the pictures get better.
     """
-    if clip_frames is None:
-        clip_frames = 1 + 2 * cfg.vae.stride[0]  # two latent steps after the first frame
     stride = cfg.vae.stride[1]
     if crop is not None and (crop % stride or crop < stride or crop > min(cfg.height, cfg.width)):
         raise ConfigError(f"crop must be a multiple of {stride} no larger than the frame, got {crop}")
@@ -310,9 +309,10 @@ def shifted_sigma(rng: np.random.Generator, size, shift: float) -> np.ndarray:
     return shift * s / (1.0 + (shift - 1.0) * s)
 
 
-def foreground_weight(x0: torch.Tensor, fg_weight: float, threshold: float = 0.5) -> torch.Tensor | None:
+def foreground_weight(x0: torch.Tensor, fg_weight: float, threshold: float = 0.75) -> torch.Tensor | None:
     """Per-position loss weights for latents [B, F, C, H, W]: 1 + fg_weight where any channel differs from
-    the frame's median latent (the background: it covers most of a frame) by more than ``threshold``.
+    the frame's median latent (the background: it covers most of a frame) by more than ``threshold`` (normalised latents have unit std; the conv padding alone moves
+    border cells by up to about 0.7).
 
     The shape covers a few latent cells of a frame; without this the loss is mostly background and a
     small model learns the backdrop long before the object. A per-position weight leaves the minimiser
@@ -359,7 +359,7 @@ def teacher_loss(model: CausalDiT, latents, text, rng: np.random.Generator, shif
 
 def train_teacher(cfg: WorldConfig, data: LatentData, *, steps: int, batch: int = 16, lr: float = 5e-4,
                   seed: int = 0, max_seconds: float | None = None, init: CausalDiT | None = None,
-                  text_dropout: float = 0.1, fg_weight: float = 4.0,
+                  text_dropout: float = 0.1, fg_weight: float = 3.0,
                   on_step=None) -> tuple[CausalDiT, list[dict]]:
     """The bidirectional teacher, from scratch or continued from ``init``.
 
@@ -448,7 +448,7 @@ def student_loss(model: CausalDiT, latents, text, rng: np.random.Generator, sett
 
 
 def train_student(cfg: WorldConfig, data: LatentData, teacher: CausalDiT, *, steps: int, batch: int = 8,
-                  lr: float = 2e-4, seed: int = 0, max_seconds: float | None = None, fg_weight: float = 4.0,
+                  lr: float = 2e-4, seed: int = 0, max_seconds: float | None = None, fg_weight: float = 3.0,
                   on_step=None) -> tuple[CausalDiT, list[dict]]:
     """The causal student: the teacher's weights, fine-tuned on teacher-forced causal chunks."""
     return _train_dit(cfg, data, lambda m, x, text, rng: student_loss(m, x, text, rng, cfg.stream, fg_weight=fg_weight),
