@@ -171,3 +171,7 @@ def test_rf_generate_without_a_model_runs_the_shipped_bundle_and_the_shape_moves
     assert result.dynamic_degree == 100.0 and result.flow_score > 1.5
     # ... and it is a foreground object on the prompt's (black) background, not noise
     assert result.shape_score > 0.5
+    # it goes somewhere (the previous model wobbled in place: 7.5 px over 30 s), and its colour is the
+    # prompt's more often than chance (6 palette colours: 1/6); measured 14 px and 0.38 for this bundle
+    assert result.travel > 8.0
+    assert result.colour_score > 0.25

@@ -235,3 +235,17 @@ def test_cli_sample_writes_one_row_per_prompt(vae, tmp_path):
     image = matplotlib.image.imread(out)
     pixel_frames = 1 + CFG.vae.stride[0] * (CFG.latent_frames - 1)
     assert image.shape[:2] == (2 * CFG.height, len(range(0, pixel_frames, 2)) * CFG.width)
+
+
+def test_the_world_training_configs_are_valid_and_differ_only_where_the_ablation_says():
+    from rf_runtime.train.config import load_config
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    redmd, dmd, beta2 = (load_config(os.path.join(root, f"world_{n}.yaml")) for n in ("redmd", "dmd", "redmd_beta2"))
+    assert (redmd.reward.kind, redmd.reward.beta) == ("motion", 0.5)
+    assert dmd.reward.kind == "none" and (beta2.reward.kind, beta2.reward.beta) == ("motion", 2.0)
+    assert redmd.dmd.guidance_scale == 3.0  # the world teacher is trained with text dropout, so CFG applies
+    same = ("steps", "batch_size", "num_frames", "seed", "optim", "dmd", "student", "teacher", "critic")
+    for other in (dmd, beta2):
+        assert {k: getattr(other, k) for k in same} == {k: getattr(redmd, k) for k in same}
+    assert len({redmd.output_dir, dmd.output_dir, beta2.output_dir}) == 3
