@@ -108,6 +108,26 @@ def test_ablation_summary_is_mean_and_standard_error():
     assert "| m | a | 3 | 30.00 ± 15.28 |" in markdown_table(rows)  # std(10, 20, 60) = 26.46, / sqrt(3)
 
 
+def test_paired_differences_by_hand():
+    from rf_runtime.world.ablation import METRICS, Run, paired_differences, paired_table
+
+    def run(variant, prompt, seed, flow):
+        metrics = {m: 0.0 for m in METRICS}
+        metrics["flow_score"] = flow
+        return Run("m", variant, prompt, seed, metrics, [flow], 1.0)
+
+    # prompt p1 is easy (flow ~10), p2 hard (~1): b is +1, +2, +3 over a on the same (prompt, seed)
+    runs = [run("a", "p1", 0, 10.0), run("a", "p2", 0, 1.0), run("a", "p2", 1, 2.0),
+            run("b", "p1", 0, 11.0), run("b", "p2", 0, 3.0), run("b", "p2", 1, 5.0), run("b", "p3", 0, 99.0)]
+    (row,) = paired_differences(runs)
+    assert (row["variant"], row["against"], row["pairs"]) == ("b", "m / a", 3)  # p3 has no partner in a
+    assert row["flow_score"] == pytest.approx(2.0)
+    assert row["flow_score_se"] == pytest.approx(1.0 / np.sqrt(3))  # std(1, 2, 3) = 1
+    assert row["drift"] == 0.0
+    assert "| m | b | m / a | 3 | +2.00 ± 0.58 |" in paired_table([row])
+    assert paired_differences(runs[:3]) == []  # one group: nothing to compare
+
+
 def test_ablation_command_writes_table_and_plots(model_dir, tmp_path, capsys):
     from rf_runtime.world.cli import main
 
@@ -119,6 +139,8 @@ def test_ablation_command_writes_table_and_plots(model_dir, tmp_path, capsys):
     data = json.load(open(out / "ablation.json"))
     assert [r["variant"] for r in data["summary"]] == ["no sink", "EMA-Sink a=0.99"]
     assert data["command"].startswith("rf-world --quiet ablate")
+    assert [r["variant"] for r in data["paired"]] == ["EMA-Sink a=0.99"] and data["paired"][0]["pairs"] == 1
+    assert "paired by prompt and seed" in open(out / "ablation.md").read()
     assert main(["ablate", "--model", "nodir", "--out", str(out)]) == 2
     assert main(["ablate", "--model", f"x={model_dir}@{tmp_path}/missing.safetensors", "--out", str(out)]) == 2
     assert "missing.safetensors does not exist" in capsys.readouterr().err

@@ -132,6 +132,49 @@ def summarize(runs: list[Run]) -> list[dict]:
     return rows
 
 
+PAIRED_METRICS = ("flow_score", "travel", "drift", "subject_consistency", "prompt_adherence")
+
+
+def paired_differences(runs: list[Run]) -> list[dict]:
+    """Each (model, variant) against the first one, paired by (prompt, seed): mean and standard error of
+    the per-pair difference. Pairing removes the spread between prompts, which dominates the standard
+    errors of ``summarize`` when the prompts differ in difficulty."""
+    groups: dict[tuple[str, str], dict[tuple[str, int], Run]] = {}
+    for r in runs:
+        groups.setdefault((r.model, r.variant), {})[(r.prompt, r.seed)] = r
+    keys = list(groups)
+    if len(keys) < 2:
+        return []
+    base = groups[keys[0]]
+    rows = []
+    for key in keys[1:]:
+        pairs = [(groups[key][k], base[k]) for k in groups[key] if k in base]
+        row = {"model": key[0], "variant": key[1], "against": f"{keys[0][0]} / {keys[0][1]}", "pairs": len(pairs)}
+        for m in PAIRED_METRICS:
+            d = np.array([a.metrics[m] - b.metrics[m] for a, b in pairs
+                          if a.metrics[m] is not None and b.metrics[m] is not None], np.float64)
+            row[m] = float(d.mean()) if len(d) else None
+            row[m + "_se"] = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
+        rows.append(row)
+    return rows
+
+
+def paired_table(rows: list[dict]) -> str:
+    head = ["model", "cache", "against", "pairs", "flow (px)", "travel (px)", "drift", "subject consistency %",
+            "prompt adherence %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        def cell(m):
+            if r[m] is None:
+                return "-"
+            se = r.get(m + "_se")
+            return f"{r[m]:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
+
+        lines.append("| " + " | ".join([r["model"], r["variant"], r["against"], str(r["pairs"])]
+                                       + [cell(m) for m in PAIRED_METRICS]) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = ["model", "cache", "runs", "dynamic degree %", "flow (px)", "travel (px)", "drift", "quality drift",
             "subject consistency %", "prompt adherence %"]
@@ -154,10 +197,14 @@ def write_report(runs: list[Run], out_dir: str, command: str) -> list[str]:
 
     os.makedirs(out_dir, exist_ok=True)
     rows = summarize(runs)
-    written = [save_json({"command": command, "summary": rows, "runs": [dataclasses.asdict(r) for r in runs]},
-                         os.path.join(out_dir, "ablation.json"))]
+    paired = paired_differences(runs)
+    written = [save_json({"command": command, "summary": rows, "paired": paired,
+                          "runs": [dataclasses.asdict(r) for r in runs]}, os.path.join(out_dir, "ablation.json"))]
     md = (f"# Ablation on the procedural-world model\n\nMade by:\n\n    {command}\n\n{markdown_table(rows)}\n\n"
           "Mean ± standard error over prompts and seeds. Metrics: `rf_runtime/eval.py`.\n")
+    if paired:
+        md += ("\nDifferences against the first row, paired by prompt and seed (mean ± standard error of the "
+               f"per-pair difference):\n\n{paired_table(paired)}\n")
 
     def write_md(tmp):
         with open(tmp, "w") as f:
