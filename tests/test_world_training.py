@@ -237,10 +237,17 @@ def test_cli_sample_writes_one_row_per_prompt(vae, tmp_path):
     assert image.shape[:2] == (2 * CFG.height, len(range(0, pixel_frames, 2)) * CFG.width)
 
 
-def test_the_world_training_configs_are_valid_and_differ_only_where_the_ablation_says():
+def test_the_world_training_configs_are_valid_and_differ_only_where_the_ablation_says(tmp_path):
+    import shutil
+
     from rf_runtime.train.config import load_config
 
-    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    # the configs point into world-work/ (made by scripts/train_world.sh): stand its model directories up
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "..", "configs"), tmp_path / "configs")
+    for name in ("teacher-model", "student-model"):
+        os.makedirs(tmp_path / "world-work" / name)
+        (tmp_path / "world-work" / name / "config.json").write_text("{}")
+    root = str(tmp_path / "configs")
     redmd, dmd, beta2 = (load_config(os.path.join(root, f"world_{n}.yaml")) for n in ("redmd", "dmd", "redmd_beta2"))
     assert (redmd.reward.kind, redmd.reward.beta) == ("motion", 0.5)
     assert dmd.reward.kind == "none" and (beta2.reward.kind, beta2.reward.beta) == ("motion", 2.0)
