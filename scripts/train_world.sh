@@ -29,10 +29,11 @@ rf-world --quiet model-dir --vae "$W/vae9.safetensors" --dit "$W/student.safeten
 rf-world prompts --out configs/world_prompts.txt
 # 4. Re-DMD (the shipped student), and the ablation's baselines: plain DMD and Re-DMD with beta 2.
 rf-train --config configs/world_redmd.yaml --measure-reward 4   # -> reward.motion mean/std in the configs
-rf-train --config configs/world_redmd.yaml --quiet &        # one thread each (cpu_threads: 1): ~5 min together
-rf-train --config configs/world_dmd.yaml --quiet &
-rf-train --config configs/world_redmd_beta2.yaml --quiet &
-wait
+pids=()
+for c in redmd dmd redmd_beta2; do   # one thread each (cpu_threads: 1): about 5 minutes together
+    rf-train --config "configs/world_$c.yaml" --quiet & pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; done   # fails the script if any run failed
 # 5. The default bundle.
 rf-export onnx --model-dir "$W/student-model" --checkpoint "$W/redmd/checkpoint_000600.safetensors" \
     --out engines/procedural-world-64 --training-stage re-dmd --name procedural-world-64 --longest-tested-frames 960
