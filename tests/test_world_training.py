@@ -179,7 +179,7 @@ def test_foreground_weight_marks_the_cells_that_differ_from_the_background():
     x0 = torch.zeros(1, 2, 3, 4, 4)
     x0[0, 0, 1, 2, 3] = 2.0  # frame 0: one cell of the shape, in one channel
     x0[0, 1] = 5.0  # frame 1: a uniform (background-only) frame at another level
-    x0[0, 1, 0, 0, 0] = 5.4  # below the 0.5 threshold: still background
+    x0[0, 1, 0, 0, 0] = 5.4  # 0.4 from the median, below the 0.75 threshold: still background
     w = T.foreground_weight(x0, fg_weight=4.0)
     expected = torch.ones(1, 2, 1, 4, 4)
     expected[0, 0, 0, 2, 3] = 5.0

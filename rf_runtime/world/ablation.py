@@ -116,6 +116,13 @@ def run_ablation(models: dict, variants: dict[str, dict], prompts, seeds, second
         return [record(c, f.result()) for c, f in zip(cells, futures)]
 
 
+def _mean_se(values) -> tuple[float | None, float | None]:
+    """Mean and standard error of the values that are not None (None where there are too few)."""
+    v = np.array([x for x in values if x is not None], np.float64)
+    return (float(v.mean()) if len(v) else None,
+            float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None)
+
+
 def summarize(runs: list[Run]) -> list[dict]:
     """Mean and standard error of each metric per (model, variant), in the order first seen."""
     groups: dict[tuple[str, str], list[Run]] = {}
@@ -125,9 +132,7 @@ def summarize(runs: list[Run]) -> list[dict]:
     for (model, variant), rs in groups.items():
         row = {"model": model, "variant": variant, "runs": len(rs)}
         for m in METRICS:
-            vals = np.array([r.metrics[m] for r in rs if r.metrics[m] is not None], np.float64)
-            row[m] = float(vals.mean()) if len(vals) else None
-            row[m + "_se"] = float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else None
+            row[m], row[m + "_se"] = _mean_se(r.metrics[m] for r in rs)
         rows.append(row)
     return rows
 
@@ -142,52 +147,43 @@ def paired_differences(runs: list[Run]) -> list[dict]:
     groups: dict[tuple[str, str], dict[tuple[str, int], Run]] = {}
     for r in runs:
         groups.setdefault((r.model, r.variant), {})[(r.prompt, r.seed)] = r
-    keys = list(groups)
-    if len(keys) < 2:
+    if not groups:
         return []
-    base = groups[keys[0]]
+    (base_key, base), *others = groups.items()
     rows = []
-    for key in keys[1:]:
-        pairs = [(groups[key][k], base[k]) for k in groups[key] if k in base]
-        row = {"model": key[0], "variant": key[1], "against": f"{keys[0][0]} / {keys[0][1]}", "pairs": len(pairs)}
+    for (model, variant), group in others:
+        pairs = [(run, base[k]) for k, run in group.items() if k in base]
+        row = {"model": model, "variant": variant, "against": f"{base_key[0]} / {base_key[1]}", "pairs": len(pairs)}
         for m in PAIRED_METRICS:
-            d = np.array([a.metrics[m] - b.metrics[m] for a, b in pairs
-                          if a.metrics[m] is not None and b.metrics[m] is not None], np.float64)
-            row[m] = float(d.mean()) if len(d) else None
-            row[m + "_se"] = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
+            row[m], row[m + "_se"] = _mean_se(a.metrics[m] - b.metrics[m] for a, b in pairs
+                                              if a.metrics[m] is not None and b.metrics[m] is not None)
         rows.append(row)
     return rows
 
 
-def paired_table(rows: list[dict]) -> str:
-    head = ["model", "cache", "against", "pairs", "flow (px)", "travel (px)", "drift", "subject consistency %",
-            "prompt adherence %"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        def cell(m):
-            if r[m] is None:
-                return "-"
-            se = r.get(m + "_se")
-            return f"{r[m]:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
+def _table(head: list[str], rows: list[dict], lead: list[str], metrics, signed: bool) -> str:
+    """A markdown table: the ``lead`` keys of each row as they are, then each metric as mean ± se."""
+    def cell(r, m):
+        if r[m] is None:
+            return "-"
+        se = r.get(m + "_se")
+        return (f"{r[m]:+.2f}" if signed else f"{r[m]:.2f}") + (f" ± {se:.2f}" if se is not None else "")
 
-        lines.append("| " + " | ".join([r["model"], r["variant"], r["against"], str(r["pairs"])]
-                                       + [cell(m) for m in PAIRED_METRICS]) + " |")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([str(r[k]) for k in lead] + [cell(r, m) for m in metrics]) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict]) -> str:
     head = ["model", "cache", "runs", "dynamic degree %", "flow (px)", "travel (px)", "drift", "quality drift",
             "subject consistency %", "prompt adherence %"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        def cell(m):
-            if r[m] is None:
-                return "-"
-            se = r.get(m + "_se")
-            return f"{r[m]:.2f}" + (f" ± {se:.2f}" if se is not None else "")
+    return _table(head, rows, ["model", "variant", "runs"], METRICS, signed=False)
 
-        lines.append("| " + " | ".join([r["model"], r["variant"], str(r["runs"])] + [cell(m) for m in METRICS]) + " |")
-    return "\n".join(lines)
+
+def paired_table(rows: list[dict]) -> str:
+    head = ["model", "cache", "against", "pairs", "flow (px)", "travel (px)", "drift", "subject consistency %",
+            "prompt adherence %"]
+    return _table(head, rows, ["model", "variant", "against", "pairs"], PAIRED_METRICS, signed=True)
 
 
 def write_report(runs: list[Run], out_dir: str, command: str) -> list[str]:

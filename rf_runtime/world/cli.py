@@ -179,6 +179,7 @@ def _sample(args, cfg) -> None:
     import numpy as np
     import torch
 
+    from rf_runtime.backend import to_uint8_frames
     from rf_runtime.world import training as T
 
     dit, vae = T.load_dit(args.dit), T.load_vae(args.vae)
@@ -187,8 +188,8 @@ def _sample(args, cfg) -> None:
     z = T.sample_teacher(dit, text, (cfg.latent_frames, cfg.vae.z_dim, h, w), steps=args.steps,
                          guidance=args.guidance, shift=cfg.stream.shift, seed=args.seed)
     with torch.no_grad():
-        pixels = vae.decode(z.transpose(1, 2))  # [B, 3, T, H, W] in [-1, 1]
-    frames = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+        pixels = vae.decode(z.transpose(1, 2)).numpy()  # [B, 3, T, H, W] in [-1, 1]
+    frames = [to_uint8_frames(p) for p in pixels]  # [T, H, W, 3] each
     grid = np.concatenate([np.concatenate(list(row[::2]), axis=1) for row in frames], axis=0)
 
     def write(tmp):

@@ -305,14 +305,18 @@ def with_config(vae: WanVAE, config: VAEConfig) -> WanVAE:
 def shifted_sigma(rng: np.random.Generator, size, shift: float) -> np.ndarray:
     """Noise levels for flow-matching training: s ~ U(0, 1) warped by s' = shift s / (1 + (shift - 1) s),
     the table the sampler uses (SPEC 2), so training puts its weight where sampling runs."""
-    s = rng.uniform(0.0, 1.0, size=size)
+    return shift_sigma(rng.uniform(0.0, 1.0, size=size), shift)
+
+
+def shift_sigma(s, shift: float):
+    """s' = shift s / (1 + (shift - 1) s): the flow-matching noise-level warp (SPEC 2), elementwise."""
     return shift * s / (1.0 + (shift - 1.0) * s)
 
 
 def foreground_weight(x0: torch.Tensor, fg_weight: float, threshold: float = 0.75) -> torch.Tensor | None:
     """Per-position loss weights for latents [B, F, C, H, W]: 1 + fg_weight where any channel differs from
-    the frame's median latent (the background: it covers most of a frame) by more than ``threshold`` (normalised latents have unit std; the conv padding alone moves
-    border cells by up to about 0.7).
+    the frame's median latent (the background: it covers most of a frame) by more than ``threshold``
+    (normalised latents have unit std; the conv padding alone moves border cells by up to about 0.7).
 
     The shape covers a few latent cells of a frame; without this the loss is mostly background and a
     small model learns the backdrop long before the object. A per-position weight leaves the minimiser
@@ -382,8 +386,7 @@ def sample_teacher(model: CausalDiT, text: torch.Tensor, shape: tuple, *, steps:
     b = text.shape[0]
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((b, *shape), generator=gen)
-    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    sig = (shift * s / (1 + (shift - 1) * s)).tolist()
+    sig = shift_sigma(np.linspace(1.0, 0.0, steps + 1), shift).tolist()
     for a, c in zip(sig[:-1], sig[1:]):
         t = torch.full((b, shape[0]), a * 1000.0)
         if guidance > 0:
@@ -451,10 +454,11 @@ def train_student(cfg: WorldConfig, data: LatentData, teacher: CausalDiT, *, ste
                   lr: float = 2e-4, seed: int = 0, max_seconds: float | None = None, fg_weight: float = 3.0,
                   on_step=None) -> tuple[CausalDiT, list[dict]]:
     """The causal student: the teacher's weights, fine-tuned on teacher-forced causal chunks."""
-    return _train_dit(cfg, data, lambda m, x, text, rng: student_loss(m, x, text, rng, cfg.stream, fg_weight=fg_weight),
-                      init=teacher,
-                      steps=steps, batch=batch, lr=lr, seed=seed, max_seconds=max_seconds, warmup=20,
-                      on_step=on_step)
+    def loss(m, x, text, rng):
+        return student_loss(m, x, text, rng, cfg.stream, fg_weight=fg_weight)
+
+    return _train_dit(cfg, data, loss, init=teacher, steps=steps, batch=batch, lr=lr, seed=seed,
+                      max_seconds=max_seconds, warmup=20, on_step=on_step)
 
 
 # --------------------------------------------------------------------------------------------
