@@ -176,15 +176,46 @@ def test_training_is_reproducible_by_seed(data):
 
 
 def test_foreground_weight_marks_the_cells_that_differ_from_the_background():
-    x0 = torch.zeros(1, 2, 3, 4, 4)
-    x0[0, 0, 1, 2, 3] = 2.0  # frame 0: one cell of the shape, in one channel
-    x0[0, 1] = 5.0  # frame 1: a uniform (background-only) frame at another level
-    x0[0, 1, 0, 0, 0] = 5.4  # 0.4 from the median, below the 0.75 threshold: still background
-    w = T.foreground_weight(x0, fg_weight=4.0)
+    x_t = torch.zeros(1, 2, 3, 4, 4)
+    x_t[0, 0, 1, 2, 3] = 2.0  # frame 0: one cell of the shape, in one channel
+    x_t[0, 1] = 5.0  # frame 1: a uniform (background-only) frame at another level
+    x_t[0, 1, 0, 0, 0] = 5.4  # 0.4 from the median, below the 0.75 threshold: still background
+    w = T.foreground_weight(x_t, fg_weight=4.0)
     expected = torch.ones(1, 2, 1, 4, 4)
     expected[0, 0, 0, 2, 3] = 5.0
     torch.testing.assert_close(w, expected, rtol=0, atol=0)
-    assert T.foreground_weight(x0, fg_weight=0.0) is None
+    assert T.foreground_weight(x_t, fg_weight=0.0) is None
+
+
+class _Recorder(torch.nn.Module):
+    """A stand-in DiT: records its input and returns a zero velocity that takes gradients."""
+
+    def forward_full(self, x_t, t, text):
+        self.x_t, self.t = x_t.detach().clone(), t.detach().clone()
+        self.out = torch.zeros_like(x_t, requires_grad=True)
+        return self.out
+
+
+def test_the_teacher_loss_weight_is_a_function_of_the_model_input_not_of_the_target():
+    # At pred = 0 the weighted flow loss has d loss / d pred = -2 w v / sum(w) with v = eps - x0 =
+    # (x_t - x0) / s, so the weight each cell got can be read back from the gradient. It must be the
+    # weight of the noisy input the model saw (then the minimiser stays E[v | x_t, t, text]); a weight
+    # from x0 (the target) would tilt the learnt distribution towards foreground.
+    x0 = torch.randn(2, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.05
+    x0[..., 1:3, 1:3] += 3.0  # a bright "shape" of 4 cells per frame
+    model = _Recorder()
+    torch.manual_seed(1)
+    loss, _ = T.teacher_loss(model, x0, torch.zeros(2, 16, 8), np.random.Generator(np.random.PCG64(3)), 5.0,
+                             fg_weight=4.0)
+    (grad,) = torch.autograd.grad(loss, model.out)
+    s = (model.t[:, 0] / 1000).view(2, 1, 1, 1, 1)
+    w = -grad * s / (model.x_t - x0)  # proportional to the weight, per cell and channel
+    w = w / w.min()
+    seen = T.foreground_weight(model.x_t, 4.0).expand_as(w)
+    from_target = T.foreground_weight(x0, 4.0).expand_as(w)
+    torch.testing.assert_close(w, seen, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(seen, from_target)  # the noise makes the two differ: the test can tell them apart
+    assert 0.05 < float(s.min()) and float(s.max()) < 0.999  # noisy inputs, not the clean target
 
 
 def test_weighted_flow_loss_by_hand():

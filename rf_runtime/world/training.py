@@ -34,7 +34,7 @@ from rf_runtime.models import CausalDiT, DiTConfig
 from rf_runtime.models.hashed_text import HashedTextEncoder
 from rf_runtime.models.vae import VAEConfig, WanVAE
 from rf_runtime.sampler import ChunkRollout, StreamSettings
-from rf_runtime.world import procedural
+from rf_runtime.world import heldout, procedural
 
 logger = logging.getLogger("rf_runtime")
 
@@ -68,10 +68,11 @@ class WorldConfig:
     dit: DiTConfig = field(default_factory=_small_dit)
     text: HashedTextEncoder = field(default_factory=_small_text)
     stream: StreamSettings = field(default_factory=StreamSettings)
-    # latent clip length for the DiTs, in chunks: 4 x 3 = 12 latent frames. With the default cache, chunk 2
-    # already attends at the steady-state positions (sink 0..2, window 3..5, itself 6..8); chunk 3 is the
-    # first after an eviction and EMA-Sink fold.
-    clip_chunks: int = 4
+    # latent clip length for the DiTs, in chunks: 7 x 3 = 21 latent frames, the release's training length.
+    # With the default cache, chunk 2 already attends at the steady-state positions (sink 0..2, window
+    # 3..5, itself 6..8); chunks 3..6 each follow an eviction and EMA-Sink fold (4 folds per clip: the
+    # student learns to keep the object's identity across folds, not only up to the first one).
+    clip_chunks: int = 7
 
     def __post_init__(self):
         stride = self.vae.stride[1]
@@ -157,12 +158,14 @@ class LatentData:
 @torch.no_grad()
 def encode_dataset(vae: WanVAE, cfg: WorldConfig, num_videos: int, *, seed: int = 1_000_000, batch: int = 16,
                    on_step=None) -> LatentData:
-    """Render ``num_videos`` scenes (seeds seed, seed+1, ...) of ``cfg.pixel_frames`` frames and encode them."""
+    """Render ``num_videos`` training scenes (``heldout.training_scenes``: seeds from ``seed`` on, the
+    held-out prompts skipped, backgrounds a third each) of ``cfg.pixel_frames`` frames and encode them."""
     vae.eval()
     latents, prompts = [], []
+    all_scenes = heldout.training_scenes(num_videos, seed, cfg.height, cfg.width)
     for start in range(0, num_videos, batch):
         n = min(batch, num_videos - start)
-        scenes = [procedural.sample_scene(seed + start + i, cfg.height, cfg.width) for i in range(n)]
+        scenes = all_scenes[start:start + n]
         pixels = to_pixels(np.stack([procedural.render(s, cfg.pixel_frames) for s in scenes]))
         latents.append(vae.encode(pixels).transpose(1, 2))  # [B, F, C, H, W]
         prompts += [s.prompt for s in scenes]
@@ -313,18 +316,22 @@ def shift_sigma(s, shift: float):
     return shift * s / (1.0 + (shift - 1.0) * s)
 
 
-def foreground_weight(x0: torch.Tensor, fg_weight: float, threshold: float = 0.75) -> torch.Tensor | None:
-    """Per-position loss weights for latents [B, F, C, H, W]: 1 + fg_weight where any channel differs from
-    the frame's median latent (the background: it covers most of a frame) by more than ``threshold``
-    (normalised latents have unit std; the conv padding alone moves border cells by up to about 0.7).
+def foreground_weight(x_t: torch.Tensor, fg_weight: float, threshold: float = 0.75) -> torch.Tensor | None:
+    """Per-position loss weights for the model's noisy input latents x_t [B, F, C, H, W]: 1 + fg_weight
+    where any channel differs from the frame's median latent (the background: it covers most of a frame)
+    by more than ``threshold`` (normalised latents have unit std; the conv padding alone moves border
+    cells by up to about 0.7).
 
-    The shape covers a few latent cells of a frame; without this the loss is mostly background and a
-    small model learns the backdrop long before the object. A per-position weight leaves the minimiser
-    (the conditional mean at each position) unchanged; it only moves the model's effort."""
+    The shape covers a few latent cells of a frame; without a weight the loss is mostly background and a
+    small model learns the backdrop long before the object. The weight is a function of what the model
+    sees (x_t, not the target x0): then at every input the loss is a weighted MSE with a weight that does
+    not vary with the target, so its minimiser stays the conditional mean E[v | x_t, t, text] and only the
+    model's effort moves. (A weight computed from x0 tilts the learnt distribution towards frames with
+    more foreground.) At high noise almost every cell stands out, so the weight flattens to uniform."""
     if fg_weight <= 0:
         return None
-    background = x0.flatten(-2).median(dim=-1).values[..., None, None]
-    mask = ((x0 - background).abs().amax(dim=2, keepdim=True) > threshold).to(x0.dtype)
+    background = x_t.flatten(-2).median(dim=-1).values[..., None, None]
+    mask = ((x_t - background).abs().amax(dim=2, keepdim=True) > threshold).to(x_t.dtype)
     return 1.0 + fg_weight * mask
 
 
@@ -357,7 +364,7 @@ def teacher_loss(model: CausalDiT, latents, text, rng: np.random.Generator, shif
     x_t = (1 - sigma) * latents + sigma * eps
     t = (sigma.view(b, 1) * 1000).expand(b, f)
     pred = model.forward_full(x_t, t, drop_text(text, rng, text_dropout))
-    loss = flow_loss(pred, latents, eps, foreground_weight(latents, fg_weight))
+    loss = flow_loss(pred, latents, eps, foreground_weight(x_t, fg_weight))  # weight from the input only
     return loss, {"loss": float(loss.detach())}
 
 
@@ -443,7 +450,7 @@ def student_loss(model: CausalDiT, latents, text, rng: np.random.Generator, sett
         # the cache is updated in place below: give the differentiable forward its own copy
         pred, _, _ = model.forward_chunk(x_t, t, rollout.text_k, rollout.text_v, rollout.cache_k.clone(),
                                          rollout.cache_v.clone(), valid)
-        losses.append(flow_loss(pred, x0, eps, foreground_weight(x0, fg_weight)))
+        losses.append(flow_loss(pred, x0, eps, foreground_weight(x_t, fg_weight)))  # weight from the input only
         with torch.no_grad():
             rollout.cache_pass(x0)  # rerun with timestep zero to update the KV cache using clean context
     loss = torch.stack(losses).mean()
