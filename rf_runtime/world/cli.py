@@ -74,6 +74,11 @@ def _parser():
     md.add_argument("--out", required=True)
     md.add_argument("--note", default="", help="free text for the model card")
     md.add_argument("--tiny", action="store_true")
+    ge = sub.add_parser("generator", help="the generator (EMA) of an rf-train checkpoint alone, as a small DiT file")
+    ge.add_argument("--checkpoint", required=True, help="rf-train checkpoint_*.safetensors")
+    ge.add_argument("--raw", action="store_true", help="the raw generator instead of its EMA")
+    ge.add_argument("--out", required=True, help="DiT weights to write (+ <out>.json config); rf-export --checkpoint reads it")
+    ge.add_argument("--tiny", action="store_true")
     pr = sub.add_parser("prompts", help="write procedural prompts, one per line (for rf-train)")
     pr.add_argument("--count", type=int, default=500)
     pr.add_argument("--seed", type=int, default=2_000_000)
@@ -115,9 +120,9 @@ def _run(args) -> int:
     if args.command == "ablate":
         return _ablate(args)
     if args.command == "prompts":
-        from rf_runtime.world.procedural import sample_scene
+        from rf_runtime.world.heldout import training_scenes
 
-        lines = "".join(sample_scene(args.seed + i).prompt + "\n" for i in range(args.count))
+        lines = "".join(s.prompt + "\n" for s in training_scenes(args.count, args.seed))
 
         def write(tmp):
             with open(tmp, "w") as f:
@@ -161,6 +166,13 @@ def _run(args) -> int:
                                          steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                                          max_seconds=max_s, fg_weight=args.fg_weight, on_step=on_step)
         T.save_dit(model, args.out)
+    elif args.command == "generator":
+        from rf_runtime.models import CausalDiT
+        from rf_runtime.models.dit import load_checkpoint_file, normalize_state_dict
+
+        state = normalize_state_dict(load_checkpoint_file(args.checkpoint), use_ema=not args.raw)
+        T.save_dit(CausalDiT.from_state_dict(state, cfg.dit), args.out)
+        history = None
     else:
         card = {"name": "procedural-world", "note": args.note}
         T.write_model_dir(args.out, cfg, T.load_dit(args.dit), T.load_vae(args.vae), card)
