@@ -1,39 +1,92 @@
 #!/usr/bin/env bash
 # Train the procedural-world model from nothing on CPU and export it as the default engine bundle.
-# Usage (from the repository root): bash scripts/train_world.sh
-# The work directory is world-work/ (git-ignored; configs/world_*.yaml point into it). These are the
-# commands the shipped bundle engines/procedural-world-64 was made with (docs/notes/world.md): about
-# 75 minutes of wall time on 2 CPU cores, most stages time-boxed by --max-minutes.
+# Usage (from the repository root):  bash scripts/train_world.sh [FIRST_STAGE [LAST_STAGE]]
+#   stages, in order: vae encode teacher student dmd export. Give a stage to start (and stop) there, e.g.
+#   `bash scripts/train_world.sh student` continues from the committed teacher in checkpoints/procedural-world/.
+# The work directory is world-work/ (git-ignored; configs/world_*.yaml point into it). Each stage is
+# time-boxed by --max-minutes (wall time), so the whole run fits a session on a shared 2-core machine;
+# docs/notes/world.md records what each stage reached. The small files the next stage needs are copied
+# into checkpoints/procedural-world/ (tracked) when a stage ends, and a later stage starting from a
+# fresh clone takes them from there.
 set -euo pipefail
 W=world-work
-mkdir -p "$W"
+C=checkpoints/procedural-world
+FIRST=${1:-vae}
+LAST=${2:-export}
+THREADS=${THREADS:-2}
+mkdir -p "$W" "$C"
+stages=(vae encode teacher student dmd export)
+run=0
+stamp() { echo "[$(date -u +%H:%M:%S)] $*"; }
+want() {   # run stage $1? (from FIRST on, until the stage after LAST)
+    [[ $run == 2 ]] && return 1
+    [[ $1 == "$FIRST" ]] && run=1
+    [[ $run == 1 ]] || return 1
+    [[ $1 == "$LAST" ]] && run=2
+    return 0
+}
+keep() { cp "$1" "$C/"; [[ -f $1.json ]] && cp "$1.json" "$C/"; [[ -f $1.log.json ]] && cp "$1.log.json" "$C/"; }
+need() { [[ -f $W/$1 ]] || cp "$C/$1" "$C/$1.json" "$W/" 2>/dev/null || { echo "missing $1: run an earlier stage" >&2; exit 2; }; }
+for s in "$FIRST" "$LAST"; do
+    [[ " ${stages[*]} " == *" $s "* ]] || { echo "unknown stage $s: one of ${stages[*]}" >&2; exit 2; }
+done
+
 # 1. VAE (Wan architecture, dim 16, no temporal compression): 3-frame clips first (cheap steps, the
 #    first frame learns fast), then 9-frame clips so frames deep in a stream reconstruct as well.
-rf-world --threads 2 --quiet vae --clip-frames 3 --crop 32 --batch 8 --lr 2e-3 --steps 4000 --max-minutes 14 \
-    --out "$W/vae.safetensors"
-rf-world --threads 2 --quiet vae --init "$W/vae.safetensors" --clip-frames 9 --crop 32 --batch 8 --lr 1e-3 \
-    --steps 700 --max-minutes 8 --out "$W/vae9.safetensors"
-rf-world --threads 2 --quiet encode --vae "$W/vae9.safetensors" --videos 4000 --out "$W/latents.safetensors"
-# 2. Bidirectional teacher: flow matching, 10 % of prompts dropped (for CFG), shape cells weighted 1 + 3.
-rf-world --threads 2 --quiet teacher --data "$W/latents.safetensors" --steps 9000 --max-minutes 32 --batch 16 \
-    --out "$W/teacher.safetensors"
-rf-world --quiet sample --dit "$W/teacher.safetensors" --vae "$W/vae9.safetensors" --guidance 3 \
-    --prompt "a red circle bouncing" --prompt "a small blue square moving left on a gray background" \
-    --prompt "a big yellow triangle moving down quickly" --out "$W/teacher_samples.png"
-# 3. Causal student: the teacher's weights, teacher-forced through the streaming cache.
-rf-world --threads 2 --quiet student --data "$W/latents.safetensors" --teacher "$W/teacher.safetensors" \
-    --steps 1200 --max-minutes 8 --batch 8 --out "$W/student.safetensors"
-rf-world --quiet model-dir --vae "$W/vae9.safetensors" --dit "$W/teacher.safetensors" --out "$W/teacher-model"
-rf-world --quiet model-dir --vae "$W/vae9.safetensors" --dit "$W/student.safetensors" --out "$W/student-model" \
-    --note "procedural-world-64: causal student (teacher-forced through the streaming cache) + Re-DMD (motion reward, beta 0.5, CFG 3), see docs/notes/world.md"
-rf-world prompts --out configs/world_prompts.txt
-# 4. Re-DMD (the shipped student), and the ablation's baselines: plain DMD and Re-DMD with beta 2.
-rf-train --config configs/world_redmd.yaml --measure-reward 4   # -> reward.motion mean/std in the configs
-pids=()
-for c in redmd dmd redmd_beta2; do   # one thread each (cpu_threads: 1): about 5 minutes together
-    rf-train --config "configs/world_$c.yaml" --quiet & pids+=($!)
-done
-for p in "${pids[@]}"; do wait "$p"; done   # fails the script if any run failed
-# 5. The default bundle.
-rf-export onnx --model-dir "$W/student-model" --checkpoint "$W/redmd/checkpoint_000600.safetensors" \
-    --out engines/procedural-world-64 --training-stage re-dmd --name procedural-world-64 --longest-tested-frames 960
+if want vae; then
+    stamp vae
+    rf-world --threads "$THREADS" --quiet vae --clip-frames 3 --crop 32 --batch 8 --lr 2e-3 --steps 4000 \
+        --max-minutes "${VAE_MIN:-10}" --out "$W/vae.safetensors"
+    rf-world --threads "$THREADS" --quiet vae --init "$W/vae.safetensors" --clip-frames 9 --crop 32 --batch 8 \
+        --lr 1e-3 --steps 700 --max-minutes "${VAE9_MIN:-6}" --out "$W/vae9.safetensors"
+    keep "$W/vae9.safetensors"
+fi
+# 2. Latents: 21-frame clips (7 chunks, the release's 21 latent frames), backgrounds balanced (a third
+#    each), the held-out evaluation prompts (configs/world_heldout_prompts.txt) never rendered.
+if want encode; then
+    stamp encode; need vae9.safetensors
+    rf-world --threads "$THREADS" --quiet encode --vae "$W/vae9.safetensors" --videos "${VIDEOS:-2000}" \
+        --out "$W/latents.safetensors"
+    rf-world prompts --out configs/world_prompts.txt
+fi
+# 3. Bidirectional teacher on the whole 21-frame clips: flow matching, 10 % of prompts dropped (for CFG),
+#    the loss weighted by what the model sees (cells of its noisy input that stand out), so the
+#    minimiser stays the conditional mean.
+if want teacher; then
+    stamp teacher; need vae9.safetensors
+    rf-world --threads "$THREADS" --quiet teacher --data "$W/latents.safetensors" --steps 6000 \
+        --max-minutes "${TEACHER_MIN:-30}" --batch 8 --out "$W/teacher.safetensors"
+    keep "$W/teacher.safetensors"
+    rf-world --quiet sample --dit "$W/teacher.safetensors" --vae "$W/vae9.safetensors" --guidance 3 \
+        --prompt "a red circle bouncing" --prompt "a small blue square moving left on a gray background" \
+        --prompt "a big yellow triangle moving down quickly" --out "$W/teacher_samples.png"
+fi
+# 4. Causal student: the teacher's weights, teacher-forced through the streaming cache over 7 chunks
+#    (4 evictions and EMA-Sink folds per clip).
+if want student; then
+    stamp student; need vae9.safetensors; need teacher.safetensors
+    rf-world --threads "$THREADS" --quiet student --data "$W/latents.safetensors" --teacher "$W/teacher.safetensors" \
+        --steps 2000 --max-minutes "${STUDENT_MIN:-10}" --batch 4 --out "$W/student.safetensors"
+    keep "$W/student.safetensors"
+fi
+# 5. Re-DMD (motion reward, beta 0.5, CFG 3) over 21-frame rollouts; EMA from step 150 (30 generator
+#    updates), critic lr 0.2 x the generator's. Time-boxed: SIGINT saves a checkpoint.
+if want dmd; then
+    stamp dmd; need vae9.safetensors; need teacher.safetensors; need student.safetensors
+    rf-world --quiet model-dir --vae "$W/vae9.safetensors" --dit "$W/teacher.safetensors" --out "$W/teacher-model"
+    rf-world --quiet model-dir --vae "$W/vae9.safetensors" --dit "$W/student.safetensors" --out "$W/student-model" \
+        --note "procedural-world-64: causal student (teacher-forced through the streaming cache) + Re-DMD (motion reward, beta 0.5, CFG 3), see docs/notes/world.md"
+    timeout -s INT "${DMD_MIN:-18}m" rf-train --config configs/world_redmd.yaml --quiet || { rc=$?; [[ $rc == 124 || $rc == 130 ]]; }
+    ck=$(ls "$W"/redmd/checkpoint_*.safetensors | sort | tail -1)
+    rf-world generator --checkpoint "$ck" --out "$C/generator.safetensors"   # the EMA generator alone (small)
+    cp "$W/redmd/log.jsonl" "$C/redmd_log.jsonl"
+    rf-world --quiet model-dir --vae "$W/vae9.safetensors" --dit "$C/generator.safetensors" --out "$C/model" \
+        --note "procedural-world-64: causal student (teacher-forced through the streaming cache over 21 latent frames) + Re-DMD (motion reward, beta 0.5, CFG 3), see docs/notes/world.md"
+fi
+# 6. The default bundle from the committed model directory (one command; rerun it with a newer exporter).
+if want export; then
+    stamp export
+    rf-export onnx --model-dir "$C/model" --out engines/procedural-world-64 --training-stage re-dmd \
+        --name procedural-world-64 --longest-tested-frames 960
+fi
+stamp done

@@ -287,3 +287,24 @@ def test_the_world_training_configs_are_valid_and_differ_only_where_the_ablation
     for other in (dmd, beta2):
         assert {k: getattr(other, k) for k in same} == {k: getattr(redmd, k) for k in same}
     assert len({redmd.output_dir, dmd.output_dir, beta2.output_dir}) == 3
+
+
+def test_cli_generator_takes_the_ema_generator_out_of_a_training_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    from rf_runtime.models import CausalDiT
+    from rf_runtime.world.cli import main
+
+    torch.manual_seed(0)
+    ema, raw, critic = (CausalDiT(CFG.dit).state_dict() for _ in range(3))
+    state = {**{f"generator_ema.{k}": v for k, v in ema.items()}, **{f"generator.{k}": v for k, v in raw.items()},
+             **{f"critic.{k}": v for k, v in critic.items()}, "optim.generator.x.step": torch.zeros(1)}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "ck.safetensors"))
+    for flag, expected in (([], ema), (["--raw"], raw)):
+        out = str(tmp_path / f"g{len(flag)}.safetensors")
+        assert main(["--quiet", "generator", "--tiny", "--checkpoint", str(tmp_path / "ck.safetensors"),
+                     "--out", out, *flag]) == 0
+        got = T.load_dit(out).state_dict()
+        assert got.keys() == expected.keys()
+        for k, v in expected.items():
+            torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
