@@ -55,7 +55,7 @@ fi
 if want teacher; then
     stamp teacher; need vae9.safetensors
     rf-world --threads "$THREADS" --quiet teacher --data "$W/latents.safetensors" --steps 6000 \
-        --max-minutes "${TEACHER_MIN:-30}" --batch 8 --out "$W/teacher.safetensors"
+        --max-minutes "${TEACHER_MIN:-36}" --batch 8 --out "$W/teacher.safetensors"
     keep "$W/teacher.safetensors"
     rf-world --quiet sample --dit "$W/teacher.safetensors" --vae "$W/vae9.safetensors" --guidance 3 \
         --prompt "a red circle bouncing" --prompt "a small blue square moving left on a gray background" \
@@ -76,7 +76,7 @@ if want dmd; then
     rf-world --quiet model-dir --vae "$W/vae9.safetensors" --dit "$W/teacher.safetensors" --out "$W/teacher-model"
     rf-world --quiet model-dir --vae "$W/vae9.safetensors" --dit "$W/student.safetensors" --out "$W/student-model" \
         --note "procedural-world-64: causal student (teacher-forced through the streaming cache) + Re-DMD (motion reward, beta 0.5, CFG 3), see docs/notes/world.md"
-    timeout -s INT "${DMD_MIN:-18}m" rf-train --config configs/world_redmd.yaml --quiet || { rc=$?; [[ $rc == 124 || $rc == 130 ]]; }
+    timeout -s INT "${DMD_MIN:-20}m" rf-train --config configs/world_redmd.yaml --quiet || { rc=$?; [[ $rc == 124 || $rc == 130 ]]; }
     ck=$(ls "$W"/redmd/checkpoint_*.safetensors | sort | tail -1)
     rf-world generator --checkpoint "$ck" --out "$C/generator.safetensors"   # the EMA generator alone (small)
     cp "$W/redmd/log.jsonl" "$C/redmd_log.jsonl"
