@@ -13,7 +13,7 @@ W=world-work
 C=checkpoints/procedural-world
 FIRST=${1:-vae}
 LAST=${2:-export}
-THREADS=${THREADS:-2}
+THREADS=${THREADS:-1}   # one thread: on a shared machine a second one mostly waits at barriers
 mkdir -p "$W" "$C"
 stages=(vae encode teacher student dmd export)
 run=0
@@ -31,21 +31,31 @@ for s in "$FIRST" "$LAST"; do
     [[ " ${stages[*]} " == *" $s "* ]] || { echo "unknown stage $s: one of ${stages[*]}" >&2; exit 2; }
 done
 
-# 1. VAE (Wan architecture, dim 16, no temporal compression): 3-frame clips first (cheap steps, the
-#    first frame learns fast), then 9-frame clips so frames deep in a stream reconstruct as well.
+# 1. VAE (Wan architecture, dim 16, no temporal compression). Default (VAE_FROM=bundle): continue from the
+#    shipped bundle, whose training files were lost: `rf-world from-bundle` takes its DiT (the teacher's
+#    start) and its VAE decoder out, and a fresh encoder is fitted to the frozen decoder (the latent space
+#    stays the decoder's). VAE_FROM=scratch: the second model's recipe, 3-frame then 9-frame clips.
 if want vae; then
     stamp vae
-    rf-world --threads "$THREADS" --quiet vae --clip-frames 3 --crop 32 --batch 8 --lr 2e-3 --steps 4000 \
-        --max-minutes "${VAE_MIN:-10}" --out "$W/vae.safetensors"
-    rf-world --threads "$THREADS" --quiet vae --init "$W/vae.safetensors" --clip-frames 9 --crop 32 --batch 8 \
-        --lr 1e-3 --steps 700 --max-minutes "${VAE9_MIN:-6}" --out "$W/vae9.safetensors"
+    if [[ ${VAE_FROM:-bundle} == bundle ]]; then
+        rf-world --quiet from-bundle --bundle "${BUNDLE:-engines/procedural-world-64}" \
+            --dit-out "$W/dit0.safetensors" --vae-out "$W/vae0.safetensors"
+        rf-world --threads "$THREADS" --quiet vae --init "$W/vae0.safetensors" --encoder-only --clip-frames 9 \
+            --crop 32 --batch 8 --lr 1e-3 --steps 3000 --max-minutes "${VAE_MIN:-12}" --out "$W/vae9.safetensors"
+        keep "$W/dit0.safetensors"
+    else
+        rf-world --threads "$THREADS" --quiet vae --clip-frames 3 --crop 32 --batch 8 --lr 2e-3 --steps 4000 \
+            --max-minutes "${VAE_MIN:-14}" --out "$W/vae.safetensors"
+        rf-world --threads "$THREADS" --quiet vae --init "$W/vae.safetensors" --clip-frames 9 --crop 32 --batch 8 \
+            --lr 1e-3 --steps 700 --max-minutes "${VAE9_MIN:-8}" --out "$W/vae9.safetensors"
+    fi
     keep "$W/vae9.safetensors"
 fi
 # 2. Latents: 21-frame clips (7 chunks, the release's 21 latent frames), backgrounds balanced (a third
 #    each), the held-out evaluation prompts (configs/world_heldout_prompts.txt) never rendered.
 if want encode; then
     stamp encode; need vae9.safetensors
-    rf-world --threads "$THREADS" --quiet encode --vae "$W/vae9.safetensors" --videos "${VIDEOS:-2000}" \
+    rf-world --threads "$THREADS" --quiet encode --vae "$W/vae9.safetensors" --videos "${VIDEOS:-1200}" \
         --out "$W/latents.safetensors"
     rf-world prompts --out configs/world_prompts.txt
 fi
@@ -54,8 +64,9 @@ fi
 #    minimiser stays the conditional mean.
 if want teacher; then
     stamp teacher; need vae9.safetensors
-    rf-world --threads "$THREADS" --quiet teacher --data "$W/latents.safetensors" --steps 6000 \
-        --max-minutes "${TEACHER_MIN:-36}" --batch 8 --out "$W/teacher.safetensors"
+    init=(); [[ -f $W/dit0.safetensors || -f $C/dit0.safetensors ]] && { need dit0.safetensors; init=(--init "$W/dit0.safetensors" --lr 3e-4); }
+    rf-world --threads "$THREADS" --quiet teacher --data "$W/latents.safetensors" --steps 4000 "${init[@]}" \
+        --max-minutes "${TEACHER_MIN:-30}" --batch 8 --out "$W/teacher.safetensors"
     keep "$W/teacher.safetensors"
     rf-world --quiet sample --dit "$W/teacher.safetensors" --vae "$W/vae9.safetensors" --guidance 3 \
         --prompt "a red circle bouncing" --prompt "a small blue square moving left on a gray background" \
@@ -76,7 +87,7 @@ if want dmd; then
     rf-world --quiet model-dir --vae "$W/vae9.safetensors" --dit "$W/teacher.safetensors" --out "$W/teacher-model"
     rf-world --quiet model-dir --vae "$W/vae9.safetensors" --dit "$W/student.safetensors" --out "$W/student-model" \
         --note "procedural-world-64: causal student (teacher-forced through the streaming cache) + Re-DMD (motion reward, beta 0.5, CFG 3), see docs/notes/world.md"
-    timeout -s INT "${DMD_MIN:-20}m" rf-train --config configs/world_redmd.yaml --quiet || { rc=$?; [[ $rc == 124 || $rc == 130 ]]; }
+    timeout -s INT "${DMD_MIN:-18}m" rf-train --config configs/world_redmd.yaml --quiet || { rc=$?; [[ $rc == 124 || $rc == 130 ]]; }
     ck=$(ls "$W"/redmd/checkpoint_*.safetensors | sort | tail -1)
     rf-world generator --checkpoint "$ck" --out "$C/generator.safetensors"   # the EMA generator alone (small)
     cp "$W/redmd/log.jsonl" "$C/redmd_log.jsonl"

@@ -54,6 +54,14 @@ def _parser():
                                     help="frames per training clip, 1 + k x the temporal stride (default 9)")
     sub.choices["vae"].add_argument("--decoder-only", action="store_true",
                                     help="freeze the encoder (latents already encoded stay valid)")
+    sub.choices["vae"].add_argument("--encoder-only", action="store_true",
+                                    help="freeze the decoder and keep its latent normalisation (e.g. a decoder "
+                                         "from `rf-world from-bundle`)")
+    fb = sub.add_parser("from-bundle", help="the DiT and the VAE decoder of an exported bundle, to continue training")
+    fb.add_argument("--bundle", required=True, help="bundle directory (rf-export onnx)")
+    fb.add_argument("--dit-out", required=True, help="DiT weights to write (teacher --init)")
+    fb.add_argument("--vae-out", required=True, help="VAE to write: the bundle's decoder, a fresh encoder (vae --init --encoder-only)")
+    fb.add_argument("--tiny", action="store_true")
     sub.choices["teacher"].add_argument("--text-dropout", type=float, default=0.1,
                                         help="fraction of samples trained without text, for CFG (default 0.1)")
     for name in ("teacher", "student"):
@@ -145,9 +153,17 @@ def _run(args) -> int:
         init = T.load_vae(args.init) if args.init else None
         vae, history = T.train_vae(cfg, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                                    max_seconds=max_s, crop=args.crop, init=init, clip_frames=args.clip_frames,
-                                   decoder_only=args.decoder_only, on_step=on_step)
-        vae = T.with_config(vae, T.latent_stats(vae, cfg, num_videos=16 if args.tiny else 64))
+                                   decoder_only=args.decoder_only, encoder_only=args.encoder_only, on_step=on_step)
+        if not args.encoder_only:  # the decoder's normalisation stays with the decoder
+            vae = T.with_config(vae, T.latent_stats(vae, cfg, num_videos=16 if args.tiny else 64))
         T.save_vae(vae, args.out)
+    elif args.command == "from-bundle":
+        from rf_runtime.world.from_bundle import dit_from_bundle, vae_from_bundle
+
+        T.save_dit(dit_from_bundle(args.bundle, cfg.dit), args.dit_out)
+        T.save_vae(vae_from_bundle(args.bundle, cfg.vae), args.vae_out)
+        args.out = f"{args.dit_out} and {args.vae_out}"
+        history = None
     elif args.command == "sample":
         _sample(args, cfg)
         history = None

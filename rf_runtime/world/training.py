@@ -208,7 +208,7 @@ def vae_loss(vae: WanVAE, pixels: torch.Tensor, kl_weight: float, fg_weight: flo
 def train_vae(cfg: WorldConfig, *, steps: int, batch: int = 4, clip_frames: int = 9, lr: float = 2e-3,
               kl_weight: float = 1e-3, fg_weight: float = 4.0, seed: int = 0, max_seconds: float | None = None,
               crop: int | None = None, init: WanVAE | None = None, decoder_only: bool = False,
-              on_step=None) -> tuple[WanVAE, list[dict]]:
+              encoder_only: bool = False, on_step=None) -> tuple[WanVAE, list[dict]]:
     """Train the VAE as an autoencoder on fresh procedural clips; stops after ``steps`` or ``max_seconds``.
 
     clip_frames: frames per training clip, 1 + k x the temporal stride. Keep it long (default 9): the
@@ -219,14 +219,21 @@ def train_vae(cfg: WorldConfig, *, steps: int, batch: int = 4, clip_frames: int 
     init: continue from these weights.
     decoder_only: train the decoder (``conv2``, ``decoder``) and freeze the encoder, so latents already
         encoded (and DiTs trained on them) stay valid while the pictures get better.
+    encoder_only: train the encoder (``conv1``, ``encoder``) and freeze the decoder, e.g. to fit a fresh
+        encoder to a decoder taken out of a bundle (``from_bundle.vae_from_bundle``): the latent space
+        stays the decoder's, so a DiT trained on it still fits.
     """
+    if decoder_only and encoder_only:
+        raise ConfigError("decoder_only and encoder_only exclude each other: choose the part to train")
     stride = cfg.vae.stride[1]
     if crop is not None and (crop % stride or crop < stride or crop > min(cfg.height, cfg.width)):
         raise ConfigError(f"crop must be a multiple of {stride} no larger than the frame, got {crop}")
     if (clip_frames - 1) % cfg.vae.stride[0]:
         raise ConfigError(f"clip_frames must be 1 + {cfg.vae.stride[0]}k, got {clip_frames}")
-    vae, rng = _start(lambda: WanVAE(cfg.vae), init, seed)
-    params = [p for n, p in vae.named_parameters() if not decoder_only or n.startswith(("decoder.", "conv2."))]
+    vae, rng = _start(lambda: WanVAE(init.config if init is not None else cfg.vae), init, seed)  # init's normalisation
+    decoder = ("decoder.", "conv2.")
+    params = [p for n, p in vae.named_parameters()
+              if not (decoder_only or encoder_only) or n.startswith(decoder) == decoder_only]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = _warmup_decay(opt, steps, warmup=50)
     def step():
