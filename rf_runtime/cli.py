@@ -215,6 +215,8 @@ def _eval_parser() -> argparse.ArgumentParser:
                     "the procedural world, prompt adherence. Give an MP4, or no video to generate a stream first.")
     p.add_argument("video", nargs="?", help="MP4 to evaluate; without it a stream of --seconds is generated and evaluated")
     p.add_argument("--prompt", help="the prompt of the video (needed for prompt adherence, and to generate)")
+    p.add_argument("--prompts-file", help="generate and evaluate one stream per line of this file (e.g. "
+                   "configs/world_heldout_prompts.txt) and summarise the prompt-following checks")
     p.add_argument("--seconds", type=float, default=60.0, help="length of the generated stream (default 60)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the generated stream (default 0)")
     p.add_argument("--fps", type=int, default=16, help="frame rate of the MP4 (default 16)")
@@ -239,6 +241,8 @@ def _eval(args) -> int:
 
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise RFError(f"the directory of --json {args.json} does not exist: create it first")
+    if args.prompts_file:
+        return _eval_prompts_file(args)
     if args.video:
         from rf_runtime.video import read_mp4
 
@@ -267,6 +271,48 @@ def _eval(args) -> int:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             f.write(result.to_json())
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _eval_prompts_file(args) -> int:
+    import json
+    import os
+
+    import numpy as np
+
+    from rf_runtime.eval import evaluate
+    from rf_runtime.world.follow import summarize, summary_table
+
+    if args.video or args.prompt:
+        raise RFError("--prompts-file generates its own streams: leave out the video and --prompt")
+    if not os.path.isfile(args.prompts_file):
+        raise RFError(f"--prompts-file {args.prompts_file} does not exist")
+    prompts = [line.strip() for line in open(args.prompts_file) if line.strip()]
+    if not prompts:
+        raise RFError(f"--prompts-file {args.prompts_file} holds no prompts")
+    streamer = _load_streamer(args)
+    num_frames = max(2, round(args.seconds * streamer.fps))
+    results, following = {}, {}
+    for prompt in prompts:
+        frames = np.concatenate(list(streamer.stream(prompt, seed=args.seed, num_frames=num_frames)))
+        result = evaluate(frames, prompt, fps=streamer.fps, segment_seconds=args.segment_seconds)
+        results[prompt] = json.loads(result.to_json())
+        checks = result.prompt_following.get("follow")
+        if checks is None:
+            raise RFError(f"{prompt!r} in {args.prompts_file} is not a prompt of the procedural world")
+        following[prompt] = checks
+        print(f"{prompt:<64} colour {checks['colour']:.2f} (last fifth {checks['colour_last_fifth']:.2f}) background "
+              f"{checks['background']:.2f} shape {checks['shape']:.2f} one object {checks['one_object']:.2f} "
+              f"motion {'ok' if checks['motion_ok'] else 'no'}")
+    summary = summarize(following)
+    print(f"rf-eval: {len(prompts)} streams of {args.seconds:g} s (seed {args.seed})")
+    print(summary_table(summary))
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"summary": summary, "seconds": args.seconds, "seed": args.seed, "streams": results}, f, indent=2)
         os.replace(tmp, args.json)
         print(f"wrote {args.json}")
     return 0

@@ -36,6 +36,9 @@ import numpy as np
 from rf_runtime.errors import InputError, require
 
 FLOW_FPS = 8  # VBench samples frames at about 8 fps for dynamic degree
+# Prompt scorers, "module:function" called as function(frames, prompt, fps) -> dict | None (None: the prompt is
+# not one it knows); ``evaluate`` puts each answer in ``EvalResult.prompt_following`` under the module's last name.
+PROMPT_SCORERS = ("rf_runtime.world.follow:eval_hook",)
 
 
 def _check_video(frames) -> np.ndarray:
@@ -208,6 +211,7 @@ class EvalResult:
     shape_score: float | None = None
     quality_drift: float | None = None  # |palette quality(last) - palette quality(first)|, percent points
     per_segment: dict = field(default_factory=dict)
+    prompt_following: dict = field(default_factory=dict)  # scorer name -> its checks (PROMPT_SCORERS)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -220,6 +224,9 @@ class EvalResult:
         if self.prompt_adherence is not None:
             rows += [("prompt adherence %", self.prompt_adherence), ("  colour score", self.colour_score),
                      ("  shape score", self.shape_score), ("quality drift (pts)", self.quality_drift)]
+        for scorer, checks in self.prompt_following.items():
+            rows += [(f"{scorer}: {k}", float(v) if isinstance(v, (bool, float)) else v)
+                     for k, v in checks.items() if isinstance(v, (bool, int, float))]
         return "\n".join(f"{name:<24}{value:>10.3f}" if isinstance(value, float) else f"{name:<24}{value:>10}"
                          for name, value in rows)
 
@@ -258,4 +265,18 @@ def evaluate(frames, prompt: str | None = None, *, fps: int = 16, segment_second
             quality = [palette_quality(s, COLOURS[said["colour"]], BACKGROUNDS[said["background"]]) for s in segments]
             result.quality_drift = abs(quality[-1] - quality[0])
             per_segment["palette_quality"] = quality
+        result.prompt_following = prompt_following(frames, prompt, fps)
     return result
+
+
+def prompt_following(frames: np.ndarray, prompt: str, fps: int) -> dict:
+    """The answers of the ``PROMPT_SCORERS`` that know ``prompt``: {scorer name: checks}."""
+    import importlib
+
+    out = {}
+    for spec in PROMPT_SCORERS:
+        module, _, name = spec.partition(":")
+        checks = getattr(importlib.import_module(module), name)(frames, prompt, fps)
+        if checks is not None:
+            out[module.rsplit(".", 1)[-1]] = checks
+    return out

@@ -55,7 +55,7 @@ fi
 #    each), the held-out evaluation prompts (configs/world_heldout_prompts.txt) never rendered.
 if want encode; then
     stamp encode; need vae9.safetensors
-    rf-world --threads "$THREADS" --quiet encode --vae "$W/vae9.safetensors" --videos "${VIDEOS:-1200}" \
+    rf-world --threads "$THREADS" --quiet encode --vae "$W/vae9.safetensors" --videos "${VIDEOS:-1200}" --max-minutes "${ENCODE_MIN:-8}" \
         --out "$W/latents.safetensors"
     rf-world prompts --out configs/world_prompts.txt
 fi
@@ -66,7 +66,7 @@ if want teacher; then
     stamp teacher; need vae9.safetensors
     init=(); [[ -f $W/dit0.safetensors || -f $C/dit0.safetensors ]] && { need dit0.safetensors; init=(--init "$W/dit0.safetensors" --lr 3e-4); }
     rf-world --threads "$THREADS" --quiet teacher --data "$W/latents.safetensors" --steps 4000 "${init[@]}" \
-        --max-minutes "${TEACHER_MIN:-30}" --batch 8 --out "$W/teacher.safetensors"
+        --max-minutes "${TEACHER_MIN:-25}" --batch 8 --out "$W/teacher.safetensors"
     keep "$W/teacher.safetensors"
     rf-world --quiet sample --dit "$W/teacher.safetensors" --vae "$W/vae9.safetensors" --guidance 3 \
         --prompt "a red circle bouncing" --prompt "a small blue square moving left on a gray background" \
@@ -77,7 +77,7 @@ fi
 if want student; then
     stamp student; need vae9.safetensors; need teacher.safetensors
     rf-world --threads "$THREADS" --quiet student --data "$W/latents.safetensors" --teacher "$W/teacher.safetensors" \
-        --steps 2000 --max-minutes "${STUDENT_MIN:-10}" --batch 4 --out "$W/student.safetensors"
+        --steps 2000 --max-minutes "${STUDENT_MIN:-8}" --batch 4 --out "$W/student.safetensors"
     keep "$W/student.safetensors"
 fi
 # 5. Re-DMD (motion reward, beta 0.5, CFG 3) over 21-frame rollouts; EMA from step 150 (30 generator
@@ -87,7 +87,7 @@ if want dmd; then
     rf-world --quiet model-dir --vae "$W/vae9.safetensors" --dit "$W/teacher.safetensors" --out "$W/teacher-model"
     rf-world --quiet model-dir --vae "$W/vae9.safetensors" --dit "$W/student.safetensors" --out "$W/student-model" \
         --note "procedural-world-64: causal student (teacher-forced through the streaming cache) + Re-DMD (motion reward, beta 0.5, CFG 3), see docs/notes/world.md"
-    timeout -s INT "${DMD_MIN:-18}m" rf-train --config configs/world_redmd.yaml --quiet || { rc=$?; [[ $rc == 124 || $rc == 130 ]]; }
+    timeout -s INT "${DMD_MIN:-15}m" rf-train --config configs/world_redmd.yaml --quiet || { rc=$?; [[ $rc == 124 || $rc == 130 ]]; }
     ck=$(ls "$W"/redmd/checkpoint_*.safetensors | sort | tail -1)
     rf-world generator --checkpoint "$ck" --out "$C/generator.safetensors"   # the EMA generator alone (small)
     cp "$W/redmd/log.jsonl" "$C/redmd_log.jsonl"

@@ -40,6 +40,7 @@ def _parser():
     enc.add_argument("--videos", type=int, default=1500)
     enc.add_argument("--out", required=True)
     enc.add_argument("--seed", type=int, default=1_000_000)
+    enc.add_argument("--max-minutes", type=float, help="stop early (after a batch) after this much time")
     enc.add_argument("--tiny", action="store_true")
     _common(sub.add_parser("teacher", help="train the bidirectional teacher DiT (flow matching)"), 3000, 16, 5e-4)
     st = sub.add_parser("student", help="fine-tune the causal student from the teacher (teacher forcing)")
@@ -168,7 +169,8 @@ def _run(args) -> int:
         _sample(args, cfg)
         history = None
     elif args.command == "encode":
-        data = T.encode_dataset(T.load_vae(args.vae), cfg, args.videos, seed=args.seed, on_step=on_step)
+        data = T.encode_dataset(T.load_vae(args.vae), cfg, args.videos, seed=args.seed, max_seconds=max_s,
+                                on_step=on_step)
         data.save(args.out)
         history = None
     elif args.command == "teacher":

@@ -157,10 +157,12 @@ class LatentData:
 
 @torch.no_grad()
 def encode_dataset(vae: WanVAE, cfg: WorldConfig, num_videos: int, *, seed: int = 1_000_000, batch: int = 16,
-                   on_step=None) -> LatentData:
+                   max_seconds: float | None = None, on_step=None) -> LatentData:
     """Render ``num_videos`` training scenes (``heldout.training_scenes``: seeds from ``seed`` on, the
-    held-out prompts skipped, backgrounds a third each) of ``cfg.pixel_frames`` frames and encode them."""
+    held-out prompts skipped, backgrounds a third each) of ``cfg.pixel_frames`` frames and encode them;
+    after ``max_seconds`` it stops at the end of a batch and returns the clips encoded so far."""
     vae.eval()
+    start_time = time.perf_counter()
     latents, prompts = [], []
     all_scenes = heldout.training_scenes(num_videos, seed, cfg.height, cfg.width)
     for start in range(0, num_videos, batch):
@@ -171,6 +173,9 @@ def encode_dataset(vae: WanVAE, cfg: WorldConfig, num_videos: int, *, seed: int 
         prompts += [s.prompt for s in scenes]
         if on_step:
             on_step(start + n, {})
+        if max_seconds is not None and time.perf_counter() - start_time > max_seconds:
+            logger.info("stopping after %d clips: time budget of %.0f s spent", len(prompts), max_seconds)
+            break
     text = torch.from_numpy(cfg.text.encode(prompts))
     return LatentData(torch.cat(latents), text, prompts)
 
