@@ -102,7 +102,7 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
                 "chunk_frames": settings.chunk_frames, "sink_frames": settings.sink_frames,
                 "window_frames": settings.window_frames, "resolution": list(info.frame_hw),
                 "longest_tested_frames": card.get("longest_tested_frames"),
-                **({"note": card["note"]} if "note" in card else {})},
+                **{k: card[k] for k in ("note", "vocabulary") if k in card}},
             "producer": {"rf_runtime": rf_runtime.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
                          "opset": OPSET},
         }

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 from rf_runtime.errors import RFError
@@ -111,15 +112,18 @@ class ModelCard:
     window_frames: int
     resolution: tuple[int, int]
     longest_tested_frames: int | None = None
+    vocabulary: tuple[str, ...] | None = None  # the words the model was trained on (None: any, e.g. umT5)
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "ModelCard":
         names = [f for f in cls.__dataclass_fields__]
-        missing = [n for n in names if n not in d and n != "longest_tested_frames"]
+        missing = [n for n in names if n not in d and n not in ("longest_tested_frames", "vocabulary")]
         if missing:
             raise BundleError(f"{where}: model_card lacks {missing}; {REBUILD}")
         card = cls(**{n: d.get(n) for n in names})
         object.__setattr__(card, "resolution", tuple(card.resolution))
+        if card.vocabulary is not None:
+            object.__setattr__(card, "vocabulary", tuple(card.vocabulary))
         if card.training_stage not in TRAINING_STAGES:
             raise BundleError(f"{where}: model_card training_stage {card.training_stage!r} is not one of "
                               f"{list(TRAINING_STAGES)}; {REBUILD}")
@@ -140,6 +144,18 @@ class ModelCard:
         if tuple(self.resolution) != tuple(frame_hw):
             raise BundleError(f"the bundle's model card says resolution {list(self.resolution)} but its graphs make "
                               f"{list(frame_hw)} frames; {REBUILD}")
+
+    def check_prompt(self, prompt: str) -> list[str]:
+        """Warn (rf_runtime logger) when the prompt has words outside the model's vocabulary; returns them."""
+        if self.vocabulary is None:
+            return []
+        known = set(self.vocabulary)
+        unknown = [w for w in dict.fromkeys(re.findall(r"[a-z0-9]+", prompt.lower())) if w not in known]
+        if unknown:
+            logger.warning("model %r does not know the words %s of the prompt %r: it was trained on a world of "
+                           "coloured shapes and knows only: %s", self.name, ", ".join(unknown), prompt,
+                           " ".join(self.vocabulary))
+        return unknown
 
     def check_length(self, num_frames: int | None) -> None:
         """Warn (rf_runtime logger) when a stream is longer than any the bundle was tested on."""

@@ -98,17 +98,20 @@ class Streamer:
         return cls(backend)
 
     @classmethod
-    def from_engine(cls, path: str | os.PathLike, backend: str = "auto", device: str = "cpu") -> "Streamer":
+    def from_engine(cls, path: str | os.PathLike | None = None, backend: str = "auto", device: str = "cpu") -> "Streamer":
         """Stream from an engine bundle (``rf_runtime.bundle``); no torch needed.
 
+        path: the bundle directory; None: the default model shipped with the package
+            (``bundle.default_engine_dir()``).
         backend: "onnxruntime", "tensorrt", or "auto" (TensorRT when the bundle has plans for this
             GPU and tensorrt + cuda-python are installed, else onnxruntime). An explicit backend
             that cannot run here is an error, never a silent fallback.
         device: "cpu" or "cuda". The bundle's model card is checked against its stream settings.
         """
+        from rf_runtime.bundle import default_engine_dir
         from rf_runtime.engine_backend import EngineBackend
 
-        return cls(EngineBackend.load(path, backend=backend, device=device))
+        return cls(EngineBackend.load(default_engine_dir() if path is None else path, backend=backend, device=device))
 
     # ---- streaming ---------------------------------------------------------------------------
 
@@ -124,6 +127,7 @@ class Streamer:
             raise InputError(f"seed must be a non-negative integer, got {seed!r}")
         if self.backend.model_card is not None:
             self.backend.model_card.check_length(num_frames)
+            self.backend.model_card.check_prompt(prompt)
         return Stream(self, prompt, int(seed), num_frames)
 
     def resume(self, snapshot: StreamSnapshot) -> "Stream":

@@ -192,7 +192,9 @@ def _run(args) -> int:
         T.save_dit(CausalDiT.from_state_dict(state, cfg.dit), args.out)
         history = None
     else:
-        card = {"name": "procedural-world", "note": args.note}
+        from rf_runtime.world.procedural import VOCABULARY
+
+        card = {"name": "procedural-world", "note": args.note, "vocabulary": list(VOCABULARY)}
         T.write_model_dir(args.out, cfg, T.load_dit(args.dit), T.load_vae(args.vae), card)
         history = None
     bar.close()

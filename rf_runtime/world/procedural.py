@@ -43,6 +43,9 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.11, "big": 0.2}  # radius as a fraction of the shorter frame side
 SPEEDS = {"slow": 0.9, "fast": 2.2}  # pixels per frame at 64 px (scaled with the frame size)
 MOTIONS = ("bouncing", "moving left", "moving right", "moving up", "moving down")
+# every word a prompt of this world uses (``describe``); a model trained on it knows no other
+VOCABULARY: tuple[str, ...] = tuple(sorted({"a", "on", "background", "slowly", "quickly", *SHAPES, *COLOURS, *BACKGROUNDS,
+                                            *SIZES, *(w for m in MOTIONS for w in m.split())}))
 _DIRECTIONS = {"moving left": (-1.0, 0.0), "moving right": (1.0, 0.0), "moving up": (0.0, -1.0),
                "moving down": (0.0, 1.0)}
 
