@@ -25,7 +25,12 @@ want() {   # run stage $1? (from FIRST on, until the stage after LAST)
     [[ $1 == "$LAST" ]] && run=2
     return 0
 }
-keep() { cp "$1" "$C/"; [[ -f $1.json ]] && cp "$1.json" "$C/"; [[ -f $1.log.json ]] && cp "$1.log.json" "$C/"; }
+keep() {   # copy a stage's weights, config and loss log into the tracked checkpoint folder
+    local f
+    for f in "$1" "$1.json" "$1.log.json"; do
+        if [[ -f $f ]]; then cp "$f" "$C/"; fi
+    done
+}
 need() { [[ -f $W/$1 ]] || cp "$C/$1" "$C/$1.json" "$W/" 2>/dev/null || { echo "missing $1: run an earlier stage" >&2; exit 2; }; }
 for s in "$FIRST" "$LAST"; do
     [[ " ${stages[*]} " == *" $s "* ]] || { echo "unknown stage $s: one of ${stages[*]}" >&2; exit 2; }
