@@ -197,3 +197,16 @@ def test_rf_generate_without_a_model_runs_the_shipped_bundle_and_the_shape_moves
     # prompt's more often than chance (6 palette colours: 1/6); measured 14 px and 0.38 for this bundle
     assert result.travel > 8.0
     assert result.colour_score > 0.25
+
+
+def test_rf_world_sheet_writes_one_row_per_prompt(bundle, tmp_path):
+    import matplotlib.image
+
+    from rf_runtime.world.cli import main
+
+    out = str(tmp_path / "sheet.png")
+    assert main(["sheet", "--engine", str(bundle), "--prompt", "a red circle bouncing", "--prompt",
+                 "a blue square moving left", "--seconds", "1", "--columns", "3", "--out", out]) == 0
+    image = matplotlib.image.imread(out)
+    assert image.shape[0] > 100 and image.shape[1] > image.shape[0]  # 2 rows of 3 frames: wider than tall
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary file left

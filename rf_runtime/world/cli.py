@@ -88,6 +88,13 @@ def _parser():
     ge.add_argument("--raw", action="store_true", help="the raw generator instead of its EMA")
     ge.add_argument("--out", required=True, help="DiT weights to write (+ <out>.json config); rf-export --checkpoint reads it")
     ge.add_argument("--tiny", action="store_true")
+    sh = sub.add_parser("sheet", help="contact sheet PNG of a bundle's streams: one row per prompt, frames spread over time")
+    sh.add_argument("--engine", help="bundle directory (default: the shipped one)")
+    sh.add_argument("--prompt", action="append", required=True, help="prompt (repeatable: one row each)")
+    sh.add_argument("--seconds", type=float, default=30.0, help="stream length (default 30)")
+    sh.add_argument("--columns", type=int, default=8, help="frames per row, evenly spread over the stream (default 8)")
+    sh.add_argument("--seed", type=int, default=0)
+    sh.add_argument("--out", required=True, help="PNG to write")
     pr = sub.add_parser("prompts", help="write procedural prompts, one per line (for rf-train)")
     pr.add_argument("--count", type=int, default=500)
     pr.add_argument("--seed", type=int, default=2_000_000)
@@ -128,6 +135,8 @@ def _run(args) -> int:
     torch.set_num_threads(args.threads)
     if args.command == "ablate":
         return _ablate(args)
+    if args.command == "sheet":
+        return _sheet(args)
     if args.command == "prompts":
         from rf_runtime.world.heldout import training_scenes
 
@@ -233,6 +242,46 @@ def _sample(args, cfg) -> None:
         plt.imsave(tmp, grid, format="png")
 
     T.atomic_save(write, args.out)
+
+
+def _sheet(args) -> int:
+    import numpy as np
+
+    from rf_runtime.streamer import Streamer
+    from rf_runtime.world import training as T
+
+    if args.columns < 1 or not args.seconds > 0:
+        raise RFError("--columns and --seconds must be positive")
+    streamer = Streamer.from_engine(args.engine)
+    num_frames = max(args.columns, round(args.seconds * streamer.fps))
+    picks = np.linspace(0, num_frames - 1, args.columns).round().astype(int)
+    rows = []
+    for prompt in args.prompt:
+        frames = np.concatenate(list(streamer.stream(prompt, seed=args.seed, num_frames=num_frames)))
+        rows.append(frames[picks])
+
+    def write(tmp):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(len(rows), args.columns, figsize=(1.3 * args.columns, 1.55 * len(rows)), squeeze=False)
+        for r, (prompt, row) in enumerate(zip(args.prompt, rows)):
+            for c, frame in enumerate(row):
+                ax = axes[r][c]
+                ax.imshow(frame, interpolation="nearest")
+                ax.set_xticks([]), ax.set_yticks([])
+                if r == len(rows) - 1:
+                    ax.set_xlabel(f"{picks[c] / streamer.fps:.1f} s", fontsize=7)
+            axes[r][0].set_title(prompt, fontsize=7, loc="left")
+        fig.tight_layout(pad=0.3)
+        fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+
+    T.atomic_save(write, args.out)
+    print(f"wrote {args.out}: {len(rows)} prompts x {args.columns} frames of {num_frames / streamer.fps:g} s streams")
+    return 0
 
 
 def _ablate(args) -> int:
