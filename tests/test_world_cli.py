@@ -199,6 +199,25 @@ def test_rf_generate_without_a_model_runs_the_shipped_bundle_and_the_shape_moves
     assert result.colour_score > 0.25
 
 
+@pytest.mark.parametrize("prompt, colour_at_least", [("a red circle bouncing", 0.2),
+                                                     ("a big yellow triangle moving down quickly", 0.6)])
+def test_the_shipped_bundle_follows_two_prompts_as_far_as_measured(prompt, colour_at_least):
+    # Issue 16's prompt-following checks (rf_runtime.world.follow) on 4 s of the default model, as a
+    # regression guard at the levels it reaches (docs/notes/world.md): a black background and one object
+    # in nearly every frame, the prompt's colour in a share of them. It does not reach the issue's targets
+    # (>= 90 % colour, motion along the prompted axis): those are reported, not asserted.
+    pytest.importorskip("onnxruntime")
+    from rf_runtime.streamer import Streamer
+    from rf_runtime.world.follow import score_prompt
+
+    streamer = Streamer.from_engine()
+    frames = np.concatenate(list(streamer.stream(prompt, seed=0, num_frames=64)))
+    f = score_prompt(frames, prompt)
+    assert f.background >= 0.9 and f.one_object >= 0.9
+    assert f.colour >= colour_at_least and f.colour_changes == 0
+    assert set(P.VOCABULARY) <= set(streamer.backend.model_card.vocabulary)  # the card lists what it knows
+
+
 def test_rf_world_sheet_writes_one_row_per_prompt(bundle, tmp_path):
     import matplotlib.image
 
