@@ -44,3 +44,10 @@ def test_training_backgrounds_are_balanced_and_deterministic():
     unbalanced = training_scenes(300, 7, balance_backgrounds=False)
     assert sum(s.background == "black" for s in unbalanced) > 150  # sample_scene alone: about two thirds black
     assert [s.prompt for s in training_scenes(300, 7)] == [s.prompt for s in scenes]
+
+
+def test_the_committed_dmd_prompt_list_holds_no_heldout_prompt():
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "world_prompts.txt")
+    prompts = open(path).read().splitlines()
+    assert len(prompts) == 500 and not [p for p in prompts if is_heldout(p)]
+    assert prompts == [s.prompt for s in training_scenes(500, PROMPTS_SEED)]  # what `rf-world prompts` writes
