@@ -8,9 +8,8 @@ passes back what the backend gave it. Nothing but finished frames comes back to 
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,11 +50,9 @@ class ModelInfo:
 
 @dataclass
 class StreamState:
-    """Per-stream state a backend allocates once: device buffers plus the chunk counter."""
+    """Per-stream state a backend allocates once (``new_stream``); opaque to the streamer."""
 
-    device: Any  # the backend's buffers (cache, text K/V, VAE feature cache)
-    chunks_committed: int = 0
-    extra: dict = field(default_factory=dict)
+    device: Any  # the backend's buffers (cache, text K/V, VAE feature cache) and its chunk counter
 
 
 @dataclass(frozen=True)
@@ -152,7 +149,7 @@ class Backend(ABC):
     def geometry(self) -> dict:
         """Everything a stream's state depends on; a snapshot resumes only where this is equal."""
         info = self.info
-        settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(info.settings).items()}
+        settings = info.settings.to_dict()
         shapes = {k: [list(s) for s in v] if k == "vae_cache" else list(v) for k, v in self.state_shapes().items()}
         return {"latent_channels": info.latent_channels, "latent_hw": list(info.latent_hw),
                 "vae_stride": list(info.vae_stride), "fps": info.fps, "stream": settings, **shapes}
