@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rf_runtime import graph_io
-from rf_runtime.backends.base import Backend, ModelInfo, StateArrays, StreamState
+from rf_runtime.backends.base import Backend, ModelInfo, StateArrays, StreamState, to_uint8_frames
 from rf_runtime.backends.select import choose_backend, plan_names
 from rf_runtime.bundle import MANIFEST, Bundle, BundleError
 from rf_runtime.cache import commit_matrix
@@ -38,6 +38,7 @@ from rf_runtime.sampler import StreamSettings
 from rf_runtime.text import text_encoder_from_spec
 
 logger = logging.getLogger("rf_runtime")
+
 
 @dataclass
 class _Stream:
@@ -292,7 +293,7 @@ class EngineBackend(Backend):
             runner.run(b)
             pixels = runner.read(b["frames"])[0]  # [3, t, H, W]
             t = pixels.shape[1]
-            _to_uint8(pixels, out[done:done + t], s.scratch[:, :t])
+            to_uint8_frames(pixels, out[done:done + t], s.scratch[:, :t])
             done += t
         return out
 
@@ -365,18 +366,6 @@ class EngineBackend(Backend):
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device, "precision": _dtype(self.runners[DIT_STEP], "ctx_k"),
                 "graphs": {g: r.name for g, r in self.runners.items()}}
-
-
-def _to_uint8(pixels: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
-    """``backend.to_uint8_frames`` into preallocated memory: [3, t, H, W] in [-1, 1] -> out uint8 [t, H, W, 3].
-    The same float32 operations in the same order, so the same bytes."""
-    np.multiply(pixels, 0.5, out=scratch)
-    np.add(scratch, 0.5, out=scratch)
-    np.maximum(scratch, 0.0, out=scratch)  # clip to [0, 1] (np.clip keeps a little memory per call)
-    np.minimum(scratch, 1.0, out=scratch)
-    np.multiply(scratch, 255.0, out=scratch)
-    np.add(scratch, 0.5, out=scratch)
-    np.copyto(out, scratch.transpose(1, 2, 3, 0), casting="unsafe")
 
 
 def _dtype(runner: Runner, name: str) -> str:
