@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     for line in problems:
         print(line)
     if not problems and args.check:
-        print("import graph: no cycles, one top-level package, the runtime path imports no torch")
+        print("import graph: no cycles, one top-level package, no torch on the runtime path, no upward imports")
     return 1 if problems and args.check else 0
 
 
