@@ -59,7 +59,7 @@ def test_words_the_model_does_not_know_are_named_with_the_vocabulary(caplog):
 
 def test_a_bundle_built_with_a_vocabulary_warns_when_a_stream_opens(tmp_path, tiny_model_dir, caplog):
     pytest.importorskip("onnxruntime")
-    from export.bundle_builder import build_bundle
+    from rf_runtime.export.bundle_builder import build_bundle
     from rf_runtime.streamer import Streamer
     from rf_runtime.world.procedural import VOCABULARY
 

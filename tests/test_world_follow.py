@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rf_runtime.errors import InputError
-from rf_runtime.eval import evaluate
+from rf_runtime.world.adherence import evaluate
 from rf_runtime.world import procedural as P
 from rf_runtime.world.follow import score_prompt
 from rf_runtime.world.heldout import HELDOUT_PROMPTS

@@ -15,7 +15,7 @@ CFG = T.TINY
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     pytest.importorskip("onnxruntime")
-    from export.bundle_builder import build_bundle
+    from rf_runtime.export.bundle_builder import build_bundle
 
     torch.manual_seed(3)
     dit = CausalDiT(CFG.dit).eval()

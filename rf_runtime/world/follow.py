@@ -218,7 +218,7 @@ def score_prompt(frames: np.ndarray, prompt: str, fps: int = 16) -> Following | 
 
 
 def eval_hook(frames: np.ndarray, prompt: str, fps: int) -> dict | None:
-    """``rf_runtime.eval``'s prompt-scorer hook: the checks as a plain dict (None: not a world prompt)."""
+    """The checks as a plain dict, for ``rf_runtime.world.adherence.prompt_check`` (None: not a world prompt)."""
     result = score_prompt(frames, prompt, fps)
     return None if result is None else result.to_dict()
 
