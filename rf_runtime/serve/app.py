@@ -263,3 +263,55 @@ def make_server(serve_app: ServeApp, host: str = "127.0.0.1", port: int = 8000, 
                             ws_max_size=serve_app.config.ws_max_bytes, lifespan="on",
                             timeout_graceful_shutdown=serve_app.config.shutdown_seconds)
     return Server(config)
+
+
+class ServerThread:
+    """Run a ServeApp on a uvicorn server in a background thread (tests, notebooks, embedding):
+
+        with ServerThread(serve_app) as server:        # binds 127.0.0.1 on a free port
+            connect(server.ws_url)                      # ws://127.0.0.1:PORT/v1/stream
+    """
+
+    def __init__(self, serve_app: ServeApp, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30.0,
+                 send_buffer_bytes: int | None = None):
+        """send_buffer_bytes: the kernel send buffer of every connection (SO_SNDBUF; default: the system's)."""
+        import socket
+        import threading
+
+        self.serve_app = serve_app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if send_buffer_bytes is not None:  # accepted sockets inherit it
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
+        self.sock.bind((host, port))
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.server = make_server(serve_app, host, self.port)
+        self.start_timeout = start_timeout
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
+                                       name="rf-serve")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}/v{VERSION}/stream"
+
+    def __enter__(self) -> "ServerThread":
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the rf-serve test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -38,6 +38,13 @@ class Event:
 
 
 @dataclass
+class Ended:
+    """The ``ended`` event; its totals are filled in when it is sent, after every frame before it."""
+
+    reason: str
+
+
+@dataclass
 class Close:
     code: int
     reason: str = ""
@@ -71,7 +78,7 @@ class OutQueue:
                 self.frames -= 1
                 self.dropped_frames += 1
                 self.on_drop()
-        elif isinstance(item, Event):
+        elif isinstance(item, (Event, Ended)):
             self.events += 1
             while self.events > self.max_events:
                 if not self._drop_first(Event):
@@ -92,7 +99,7 @@ class OutQueue:
         item = self.items.popleft()
         if isinstance(item, Frame):
             self.frames -= 1
-        elif isinstance(item, Event):
+        elif isinstance(item, (Event, Ended)):
             self.events -= 1
         return item
 
@@ -164,17 +171,17 @@ class Session:
                 raise ProtocolError("not_started", "no stream is running: there is nothing to stop")
             await self._stop_producer()
             self.queue.clear_frames()
-            self._send_event(event("ended", reason="stopped", **self._totals()))
+            self._put(Ended("stopped"))
 
     def _send_event(self, text: str, droppable: bool = False) -> None:
+        self._put(Event(text, droppable))
+
+    def _put(self, item) -> None:
         try:
-            self.queue.put(Event(text, droppable))
+            self.queue.put(item)
         except QueueOverflow:
             logger.warning("session %s: the client does not read its events; closing it", self.sid)
             self.queue.put(Close(1008, "the client does not read: too many unsent events"))
-
-    def _totals(self) -> dict:
-        return {"frames_sent": self.frames_sent, "dropped_frames": self.queue.dropped_frames}
 
     async def _send_loop(self) -> None:
         try:
@@ -185,6 +192,10 @@ class Session:
                     return
                 if isinstance(item, Event):
                     await self.ws.send_text(item.text)
+                    continue
+                if isinstance(item, Ended):
+                    await self.ws.send_text(event("ended", reason=item.reason, frames_sent=self.frames_sent,
+                                                  dropped_frames=self.queue.dropped_frames))
                     continue
                 delay = item.due - time.monotonic()
                 if delay > 0:
@@ -204,7 +215,7 @@ class Session:
             running = self.producer is not None and not self.producer.done()
             if not running and not self.closing and time.monotonic() - self.last_message > self.config.idle_seconds:
                 self.closing = True
-                self._send_event(event("ended", reason="idle", **self._totals()))
+                self._put(Ended("idle"))
                 self.queue.put(Close(1000, f"idle for {self.config.idle_seconds:g} s"))
                 return
 
@@ -215,7 +226,7 @@ class Session:
         self.closing = True
         await self._stop_producer()
         self.queue.clear_frames()
-        self._send_event(event("ended", reason="shutdown", **self._totals()))
+        self._put(Ended("shutdown"))
         self.queue.put(Close(1001, "server shutting down"))
 
     # ---- the stream ----------------------------------------------------------------------------------
@@ -265,16 +276,16 @@ class Session:
                 made = result.start_frame + result.num_frames
                 if result.finished:
                     break
-            self._send_event(event("ended", reason="finished", **self._totals()))
+            self._put(Ended("finished"))
         except asyncio.CancelledError:
             raise
         except RFError as exc:
             self._send_event(error_event("stream_failed", str(exc)))
-            self._send_event(event("ended", reason="error", **self._totals()))
+            self._put(Ended("error"))
         except Exception as exc:  # a bug or a dead worker: the session says so and lives on
             logger.exception("session %s: the stream failed", self.sid)
             self._send_event(error_event("internal", f"the stream failed: {type(exc).__name__}: {exc}"))
-            self._send_event(event("ended", reason="error", **self._totals()))
+            self._put(Ended("error"))
         finally:
             if handle is not None:
                 await engine.close(handle)
