@@ -261,7 +261,9 @@ class Session:
                 if start.paced and (anchor_t is None or now > anchor_t + (made - anchor_f) / model.fps):
                     anchor_t, anchor_f = now, made  # late (or first): the timeline restarts here
                 self.metrics.chunk_seconds.observe(result.seconds)
-                for extra in result.events:
+                for extra in result.events:  # from the engine: a failover ('resumed')
+                    if extra["kind"] == "resumed":
+                        self.metrics.failovers.inc()
                     self._send_event(event(**extra))
                 if result.prompt_changed is not None:
                     self._send_event(event("prompt_changed", prompt=result.prompt_changed, chunk=result.index))
