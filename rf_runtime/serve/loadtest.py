@@ -137,13 +137,23 @@ def run(url: str, clients: int, seconds: float, paced: bool) -> dict:
                for i in range(clients)]
     for t in threads:
         t.start()
+    samples, done, t0 = [], threading.Event(), time.monotonic()
+
+    def sample_rss():  # every 10 s while the clients stream
+        while not done.wait(10):
+            samples.append((round(time.monotonic() - t0), server_rss(url) / 2**20))
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
     for t in threads:
         t.join(seconds + 120)
+    done.set()
+    sampler.join(30)
     time.sleep(0.5)
     rss_end = server_rss(url)
     results.sort(key=lambda r: r.client)
     return {"clients": clients, "seconds": seconds, "paced": paced, "server_rss_start_mb": rss_start / 2**20,
-            "server_rss_end_mb": rss_end / 2**20, "aggregate_fps": sum(r.fps for r in results),
+            "server_rss_end_mb": rss_end / 2**20, "server_rss_during_mb": samples, "aggregate_fps": sum(r.fps for r in results),
             "per_client": [asdict(r) for r in results]}
 
 
@@ -155,8 +165,9 @@ def format_report(report: dict) -> str:
         lines.append(f"{r['client']:>6} {r['frames']:>7} {r['fps']:>6.2f} {r['p50_interval_ms']:>7.1f} "
                      f"{r['p99_interval_ms']:>7.1f} {r['max_interval_ms']:>7.1f} {r['dropped_frames']:>8}  "
                      f"{','.join(r['errors']) or '-'}")
+    during = ", ".join(f"{mb:.1f} MB at {t} s" for t, mb in report["server_rss_during_mb"])
     lines.append(f"aggregate {report['aggregate_fps']:.2f} fps; server RSS {report['server_rss_start_mb']:.1f} MB "
-                 f"at start, {report['server_rss_end_mb']:.1f} MB at end")
+                 f"before the clients, {report['server_rss_end_mb']:.1f} MB after them (during: {during or '-'})")
     return "\n".join(lines)
 
 
