@@ -255,8 +255,12 @@ def test_slow_client_drops_frames_and_does_not_stall_another(streamer):
         assert metric(s, "rf_serve_queue_frames") <= 6  # memory stays bounded by the queue
         time.sleep(1.0)
         assert metric(s, "rf_serve_frames_dropped_total") > dropped  # still generating for it, still dropping
-        vanish(slow)
+        # it also sends junk without reading the error events: past 64 queued events the server drops it
+        mask = b"\x00\x00\x00\x00"
+        for _ in range(100):
+            slow.sendall(bytes([0x81, 0x80 | 5]) + mask + b"junk!")
         wait_sessions(s, 0, timeout=10)
+        slow.close()
 
 
 # ---- bad input: each gets its error event, and the server (and the session) still serves ----------------

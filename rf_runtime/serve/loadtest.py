@@ -158,8 +158,8 @@ def run(url: str, clients: int, seconds: float, paced: bool) -> dict:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{report['clients']} clients x {report['seconds']:g} s, "
-             f"{'paced to the model fps' if report['paced'] else 'as made'}",
+    pacing = "paced to the model fps" if report["paced"] else "as made"
+    lines = [f"{report['clients']} clients x {report['seconds']:g} s, {pacing}",
              f"{'client':>6} {'frames':>7} {'fps':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'dropped':>8}  errors"]
     for r in report["per_client"]:
         lines.append(f"{r['client']:>6} {r['frames']:>7} {r['fps']:>6.2f} {r['p50_interval_ms']:>7.1f} "

@@ -18,7 +18,6 @@ Each replica is an ordinary ``Streamer`` (``Streamer.from_engine`` / ``from_chec
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import os

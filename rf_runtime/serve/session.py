@@ -16,8 +16,16 @@ from collections import deque
 from dataclasses import dataclass
 
 from rf_runtime.errors import RFError
-from rf_runtime.serve.protocol import (ProtocolError, SetPrompt, Start, Stop, error_event, event, pack_frame,
-                                       parse_client_message)
+from rf_runtime.serve.protocol import (
+    ProtocolError,
+    SetPrompt,
+    Start,
+    Stop,
+    error_event,
+    event,
+    pack_frame,
+    parse_client_message,
+)
 
 logger = logging.getLogger("rf_runtime")
 
@@ -87,6 +95,10 @@ class OutQueue:
                 self.dropped_events += 1
         self._ready.set()
 
+    def clear(self) -> None:
+        self.items.clear()
+        self.frames = self.events = 0
+
     def clear_frames(self) -> None:
         kept = [item for item in self.items if not isinstance(item, Frame)]
         self.items = deque(kept)
@@ -116,6 +128,7 @@ class Session:
         self.last_message = time.monotonic()
         self.frames_sent = 0
         self.closing = False
+        self._abort = asyncio.Event()  # set when the client must be dropped without further ado
 
     # ---- the connection ----------------------------------------------------------------------------
 
@@ -131,18 +144,27 @@ class Session:
             await asyncio.gather(sender, watchdog, return_exceptions=True)
 
     async def _receive_loop(self) -> None:
-        while True:
-            try:
-                message = await self.ws.receive()
-            except Exception:  # the transport is gone
-                return
-            if message["type"] == "websocket.disconnect":
-                return
-            self.last_message = time.monotonic()
-            try:
-                await self._handle(message)
-            except ProtocolError as exc:
-                self._send_event(error_event(exc.code, str(exc)))
+        abort = asyncio.ensure_future(self._abort.wait())
+        try:
+            while True:
+                receive = asyncio.ensure_future(self.ws.receive())
+                await asyncio.wait({receive, abort}, return_when=asyncio.FIRST_COMPLETED)
+                if not receive.done():  # aborted: returning without a close frame drops the connection
+                    receive.cancel()
+                    return
+                try:
+                    message = receive.result()
+                except Exception:  # the transport is gone
+                    return
+                if message["type"] == "websocket.disconnect":
+                    return
+                self.last_message = time.monotonic()
+                try:
+                    await self._handle(message)
+                except ProtocolError as exc:
+                    self._send_event(error_event(exc.code, str(exc)))
+        finally:
+            abort.cancel()
 
     async def _handle(self, message: dict) -> None:
         if message.get("bytes") is not None:
@@ -179,9 +201,11 @@ class Session:
     def _put(self, item) -> None:
         try:
             self.queue.put(item)
-        except QueueOverflow:
-            logger.warning("session %s: the client does not read its events; closing it", self.sid)
-            self.queue.put(Close(1008, "the client does not read: too many unsent events"))
+        except QueueOverflow:  # its socket is full too (or the events would have gone out): drop it
+            logger.warning("session %s: the client reads nothing; dropping the connection", self.sid)
+            self.closing = True
+            self.queue.clear()
+            self._abort.set()
 
     async def _send_loop(self) -> None:
         try:
