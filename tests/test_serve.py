@@ -195,6 +195,10 @@ def test_stop_ends_and_the_session_can_start_again(server):
 
 def test_idle_session_is_closed(streamer):
     with serving(streamer, idle_seconds=1.0) as s, connect(s.ws_url) as ws:
+        start(ws, num_frames=24, paced=True)  # streams for 1.5 s or more, longer than the idle timeout
+        assert events(recv_until(ws, "ended"), "ended")[0]["reason"] == "finished"
+        ws.send(json.dumps({"type": "stop"}))  # a stream just ended: the session is not idle yet
+        assert recv(ws, 10)["code"] == "not_started"
         t0 = time.monotonic()
         ended = recv(ws, 10)
         assert ended["type"] == "ended" and ended["reason"] == "idle"

@@ -125,7 +125,7 @@ class Session:
         self.queue = OutQueue(self.config.queue_frames, self.config.max_events, self.metrics.frames_dropped.inc)
         self.producer: asyncio.Task | None = None
         self.pending: SetPrompt | None = None  # the prompt switch to apply before the next chunk
-        self.last_message = time.monotonic()
+        self.last_activity = time.monotonic()  # the last client message, or the end of a stream
         self.frames_sent = 0
         self.closing = False
         self._abort = asyncio.Event()  # set when the client must be dropped without further ado
@@ -158,7 +158,7 @@ class Session:
                     return
                 if message["type"] == "websocket.disconnect":
                     return
-                self.last_message = time.monotonic()
+                self.last_activity = time.monotonic()
                 try:
                     await self._handle(message)
                 except ProtocolError as exc:
@@ -237,7 +237,7 @@ class Session:
         while True:
             await asyncio.sleep(period)
             running = self.producer is not None and not self.producer.done()
-            if not running and not self.closing and time.monotonic() - self.last_message > self.config.idle_seconds:
+            if not running and not self.closing and time.monotonic() - self.last_activity > self.config.idle_seconds:
                 self.closing = True
                 self._put(Ended("idle"))
                 self.queue.put(Close(1000, f"idle for {self.config.idle_seconds:g} s"))
@@ -313,5 +313,6 @@ class Session:
             self._send_event(error_event("internal", f"the stream failed: {type(exc).__name__}: {exc}"))
             self._put(Ended("error"))
         finally:
+            self.last_activity = time.monotonic()  # idle time counts from the end of the stream
             if handle is not None:
                 await engine.close(handle)
