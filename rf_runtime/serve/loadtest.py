@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from rf_runtime.errors import RFError
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -117,7 +119,7 @@ def _start_server(clients: int, extra: list[str]) -> tuple[subprocess.Popen, str
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"rf-serve-loadtest: rf-serve exited with status {proc.returncode}")
+            raise RFError(f"rf-serve exited with status {proc.returncode} before it was ready")
         try:
             if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                 return proc, url
@@ -125,7 +127,7 @@ def _start_server(clients: int, extra: list[str]) -> tuple[subprocess.Popen, str
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("rf-serve-loadtest: rf-serve did not become ready within 120 s")
+    raise RFError("rf-serve did not become ready within 120 s")
 
 
 def run(url: str, clients: int, seconds: float, paced: bool) -> dict:
@@ -188,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error("the load test runs on loopback only: --url must be http://127.0.0.1:PORT")
         url = args.url.rstrip("/")
     else:
-        proc, url = _start_server(args.clients, args.server_args)
+        try:
+            proc, url = _start_server(args.clients, args.server_args)
+        except RFError as exc:
+            print(f"rf-serve-loadtest: error: {exc}", file=sys.stderr)
+            return 2
     try:
         report = run(url, args.clients, args.seconds, paced=not args.unpaced)
     finally:
