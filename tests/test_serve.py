@@ -37,10 +37,9 @@ TIMEOUT = 60.0  # the longest any single wait may take on a loaded machine
 
 @pytest.fixture(scope="module")
 def streamer():
-    from rf_runtime.bundle import default_engine_dir
     from rf_runtime.streamer import Streamer
 
-    return Streamer.from_engine(default_engine_dir())
+    return Streamer.load()
 
 
 def serving(streamer, **config):

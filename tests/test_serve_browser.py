@@ -33,10 +33,9 @@ WAIT = 60  # seconds any one wait in the page may take on a loaded machine
 
 @pytest.fixture(scope="module")
 def streamer():
-    from rf_runtime.bundle import default_engine_dir
     from rf_runtime.streamer import Streamer
 
-    return Streamer.from_engine(default_engine_dir())
+    return Streamer.load()
 
 
 @pytest.fixture

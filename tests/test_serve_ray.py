@@ -58,7 +58,6 @@ def test_sessions_are_placed_on_the_least_loaded_replica(cluster):
 
 
 def test_a_dead_replica_s_session_resumes_bit_exactly_on_the_other(cluster):
-    from rf_runtime.bundle import default_engine_dir
     from rf_runtime.streamer import Streamer
 
     server, engine = cluster
@@ -90,7 +89,7 @@ def test_a_dead_replica_s_session_resumes_bit_exactly_on_the_other(cluster):
     assert [h.frame for h, _ in frames] == list(range(total))  # none lost, none twice
 
     # the same stream, uninterrupted, through the public API in this process
-    stream = Streamer.from_engine(default_engine_dir()).open("a red circle bouncing", seed=4, num_frames=total)
+    stream = Streamer.load().open("a red circle bouncing", seed=4, num_frames=total)
     expected = []
     for chunk in stream:
         expected += [encode_jpeg(f, QUALITY) for f in chunk.frames]
@@ -112,7 +111,6 @@ def test_failover_replays_the_prompt_switches_made_since_the_snapshot(cluster):
     """Deterministic: snapshot after chunk 2, a prompt switch at chunk 4, the replica killed after chunk 4."""
     import asyncio
 
-    from rf_runtime.bundle import default_engine_dir
     from rf_runtime.serve.protocol import SetPrompt
     from rf_runtime.streamer import Streamer
 
@@ -142,12 +140,12 @@ def test_failover_replays_the_prompt_switches_made_since_the_snapshot(cluster):
         got = asyncio.run(run())
     finally:
         engine.shutdown()
-    stream = Streamer.from_engine(default_engine_dir()).open("a red circle bouncing", seed=7)
+    stream = Streamer.load().open("a red circle bouncing", seed=7)
     expected = []
     for _ in range(8):
         if stream.chunk_index == 4:
             stream.set_prompt("a blue square sliding")
         expected += [encode_jpeg(f, QUALITY) for f in next(stream).frames]
     assert got == expected
-    plain = Streamer.from_engine(default_engine_dir()).open("a red circle bouncing", seed=7)
+    plain = Streamer.load().open("a red circle bouncing", seed=7)
     assert got[-3:] != [encode_jpeg(f, QUALITY) for f in [next(plain) for _ in range(8)][-1].frames]

@@ -1,6 +1,6 @@
 """The rf-serve ASGI app (Starlette) and the uvicorn server that runs it.
 
-    app = ServeApp(LocalEngine(Streamer.from_engine(bundle), workers=2, jpeg_quality=85), ServeConfig())
+    app = ServeApp(LocalEngine(Streamer.load(bundle), workers=2, jpeg_quality=85), ServeConfig())
     make_server(app, host="127.0.0.1", port=8000).run()
 
 Routes (docs/serving.md has the protocol):

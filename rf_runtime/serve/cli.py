@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_streamer(engine: str | None, model_dir: str | None, checkpoint: str | None, device: str):
+    """The Streamer of --engine or --model-dir (+ --checkpoint); neither: the shipped bundle."""
     from rf_runtime.streamer import Streamer
 
     if engine and model_dir:
@@ -56,9 +57,7 @@ def load_streamer(engine: str | None, model_dir: str | None, checkpoint: str | N
         raise RFError("--checkpoint needs --model-dir DIR")
     if model_dir:
         return Streamer.from_checkpoint(model_dir, checkpoint, device=device)
-    from rf_runtime.bundle import default_engine_dir
-
-    return Streamer.from_engine(engine or default_engine_dir(), device=device)
+    return Streamer.load(engine, device=device)  # None: the bundle that ships with rf_runtime
 
 
 def _serve(args) -> int:

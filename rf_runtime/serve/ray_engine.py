@@ -13,7 +13,7 @@
   switches at the same chunks, and not sent twice. ``resume`` continues bit-exactly, so the client's
   frames are the frames of the uninterrupted stream; it is told in a ``resumed`` event.
 
-Each replica is an ordinary ``Streamer`` (``Streamer.from_engine`` / ``from_checkpoint``) in a Ray actor.
+Each replica is an ordinary ``Streamer`` (``Streamer.load``) in a Ray actor.
 """
 
 from __future__ import annotations
