@@ -13,6 +13,7 @@ logger = logging.getLogger("rf_runtime")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from rf_runtime.cli import add_version
     from rf_runtime.serve.config import ServeConfig
 
     d = ServeConfig()
@@ -21,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve a Reward Forcing model: live streams over WebSocket (/v1/stream), a viewer page (/), "
                     "MP4 jobs (/v1/videos), health and Prometheus metrics. docs/serving.md has the protocol.")
     src = p.add_argument_group("model (default: the engine bundle that ships with rf_runtime)")
-    src.add_argument("--engine", help="engine bundle directory, run by onnxruntime")
+    src.add_argument("--engine", "--bundle", dest="engine", help="engine bundle directory, run by onnxruntime")
     src.add_argument("--model-dir", help="Wan2.1-style model directory, run by PyTorch")
     src.add_argument("--checkpoint", help="generator checkpoint on top of --model-dir")
     src.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                         f"{d.snapshot_every})")
     p.add_argument("--ray-address", help="--ray: an existing Ray cluster (default: start a local one)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_version(p)
     return p
 
 

@@ -174,6 +174,8 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rf_runtime.cli import add_version
+
     p = argparse.ArgumentParser(prog="rf-serve-loadtest", description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=60.0, help="streaming time per client (default 60)")
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unpaced", action="store_true", help="ask for frames as they are made, not at the model fps")
     p.add_argument("--json", help="also write the report here")
     p.add_argument("server_args", nargs="*", help="after --: arguments for the rf-serve it starts (e.g. --engine B)")
+    add_version(p)
     args = p.parse_args(argv)
     if not (0 < args.clients <= 64 and 0 < args.seconds <= 600):
         p.error("--clients must be in 1..64 and --seconds in (0, 600]")
