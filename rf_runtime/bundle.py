@@ -36,7 +36,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 TRAINING_STAGES = ("random", "teacher", "student", "re-dmd", "release")
 REQUIRED = ("files", "graphs", "text_encoder", "model", "stream", "model_card")
 # ONNX TensorProto element types -> manifest dtype names
-ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool"}
+ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool",
+               17: "float8_e4m3fn", 22: "int4", 23: "float4_e2m1fn"}
 
 logger = logging.getLogger("rf_runtime")
 

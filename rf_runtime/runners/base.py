@@ -34,10 +34,19 @@ import numpy as np
 
 from rf_runtime.errors import RFError
 
-# dtype names used by the manifest -> numpy dtypes (bfloat16 has no numpy dtype: device-only buffers)
+# dtype names used by the manifest -> numpy dtypes (bfloat16 and the 8 / 4-bit float and int4 types
+# have no numpy dtype: bfloat16 is staged as its bit patterns by the TensorRT runner, the others are
+# device-only)
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
           "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
-ITEMSIZE = {"bfloat16": 2, **{k: np.dtype(v).itemsize for k, v in DTYPES.items()}}
+# bytes per element; int4 and float4_e2m1fn pack two elements in a byte (see dtype_nbytes)
+ITEMSIZE = {"bfloat16": 2, "float8_e4m3fn": 1, "int4": 0.5, "float4_e2m1fn": 0.5,
+            **{k: np.dtype(v).itemsize for k, v in DTYPES.items()}}
+
+
+def dtype_nbytes(dtype: str, count: int) -> int:
+    """Bytes of ``count`` elements of ``dtype`` (4-bit types packed two to a byte, rounded up)."""
+    return (count + 1) // 2 if ITEMSIZE[dtype] < 1 else count * int(ITEMSIZE[dtype])
 
 
 class RunnerError(RFError):
@@ -61,7 +70,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * ITEMSIZE[self.dtype]
+        return dtype_nbytes(self.dtype, int(np.prod(self.shape, dtype=np.int64)))
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,7 @@ class Buffer:
     base: "Buffer | None" = field(default=None, repr=False)  # the buffer a view was taken from
 
     def __post_init__(self):
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * ITEMSIZE[self.dtype]
+        self.nbytes = dtype_nbytes(self.dtype, int(np.prod(self.shape, dtype=np.int64)))
 
     def view(self, offset: int, shape: tuple[int, ...]) -> "Buffer":
         """A buffer over ``prod(shape)`` elements of this one, starting at element ``offset``."""
@@ -130,7 +139,9 @@ class Buffer:
         if offset < 0 or offset + n > total:
             raise RunnerError(f"a view of {n} elements at offset {offset} does not fit a buffer of {total}")
         host = None if self.host is None else self.host.reshape(-1)[offset:offset + n].reshape(shape)
-        return Buffer(tuple(shape), self.dtype, self.device, self.ptr + offset * ITEMSIZE[self.dtype], host,
+        if ITEMSIZE[self.dtype] < 1 and offset % 2:
+            raise RunnerError(f"a view of a {self.dtype} buffer must start at an even element (two per byte)")
+        return Buffer(tuple(shape), self.dtype, self.device, self.ptr + dtype_nbytes(self.dtype, offset), host,
                       self.owner, self.base or self)
 
 
@@ -185,6 +196,7 @@ class Binding:
         try:
             for name in changed:
                 self.runner._check_aliasing(self, name, self.buffers[name])
+                self.runner.check_address(name, self.buffers[name])
         except RunnerError:
             self.buffers.update(previous)
             raise
@@ -274,6 +286,10 @@ class Runner(ABC):
             self._check_aliasing(binding, spec.name, buffers[spec.name])
         self.bind_impl(binding)
         return binding
+
+    def check_address(self, name: str, buffer: Buffer) -> None:
+        """Refuse an address the backend cannot bind (TensorRT: 256-byte alignment); checked before a
+        rebinding changes anything. Nothing to check by default."""
 
     def _check_aliasing(self, binding: Binding, name: str, buffer: Buffer) -> None:
         """An input may not share memory with an output (onnxruntime and TensorRT cannot alias):
