@@ -279,6 +279,12 @@ class TensorRTRunner(Runner):
                 return bf16_bits_to_float32(host, wide)
             return host
 
+    def infer(self, feed):
+        """``Runner.infer`` with the runner's lock held throughout: its one binding is written, run and
+        read by one thread at a time (the arrays returned are still overwritten by the next call)."""
+        with self._lock:
+            return super().infer(feed)
+
     # ---- binding -----------------------------------------------------------------------------
 
     def bind_impl(self, binding: Binding) -> None:
@@ -301,7 +307,9 @@ class TensorRTRunner(Runner):
             binding.impl = {"context": context, "graphs": graphs}
             # the binding's graphs die with it (and at deactivate, whichever comes first)
             self._finalizers = [f for f in self._finalizers if f.alive]
-            self._finalizers.append(weakref.finalize(binding, _destroy_graphs, self.cudart, graphs))
+            finalizer = weakref.finalize(binding, _destroy_graphs, self.cudart, graphs)
+            finalizer.atexit = False  # at exit the CUDA context goes with the process
+            self._finalizers.append(finalizer)
 
     def rebind_impl(self, binding: Binding, name: str) -> None:
         with self._lock:
