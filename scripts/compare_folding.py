@@ -1,36 +1,59 @@
-"""Node counts of export.onnx_fold against onnxscript's optimizer on raw exported graphs, and their outputs through
-onnxruntime (docs/notes/export.md). Needs `pip install onnxscript`: python scripts/compare_folding.py BUNDLE/dit_step.onnx ..."""
-import sys, time, collections
-import numpy as np, onnx, onnxruntime as ort
-import onnxscript.optimizer as oso
-import onnx_ir as ir
+"""Node counts of ``export.onnx_fold`` (Polygraphy's fold_constants) and of onnxscript's optimizer on raw
+exported graphs, their outputs against the raw graph's through onnxruntime CPU, subgraphs left and
+node outputs without a type (docs/notes/export.md). Needs ``pip install onnxscript``:
+
+    python scripts/compare_folding.py BUNDLE/dit_step.onnx BUNDLE/vae_decode_first.onnx ...
+"""
+
+import sys
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import onnxscript.optimizer
+
 from export.onnx_fold import fold_constants
 
+
 def run(model, feeds):
-    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return s.run(None, feeds)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
 
-def feeds_for(model):
-    rng = np.random.default_rng(0); f = {}
+
+def random_feeds(model):
+    rng = np.random.default_rng(0)
+    feeds = {}
     for v in model.graph.input:
-        t = v.type.tensor_type; shape = [d.dim_value for d in t.shape.dim]
-        dt = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-        f[v.name] = rng.standard_normal(shape).astype(dt)
-    return f
+        t = v.type.tensor_type
+        feeds[v.name] = rng.standard_normal([d.dim_value for d in t.shape.dim]).astype(
+            onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+    return feeds
 
-def subgraphs(m): return sum(1 for n in m.graph.node for a in n.attribute if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS))
 
-for name in sys.argv[1:]:
-    m = onnx.load(name)
-    t=time.time(); ours = fold_constants(m); t1=time.time()-t
-    t=time.time()
-    osm = oso.optimize(onnx.load(name), num_iterations=2, onnx_shape_inference=True)
-    t2=time.time()-t
-    f = feeds_for(m)
-    ref = run(m, f); a = run(ours, f); b = run(osm, f)
-    da = max(float(np.abs(x-y).max()) for x,y in zip(ref,a)); db = max(float(np.abs(x-y).max()) for x,y in zip(ref,b))
-    vi = {v.name for v in osm.graph.value_info}
-    outs = [o for n in osm.graph.node for o in n.output if o]
-    missing = [o for o in outs if o not in vi and o not in {x.name for x in osm.graph.output}]
-    print(f"{name}: raw {len(m.graph.node)} ours {len(ours.graph.node)} ({t1:.1f}s, maxdiff {da:.2e}, subgraphs {subgraphs(ours)}) onnxscript {len(osm.graph.node)} ({t2:.1f}s, maxdiff {db:.2e}, subgraphs {subgraphs(osm)}, untyped outputs {len(missing)})")
-    print("  ops ours-only", sorted(set(collections.Counter(n.op_type for n in ours.graph.node)) - set(n.op_type for n in osm.graph.node)), "os-only", sorted(set(n.op_type for n in osm.graph.node) - set(n.op_type for n in ours.graph.node)))
+def describe(model, ref, feeds, seconds):
+    g = model.graph
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(ref, run(model, feeds)))
+    subgraphs = sum(1 for n in g.node for a in n.attribute
+                    if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS))
+    typed = {v.name for v in (*g.value_info, *g.output)}
+    untyped = sum(1 for n in g.node for o in n.output if o and o not in typed)
+    return f"{len(g.node)} nodes ({seconds:.1f} s, max abs diff {diff:.1e}, {subgraphs} subgraphs, {untyped} untyped)"
+
+
+def main():
+    for path in sys.argv[1:]:
+        raw = onnx.load(path)
+        feeds = random_feeds(raw)
+        ref = run(raw, feeds)
+        t = time.perf_counter()
+        ours = fold_constants(onnx.load(path))
+        t_ours = time.perf_counter() - t
+        t = time.perf_counter()
+        other = onnxscript.optimizer.optimize(onnx.load(path), num_iterations=2, onnx_shape_inference=True)
+        t_other = time.perf_counter() - t
+        print(f"{path}: raw {len(raw.graph.node)} nodes\n  export.onnx_fold: {describe(ours, ref, feeds, t_ours)}\n"
+              f"  onnxscript:       {describe(other, ref, feeds, t_other)}")
+
+
+if __name__ == "__main__":
+    main()
