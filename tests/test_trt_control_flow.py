@@ -301,6 +301,17 @@ def test_build_clears_tf32_sets_the_device_and_writes_everything_at_the_end(fake
     assert set(Bundle.load(bundle).plans) == set(plans)  # hashes recorded for the files as written
 
 
+def test_rf_export_trt_builds_on_the_device_asked_for(fake, bundle, capsys):
+    from export.cli import main
+
+    assert main(["trt", str(bundle), "--precision", "fp32", "--device", "1", "--graphs", "cache_update"]) == 0
+    out = capsys.readouterr().out
+    assert "built cache_update: plan:cache_update (TensorRT 10.13.0.35, compute capability 9.0, Stand-in GPU one)" in out
+    assert [b["device"] for b in fake.TRT.builds] == [1]
+    assert main(["trt", str(bundle), "--precision", "fp32", "--device", "7"]) == 2  # no such device
+    assert "no usable CUDA device 7" in capsys.readouterr().err
+
+
 def test_a_failed_build_changes_nothing(fake, bundle):
     from export.trt_build import build_plans
     from rf_runtime.errors import ConfigError

@@ -200,7 +200,8 @@ class TensorRTRunner(Runner):
                 raise RunnerError(f"{self.plan_path}: the engine does not match its declared IO: "
                                   + "; ".join(problems) + "; rebuild with `rf-export trt BUNDLE`")
         # one activation scratch for every context of this runner (USER_MANAGED allocation)
-        size = int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)
+        size = int(engine.device_memory_size_v2 if hasattr(engine, "device_memory_size_v2")  # TensorRT >= 10.1
+                   else engine.device_memory_size)
         self._scratch = _DeviceMemory(cudart, size)
         self._scratch_size = size
         self.stream = check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
