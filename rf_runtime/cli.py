@@ -174,7 +174,10 @@ def _bench_parser() -> argparse.ArgumentParser:
                    help="torch precision (the bundle's precision is fixed at export)")
     p.add_argument("--torch-threads", type=int, help="intra-op threads of the torch run (default: torch's own); "
                                                      "one thread is steadier on a machine shared with other work")
-    p.add_argument("--json", default="rf-bench.json", help="report path (default rf-bench.json, written atomically)")
+    p.add_argument("--json", help="report path (default rf-bench.json, rf-soak.json with --soak; written atomically)")
+    p.add_argument("--soak", type=float, metavar="MINUTES",
+                   help="soak test instead: stream --bundle (default: the shipped bundle) without end for MINUTES and "
+                        "report RSS start / end and slope, chunk time early / late, non-finite and constant chunks")
     return p
 
 
@@ -185,6 +188,10 @@ def bench_main(argv: list[str] | None = None) -> int:
 def _bench(args) -> int:
     from rf_runtime.bench import BenchRun, format_table, run_bench, write_json
     from rf_runtime.files import output_folder
+
+    if args.soak is not None:
+        return _soak(args)
+    args.json = args.json or "rf-bench.json"
 
     runs = []
     if args.bundle:
@@ -200,6 +207,25 @@ def _bench(args) -> int:
     write_json(report, args.json)
     print(format_table(report))
     print(f"report: {args.json}")
+    return 0
+
+
+def _soak(args) -> int:
+    from rf_runtime.bench import write_json
+    from rf_runtime.bundle import default_engine_dir
+    from rf_runtime.files import output_folder
+    from rf_runtime.soak import format_soak, soak
+
+    if args.model_dir or args.checkpoint or args.torch_threads is not None:
+        raise RFError("--soak streams an engine bundle: drop --model-dir / --checkpoint / --torch-threads, "
+                      "and pass --bundle BUNDLE (default: the shipped bundle)")
+    path = args.json or "rf-soak.json"
+    output_folder(path, "the report")
+    report = soak(args.bundle or default_engine_dir(), args.soak, prompt=args.prompt, seed=args.seed,
+                  progress=lambda msg: print(f"rf-bench: {msg}", file=sys.stderr, flush=True))
+    write_json(report, path)
+    print(format_soak(report))
+    print(f"report: {path}")
     return 0
 
 

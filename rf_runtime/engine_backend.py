@@ -354,6 +354,10 @@ class EngineBackend(Backend):
 
     # ---- prompt switch, snapshots ---------------------------------------------------------------
 
+    def all_finite(self, x) -> bool:
+        host = self.runners["dit_step"].read(x) if isinstance(x, Buffer) else np.asarray(x)
+        return bool(np.isfinite(host).all())
+
     def store_latents(self, state, slot, x0) -> None:
         """Copy the chunk's clean latents into ring slot ``slot`` before the next chunk's steps overwrite x0."""
         s: _Stream = state.device
