@@ -205,6 +205,7 @@ class Bundle:
                 raise BundleError(f"{mpath}: required key {key!r} is missing; {REBUILD}")
         _check_files(path, manifest["files"], verify_hashes)
         graphs = _check_graphs(path, manifest)
+        _check_external_data(path, manifest)
         _check_text_encoder(mpath, manifest)
         _check_plans(mpath, manifest)
         card = ModelCard.from_dict(manifest["model_card"], mpath)
@@ -248,6 +249,37 @@ def _check_graphs(path: str, manifest: dict) -> dict[str, GraphSpec]:
                 raise BundleError(f"{where}: tensor {t.name!r} has unknown dtype {t.dtype!r}; {REBUILD}")
         graphs[name] = spec
     return graphs
+
+
+def _check_external_data(path: str, manifest: dict) -> None:
+    """A bundle is a closed world: every external-data location in every graph must be a file of the
+    bundle that the manifest lists (with its sha256 and size, checked by ``_check_files``) as that
+    graph's ``external_data``. Checked before onnxruntime or TensorRT opens the graph, which would
+    otherwise read whatever path the graph names, inside the bundle or not."""
+    from rf_runtime.onnx_external import OnnxWireError, external_refs
+
+    files = manifest["files"]
+    for name, entry in manifest["graphs"].items():
+        gpath = os.path.join(path, files[entry["file"]]["path"])
+        try:
+            refs = external_refs(gpath)
+        except (OnnxWireError, OSError) as exc:
+            raise BundleError(f"graph {name!r}: {gpath} is not a readable ONNX file ({exc}); {REBUILD}") from exc
+        allowed = {os.path.realpath(os.path.join(path, files[k]["path"])): k for k in entry.get("external_data", [])}
+        for ref in refs:
+            locations = ref.locations
+            if len(locations) != 1:
+                raise BundleError(f"graph {name!r} in {gpath}: tensor {ref.tensor!r} has {len(locations)} external-data "
+                                  f"locations (one is needed); {REBUILD}")
+            loc = locations[0]
+            target = os.path.realpath(os.path.join(os.path.dirname(gpath), loc))
+            if target not in allowed:
+                where = ("a file outside the bundle" if os.path.isabs(loc) or not
+                         target.startswith(os.path.realpath(path) + os.sep) else
+                         f"a file the manifest does not list as external data of {name!r}")
+                raise BundleError(f"graph {name!r} in {gpath}: tensor {ref.tensor!r} reads its data from {loc!r}, "
+                                  f"{where}; a bundle reads only its own listed files: refused before loading; "
+                                  f"{REBUILD}")
 
 
 def _check_text_encoder(mpath: str, manifest: dict) -> None:

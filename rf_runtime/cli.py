@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 
-from rf_runtime.errors import RFError
+from rf_runtime.errors import OutputError, RFError, missing_extra
 
 logger = logging.getLogger("rf_runtime")
 
@@ -98,6 +97,12 @@ def run_command(prog: str, body, args, level: int = logging.WARNING) -> int:
     except RFError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:  # an optional dependency the command needs: one line naming the extra
+        err = missing_extra(exc)
+        if err is None:
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # a body without its own Ctrl-C path: its temporary files are already removed
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -117,8 +122,7 @@ def _generate(args) -> int:
     from rf_runtime.video import Mp4Writer
 
     check_prompt(args.prompt)
-    if not (args.seconds > 0 and math.isfinite(args.seconds)):
-        raise RFError(f"--seconds must be a positive number, got {args.seconds}")
+    _check_seconds(args.seconds)
     writer = Mp4Writer(args.out)  # checks the path before the model is loaded
     try:
         t0 = time.perf_counter()
@@ -130,7 +134,13 @@ def _generate(args) -> int:
         start = time.perf_counter()
         try:
             for chunk in streamer.stream_chunks(args.prompt, seed=args.seed, num_frames=num_frames):
-                writer.write(chunk.frames)
+                try:
+                    writer.write(chunk.frames)
+                except OutputError as exc:  # the encoder died: keep what it finished, say so in one line
+                    bar.close()
+                    kept = writer.salvage()
+                    raise OutputError(f"{exc}; " + (f"kept the {kept} frames it had encoded in {args.out}" if kept
+                                                    else f"nothing was written to {args.out}")) from None
                 bar.update(len(chunk.frames))
                 bar.set_postfix(chunk=chunk.index, latency=f"{chunk.seconds:.2f}s",
                                 fps=f"{len(chunk.frames) / chunk.seconds:.2f}")
@@ -153,6 +163,14 @@ def _generate(args) -> int:
           f"({writer.frames_written / streamer.fps:.2f} s of video) in {elapsed:.1f} s "
           f"= {writer.frames_written / elapsed:.2f} generated fps (model load {load_s:.1f} s)")
     return 0
+
+
+MAX_SECONDS = 7 * 24 * 3600.0  # a week of video: beyond any stream a model was tested on, and still a finite int
+
+
+def _check_seconds(seconds: float) -> None:
+    if not (0 < seconds <= MAX_SECONDS):
+        raise RFError(f"--seconds must be a number > 0 and at most {MAX_SECONDS:.0f} (a week), got {seconds}")
 
 
 def _bench_parser() -> argparse.ArgumentParser:
@@ -263,19 +281,18 @@ def _eval(args) -> int:
 
     from rf_runtime.eval import evaluate
 
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise RFError(f"the directory of --json {args.json} does not exist: create it first")
+    from rf_runtime.files import atomic_write, output_folder
+
+    if args.json:
+        output_folder(args.json, "the metrics")  # before the work, not after it
     if args.video:
         from rf_runtime.video import read_mp4
 
-        if not os.path.isfile(args.video):
-            raise RFError(f"video {args.video} does not exist")
         frames, fps, what = read_mp4(args.video), args.fps, args.video
     else:
         if not args.prompt:
             raise RFError("give a video to evaluate, or --prompt to generate a stream and evaluate it")
-        if not (args.seconds > 0 and math.isfinite(args.seconds)):
-            raise RFError(f"--seconds must be a positive number, got {args.seconds}")
+        _check_seconds(args.seconds)
         streamer = _load_streamer(args)
         fps = streamer.fps
         num_frames = max(2, round(args.seconds * fps))
@@ -290,10 +307,7 @@ def _eval(args) -> int:
     print(f"rf-eval: {what}")
     print(result.table())
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(result.to_json())
-        os.replace(tmp, args.json)
+        atomic_write(args.json, lambda f: f.write(result.to_json().encode()), what="the metrics")
         print(f"wrote {args.json}")
     return 0
 

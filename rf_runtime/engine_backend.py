@@ -29,7 +29,7 @@ import numpy as np
 from rf_runtime.backend import Backend, ModelInfo, StateArrays, StreamState
 from rf_runtime.bundle import Bundle, BundleError
 from rf_runtime.cache import commit_matrix
-from rf_runtime.errors import ConfigError, InputError, require
+from rf_runtime.errors import ConfigError, InputError, RFError, require
 from rf_runtime.positions import rope_tables_np, timestep_sinusoid_np
 from rf_runtime.runners import Binding, Buffer, OnnxRuntimeRunner, Runner, TensorRTRunner
 from rf_runtime.sampler import StreamSettings
@@ -135,8 +135,8 @@ class EngineBackend(Backend):
         self.spec = settings.cache_spec
         self.schedule = settings.schedule()
         self.runners = self._make_runners(backend, device, cuda_graph, threads)
-        for runner in self.runners.values():
-            runner.activate()
+        for graph, runner in self.runners.items():
+            _activate(runner, graph, bundle.path)
         self.text_encoder = _text_encoder(m["text_encoder"], bundle, self.runners.get(TEXT_GRAPH))
         self._check_geometry()
         self._tables()
@@ -425,6 +425,19 @@ class EngineBackend(Backend):
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device, "precision": _dtype(self.runners["dit_step"], "ctx_k"),
                 "graphs": {g: r.name for g, r in self.runners.items()}}
+
+
+def _activate(runner: Runner, graph: str, bundle: str) -> None:
+    """Load one graph (an onnxruntime session, a TensorRT engine). A file the framework cannot load is the
+    bundle's fault: a BundleError naming the graph, never the framework's traceback; RFErrors pass as they are."""
+    try:
+        runner.activate()
+    except RFError:
+        raise
+    except Exception as exc:  # onnxruntime and TensorRT raise their own types (Fail, InvalidGraph, RuntimeError)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise BundleError(f"graph {graph!r} of bundle {bundle} cannot be loaded ({type(exc).__name__}: {reason}); "
+                          "rebuild it with `rf-export onnx --model-dir MODEL_DIR --out BUNDLE`") from exc
 
 
 def _to_uint8(pixels: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:

@@ -28,7 +28,12 @@ import re
 import time
 from typing import Callable, Iterator
 
-import torch
+try:
+    import torch
+except ImportError as _exc:  # rf_runtime.train needs torch: one line naming the extra
+    from rf_runtime.errors import missing_extra
+
+    raise missing_extra(_exc) from None
 
 from rf_runtime.errors import CheckpointError, ConfigError
 from rf_runtime.files import atomic_path
