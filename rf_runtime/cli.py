@@ -274,8 +274,6 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def _eval(args) -> int:
-    import os
-
     import numpy as np
     from tqdm import tqdm
 
