@@ -44,7 +44,7 @@ class Mp4Writer:
                "-s", f"{w}x{h}", "-pix_fmt", "rgb24", "-r", str(self.fps), "-i", "-", "-an", "-vcodec", "libx264",
                "-pix_fmt", "yuv420p", "-crf", str(crf), "-movflags", "+frag_keyframe+empty_moov+default_base_moof",
                "-frag_duration", "1000000", "-flush_packets", "1", self.tmp_path]
-        self._log = tempfile.TemporaryFile()
+        self._log = tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(self.path)))  # ffmpeg's messages
         # its own session: a Ctrl-C meant for us does not kill the encoder, so the frames so far can be saved
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log,
                                       start_new_session=True)
