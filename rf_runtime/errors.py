@@ -28,7 +28,7 @@ class StreamError(RFError):
     """A stream produced values that cannot be turned into video (non-finite latents)."""
 
 
-class OutputError(RFError):
+class OutputError(RFError, OSError):
     """An output file could not be written completely; nothing is left at its final name."""
 
 

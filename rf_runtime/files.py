@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from typing import BinaryIO, Callable, Iterator
 
-from rf_runtime.errors import InputError
+from rf_runtime.errors import InputError, OutputError
 
 _UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it)
 os.umask(_UMASK)
@@ -65,9 +65,12 @@ def atomic_path(path: str | os.PathLike, what: str = "the output") -> Iterator[s
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(exc, OSError):  # a full disk, a quota, an I/O error: one line, nothing at ``path``
+            raise OutputError(f"could not write {what} to {path} ({exc.strerror or exc}): free some space or "
+                              f"pick another folder; nothing was written there") from exc
         raise
 
 

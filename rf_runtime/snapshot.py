@@ -144,10 +144,11 @@ class StreamSnapshot:
         if header.get("version") != FORMAT_VERSION:
             raise SnapshotError(f"{path} is a version {header.get('version')!r} snapshot; this runtime reads version "
                                 f"{FORMAT_VERSION}: resume it with the rf_runtime that wrote it")
-        h = parse(_Header, header, where=path, error=SnapshotError, hint=hint, what="header key")
-        if h.rng_state.bit_generator != "PCG64":
-            raise SnapshotError(f"{path}: header key 'rng_state.bit_generator' is {h.rng_state.bit_generator!r}; "
+        rng = header.get("rng_state")
+        if isinstance(rng, dict) and rng.get("bit_generator") != "PCG64":
+            raise SnapshotError(f"{path}: header key 'rng_state.bit_generator' is {rng.get('bit_generator')!r}; "
                                 f"streams draw their noise with PCG64: {hint}")
+        h = parse(_Header, header, where=path, error=SnapshotError, hint=hint, what="header key")
         for key in ("chunk_index", "frames_emitted", "chunks_committed", "vae_cache_slots", "seed"):
             if getattr(h, key) < 0:
                 raise SnapshotError(f"{path}: header key {key!r} is {getattr(h, key)}, it must be >= 0: {hint}")

@@ -159,3 +159,18 @@ def tmpfs(path, size: str = "1m", ro: bool = False):
         yield path
     finally:
         subprocess.run(["umount", "-l", os.fspath(path)], capture_output=True)
+
+
+def fill(folder, leave: int) -> None:
+    """Fill the disk of ``folder`` until about ``leave`` bytes are free (a file ``.filler``)."""
+    path = os.path.join(os.fspath(folder), ".filler")
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            written += os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    os.truncate(path, max(0, written - leave))
