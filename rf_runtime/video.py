@@ -105,11 +105,12 @@ class Mp4Writer:
         self._close_log()
 
     def salvage(self) -> int:
-        """After the encoder died: keep what it had finished at ``path`` when that reads back as video.
-        Returns the frames kept (0: nothing readable; the partial file is removed)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._finish()
-        got = count_frames(self.tmp_path) if os.path.exists(self.tmp_path) else 0
+        """After the encoder died (killed by a signal): keep the fragments it had finished at ``path`` when they
+        read back as video. Returns the frames kept; 0 when nothing is readable or ffmpeg stopped on an error
+        of its own (a full disk: its file is not trusted), and then the partial file is removed."""
+        rc = self._finish() if self._proc is not None else None
+        killed = rc is not None and rc < 0
+        got = count_frames(self.tmp_path) if killed and os.path.exists(self.tmp_path) else 0
         if got > 0:
             os.replace(self.tmp_path, self.path)
             self._close_log()
