@@ -97,6 +97,10 @@ def run_command(prog: str, body, args, level: int = logging.WARNING) -> int:
     except RFError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a quota, a vanished folder while writing logs: one line naming the file
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"{prog}: error: {exc.strerror or exc}{where}: free some space or pick another folder", file=sys.stderr)
+        return 2
     except ImportError as exc:  # an optional dependency the command needs: one line naming the extra
         err = missing_extra(exc)
         if err is None:

@@ -36,7 +36,7 @@ except ImportError as _exc:  # rf_runtime.train needs torch: one line naming the
 
     raise missing_extra(_exc) from None
 
-from rf_runtime.errors import CheckpointError, ConfigError
+from rf_runtime.errors import CheckpointError, ConfigError, OutputError
 from rf_runtime.files import atomic_path
 from rf_runtime.schema import require_finite
 from rf_runtime.sampler import StreamSettings
@@ -455,8 +455,13 @@ class Trainer:
             meta = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "config": json.dumps(cfg.to_dict()),
                     "world_size": str(self.ctx.world_size)}
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with atomic_path(path) as tmp:
-                save_file(tensors, tmp, metadata=meta)
+            with atomic_path(path, "the checkpoint") as tmp:
+                try:
+                    save_file(tensors, tmp, metadata=meta)
+                except Exception as exc:  # safetensors' own error type, e.g. for a full disk
+                    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise OutputError(f"could not write the checkpoint {path} ({reason}): free some space or set "
+                                      "output_dir to another folder; nothing was written there") from exc
             self._prune_checkpoints()
             logger.info("wrote checkpoint %s (step %d)", path, self.step)
         D.barrier(self.ctx)
