@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from rf_runtime.errors import ConfigError
+from rf_runtime.errors import ConfigError, require
 from rf_runtime.schema import parse
 
 
@@ -198,10 +198,9 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Train
             text = f.read()
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason}): give a YAML or JSON file") from exc
+    yaml = require("yaml", "train") if path.endswith((".yaml", ".yml")) else None
     try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
+        if yaml is not None:
             raw = yaml.safe_load(text)
         else:
             raw = json.loads(text)
