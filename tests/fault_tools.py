@@ -4,7 +4,7 @@ Every fault case asserts the exact outcome: the error type (API) or the exit sta
 stderr naming the problem (CLI), no traceback, no file at the final output name, no temporary file
 left beside it, and nothing outside the test's folder written (or, for the folder ``outside``, read).
 
-- ``sandbox``: a fixture; the test runs in ``tmp_path/work``; ``sandbox.outside`` holds sentinel files a
+- ``sandbox`` (a fixture of tests/conftest.py, from ``sandboxed``): the test runs in ``tmp_path/work``; ``sandbox.outside`` holds sentinel files a
   hostile input points at: they must stay unread and unchanged. Python-level file opens are recorded
   with an audit hook (``sys.addaudithook``): an open of anything in ``outside``, or a write anywhere
   but the test's folders, fails the test. Reads by C++ code (onnxruntime) are caught with a FIFO in
@@ -99,10 +99,11 @@ class Sandbox:
         assert not written, f"written outside the test's folder: {written[:5]}"
 
 
-@pytest.fixture
-def sandbox(tmp_path, tmp_path_factory, monkeypatch):
+@contextlib.contextmanager
+def sandboxed(tmp_path, basetemp, monkeypatch):
+    """The ``sandbox`` fixture of tests/conftest.py: run in tmp_path/work, check the outside afterwards."""
     global _RECORD
-    box = Sandbox(tmp_path, tmp_path_factory.getbasetemp())
+    box = Sandbox(tmp_path, basetemp)
     monkeypatch.chdir(box.work)
     records: list = []
     _RECORD = records

@@ -14,7 +14,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from fault_tools import assert_one_line_error, run_cli, sandbox, tmpfs  # noqa: E402,F401
+from fault_tools import assert_one_line_error, run_cli, tmpfs  # noqa: E402
 from onnx import external_data_helper  # noqa: E402
 
 from rf_runtime import Streamer  # noqa: E402

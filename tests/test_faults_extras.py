@@ -11,7 +11,6 @@ import textwrap
 
 import pytest
 
-from fault_tools import sandbox  # noqa: F401
 
 BLOCKER = """
 import importlib.abc, sys

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("imageio_ffmpeg")
 
-from fault_tools import assert_no_output, assert_one_line_error, fill, run_cli, sandbox, tmpfs  # noqa: E402,F401
+from fault_tools import assert_no_output, assert_one_line_error, fill, run_cli, tmpfs  # noqa: E402
 
 from rf_runtime.cli import bench_main, eval_main, generate_main  # noqa: E402
 from rf_runtime.video import Mp4Writer, read_mp4  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from fault_tools import assert_no_output, assert_one_line_error, fill, run_cli, sandbox, tmpfs  # noqa: E402,F401
+from fault_tools import assert_no_output, assert_one_line_error, fill, run_cli, tmpfs  # noqa: E402
 
 from rf_runtime import Streamer  # noqa: E402
 from rf_runtime.bundle import write_manifest  # noqa: E402

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fault_tools import assert_one_line_error, fill, run_cli, sandbox, tmpfs  # noqa: E402,F401
+from fault_tools import assert_one_line_error, fill, run_cli, tmpfs  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from rf_runtime.errors import CheckpointError  # noqa: E402
