@@ -7,7 +7,7 @@ import torch
 
 ort = pytest.importorskip("onnxruntime")
 
-from export.vae_graph import cache_names, export_vae_decoder  # noqa: E402
+from rf_runtime.export.vae_graph import cache_names, export_vae_decoder  # noqa: E402
 from rf_runtime.testing import tiny_vae  # noqa: E402
 from tests.test_export_dit import TOL, assert_tensorrt_ready, rel  # noqa: E402
 

@@ -254,7 +254,7 @@ def test_a_bad_manifest_is_one_line_from_the_cli(bundle, capsys):
     m = manifest(bundle)
     del m["model"]["latent_hw"]
     rewrite(bundle, m)
-    code, _, err = run_cli(generate_main, ["--engine", bundle, "--prompt", "a cat", "--out", "v.mp4", "--quiet"], capsys)
+    code, _, err = run_cli(generate_main, ["--bundle", bundle, "--prompt", "a cat", "--out", "v.mp4", "--quiet"], capsys)
     assert_one_line_error(code, err, "rf-generate", "model.latent_hw", "required")
     assert not os.path.exists("v.mp4")
 
@@ -265,16 +265,16 @@ def test_a_bad_manifest_is_one_line_from_the_cli(bundle, capsys):
 @pytest.fixture
 def no_export_work(monkeypatch):
     """Fail the test if the export starts working (loading the model) before refusing."""
-    from rf_runtime import torch_backend
+    from rf_runtime import model_dir
 
     def work(*a, **k):
         raise AssertionError("the export started before checking --out")
 
-    monkeypatch.setattr(torch_backend.TorchBackend, "from_dir", classmethod(lambda cls, *a, **k: work()))
+    monkeypatch.setattr(model_dir, "load", work)
 
 
 def _export(capsys, model, out, *extra):
-    from export.cli import main
+    from rf_runtime.export.cli import main
 
     return run_cli(main, ["onnx", "--model-dir", model, "--out", out, "--training-stage", "random", *extra], capsys)
 

@@ -42,9 +42,9 @@ def assert_names_the_extra(r, prog, module, extra, status=2):
 CLI = "import sys\nfrom {module} import {func} as main\nsys.exit(main({argv!r}))\n"
 
 COMMANDS = [
-    ("rf-export", ["torch"], "export.cli", "main", ["onnx", "--model-dir", "m", "--out", "b", "--training-stage", "random"],
+    ("rf-export", ["torch"], "rf_runtime.export.cli", "main", ["onnx", "--model-dir", "m", "--out", "b", "--training-stage", "random"],
      "torch", "torch"),
-    ("rf-export", ["onnx"], "export.cli", "main", ["onnx", "--model-dir", "m", "--out", "b", "--training-stage", "random"],
+    ("rf-export", ["onnx"], "rf_runtime.export.cli", "main", ["onnx", "--model-dir", "m", "--out", "b", "--training-stage", "random"],
      "onnx", "export"),
     ("rf-train", ["torch"], "rf_runtime.train.cli", "main", ["--config", "c.json"], "torch", "torch"),
     ("rf-train", ["yaml"], "rf_runtime.train.cli", "main", ["--config", "c.yaml"], "yaml", "train"),

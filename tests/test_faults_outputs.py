@@ -19,7 +19,7 @@ from rf_runtime.video import Mp4Writer, read_mp4  # noqa: E402
 
 
 def generate(capsys, engine_dirs, out, *extra, seconds="1"):
-    return run_cli(generate_main, ["--engine", engine_dirs[1], "--prompt", "a red circle", "--seconds", seconds,
+    return run_cli(generate_main, ["--bundle", engine_dirs[1], "--prompt", "a red circle", "--seconds", seconds,
                                    "--out", out, "--quiet", *extra], capsys)
 
 

@@ -86,7 +86,7 @@ def test_non_finite_latents_stop_the_stream_naming_the_chunk(nan_bundle, sandbox
 def test_the_guard_from_the_cli_is_one_line_and_no_video(nan_bundle, sandbox, capsys):
     from rf_runtime.cli import generate_main
 
-    code, _, err = run_cli(generate_main, ["--engine", nan_bundle, "--prompt", "a cat", "--seconds", "1",
+    code, _, err = run_cli(generate_main, ["--bundle", nan_bundle, "--prompt", "a cat", "--seconds", "1",
                                            "--out", "v.mp4", "--quiet"], capsys)
     assert_one_line_error(code, err, "rf-generate", "chunk 0", "non-finite")
     assert_no_output(sandbox.work / "v.mp4")
@@ -95,8 +95,8 @@ def test_the_guard_from_the_cli_is_one_line_and_no_video(nan_bundle, sandbox, ca
 def test_the_guard_reads_what_each_backend_holds():
     """all_finite is True for finite latents and False for one NaN or one infinity, on every backend type."""
     torch = pytest.importorskip("torch")
-    from rf_runtime.backend import Backend
-    from rf_runtime.torch_backend import TorchBackend
+    from rf_runtime.backends.base import Backend
+    from rf_runtime.backends.pytorch import TorchBackend
 
     x = np.zeros((1, 3, 4, 4, 6), np.float32)
     for bad in (np.nan, np.inf, -np.inf):

@@ -32,12 +32,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from rf_runtime.dtypes import ITEMSIZE
+from rf_runtime.dtypes import nbytes as dtype_nbytes
+from rf_runtime.dtypes import NUMPY as DTYPES  # dtype names of the manifest -> numpy (rf_runtime.dtypes)
 from rf_runtime.errors import RFError
-
-# dtype names used by the manifest -> numpy dtypes (bfloat16 has no numpy dtype: device-only buffers)
-DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
-          "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
-ITEMSIZE = {"bfloat16": 2, **{k: np.dtype(v).itemsize for k, v in DTYPES.items()}}
 
 
 class RunnerError(RFError):
@@ -61,7 +59,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * ITEMSIZE[self.dtype]
+        return dtype_nbytes(self.dtype, int(np.prod(self.shape, dtype=np.int64)))
 
 
 @dataclass(frozen=True)
@@ -121,7 +119,7 @@ class Buffer:
     base: "Buffer | None" = field(default=None, repr=False)  # the buffer a view was taken from
 
     def __post_init__(self):
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * ITEMSIZE[self.dtype]
+        self.nbytes = dtype_nbytes(self.dtype, int(np.prod(self.shape, dtype=np.int64)))
 
     def view(self, offset: int, shape: tuple[int, ...]) -> "Buffer":
         """A buffer over ``prod(shape)`` elements of this one, starting at element ``offset``."""
@@ -130,7 +128,9 @@ class Buffer:
         if offset < 0 or offset + n > total:
             raise RunnerError(f"a view of {n} elements at offset {offset} does not fit a buffer of {total}")
         host = None if self.host is None else self.host.reshape(-1)[offset:offset + n].reshape(shape)
-        return Buffer(tuple(shape), self.dtype, self.device, self.ptr + offset * ITEMSIZE[self.dtype], host,
+        if ITEMSIZE[self.dtype] < 1 and offset % 2:
+            raise RunnerError(f"a view of a {self.dtype} buffer must start at an even element (two per byte)")
+        return Buffer(tuple(shape), self.dtype, self.device, self.ptr + dtype_nbytes(self.dtype, offset), host,
                       self.owner, self.base or self)
 
 
@@ -185,6 +185,7 @@ class Binding:
         try:
             for name in changed:
                 self.runner._check_aliasing(self, name, self.buffers[name])
+                self.runner.check_address(name, self.buffers[name])
         except RunnerError:
             self.buffers.update(previous)
             raise
@@ -196,6 +197,7 @@ class Runner(ABC):
     """Runs one graph. Subclasses implement the ``*_impl`` methods only."""
 
     device = "cpu"
+    rebuild = "rebuild the bundle (rf-export onnx)"  # the fix when the loaded graph is not the declared one
 
     def __init__(self, graph: GraphSpec | None, name: str | None = None):
         self.graph = graph
@@ -209,12 +211,29 @@ class Runner(ABC):
         if self.is_active:
             raise RunnerError(f"runner {self.name} is already active: deactivate() it first")
         self.activate_impl()
+        self._check_loaded_graph()
         if self.graph is None:
             raise RunnerError(f"runner {self.name}: activate_impl must set the graph spec")
         self._input_names = tuple(self.graph.input_names())
         self._output_names = tuple(self.graph.output_names())
         self.is_active = True
         return self
+
+    def _check_loaded_graph(self) -> None:
+        """The IO the backend loaded (``loaded_graph_impl``) against the declared IO, once, for every runner:
+        without a declared graph the loaded one is taken; a difference is refused with the fix."""
+        actual = self.loaded_graph_impl()
+        if actual is None:
+            return
+        if self.graph is None:
+            self.graph = actual
+            return
+        problems = self.graph.compare(actual)
+        if problems:
+            self.deactivate_impl()
+            where = getattr(self, "path", None) or self.name
+            raise RunnerError(f"{where}: the graph does not match its declared IO: " + "; ".join(problems)
+                              + f"; {self.rebuild}")
 
     def deactivate(self) -> None:
         if not self.is_active:
@@ -274,6 +293,10 @@ class Runner(ABC):
             self._check_aliasing(binding, spec.name, buffers[spec.name])
         self.bind_impl(binding)
         return binding
+
+    def check_address(self, name: str, buffer: Buffer) -> None:
+        """Refuse an address the backend cannot bind (TensorRT: 256-byte alignment); checked before a
+        rebinding changes anything. Nothing to check by default."""
 
     def _check_aliasing(self, binding: Binding, name: str, buffer: Buffer) -> None:
         """An input may not share memory with an output (onnxruntime and TensorRT cannot alias):
@@ -336,6 +359,11 @@ class Runner(ABC):
     @abstractmethod
     def activate_impl(self) -> None:
         """Load the graph or engine; set ``self.graph`` if it was not given."""
+
+    def loaded_graph_impl(self) -> GraphSpec | None:
+        """The IO of the graph or engine that ``activate_impl`` loaded, as the backend reports it; None
+        where the backend cannot tell (a torch module has no tensor names)."""
+        return None
 
     @abstractmethod
     def deactivate_impl(self) -> None:

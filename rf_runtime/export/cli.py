@@ -10,7 +10,7 @@ from rf_runtime.bundle import TRAINING_STAGES
 
 
 def _precisions(text: str) -> tuple[str, ...]:
-    from rf_runtime.bundle import PRECISIONS  # not export.precision: parsing must not need onnx / torch
+    from rf_runtime.bundle import PRECISIONS  # not rf_runtime.export.precision: parsing must not need onnx / torch
 
     items = tuple(p.strip() for p in text.split(",") if p.strip())
     bad = [p for p in items if p not in PRECISIONS]
@@ -20,7 +20,7 @@ def _precisions(text: str) -> tuple[str, ...]:
 
 
 def _backends(text: str) -> tuple[str, ...]:
-    from export.verify import BACKENDS
+    from rf_runtime.export.verify import BACKENDS
 
     items = tuple(b.strip() for b in text.split(",") if b.strip())
     bad = [b for b in items if b not in BACKENDS]
@@ -41,6 +41,9 @@ def _positive_mib(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rf-export", description="Export a model to an engine bundle.")
+    from rf_runtime.cli import add_version
+
+    add_version(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     onnx = sub.add_parser("onnx", help="ONNX bundle: fp32 for onnxruntime, optional fp16/bf16 for TensorRT")
@@ -65,7 +68,10 @@ def parser() -> argparse.ArgumentParser:
                      help="which graph variants to build (default fp16; the bundle must hold them)")
     trt.add_argument("--workspace-mib", type=_positive_mib, default=4096,
                      help="TensorRT workspace memory pool limit in MiB (default 4096)")
-    trt.add_argument("--timing-cache", help="timing cache file to load and update (default: tensorrt-timing.cache beside BUNDLE)")
+    trt.add_argument("--timing-cache", help="timing cache file to load and update (default: "
+                     "tensorrt-timing-<TensorRT version>-sm<capability>-<GPU>.cache beside BUNDLE)")
+    trt.add_argument("--device", type=int, default=0, help="CUDA device to build on, the one the plans will run on "
+                     "(default 0)")
     trt.add_argument("--graphs", help="comma-separated graph names to build (default: every graph of that precision)")
 
     verify = sub.add_parser("verify", help="run every graph of a bundle against the PyTorch reference")
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     if args.command == "onnx":
-        from export.bundle_builder import build_bundle
+        from rf_runtime.export.bundle_builder import build_bundle
 
         card = {k: v for k, v in (("training_stage", args.training_stage), ("name", args.name),
                                   ("longest_tested_frames", args.longest_tested_frames)) if v is not None}
@@ -94,16 +100,16 @@ def _run(args) -> int:
                             precisions=args.precision, force=args.force)
         print(f"wrote bundle {path}")
     elif args.command == "trt":
-        from export.trt_build import build_plans
+        from rf_runtime.export.trt_build import build_plans
 
         graphs = [g.strip() for g in args.graphs.split(",")] if args.graphs else None
         plans = build_plans(args.bundle, precision=args.precision, workspace_mib=args.workspace_mib,
-                            timing_cache=args.timing_cache, graphs=graphs)
+                            timing_cache=args.timing_cache, graphs=graphs, device=args.device)
         for name, entry in plans.items():
             print(f"built {name}: {entry['file']} (TensorRT {entry['tensorrt_version']}, "
                   f"compute capability {entry['compute_capability']}, {entry['device_name']})")
     else:
-        from export.verify import format_table, verify_bundle
+        from rf_runtime.export.verify import format_table, verify_bundle
 
         rows = verify_bundle(args.bundle, args.model_dir, args.checkpoint, backends=args.backends, seed=args.seed)
         print(format_table(rows))
