@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rf_runtime.errors import InputError
+from rf_runtime.schema import as_int
 
 BENCH_VERSION = 1
 EARLY_CHUNK, LATE_CHUNK, HALF_WIDTH = 10, 200, 2  # flat-cost check: mean of chunks 8..12 against 198..202
@@ -166,8 +167,7 @@ def run_isolated(run: BenchRun, **kwargs) -> dict:
 def run_bench(runs: list[BenchRun], *, chunks: int = 200, prompt: str = "a red fox running through fresh snow",
               seed: int = 0, isolate: bool = True, progress=None) -> dict:
     """Benchmark every run on the same prompt and seed; returns the report (see ``DEFINITIONS``)."""
-    if not isinstance(chunks, int) or chunks < 1:
-        raise InputError(f"chunks must be a positive integer, got {chunks!r}")
+    chunks = as_int(chunks, "chunks", minimum=1)
     if not runs:
         raise InputError("nothing to benchmark: give a bundle (onnxruntime) and/or a model directory (torch)")
     for run in runs:

@@ -26,7 +26,8 @@ from typing import Iterator
 import numpy as np
 
 from rf_runtime.backends.base import Backend, ModelInfo
-from rf_runtime.errors import InputError
+from rf_runtime.errors import InputError, StreamError
+from rf_runtime.schema import as_int
 from rf_runtime.sampler import StreamSettings, chunk_noise
 from rf_runtime.snapshot import SnapshotError, StreamSnapshot, geometry_difference
 
@@ -43,6 +44,7 @@ class Chunk:
     seconds: float  # wall time to make it: noise + denoise + cache pass + decode
     denoise_seconds: float = 0.0  # the denoising steps and the clean-context cache pass (device synchronised)
     decode_seconds: float = 0.0  # the VAE decode, until the frames are on the host
+    guard_seconds: float = 0.0  # the numeric guard: the check that the chunk's latents are finite
 
 
 def check_prompt(prompt) -> str:
@@ -156,10 +158,8 @@ class Streamer:
         Each stream has its own state; several streams of one Streamer can be interleaved freely.
         """
         check_prompt(prompt)
-        if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
-            raise InputError(f"num_frames must be a positive integer or None (unbounded), got {num_frames!r}")
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+        num_frames = as_int(num_frames, "num_frames", minimum=1, none_ok=True, hint="None streams without end")
+        seed = as_int(seed, "seed", minimum=0)
         if self.backend.model_card is not None:
             self.backend.model_card.check_length(num_frames)
         return Stream(self, prompt, int(seed), num_frames)
@@ -257,6 +257,12 @@ class Stream:
             eps = be.upload(fresh[k]) if k + 1 < settings.num_steps else None
             x0, x = be.denoise_step(state, x, k, eps)
         # keep the clean latents of the last chunks: a prompt switch re-caches them
+        guard = time.perf_counter()
+        if not be.all_finite(x0):  # the numeric guard: NaN / Inf latents would decode to black or noise
+            raise StreamError(f"chunk {self.chunk_index} of the stream has non-finite latents (NaN or Inf): the "
+                              "model's weights or the stream's state are damaged; check the model (`rf-export "
+                              "verify BUNDLE --model-dir DIR`), or resume from a snapshot saved before this chunk")
+        guard = time.perf_counter() - guard
         be.store_latents(state, self.chunk_index % self.info.context_chunks, x0)
         # rerun with timestep zero to update the KV cache using clean context
         be.cache_pass(state, x0)
@@ -267,7 +273,7 @@ class Stream:
             frames = frames[: self.num_frames - self.frames_emitted]
         end = time.perf_counter()
         chunk = Chunk(self.chunk_index, self.frames_emitted, frames, end - start,
-                      denoise_seconds=denoised - start, decode_seconds=end - denoised)
+                      denoise_seconds=denoised - start, decode_seconds=end - denoised, guard_seconds=guard)
         self.chunk_index += 1
         self.frames_emitted += len(frames)
         logger.debug("chunk %d: %d frames in %.3f s", chunk.index, len(frames), chunk.seconds)

@@ -5,9 +5,22 @@ whole pipeline (Streamer, rf-generate) can run on a fresh machine without downlo
 videos are structured noise: it proves the plumbing, not the model.
 """
 
-import torch
+import sys
 
-from rf_runtime.models import CausalDiT, DiTConfig
+from rf_runtime.errors import missing_extra
+
+try:
+    import torch
+
+    from rf_runtime.models import CausalDiT, DiTConfig
+except ImportError as _exc:  # no torch: one line naming the extra (as a command: no traceback either)
+    _err = missing_extra(_exc)
+    if _err is None:
+        raise
+    if __name__ == "__main__":
+        print(f"python -m rf_runtime.testing: error: {_err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise _err from None
 from rf_runtime.text.hashed import HashedTextEncoder
 
 TEXT = HashedTextEncoder(text_dim=16, text_len=8, seed=3)
@@ -48,8 +61,6 @@ def write_model_dir(path, seed=0, stream=None):
 
 def main(argv=None):
     """``python -m rf_runtime.testing DIR``: write a tiny random model directory to DIR."""
-    import sys
-
     args = sys.argv[1:] if argv is None else argv
     usage = "usage: python -m rf_runtime.testing OUTPUT_DIR   (writes a tiny random model directory there)"
     if args in (["-h"], ["--help"]):

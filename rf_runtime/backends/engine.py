@@ -30,7 +30,7 @@ from rf_runtime.backends.base import Backend, ModelInfo, StateArrays, StreamStat
 from rf_runtime.backends.select import choose_backend, plan_names
 from rf_runtime.bundle import MANIFEST, Bundle, BundleError
 from rf_runtime.cache import commit_matrix
-from rf_runtime.errors import InputError
+from rf_runtime.errors import InputError, RFError
 from rf_runtime.graph_io import CACHE_UPDATE, DIT_STEP, GRAPHS, TEXT_ENCODER, TEXT_KV, VAE_DECODE, VAE_DECODE_FIRST
 from rf_runtime.positions import chunk_tables, timestep_sinusoid_np
 from rf_runtime.runners import Binding, Buffer, OnnxRuntimeRunner, Runner, TensorRTRunner
@@ -75,8 +75,8 @@ class EngineBackend(Backend):
         self.spec = settings.cache_spec
         self.schedule = settings.schedule()
         self.runners = self._make_runners(backend, device, cuda_graph, threads)
-        for runner in self.runners.values():
-            runner.activate()
+        for graph, runner in self.runners.items():
+            _activate(runner, graph, bundle.path)
         self.text_encoder = text_encoder_from_spec(m["text_encoder"], f"{bundle.path}/{MANIFEST}",
                                                    bundle_dir=bundle.path, runner=self.runners.get(TEXT_ENCODER))
         self._check_geometry()
@@ -299,6 +299,10 @@ class EngineBackend(Backend):
 
     # ---- prompt switch, snapshots ---------------------------------------------------------------
 
+    def all_finite(self, x) -> bool:
+        host = self.runners[DIT_STEP].read(x) if isinstance(x, Buffer) else np.asarray(x)
+        return bool(np.isfinite(host).all())
+
     def store_latents(self, state, slot, x0) -> None:
         """Copy the chunk's clean latents into ring slot ``slot`` before the next chunk's steps overwrite x0."""
         s: _Stream = state.device
@@ -366,6 +370,19 @@ class EngineBackend(Backend):
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device, "precision": _dtype(self.runners[DIT_STEP], "ctx_k"),
                 "graphs": {g: r.name for g, r in self.runners.items()}}
+
+
+def _activate(runner: Runner, graph: str, bundle: str) -> None:
+    """Load one graph (an onnxruntime session, a TensorRT engine). A file the framework cannot load is the
+    bundle's fault: a BundleError naming the graph, never the framework's traceback; RFErrors pass as they are."""
+    try:
+        runner.activate()
+    except RFError:
+        raise
+    except Exception as exc:  # onnxruntime and TensorRT raise their own types (Fail, InvalidGraph, RuntimeError)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise BundleError(f"graph {graph!r} of bundle {bundle} cannot be loaded ({type(exc).__name__}: {reason}); "
+                          "rebuild it with `rf-export onnx --model-dir MODEL_DIR --out BUNDLE`") from exc
 
 
 def _dtype(runner: Runner, name: str) -> str:
