@@ -174,8 +174,25 @@ def _bench_parser() -> argparse.ArgumentParser:
                    help="torch precision (the bundle's precision is fixed at export)")
     p.add_argument("--torch-threads", type=int, help="intra-op threads of the torch run (default: torch's own); "
                                                      "one thread is steadier on a machine shared with other work")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads of every session of the engine run "
+                                               "(default: chosen from the machine; 1 with several --sessions)")
+    p.add_argument("--spinning", action="store_true", help="let idle onnxruntime threads spin (default: they sleep)")
+    p.add_argument("--profile", action="store_true", help="per graph: calls and ms per chunk, FLOPs, achieved GFLOP/s "
+                                                          "against this machine's measured GEMM peak, host share")
+    p.add_argument("--sessions", type=_counts, default=(), help="comma-separated numbers of streams to run at once, "
+                   "e.g. 1,2,4: aggregate and per-session fps and p99 chunk latency")
     p.add_argument("--json", default="rf-bench.json", help="report path (default rf-bench.json, written atomically)")
     return p
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers separated by commas, e.g. 1,2,4")
+    return counts
 
 
 def bench_main(argv: list[str] | None = None) -> int:
@@ -188,15 +205,18 @@ def _bench(args) -> int:
 
     runs = []
     if args.bundle:
-        runs.append(BenchRun("engine", args.bundle, device=args.device))
+        runs.append(BenchRun("engine", args.bundle, device=args.device, cpu_threads=args.threads,
+                             spinning=args.spinning))
+    elif args.threads is not None or args.spinning:
+        raise RFError("--threads and --spinning apply to the engine run: add --bundle")
     if args.model_dir:
         runs.append(BenchRun("torch", args.model_dir, args.checkpoint, device=args.device, dtype=args.dtype,
                              threads=args.torch_threads))
     output_folder(args.json, "the report")  # before the benchmark, not after it
     if args.torch_threads is not None and not args.model_dir:
         raise RFError("--torch-threads applies to the torch run: add --model-dir, or drop --torch-threads")
-    report = run_bench(runs, chunks=args.chunks, prompt=args.prompt, seed=args.seed,
-                       progress=lambda msg: print(f"rf-bench: {msg}", file=sys.stderr))
+    report = run_bench(runs, chunks=args.chunks, prompt=args.prompt, seed=args.seed, profile=args.profile,
+                       sessions=args.sessions, progress=lambda msg: print(f"rf-bench: {msg}", file=sys.stderr))
     write_json(report, args.json)
     print(format_table(report))
     print(f"report: {args.json}")

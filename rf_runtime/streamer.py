@@ -98,17 +98,21 @@ class Streamer:
         return cls(backend)
 
     @classmethod
-    def from_engine(cls, path: str | os.PathLike, backend: str = "auto", device: str = "cpu") -> "Streamer":
+    def from_engine(cls, path: str | os.PathLike, backend: str = "auto", device: str = "cpu", *,
+                    threads=None) -> "Streamer":
         """Stream from an engine bundle (``rf_runtime.bundle``); no torch needed.
 
         backend: "onnxruntime", "tensorrt", or "auto" (TensorRT when the bundle has plans for this
             GPU and tensorrt + cuda-python are installed, else onnxruntime). An explicit backend
             that cannot run here is an error, never a silent fallback.
         device: "cpu" or "cuda". The bundle's model card is checked against its stream settings.
+        threads: onnxruntime CPU threading, a ``rf_runtime.runners.onnxruntime_runner.CpuThreads`` or
+            an int (intra-op threads of every session); None chooses from the machine
+            (``rf_runtime.engine_backend.cpu_threads``). Give 1 when several streams run at once.
         """
         from rf_runtime.engine_backend import EngineBackend
 
-        return cls(EngineBackend.load(path, backend=backend, device=device))
+        return cls(EngineBackend.load(path, backend=backend, device=device, threads=threads))
 
     # ---- streaming ---------------------------------------------------------------------------
 
