@@ -79,7 +79,8 @@ class Streamer:
     def from_checkpoint(cls, model_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *,
                         vae_path: str | os.PathLike | None = None, text_encoder=None,
                         settings: StreamSettings | None = None, height: int | None = None, width: int | None = None,
-                        device: str = "cpu", dtype: str = "float32", use_ema: bool = True) -> "Streamer":
+                        device: str = "cpu", dtype: str = "float32", use_ema: bool = True, static: bool = False,
+                        cuda_graphs: bool | None = None, compile: bool = False) -> "Streamer":
         """Load the PyTorch reference models from a Wan2.1-style directory.
 
         model_dir: holds ``config.json`` + ``diffusion_pytorch_model*.safetensors`` (the DiT),
@@ -89,13 +90,22 @@ class Streamer:
         checkpoint: a generator checkpoint to load on top (``rewardforcing.pt`` or a training
             checkpoint); ``use_ema`` picks ``generator_ema`` over ``generator`` in the latter.
         text_encoder: a ``TextEncoder`` object to use instead of the one in ``model_dir``.
+        static: the fast path (``rf_runtime.torch_static``): buffers allocated once per stream, every call
+            on static shapes; with it, ``cuda_graphs`` (default: on for a CUDA device) captures and replays
+            CUDA graphs and ``compile`` wraps the DiT and VAE steps in ``torch.compile``.
         """
         from rf_runtime.torch_backend import TorchBackend
 
-        backend = TorchBackend.from_dir(model_dir, checkpoint, vae_path=vae_path, text_encoder=text_encoder,
-                                        settings=settings, height=height, width=width, device=device,
-                                        dtype=dtype, use_ema=use_ema)
-        return cls(backend)
+        options = dict(vae_path=vae_path, text_encoder=text_encoder, settings=settings, height=height, width=width,
+                       device=device, dtype=dtype, use_ema=use_ema)
+        if static:
+            from rf_runtime.torch_static import StaticTorchBackend
+
+            return cls(StaticTorchBackend.from_dir(model_dir, checkpoint, cuda_graphs=cuda_graphs, compile=compile,
+                                                   **options))
+        if cuda_graphs or compile:
+            raise InputError("cuda_graphs and compile belong to the static path: pass static=True")
+        return cls(TorchBackend.from_dir(model_dir, checkpoint, **options))
 
     @classmethod
     def from_engine(cls, path: str | os.PathLike, backend: str = "auto", device: str = "cpu", *,
