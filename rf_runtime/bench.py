@@ -44,6 +44,8 @@ DEFINITIONS = {
                  "with fewer than 18 chunks the two windows overlap, 'comparable' is false and the ratios are NaN",
     "cpu_s": "process CPU time (time.process_time, every thread of the process) spent making a chunk",
     "peak_rss_mib": "peak resident memory of the process that ran this backend (getrusage ru_maxrss)",
+    "peak_gpu_mib_at_chunk": "CUDA runs: torch.cuda.max_memory_allocated() after chunk 10 and after chunk 200 "
+                             "(equal when the stream's memory is allocated once)",
     "profile": "--profile, engine runs: per graph over chunks 1..n-1, the calls and wall ms per chunk, MFLOP per "
                "call (2 x multiply-adds of MatMul / Gemm / Conv / ConvTranspose / Einsum, from the graph's shapes as "
                "onnxruntime loads it; element-wise ops not counted), achieved GFLOP/s, and its share of the peak of "
@@ -73,6 +75,9 @@ class BenchRun:
     threads: int | None = None
     cpu_threads: int | None = None
     spinning: bool = False
+    static: bool = False  # torch: the fast path (rf_runtime.torch_static)
+    cuda_graphs: bool | None = None  # torch static: None = on for CUDA
+    compile: bool = False  # torch static: torch.compile the DiT and VAE steps
 
     def engine_threads(self, concurrent: bool = False):
         """The onnxruntime threading of this run; ``concurrent`` (streams at once): one thread by default."""
@@ -149,7 +154,13 @@ def load(run: BenchRun, concurrent: bool = False):
         torch.set_num_threads(run.threads)
     if run.kind == "engine":
         return Streamer.from_engine(run.path, device=run.device, threads=run.engine_threads(concurrent))
+    if run.static:
+        return Streamer.from_checkpoint(run.path, run.checkpoint, device=run.device, dtype=run.dtype, static=True,
+                                        cuda_graphs=run.cuda_graphs, compile=run.compile)
     return Streamer.from_checkpoint(run.path, run.checkpoint, device=run.device, dtype=run.dtype)
+
+
+GPU_MEMORY_CHUNKS = (10, 200)  # peak GPU memory is read after these chunks (flat memory: equal)
 
 
 def run_one(run: BenchRun, *, chunks: int, prompt: str, seed: int, profile: bool = False) -> dict:
@@ -159,13 +170,16 @@ def run_one(run: BenchRun, *, chunks: int, prompt: str, seed: int, profile: bool
     streamer = load(run)
     load_s = time.perf_counter() - start
     timer = _start_profile(streamer.backend) if profile else None
-    per_chunk, ttff_s = [], None
+    per_chunk, ttff_s, gpu_peaks = [], None, {}
+    cuda = sys.modules["torch"].cuda if run.device.startswith("cuda") else None
     opened = time.perf_counter()
     stream = streamer.open(prompt, seed=seed)
     for _ in range(chunks):
         cpu = time.process_time()
         chunk = next(stream)
         cpu = time.process_time() - cpu
+        if cuda is not None and chunk.index in GPU_MEMORY_CHUNKS:
+            gpu_peaks[str(chunk.index)] = cuda.max_memory_allocated() / 2**20
         if ttff_s is None:
             ttff_s = time.perf_counter() - opened
             if timer is not None:
@@ -181,6 +195,7 @@ def run_one(run: BenchRun, *, chunks: int, prompt: str, seed: int, profile: bool
     torch = sys.modules.get("torch")
     if torch is not None and run.device.startswith("cuda"):
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_gpu_mib_at_chunk"] = gpu_peaks
     if timer is not None:
         result["profile"] = _finish_profile(timer, after_first, per_chunk, be)
     return result
@@ -282,6 +297,10 @@ def run_bench(runs: list[BenchRun], *, chunks: int = 200, prompt: str = "a red f
             raise InputError(f"run kind must be 'engine' or 'torch', got {run.kind!r}")
         if run.threads is not None and (run.kind != "torch" or run.threads < 1):
             raise InputError(f"threads applies to the torch run and must be >= 1, got {run.threads!r} for {run.kind}")
+        if (run.static or run.cuda_graphs is not None or run.compile) and run.kind != "torch":
+            raise InputError("--static, --cuda-graphs and --compile apply to the torch run (--model-dir)")
+        if (run.cuda_graphs is not None or run.compile) and not run.static:
+            raise InputError("--cuda-graphs and --compile belong to the static torch path: add --static")
         if (run.cpu_threads is not None or run.spinning) and run.kind != "engine":
             raise InputError("onnxruntime threads and spinning apply to the engine run (--bundle)")
         if run.cpu_threads is not None and run.cpu_threads < 1:
@@ -367,6 +386,13 @@ def format_table(report: dict) -> str:
         ("  late / early: CPU time", col("{:.3f}", lambda r: r["flat_cost"]["late_over_early_cpu"])),
         ("peak RSS MiB", col("{:.0f}", lambda r: r["peak_rss_mib"])),
     ]
+    if any("peak_gpu_mib" in r for r in runs):
+        def at(r, c):
+            return f"{r.get('peak_gpu_mib_at_chunk', {}).get(c, float('nan')):.0f}"
+
+        rows.append(("peak GPU MiB @ chunk 10 / 200", col("{} / {}", lambda r: (at(r, "10"), at(r, "200")))))
+    if any(r.get("backend") == "torch-static" for r in runs):
+        rows.append(("CUDA graphs / compile", col("{} / {}", lambda r: (r.get("cuda_graphs", "-"), r.get("compile", "-")))))
     g = runs[0]["geometry"]
     width = max(len(name) for name, _ in rows) + 2
     cw = max(14, *(len(v) for _, vals in rows for v in vals)) + 2

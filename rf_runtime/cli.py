@@ -174,6 +174,11 @@ def _bench_parser() -> argparse.ArgumentParser:
                    help="torch precision (the bundle's precision is fixed at export)")
     p.add_argument("--torch-threads", type=int, help="intra-op threads of the torch run (default: torch's own); "
                                                      "one thread is steadier on a machine shared with other work")
+    p.add_argument("--static", action="store_true", help="torch run: the fast path (buffers allocated once per "
+                                                         "stream, CUDA graphs on a GPU; rf_runtime.torch_static)")
+    p.add_argument("--cuda-graphs", choices=("on", "off"), help="torch --static run: capture and replay CUDA "
+                                                                "graphs (default: on for --device cuda)")
+    p.add_argument("--compile", action="store_true", help="torch --static run: torch.compile the DiT and VAE steps")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads of every session of the engine run "
                                                "(default: chosen from the machine; 1 with several --sessions)")
     p.add_argument("--spinning", action="store_true", help="let idle onnxruntime threads spin (default: they sleep)")
@@ -211,7 +216,10 @@ def _bench(args) -> int:
         raise RFError("--threads and --spinning apply to the engine run: add --bundle")
     if args.model_dir:
         runs.append(BenchRun("torch", args.model_dir, args.checkpoint, device=args.device, dtype=args.dtype,
-                             threads=args.torch_threads))
+                             threads=args.torch_threads, static=args.static, compile=args.compile,
+                             cuda_graphs=None if args.cuda_graphs is None else args.cuda_graphs == "on"))
+    elif args.static or args.cuda_graphs or args.compile:
+        raise RFError("--static, --cuda-graphs and --compile apply to the torch run: add --model-dir")
     output_folder(args.json, "the report")  # before the benchmark, not after it
     if args.torch_threads is not None and not args.model_dir:
         raise RFError("--torch-threads applies to the torch run: add --model-dir, or drop --torch-threads")
