@@ -6,7 +6,7 @@ frames, cache). Every cache slot has a fixed shape (see ``rf_runtime.models.vae`
 
 The causal 3-D convolutions are exported as 2-D convolutions (``lower_convs``): onnxruntime's CPU
 provider runs a 2-D ``Conv`` through its blocked NCHWc kernels, a 3-D one through im2col + GEMM,
-measured 2-3x slower on the same arithmetic (docs/notes/speed.md). A causal conv with kernel
+measured 1.6x slower on the same arithmetic for the shipped model's decoder (docs/notes/speed.md). A causal conv with kernel
 (kt, kh, kw) that makes T output frames is the same sum of products as a 2-D conv over the stacked
 windows of kt input frames: window t is the input frames t*st .. t*st+kt-1 with the frames folded
 into the channels ([C, kt] -> C*kt, a reshape), and the weight [O, C, kt, kh, kw] folded the same way.

@@ -57,6 +57,7 @@ class _StaticStream:
     stage: object  # pinned host staging of the noise: [S, 1, f, C, H, W] (init, then re-noise of steps 0..S-2)
     latents: object  # ring [K, 1, f, C, H, W] of clean latents (prompt switch)
     decoded: int = 0  # latent frames decoded so far
+    chunks_committed: int = 0  # chunks written into the KV cache since it was last (re)filled
     graphs: dict = field(default_factory=dict)  # key -> torch.cuda.CUDAGraph
     seen: set = field(default_factory=set)  # keys run once eagerly
 
@@ -208,7 +209,7 @@ class StaticTorchBackend(TorchBackend):
         last = step + 1 == self._steps
         if eps is not None and not last:
             self._stage(s, step + 1, eps, s.eps[step])
-        st = self._state(state.chunks_committed)
+        st = self._state(state.device.chunks_committed)
         mask, cos_q, sin_q = self._state_tables[st]
         e, e0 = self._time[step]
         sigma, sigma_next = self._sigma[step], self._sigma[step + 1]
@@ -235,7 +236,7 @@ class StaticTorchBackend(TorchBackend):
                 s.x0.copy_(torch.from_numpy(x0))
             else:
                 raise InputError("x0 must come from this stream's last denoising step or stored_latents()")
-        committed = state.chunks_committed
+        committed = state.device.chunks_committed
         st = self._state(committed)
         mask, cos_q, sin_q = self._state_tables[st]
         e, e0 = self._time[-1]
@@ -248,7 +249,7 @@ class StaticTorchBackend(TorchBackend):
 
         with torch.no_grad():
             self._call(s, ("cache", st), run)
-        state.chunks_committed += 1
+        state.device.chunks_committed += 1
 
     def decode(self, state, x0) -> np.ndarray:
         s: _StaticStream = state.device
@@ -290,7 +291,7 @@ class StaticTorchBackend(TorchBackend):
         return state.device.latents[slot]
 
     def set_cache_fill(self, state, chunks_committed) -> None:
-        state.chunks_committed = chunks_committed
+        state.device.chunks_committed = chunks_committed
 
     def export_state(self, state) -> StateArrays:
         s: _StaticStream = state.device
@@ -301,7 +302,7 @@ class StaticTorchBackend(TorchBackend):
         return StateArrays(cache_k=host(s.cache_k), cache_v=host(s.cache_v), text_k=host(s.text_k),
                            text_v=host(s.text_v), latents=host(s.latents),
                            vae_cache=tuple(host(t) for t in s.slots) if s.decoded else (),
-                           chunks_committed=state.chunks_committed)
+                           chunks_committed=state.device.chunks_committed)
 
     def import_state(self, arrays: StateArrays, latent_frames_decoded: int) -> StreamState:
         def device(a):
@@ -315,7 +316,7 @@ class StaticTorchBackend(TorchBackend):
         for slot, a in zip(s.slots, arrays.vae_cache):
             slot.copy_(device(a))
         s.decoded = latent_frames_decoded
-        state.chunks_committed = arrays.chunks_committed
+        state.device.chunks_committed = arrays.chunks_committed
         return state
 
     def describe(self) -> dict:
