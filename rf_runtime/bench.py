@@ -50,7 +50,9 @@ DEFINITIONS = {
                "call (2 x multiply-adds of MatMul / Gemm / Conv / ConvTranspose / Einsum, from the graph's shapes as "
                "onnxruntime loads it; element-wise ops not counted), achieved GFLOP/s, and its share of the peak of "
                "the cores its session may use (threads x one core's float32 GEMM rate, measured in the same "
-               "process with onnxruntime's MatMul); host ms = chunk wall time outside every graph call",
+               "process with onnxruntime's MatMul); for one-thread sessions also the rate by the calling "
+               "thread's CPU time against the peak measured the same way (steadier on a shared machine); "
+               "host ms = chunk wall time outside every graph call",
     "sessions": "--sessions N: N streams of the same prompt (seeds seed..seed+N-1) on one loaded model at once, each "
                 "in its own thread, started together; aggregate_fps = all frames / wall time until the last "
                 "stream ends; per_session_fps = each stream's frames / its own wall time; latency over every "
@@ -213,17 +215,19 @@ def _finish_profile(timer, after_first, per_chunk, backend) -> dict:
     from rf_runtime.profile import graph_flops, profile_report, sgemm_peak
 
     timer.stop()
-    seconds, calls = timer.snapshot()
+    seconds, calls, cpu = timer.snapshot()
     seconds = {g: seconds[g] - after_first[0][g] for g in seconds}
     calls = {g: calls[g] - after_first[1][g] for g in calls}
+    cpu = {g: cpu[g] - after_first[2][g] for g in cpu}
     chunks = max(len(per_chunk) - 1, 1)
     chunk_s = sum(c[0] for c in per_chunk[1:]) if len(per_chunk) > 1 else per_chunk[0][0]
     runners = backend.runners
     threads = {g: getattr(r, "threads", None) for g, r in runners.items()}
     graphs = {g: graph_flops(r.path) for g, r in runners.items() if hasattr(r, "path")}
-    return profile_report(graphs, chunks=chunks, chunk_seconds=chunk_s, seconds=seconds, calls=calls,
+    peak = sgemm_peak()
+    return profile_report(graphs, chunks=chunks, chunk_seconds=chunk_s, seconds=seconds, calls=calls, cpu=cpu,
                           threads={g: t.intra_op for g, t in threads.items() if t is not None},
-                          peak_per_core=sgemm_peak()["gflops_per_core"])
+                          peak_per_core=peak["gflops_per_core"], peak_per_core_cpu=peak["gflops_per_core_cpu"])
 
 
 def run_sessions(run: BenchRun, *, sessions: int, chunks: int, prompt: str, seed: int) -> dict:

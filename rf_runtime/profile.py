@@ -8,7 +8,11 @@ Three measurements, each named:
   memory-bound and a few percent of the arithmetic), so the achieved rates are lower bounds.
 - ``sgemm_peak()``: this machine's float32 matrix-multiply rate on one core, measured now with
   onnxruntime's own kernel (MLAS, a 1024^3 ``MatMul`` on one intra-op thread), best of a few runs.
-- ``GraphTimer``: the wall time of every ``Runner.run`` of a backend's graphs, per graph.
+- ``GraphTimer``: the wall time of every ``Runner.run`` of a backend's graphs, per graph, and the
+  CPU time of the calling thread (all of a one-thread session's work: it runs the graph on the caller).
+
+On a shared machine wall time moves with the other load; the CPU-time rates (``cpu_gflops``,
+``share_of_peak_cpu``: a one-thread session against the peak measured the same way) move much less.
 
 ``profile_report`` combines them with the chunk wall time: per graph the calls and milliseconds
 per chunk, MFLOP per call, achieved GFLOP/s and its share of the peak of the cores that graph's
@@ -151,13 +155,15 @@ def sgemm_peak(n: int = 1024, repeats: int = 7) -> dict:
     rng = np.random.default_rng(0)
     feed = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
     session.run(None, feed)
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         session.run(None, feed)
-        best = min(best, time.perf_counter() - start)
+        best, best_cpu = min(best, time.perf_counter() - start), min(best_cpu, time.thread_time() - cpu)
     del onnx
-    return {"n": n, "seconds": best, "gflops_per_core": 2 * n**3 / best / 1e9, "kernel": "onnxruntime MLAS MatMul"}
+    flop = 2 * n**3
+    return {"n": n, "seconds": best, "gflops_per_core": flop / best / 1e9, "cpu_seconds": best_cpu,
+            "gflops_per_core_cpu": flop / max(best_cpu, 1e-9) / 1e9, "kernel": "onnxruntime MLAS MatMul"}
 
 
 class GraphTimer:
@@ -167,21 +173,23 @@ class GraphTimer:
     def __init__(self, runners: dict):
         self.runners = runners
         self.seconds = {name: 0.0 for name in runners}
+        self.cpu = {name: 0.0 for name in runners}
         self.calls = {name: 0 for name in runners}
         for name, runner in runners.items():
             runner.run = self._timed(name, runner.run)
 
     def _timed(self, name, run):
         def timed(binding):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             run(binding)
             self.seconds[name] += time.perf_counter() - start
+            self.cpu[name] += time.thread_time() - cpu
             self.calls[name] += 1
 
         return timed
 
-    def snapshot(self) -> tuple[dict, dict]:
-        return dict(self.seconds), dict(self.calls)
+    def snapshot(self) -> tuple[dict, dict, dict]:
+        return dict(self.seconds), dict(self.calls), dict(self.cpu)
 
     def stop(self) -> None:
         for runner in self.runners.values():
@@ -189,12 +197,14 @@ class GraphTimer:
 
 
 def profile_report(graphs: dict, *, chunks: int, chunk_seconds: float, seconds: dict, calls: dict,
-                   threads: dict, peak_per_core: float) -> dict:
+                   threads: dict, peak_per_core: float, cpu: dict | None = None,
+                   peak_per_core_cpu: float | None = None) -> dict:
     """The profile of ``chunks`` timed chunks.
 
     graphs: {graph: graph_flops(...)}; seconds / calls: summed over those chunks, per graph;
     threads: intra-op threads of each graph's session (the cores its peak counts);
-    peak_per_core: GFLOP/s of one core (sgemm_peak)."""
+    peak_per_core: GFLOP/s of one core (sgemm_peak); cpu / peak_per_core_cpu: the same by the calling
+    thread's CPU time (reported for one-thread sessions only: others work on other threads too)."""
     if chunks < 1:
         raise InputError("profile needs at least one timed chunk")
     rows, in_graphs, flops_chunk = {}, 0.0, 0.0
@@ -205,7 +215,10 @@ def profile_report(graphs: dict, *, chunks: int, chunk_seconds: float, seconds: 
         flops_chunk += g["flops"] * n
         rate = g["flops"] * n / s / 1e9 if s > 0 else 0.0
         cores = threads.get(name) or 1
-        rows[name] = {"calls_per_chunk": n, "ms_per_chunk": s * 1e3, "ms_per_call": s / n * 1e3 if n else 0.0,
+        c = (cpu or {}).get(name, 0.0) / chunks
+        cpu_rate = g["flops"] * n / c / 1e9 if c > 0 and cores == 1 else None
+        cpu_share = cpu_rate / peak_per_core_cpu if cpu_rate is not None and peak_per_core_cpu else None
+        rows[name] = {"cpu_ms_per_chunk": c * 1e3, "cpu_gflops": cpu_rate, "share_of_peak_cpu": cpu_share,"calls_per_chunk": n, "ms_per_chunk": s * 1e3, "ms_per_call": s / n * 1e3 if n else 0.0,
                       "mflop_per_call": g["flops"] / 1e6, "nodes": g["nodes"], "gflops": rate, "threads": cores,
                       "share_of_peak": rate / (peak_per_core * cores) if peak_per_core > 0 else 0.0,
                       "uncounted_nodes": g["uncounted"]}
@@ -213,16 +226,19 @@ def profile_report(graphs: dict, *, chunks: int, chunk_seconds: float, seconds: 
             "host_ms": max(chunk_seconds / chunks - in_graphs, 0.0) * 1e3,
             "host_share": max(1.0 - in_graphs / (chunk_seconds / chunks), 0.0),
             "gflop_per_chunk": flops_chunk / 1e9, "peak_gflops_per_core": peak_per_core,
+            "peak_gflops_per_core_cpu": peak_per_core_cpu,
             "counted_ops": list(COUNTED_OPS)}
 
 
 def format_profile(profile: dict) -> str:
     lines = [f"{'graph':<18}{'calls/chunk':>12}{'ms/chunk':>10}{'ms/call':>9}{'MFLOP/call':>12}{'nodes':>7}"
-             f"{'GFLOP/s':>9}{'threads':>8}{'% peak':>8}"]
+             f"{'GFLOP/s':>9}{'threads':>8}{'% peak':>8}{'% peak (CPU time)':>19}"]
     for name, r in profile["graphs"].items():
+        by_cpu = r.get("share_of_peak_cpu")
         lines.append(f"{name:<18}{r['calls_per_chunk']:>12.2f}{r['ms_per_chunk']:>10.2f}{r['ms_per_call']:>9.2f}"
                      f"{r['mflop_per_call']:>12.1f}{r['nodes']:>7}{r['gflops']:>9.1f}{r['threads']:>8}"
-                     f"{100 * r['share_of_peak']:>7.1f}%")
+                     f"{100 * r['share_of_peak']:>7.1f}%" + (f"{100 * by_cpu:>18.1f}%" if by_cpu is not None else
+                                                             f"{'-':>19}"))
     lines.append(f"chunk {profile['chunk_ms']:.2f} ms = graphs {profile['graphs_ms']:.2f} ms + host "
                  f"{profile['host_ms']:.2f} ms ({100 * profile['host_share']:.1f}% host); "
                  f"{profile['gflop_per_chunk']:.3f} GFLOP per chunk; sgemm peak "

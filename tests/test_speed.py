@@ -139,18 +139,23 @@ def test_rf_bench_profile(engine_dirs, tmp_path, capsys):
     assert p["chunk_ms"] == pytest.approx(chunk_ms)
     assert p["graphs_ms"] == pytest.approx(sum(r["ms_per_chunk"] for r in rows.values()))
     assert 0 < p["graphs_ms"] <= p["chunk_ms"] and p["host_ms"] == pytest.approx(p["chunk_ms"] - p["graphs_ms"])
-    assert p["peak_gflops_per_core"] > 0.5
+    assert p["peak_gflops_per_core"] > 0.5 and p["peak_gflops_per_core_cpu"] > 0.5
+    dit = rows["dit_step"]  # a one-thread session: its CPU time is the calling thread's
+    assert 0 < dit["cpu_ms_per_chunk"] <= dit["ms_per_chunk"] * 1.05
+    assert dit["cpu_gflops"] == pytest.approx(want * 5 / (dit["cpu_ms_per_chunk"] / 1e3) / 1e9)
 
 
 def test_profile_report_arithmetic():
     graphs = {"a": {"flops": 2_000_000, "nodes": 10, "uncounted": 0}, "b": {"flops": 0, "nodes": 3, "uncounted": 0}}
     r = profile_report(graphs, chunks=4, chunk_seconds=0.4, seconds={"a": 0.2, "b": 0.04}, calls={"a": 20, "b": 4},
-                       threads={"a": 2}, peak_per_core=10.0)
+                       threads={"a": 2}, peak_per_core=10.0, cpu={"a": 0.3, "b": 0.02}, peak_per_core_cpu=20.0)
     a = r["graphs"]["a"]
     assert a["calls_per_chunk"] == 5 and a["ms_per_chunk"] == pytest.approx(50) and a["ms_per_call"] == pytest.approx(10)
     assert a["gflops"] == pytest.approx(2e6 * 5 / 0.05 / 1e9) and a["share_of_peak"] == pytest.approx(0.2 / 20)
     assert r["chunk_ms"] == pytest.approx(100) and r["host_ms"] == pytest.approx(40) and r["host_share"] == pytest.approx(0.4)
     assert r["gflop_per_chunk"] == pytest.approx(0.01)
+    assert a["cpu_gflops"] is None and a["share_of_peak_cpu"] is None  # two threads: the caller's CPU is not all
+    assert r["graphs"]["b"]["cpu_ms_per_chunk"] == pytest.approx(5) and r["graphs"]["b"]["cpu_gflops"] == 0.0
 
 
 def test_sessions_count_every_stream(engine_dirs):
