@@ -67,7 +67,7 @@ class BenchRun:
     """One backend to benchmark. kind: 'engine' (a bundle, onnxruntime) or 'torch' (a model directory).
     threads: torch's intra-op threads (None: torch's default).
     cpu_threads / spinning: the onnxruntime sessions' intra-op threads and spinning (None: chosen from
-    the machine, ``rf_runtime.engine_backend.cpu_threads``; with several sessions at once, 1)."""
+    the machine, ``rf_runtime.backends.engine.cpu_threads``; with several sessions at once, 1)."""
 
     kind: str
     path: str
@@ -77,7 +77,7 @@ class BenchRun:
     threads: int | None = None
     cpu_threads: int | None = None
     spinning: bool = False
-    static: bool = False  # torch: the fast path (rf_runtime.torch_static)
+    static: bool = False  # torch: the fast path (rf_runtime.backends.pytorch_static)
     cuda_graphs: bool | None = None  # torch static: None = on for CUDA
     compile: bool = False  # torch static: torch.compile the DiT and VAE steps
 

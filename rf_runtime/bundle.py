@@ -24,6 +24,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from rf_runtime.dtypes import ONNX
 from rf_runtime.errors import RFError
 from rf_runtime.files import atomic_write
 from rf_runtime.runners.base import ITEMSIZE, GraphSpec
@@ -35,8 +36,7 @@ REBUILD_TRT = "rebuild the engines with `rf-export trt BUNDLE`"
 PRECISIONS = ("fp32", "fp16", "bf16")
 TRAINING_STAGES = ("random", "teacher", "student", "re-dmd", "release")
 REQUIRED = ("files", "graphs", "text_encoder", "model", "stream", "model_card")
-# ONNX TensorProto element types -> manifest dtype names
-ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool"}
+ONNX_DTYPES = ONNX  # ONNX TensorProto element types -> manifest dtype names (rf_runtime.dtypes)
 
 logger = logging.getLogger("rf_runtime")
 

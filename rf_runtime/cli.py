@@ -13,10 +13,19 @@ from rf_runtime.errors import RFError
 logger = logging.getLogger("rf_runtime")
 
 
+def add_version(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--version`` on a CLI: prints ``<prog> <rf_runtime version>``."""
+    from rf_runtime import __version__
+
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
 def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rf-generate",
         description="Generate a video from a text prompt with a Reward Forcing model and write it as MP4 (16 fps).")
+    add_version(p)
     _add_model_args(p)
     p.add_argument("--prompt", required=True, help="what the video shows")
     p.add_argument("--seconds", type=float, default=5.0, help="video length in seconds (default 5)")
@@ -28,7 +37,8 @@ def _generate_parser() -> argparse.ArgumentParser:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model (default: the engine bundle that ships with rf_runtime)")
-    src.add_argument("--engine", help="engine bundle directory (manifest.json + ONNX graphs), run by onnxruntime")
+    src.add_argument("--bundle", help="engine bundle directory (manifest.json + ONNX graphs), run by onnxruntime")
+    src.add_argument("--engine", dest="bundle", help=argparse.SUPPRESS)  # the flag's earlier name
     src.add_argument("--model-dir", help="Wan2.1-style model directory (config.json, DiT weights, VAE, text encoder), "
                                          "run by PyTorch")
     src.add_argument("--checkpoint", help="generator checkpoint on top of --model-dir (e.g. rewardforcing.pt); "
@@ -49,8 +59,8 @@ def _load_streamer(args):
     model_dir, checkpoint = args.model_dir, args.checkpoint
     if checkpoint and os.path.isdir(checkpoint) and not model_dir:
         model_dir, checkpoint = checkpoint, None
-    if args.engine and (model_dir or checkpoint):
-        raise RFError("--engine and --model-dir/--checkpoint name two models: pass one of them")
+    if args.bundle and (model_dir or checkpoint):
+        raise RFError("--bundle and --model-dir/--checkpoint name two models: pass one of them")
     if not model_dir:
         if checkpoint:
             raise RFError("--checkpoint needs --model-dir DIR (the directory with config.json, VAE and text encoder)")
@@ -63,18 +73,35 @@ def _load_streamer(args):
                           "size, precision and cache; pass --model-dir DIR to change them")
         from rf_runtime.bundle import default_engine_dir
 
-        engine = args.engine or default_engine_dir()
-        logger.info("using the engine bundle %s", engine)
-        return Streamer.from_engine(engine, device=args.device)
+        bundle = args.bundle or default_engine_dir()
+        if _is_model_folder(bundle):
+            raise RFError(f"--bundle {bundle} is a model folder, not an engine bundle: pass it as --model-dir")
+        logger.info("using the engine bundle %s", bundle)
+        return Streamer.from_engine(bundle, device=args.device)
     settings = None
     if args.ema_alpha is not None:
-        from rf_runtime.sampler import StreamSettings
-        from rf_runtime.torch_backend import read_model_card
+        from rf_runtime import model_dir as model_folder
 
-        card = read_model_card(model_dir) if os.path.isdir(model_dir) else {}
-        settings = StreamSettings(**{**card.get("stream", {}), "ema_alpha": args.ema_alpha})
+        card = model_folder.read_card(model_dir) if os.path.isdir(model_dir) else {}
+        settings = model_folder.stream_settings(card, ema_alpha=args.ema_alpha)
+    if _is_bundle(model_dir):
+        raise RFError(f"--model-dir {model_dir} is an engine bundle, not a model folder: pass it as --bundle")
     return Streamer.from_checkpoint(model_dir, checkpoint, settings=settings, height=args.height, width=args.width,
                                     device=args.device, dtype=args.dtype)
+
+
+def _is_bundle(path: str) -> bool:
+    import os
+
+    from rf_runtime.bundle import MANIFEST
+
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def _is_model_folder(path: str) -> bool:
+    from rf_runtime import model_dir
+
+    return model_dir.is_model_dir(path) and not _is_bundle(path)
 
 
 def _sigterm_as_ctrl_c(signum, frame):
@@ -162,6 +189,7 @@ def _bench_parser() -> argparse.ArgumentParser:
                     "warm-up, peak memory, and whether the per-chunk cost stays flat. With both --bundle and "
                     "--model-dir, the onnxruntime engine and the PyTorch reference run on the same model, each in "
                     "its own process. The JSON report says exactly what every number counts.")
+    add_version(p)
     p.add_argument("--bundle", help="engine bundle directory (rf-export onnx): runs onnxruntime")
     p.add_argument("--model-dir", help="model directory: runs the PyTorch reference loop")
     p.add_argument("--checkpoint", help="generator checkpoint on top of --model-dir")
@@ -175,7 +203,7 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, help="intra-op threads of the torch run (default: torch's own); "
                                                      "one thread is steadier on a machine shared with other work")
     p.add_argument("--static", action="store_true", help="torch run: the fast path (buffers allocated once per "
-                                                         "stream, CUDA graphs on a GPU; rf_runtime.torch_static)")
+                                                         "stream, CUDA graphs on a GPU; rf_runtime.backends.pytorch_static)")
     p.add_argument("--cuda-graphs", choices=("on", "off"), help="torch --static run: capture and replay CUDA "
                                                                 "graphs (default: on for --device cuda)")
     p.add_argument("--compile", action="store_true", help="torch --static run: torch.compile the DiT and VAE steps")
@@ -241,6 +269,7 @@ def _eval_parser() -> argparse.ArgumentParser:
         prog="rf-eval",
         description="Long-stream metrics of a video: dynamic degree, drift, subject consistency and, for prompts of "
                     "the procedural world, prompt adherence. Give an MP4, or no video to generate a stream first.")
+    add_version(p)
     p.add_argument("video", nargs="?", help="MP4 to evaluate; without it a stream of --seconds is generated and evaluated")
     p.add_argument("--prompt", help="the prompt of the video (needed for prompt adherence, and to generate)")
     p.add_argument("--seconds", type=float, default=60.0, help="length of the generated stream (default 60)")
@@ -263,7 +292,7 @@ def _eval(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from rf_runtime.eval import evaluate
+    from rf_runtime.world.adherence import evaluate  # the metrics, with the procedural world's prompt adherence
 
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise RFError(f"the directory of --json {args.json} does not exist: create it first")

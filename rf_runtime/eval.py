@@ -10,17 +10,16 @@ The metrics follow VBench's definitions where one exists, with light stand-ins f
   Reported: the percentage of dynamic segments, and the mean flow score.
 - ``drift``: how far the last segment has moved from the first in frame statistics (mean and std
   of each RGB channel, mean gradient magnitude), in 0..255 units; and, when the prompt is known,
-  ``quality drift``: the change of palette quality (below) between the first and last segment.
+  ``quality drift`` (from the prompt check): the change of palette quality between the first and last segment.
 - ``subject consistency`` (VBench uses DINO features): cosine similarity of a subject descriptor
   (colour histogram of the foreground) of each frame with the first frame and the previous frame,
   averaged, in percent.
 - ``travel`` (not in VBench): how far the subject goes: the spread (95th - 5th percentile) of the
   foreground centroid along its widest axis, in pixels, and its median speed in pixels per frame.
   Flow-based dynamic degree cannot tell a shape crossing the frame from one wobbling in place.
-- ``prompt adherence`` (procedural world only): the prompt names a colour and a shape;
-  colour score = share of foreground pixels whose nearest palette colour is the prompt's,
-  shape score = share of frames whose foreground blob has the prompt shape's fill ratio
-  (area / bounding box: circle pi/4, square 1, triangle 1/2) closest; adherence = their mean.
+- ``prompt adherence``: only a world that knows what its prompts look like can score it; the
+  procedural world's scorer (``rf_runtime.world.adherence``) is passed in as ``prompt_check``.
+  This module knows nothing of any world.
 
 Segments are ``segment_seconds`` long (5 s); streams of 60 s or more give 12 or more segments.
 """
@@ -28,7 +27,6 @@ Segments are ``segment_seconds`` long (5 s); streams of 60 s or more give 12 or 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -150,44 +148,6 @@ def frame_statistics(frames: np.ndarray) -> np.ndarray:
     return np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2)), grad[:, None]], axis=1)
 
 
-def palette_quality(frames: np.ndarray, colour_rgb, background_rgb, tol: float = 60.0) -> float:
-    """Percent of pixels within ``tol`` of the two colours a procedural frame may hold."""
-    x = frames.astype(np.float32)
-    near = [np.linalg.norm(x - np.asarray(c, np.float32), axis=-1) < tol for c in (colour_rgb, background_rgb)]
-    return 100.0 * float((near[0] | near[1]).mean())
-
-
-def colour_score(frames: np.ndarray, colour: str) -> float:
-    """Share of foreground pixels (all frames) whose nearest palette colour is ``colour``, in [0, 1]."""
-    from rf_runtime.world.procedural import COLOURS
-
-    names = list(COLOURS)
-    palette = np.array([COLOURS[n] for n in names], np.float32)
-    pixels = np.concatenate([f[foreground_mask(f)] for f in frames]).astype(np.float32)
-    if not len(pixels):
-        return 0.0
-    nearest = np.argmin(((pixels[:, None, :] - palette[None]) ** 2).sum(-1), axis=1)
-    return float((nearest == names.index(colour)).mean())
-
-
-FILL_RATIO = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
-
-
-def classify_shape(frame: np.ndarray) -> str | None:
-    """The procedural shape whose fill ratio (area / bounding box) is nearest to the foreground's."""
-    mask = foreground_mask(frame)
-    if mask.sum() < 6:
-        return None
-    ys, xs = np.nonzero(mask)
-    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    fill = mask.sum() / box
-    return min(FILL_RATIO, key=lambda s: abs(FILL_RATIO[s] - fill))
-
-
-def shape_score(frames: np.ndarray, shape: str) -> float:
-    return float(np.mean([classify_shape(f) == shape for f in frames]))
-
-
 # --------------------------------------------------------------------------------------------
 # The report
 # --------------------------------------------------------------------------------------------
@@ -224,9 +184,16 @@ class EvalResult:
                          for name, value in rows)
 
 
-def evaluate(frames, prompt: str | None = None, *, fps: int = 16, segment_seconds: float = 5.0) -> EvalResult:
-    """All metrics of a video (uint8 [T, H, W, 3]); prompt adherence when ``prompt`` names a
-    procedural colour and shape."""
+def evaluate(frames, prompt: str | None = None, *, fps: int = 16, segment_seconds: float = 5.0,
+             prompt_check=None) -> EvalResult:
+    """All metrics of a video (uint8 [T, H, W, 3]).
+
+    prompt_check: ``prompt_check(frames, segments, prompt) -> dict | None``, the scorer of a world
+        that knows what its prompts look like (``rf_runtime.world.adherence.prompt_check`` for the
+        procedural world); its dict fills ``prompt_adherence``, ``colour_score``, ``shape_score``,
+        ``quality_drift`` and adds its ``per_segment`` entries. None, or a prompt it cannot judge:
+        no adherence.
+    """
     frames = _check_video(frames)
     seg = max(2, int(round(segment_seconds * fps)))
     segments = [frames[i:i + seg] for i in range(0, len(frames), seg)]
@@ -247,15 +214,9 @@ def evaluate(frames, prompt: str | None = None, *, fps: int = 16, segment_second
         subject_consistency=subject_consistency(frames),
         per_segment=per_segment)
     result.travel, result.centroid_speed = travel(frames)
-    if prompt:
-        from rf_runtime.world.procedural import BACKGROUNDS, COLOURS, parse_prompt
-
-        said = parse_prompt(prompt)
-        if said["colour"] and said["shape"]:
-            result.colour_score = colour_score(frames, said["colour"])
-            result.shape_score = shape_score(frames, said["shape"])
-            result.prompt_adherence = 100.0 * (result.colour_score + result.shape_score) / 2
-            quality = [palette_quality(s, COLOURS[said["colour"]], BACKGROUNDS[said["background"]]) for s in segments]
-            result.quality_drift = abs(quality[-1] - quality[0])
-            per_segment["palette_quality"] = quality
+    found = prompt_check(frames, segments, prompt) if prompt and prompt_check is not None else None
+    if found:
+        per_segment.update(found.get("per_segment", {}))
+        for name in ("prompt_adherence", "colour_score", "shape_score", "quality_drift"):
+            setattr(result, name, found.get(name))
     return result

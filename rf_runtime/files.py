@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import tempfile
 from typing import BinaryIO, Callable, Iterator
@@ -71,3 +73,37 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], wha
     with atomic_path(path, what) as tmp, open(tmp, "wb") as f:
         write(f)
     return os.fspath(path)
+
+
+def atomic_save(write: Callable[[str], None], path: str | os.PathLike, what: str = "the output", *,
+                create_folder: bool = False) -> str:
+    """Call ``write(tmp_path)`` (a writer that takes a file name: ``safetensors.save_file``,
+    ``savefig``, ...) on a temporary name beside ``path``, then rename it to ``path`` (``atomic_path``).
+    ``create_folder``: make the folder of ``path`` first."""
+    if create_folder:
+        os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    with atomic_path(path, what) as tmp:
+        write(tmp)
+    return os.fspath(path)
+
+
+def json_ready(value):
+    """``value`` with tuples as lists and dataclasses as dicts, recursively: the JSON form of a setting."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def atomic_write_json(path: str | os.PathLike, obj, what: str = "the output", *, create_folder: bool = False) -> str:
+    """``obj`` (made ``json_ready``) as indented JSON, written atomically."""
+    text = json.dumps(json_ready(obj), indent=2)
+    return atomic_save(lambda tmp: _write_text(tmp, text), path, what, create_folder=create_folder)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)

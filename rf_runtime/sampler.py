@@ -1,17 +1,20 @@
-"""Few-step flow-matching sampling of a stream, chunk by chunk (SPEC section 2).
+"""Few-step flow-matching sampling of a stream, chunk by chunk (SPEC section 2): the settings, the
+schedule, the shift warp, the x0 / re-noise math and the noise draws.
 
-The schedule and the x0 / re-noise math are plain numpy and Python, shared by every backend.
-``generate_latents`` is the PyTorch reference loop over a ``CausalDiT``.
+Plain numpy and Python, shared by every backend (no torch: the functions on arrays use operators
+only, so they take torch tensors too). The PyTorch chunk loop is ``rf_runtime.models.rollout``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-from rf_runtime.cache import CacheSpec, commit_chunk
+from rf_runtime.cache import CacheSpec
 from rf_runtime.errors import ConfigError, InputError
+from rf_runtime.files import json_ready
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,24 @@ class StreamSettings:
         if not 0 <= self.context_t <= n:
             raise ConfigError(f"context_t must lie in [0, {n}], got {self.context_t}")
 
+    @classmethod
+    def check_names(cls, settings: dict, where: str = "the stream settings") -> None:
+        """Refuse keys that are not settings (a typo would otherwise be silently ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = set(settings) - names
+        if bad:
+            raise ConfigError(f"{where}: unknown stream settings {sorted(bad)}; valid are {sorted(names)}")
+
+    @classmethod
+    def from_dict(cls, settings: dict, where: str = "the stream settings") -> "StreamSettings":
+        """From the JSON form (``to_dict``; lists for tuples); keys left out take their defaults."""
+        cls.check_names(settings, where)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+
+    def to_dict(self) -> dict:
+        """The JSON form: every setting, tuples as lists."""
+        return json_ready(self)
+
     @property
     def cache_spec(self) -> CacheSpec:
         return CacheSpec(self.chunk_frames, self.sink_frames, self.window_frames, self.ema_alpha)
@@ -78,8 +99,16 @@ def scheduler_table(shift: float, n: int = 1000) -> tuple[np.ndarray, np.ndarray
     Computed in float32, as the release's FlowMatchScheduler does. Returns (timesteps, sigmas).
     """
     s = np.linspace(1.0, 0.0, n + 1, dtype=np.float32)[:-1]
-    s = (np.float32(shift) * s / (np.float32(1) + np.float32(shift - 1) * s)).astype(np.float32)
+    s = shift_sigma(s, float(shift)).astype(np.float32)  # a Python float: computed in float32 (NEP 50)
     return (s * np.float32(n)).astype(np.float32), s
+
+
+def shift_sigma(s, shift: float):
+    """s' = shift s / (1 + (shift - 1) s): the flow-matching noise-level warp (SPEC 2), elementwise.
+
+    Operators only, so it computes in the type of ``s`` and ``shift`` (float32 for the scheduler
+    table; numpy float64 or torch tensors for training draws)."""
+    return shift * s / (1 + (shift - 1) * s)
 
 
 def flow_schedule(settings: StreamSettings) -> Schedule:
@@ -123,31 +152,6 @@ def chunk_noise(rng: np.random.Generator, settings: StreamSettings, shape_bchw: 
     return init, fresh
 
 
-def generate_latents(model, text_embeds, noise, renoise_noise, settings: StreamSettings | None = None):
-    """Sample a whole clip with the PyTorch reference model, chunk by chunk through the KV cache.
-
-    model: a ``CausalDiT``.
-    text_embeds: [B, L, text_dim], L <= text_len (zero padded inside).
-    noise: [B, F, C, H, W] initial noise of every latent frame, F a multiple of chunk_frames.
-    renoise_noise: [S-1, B, F, C, H, W] the fresh noise used after step k (k = 0..S-2) of each chunk.
-    Returns x0 [B, F, C, H, W], the final clean latents.
-    """
-    import torch
-
-    settings = settings or StreamSettings()
-    check_noise(noise, renoise_noise, settings, model.config.in_dim)
-    if text_embeds.shape[0] != noise.shape[0]:
-        raise InputError(f"text_embeds batch ({text_embeds.shape[0]}) != noise batch ({noise.shape[0]})")
-    with torch.no_grad():
-        rollout = ChunkRollout.for_prompt(model, text_embeds, noise.shape, settings)
-        out = torch.empty_like(noise)
-        c = settings.chunk_frames
-        for i in range(noise.shape[1] // c):
-            frames = slice(i * c, (i + 1) * c)
-            out[:, frames] = rollout.step(noise[:, frames], renoise_noise[:, :, frames])
-    return out
-
-
 def check_noise(noise, renoise_noise, settings: StreamSettings, channels: int):
     s, c = settings.num_steps, settings.chunk_frames
     if noise.ndim != 5 or noise.shape[2] != channels:
@@ -158,68 +162,3 @@ def check_noise(noise, renoise_noise, settings: StreamSettings, channels: int):
     want = (s - 1, *noise.shape)
     if tuple(renoise_noise.shape) != want:
         raise InputError(f"renoise must be [S-1, B, F, C, H, W] = {want} for {s} steps, got {tuple(renoise_noise.shape)}")
-
-
-class ChunkRollout:
-    """The reference streaming loop of one stream, one chunk per ``step``: the denoising steps,
-    then the clean-context pass, then the cache commit. Holds the text K/V and the KV cache."""
-
-    def __init__(self, model, text_kv, batch: int, latent_hw: tuple[int, int], settings: StreamSettings):
-        import torch
-
-        self.model, self.settings = model, settings
-        self.schedule = settings.schedule()
-        self.spec = settings.cache_spec
-        cfg = model.config
-        self.text_k, self.text_v = text_kv
-        self.tokens_per_frame = model.tokens_per_frame(latent_hw)
-        shape = (cfg.num_layers, batch, self.spec.context_frames * self.tokens_per_frame, cfg.num_heads, cfg.head_dim)
-        like = self.text_k
-        self.cache_k = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        self.cache_v = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        self.chunks_committed = 0
-
-    @classmethod
-    def for_prompt(cls, model, text_embeds, latent_shape, settings: StreamSettings):
-        """Start a rollout from text embeddings [B, L, text_dim] for latents of ``latent_shape``."""
-        dtype = model.patch_embedding.weight.dtype
-        text_kv = model.text_kv(text_embeds.to(device=model.patch_embedding.weight.device, dtype=dtype))
-        return cls(model, text_kv, latent_shape[0], tuple(latent_shape[-2:]), settings)
-
-    def _times(self, x, t: float):
-        import torch
-
-        return torch.full(x.shape[:2], float(t), dtype=torch.float32, device=x.device)
-
-    def denoise_step(self, x, k: int, eps=None):
-        """Step k on chunk latents x [B, f, C, H, W] -> (x0, x re-noised with eps to the next sigma or None).
-
-        eps=None stops after x0 (the last step, or a training rollout's exit step)."""
-        sched = self.schedule
-        valid = self.spec.valid_frames(self.chunks_committed)
-        flow, _, _ = self.model.forward_chunk(x, self._times(x, sched.t[k]), self.text_k, self.text_v,
-                                              self.cache_k, self.cache_v, valid)
-        x0 = x0_from_flow(x, flow, sched.sigma[k])
-        if k + 1 == len(sched.t) or eps is None:
-            return x0, None
-        return x0, renoise(x0, eps, sched.sigma[k + 1])
-
-    def denoise(self, x, eps):
-        """All denoising steps from the chunk's initial noise x; eps [S-1, B, f, C, H, W] is the re-noise."""
-        for k in range(self.settings.num_steps):
-            x0, x = self.denoise_step(x, k, eps[k] if k + 1 < self.settings.num_steps else None)
-        return x0
-
-    def cache_pass(self, x0):
-        """Rerun the clean chunk at t = context_t to write its K/V into the cache (clean context)."""
-        valid = self.spec.valid_frames(self.chunks_committed)
-        _, k, v = self.model.forward_chunk(x0, self._times(x0, self.settings.context_t), self.text_k, self.text_v,
-                                           self.cache_k, self.cache_v, valid)
-        commit_chunk(self.spec, self.chunks_committed, self.cache_k, k, self.tokens_per_frame)
-        commit_chunk(self.spec, self.chunks_committed, self.cache_v, v, self.tokens_per_frame)
-        self.chunks_committed += 1
-
-    def step(self, x, eps):
-        x0 = self.denoise(x, eps)
-        self.cache_pass(x0)
-        return x0

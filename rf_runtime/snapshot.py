@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rf_runtime.backend import StateArrays
+from rf_runtime.backends.base import StateArrays
 from rf_runtime.errors import RFError
 from rf_runtime.files import atomic_write
 

@@ -1,6 +1,6 @@
 """``Streamer``: iterate the frames of an unbounded text-to-video stream as they are made.
 
-    streamer = Streamer.from_checkpoint("Wan2.1-T2V-1.3B", "rewardforcing.pt")
+    streamer = Streamer.load("engines/procedural-world-64")  # an engine bundle or a model folder
     for frames in streamer.stream("a red fox running through snow", seed=0):
         ...  # uint8 [T, H, W, 3]: 9 frames for the first chunk, 12 after, at 16 fps
 
@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-from rf_runtime.backend import Backend, ModelInfo
+from rf_runtime.backends.base import Backend, ModelInfo
 from rf_runtime.errors import InputError
 from rf_runtime.sampler import StreamSettings, chunk_noise
 from rf_runtime.snapshot import SnapshotError, StreamSnapshot, geometry_difference
@@ -56,12 +56,50 @@ def check_prompt(prompt) -> str:
 class Streamer:
     """Streams video for a prompt through one backend.
 
-    Build it with ``from_checkpoint`` (PyTorch reference models) or, for engine bundles,
-    ``from_engine``; or pass any ``Backend``.
+    Build it with ``load`` (an engine bundle or a model folder, whichever the path is), or the two
+    factories it calls: ``from_engine`` (a bundle, no torch) and ``from_checkpoint`` (a model folder,
+    the PyTorch reference models); or pass any ``Backend``.
     """
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, source: str | None = None):
         self.backend = backend
+        self.source = source  # "engine bundle", "model folder", or None for a backend passed in
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None, *,
+             backend: str = "auto", device: str = "cpu", **options) -> "Streamer":
+        """Load what ``path`` is: an engine bundle (``manifest.json``) or a model folder (``config.json``).
+
+        path: None loads the bundle that ships with rf_runtime (``engines/procedural-world-64``).
+        checkpoint, options (``settings``, ``height``, ``width``, ``dtype``, ``use_ema``, ``vae_path``,
+            ``text_encoder``): for a model folder (``from_checkpoint``); a bundle has them fixed and
+            refuses them with the reason.
+        backend: "auto", or for a bundle "onnxruntime" / "tensorrt" (``from_engine``), for a model
+            folder "torch".
+        ``source`` of the result says which was found ("engine bundle" or "model folder"); it is logged too.
+        """
+        from rf_runtime import model_dir
+        from rf_runtime.bundle import MANIFEST, default_engine_dir
+
+        if path is None:
+            path = default_engine_dir()
+        where = os.fspath(path)
+        if os.path.isfile(os.path.join(where, MANIFEST)):
+            given = sorted(options) + (["checkpoint"] if checkpoint is not None else [])
+            if given:
+                raise InputError(f"{where} is an engine bundle: its size, precision and cache are fixed at export, "
+                                 f"so {', '.join(given)} do not apply; pass a model folder to change them")
+            logger.info("loading the engine bundle %s", where)
+            return cls.from_engine(where, backend=backend, device=device)
+        if model_dir.is_model_dir(where):
+            if backend not in ("auto", "torch"):
+                raise InputError(f"{where} is a model folder, run by the PyTorch backend: backend={backend!r} needs "
+                                 "an engine bundle (rf-export onnx --model-dir DIR --out BUNDLE makes one)")
+            logger.info("loading the model folder %s with PyTorch", where)
+            return cls.from_checkpoint(where, checkpoint, device=device, **options)
+        what = "does not exist" if not os.path.exists(where) else "holds neither manifest.json nor config.json"
+        raise InputError(f"{where} {what}: pass an engine bundle (a folder with {MANIFEST}, from rf-export onnx) "
+                         f"or a model folder (a folder with {model_dir.CONFIG} and the weights)")
 
     @property
     def info(self) -> ModelInfo:
@@ -90,22 +128,22 @@ class Streamer:
         checkpoint: a generator checkpoint to load on top (``rewardforcing.pt`` or a training
             checkpoint); ``use_ema`` picks ``generator_ema`` over ``generator`` in the latter.
         text_encoder: a ``TextEncoder`` object to use instead of the one in ``model_dir``.
-        static: the fast path (``rf_runtime.torch_static``): buffers allocated once per stream, every call
+        static: the fast path (``rf_runtime.backends.pytorch_static``): buffers allocated once per stream, every call
             on static shapes; with it, ``cuda_graphs`` (default: on for a CUDA device) captures and replays
             CUDA graphs and ``compile`` wraps the DiT and VAE steps in ``torch.compile``.
         """
-        from rf_runtime.torch_backend import TorchBackend
+        from rf_runtime.backends.pytorch import TorchBackend
 
         options = dict(vae_path=vae_path, text_encoder=text_encoder, settings=settings, height=height, width=width,
                        device=device, dtype=dtype, use_ema=use_ema)
         if static:
-            from rf_runtime.torch_static import StaticTorchBackend
+            from rf_runtime.backends.pytorch_static import StaticTorchBackend
 
             return cls(StaticTorchBackend.from_dir(model_dir, checkpoint, cuda_graphs=cuda_graphs, compile=compile,
-                                                   **options))
+                                                   **options), "model folder")
         if cuda_graphs or compile:
             raise InputError("cuda_graphs and compile belong to the static path: pass static=True")
-        return cls(TorchBackend.from_dir(model_dir, checkpoint, **options))
+        return cls(TorchBackend.from_dir(model_dir, checkpoint, **options), "model folder")
 
     @classmethod
     def from_engine(cls, path: str | os.PathLike, backend: str = "auto", device: str = "cpu", *,
@@ -118,11 +156,11 @@ class Streamer:
         device: "cpu" or "cuda". The bundle's model card is checked against its stream settings.
         threads: onnxruntime CPU threading, a ``rf_runtime.runners.onnxruntime_runner.CpuThreads`` or
             an int (intra-op threads of every session); None chooses from the machine
-            (``rf_runtime.engine_backend.cpu_threads``). Give 1 when several streams run at once.
+            (``rf_runtime.backends.engine.cpu_threads``). Give 1 when several streams run at once.
         """
-        from rf_runtime.engine_backend import EngineBackend
+        from rf_runtime.backends.engine import EngineBackend
 
-        return cls(EngineBackend.load(path, backend=backend, device=device, threads=threads))
+        return cls(EngineBackend.load(path, backend=backend, device=device, threads=threads), "engine bundle")
 
     # ---- streaming ---------------------------------------------------------------------------
 

@@ -5,13 +5,10 @@ whole pipeline (Streamer, rf-generate) can run on a fresh machine without downlo
 videos are structured noise: it proves the plumbing, not the model.
 """
 
-import json
-import os
-
 import torch
 
 from rf_runtime.models import CausalDiT, DiTConfig
-from rf_runtime.models.hashed_text import HashedTextEncoder
+from rf_runtime.text.hashed import HashedTextEncoder
 
 TEXT = HashedTextEncoder(text_dim=16, text_len=8, seed=3)
 DIT = DiTConfig(dim=32, ffn_dim=48, freq_dim=16, text_dim=TEXT.text_dim, text_len=TEXT.text_len,
@@ -39,21 +36,13 @@ def tiny_vae(seed=0):
 
 
 def write_model_dir(path, seed=0, stream=None):
-    """A complete model directory (the layout Streamer.from_checkpoint reads) with random weights."""
-    path = os.fspath(path)
-    from safetensors.torch import save_file
+    """A complete model folder (``rf_runtime.model_dir``, what ``Streamer.load`` reads) with random weights.
+    ``stream``: stream settings that differ from the defaults."""
+    from rf_runtime import model_dir
 
-    os.makedirs(path, exist_ok=True)
     dit, vae = tiny_dit(seed), tiny_vae(seed)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(dict(DIT.to_dict(), _class_name="WanModel"), f)
-    save_file(dit.state_dict(), os.path.join(path, "diffusion_pytorch_model.safetensors"))
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, os.path.join(path, "vae.safetensors"))
-    card = {"vae": {k: list(v) if isinstance(v, tuple) else v for k, v in VAE.items()},
-            "stream": stream or {}, "resolution": [HEIGHT, WIDTH], "text_encoder": TEXT.to_dict(),
-            "model_card": {"name": "tiny-random", "training_stage": "random"}}
-    with open(os.path.join(path, "rf_runtime.json"), "w") as f:
-        json.dump(card, f)
+    model_dir.write(path, dit, vae, text_encoder=TEXT.to_dict(), stream=stream, resolution=(HEIGHT, WIDTH),
+                    model_card={"name": "tiny-random", "training_stage": "random"})
     return dit, vae
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The PyTorch CUDA path at the real Wan2.1-T2V-1.3B geometry, on one GPU: random weights (speed does not
 # depend on them), 480x832, the release's cache settings (chunk 3 / sink 3 / window 6 latent frames), the
-# full-size Wan VAE, bf16, the static path (rf_runtime/torch_static.py) with CUDA graphs on and off.
+# full-size Wan VAE, bf16, the static path (rf_runtime/backends/pytorch_static.py) with CUDA graphs on and off.
 # Needs only torch and numpy (no install: the repository's code runs from the checkout).
 #
 #   bash scripts/device_check.sh OUT_DIR     # one GPU; writes OUT_DIR/graphs-on.json, graphs-off.json, summary.json

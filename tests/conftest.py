@@ -28,7 +28,7 @@ def engine_dirs(tmp_path_factory):
     """A tiny random model directory and its fp32 engine bundle, built once per test session."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from export.bundle_builder import build_bundle
+    from rf_runtime.export.bundle_builder import build_bundle
     from rf_runtime.testing import write_model_dir
 
     root = tmp_path_factory.mktemp("engine")

@@ -15,7 +15,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from rf_runtime import Streamer  # noqa: E402
 from rf_runtime.bundle import Bundle, BundleError, ModelCard, plan_problem  # noqa: E402
-from rf_runtime.engine_backend import GRAPHS, choose_backend  # noqa: E402
+from rf_runtime.backends.select import choose_backend  # noqa: E402
+from rf_runtime.graph_io import GRAPHS  # noqa: E402
 from rf_runtime.runners import RunnerError  # noqa: E402
 from rf_runtime.sampler import StreamSettings  # noqa: E402
 
@@ -180,7 +181,7 @@ def test_plan_compatibility():
 def bundle_with_plans(src, dst):
     """A bundle whose manifest records a TensorRT plan for every graph (the plan bytes are never
     deserialized here: only the compatibility check reads the manifest)."""
-    from export.trt_build import record_plans  # what `rf-export trt` records after a build
+    from rf_runtime.export.trt_build import record_plans  # what `rf-export trt` records after a build
 
     b = copy_bundle(src, dst)
     for g in GRAPHS:
@@ -218,7 +219,7 @@ def test_plan_entries_are_validated(engine_dirs, tmp_path):
 
 
 def test_rf_export_cli(engine_dirs, tmp_path, capsys):
-    from export.cli import main
+    from rf_runtime.export.cli import main
 
     assert main(["onnx", "--model-dir", str(engine_dirs[0]), "--out", str(tmp_path / "b"),
                  "--longest-tested-frames", "93", "--name", "tiny"]) == 0

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from rf_runtime.models import CausalDiT, DiTConfig
-from rf_runtime.sampler import StreamSettings, generate_latents
+from rf_runtime.models.rollout import generate_latents
+from rf_runtime.sampler import StreamSettings
 
 TOL = 1e-4  # relative error ||a - b|| / ||b|| against the fp32 reference
 

@@ -12,7 +12,8 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from rf_runtime import Streamer  # noqa: E402
-from rf_runtime.engine_backend import EngineBackend, choose_backend  # noqa: E402
+from rf_runtime.backends.engine import EngineBackend  # noqa: E402
+from rf_runtime.backends.select import choose_backend  # noqa: E402
 from rf_runtime.errors import ConfigError, MissingDependencyError  # noqa: E402
 from rf_runtime.runners import Buffer, RunnerError  # noqa: E402
 from rf_runtime.sampler import chunk_noise  # noqa: E402

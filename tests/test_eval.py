@@ -1,13 +1,11 @@
 """rf_runtime.eval on procedural videos whose answers are known."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 
 from rf_runtime import eval as E
-from rf_runtime.errors import InputError
 from rf_runtime.world import procedural as P
 
 
@@ -56,20 +54,6 @@ def test_travel_tells_a_crossing_shape_from_one_standing_still():
     assert E.travel(np.zeros((5, 16, 16, 3), np.uint8)) == (0.0, 0.0)  # nothing to follow
 
 
-def test_the_right_colour_and_shape_score_higher_than_wrong_ones():
-    for shape in P.SHAPES:
-        video = P.render(scene(shape=shape, colour="green", background="gray"), 16)
-        right = E.evaluate(video, f"a green {shape} on a gray background")
-        assert right.colour_score > 0.95 and right.shape_score == 1.0
-        assert right.prompt_adherence > 97.0
-        wrong_colour = E.evaluate(video, f"a blue {shape} on a gray background")
-        assert wrong_colour.colour_score < 0.05
-        other = next(s for s in P.SHAPES if s != shape)
-        assert E.evaluate(video, f"a green {other} on a gray background").shape_score == 0.0
-    # a prompt without a procedural colour and shape gives no adherence
-    assert E.evaluate(video, "a sunset over the sea").prompt_adherence is None
-
-
 def test_drift_is_the_change_of_frame_statistics_first_to_last_segment():
     frames = np.full((16 * 10, 16, 16, 3), 100, np.uint8)
     frames[16 * 5:] = 130  # the second 5 s segment is brighter, still uniform
@@ -79,30 +63,9 @@ def test_drift_is_the_change_of_frame_statistics_first_to_last_segment():
     assert E.evaluate(frames[: 16 * 5], segment_seconds=2.5).drift == 0.0
 
 
-def test_quality_drift_sees_a_shape_dissolving_into_noise():
-    video = P.render(scene(), 16 * 4)
-    rng = np.random.default_rng(0)
-    video[16 * 2:] = rng.integers(0, 256, size=video[16 * 2:].shape, dtype=np.uint8)
-    r = E.evaluate(video, "a red square", segment_seconds=2)
-    assert r.per_segment["palette_quality"][0] == pytest.approx(100.0, abs=1.0)
-    assert r.quality_drift > 50.0
-    assert r.subject_consistency < 90.0
-
-
 def test_subject_consistency_drops_when_the_subject_changes_colour():
     red = P.render(scene(colour="red"), 16)
     blue = P.render(scene(colour="blue"), 16)
     # red and blue share no histogram cell: t = 1..15 score 1, t = 16 scores 0 (first and previous
     # are red), t = 17..31 score (0 + 1) / 2 -> (15 + 0 + 7.5) / 31
     assert E.subject_consistency(np.concatenate([red, blue])) == pytest.approx(100 * 22.5 / 31, abs=0.5)
-
-
-def test_report_json_and_table_and_bad_input():
-    r = E.evaluate(P.render(scene(), 32), "a red square")
-    data = json.loads(r.to_json())
-    assert data["prompt_adherence"] == pytest.approx(r.prompt_adherence)
-    assert "dynamic degree %" in r.table()
-    with pytest.raises(InputError, match="uint8"):
-        E.evaluate(np.zeros((4, 8, 8, 3), np.float32))
-    with pytest.raises(InputError, match="at least 2 frames"):
-        E.evaluate(np.zeros((1, 8, 8, 3), np.uint8))

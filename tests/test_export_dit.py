@@ -11,7 +11,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from export.dit_graph import INPUTS, OUTPUTS, example_inputs, export_dit_step  # noqa: E402
+from rf_runtime.export.dit_graph import INPUTS, OUTPUTS, example_inputs, export_dit_step  # noqa: E402
 from rf_runtime.sampler import renoise, x0_from_flow  # noqa: E402
 from rf_runtime.testing import tiny_dit  # noqa: E402
 
@@ -76,7 +76,7 @@ def test_step_graph_is_tensorrt_ready(exported):
 
 
 def test_cache_update_graph_equals_commit(tmp_path):
-    from export.dit_graph import export_cache_update
+    from rf_runtime.export.dit_graph import export_cache_update
     from rf_runtime.cache import CacheSpec, commit_chunk, commit_matrix
 
     spec, tpf = CacheSpec(ema_alpha=0.9), 6
@@ -101,7 +101,7 @@ def test_cache_update_graph_equals_commit(tmp_path):
 
 
 def test_text_kv_graph(exported, tmp_path):
-    from export.dit_graph import export_text_kv
+    from rf_runtime.export.dit_graph import export_text_kv
 
     model, _ = exported
     path = str(tmp_path / "text_kv.onnx")

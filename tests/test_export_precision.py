@@ -22,9 +22,9 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 
 from onnx import TensorProto, helper  # noqa: E402
 
-from export.bundle_builder import build_bundle  # noqa: E402
-from export.dit_graph import OUTPUTS, example_inputs  # noqa: E402
-from export.precision import check_strongly_typed  # noqa: E402
+from rf_runtime.export.bundle_builder import build_bundle  # noqa: E402
+from rf_runtime.export.dit_graph import OUTPUTS, example_inputs  # noqa: E402
+from rf_runtime.export.precision import check_strongly_typed  # noqa: E402
 from rf_runtime.models import CausalDiT, VAEConfig, WanVAE  # noqa: E402
 from rf_runtime.sampler import renoise, x0_from_flow  # noqa: E402
 from rf_runtime.testing import VAE, write_model_dir  # noqa: E402
@@ -222,8 +222,8 @@ def test_every_op_and_type_is_supported_by_tensorrt(dirs):
 
 
 def test_verify_passes_on_a_tiny_bundle(dirs, capsys):
-    from export.cli import main
-    from export.verify import verify_bundle
+    from rf_runtime.export.cli import main
+    from rf_runtime.export.verify import verify_bundle
 
     rows = verify_bundle(dirs[1], dirs[0], backends=["onnxruntime-cpu"])
     assert len(rows) == 15
@@ -242,11 +242,11 @@ def test_verify_passes_on_a_tiny_bundle(dirs, capsys):
 
 
 def test_verify_detects_a_graph_from_other_weights(dirs, tmp_path, capsys):
-    from export.cli import main
-    from export.verify import verify_bundle
+    from rf_runtime.export.cli import main
+    from rf_runtime.export.verify import verify_bundle
     from rf_runtime.bundle import write_manifest
 
-    from export.dit_graph import export_dit_step
+    from rf_runtime.export.dit_graph import export_dit_step
     from rf_runtime.testing import tiny_dit
 
     bundle = tmp_path / "bundle"
@@ -266,7 +266,7 @@ def test_verify_detects_a_graph_from_other_weights(dirs, tmp_path, capsys):
 
 
 def test_verify_refuses_bad_input(dirs, tmp_path, capsys):
-    from export.cli import main
+    from rf_runtime.export.cli import main
     from rf_runtime.bundle import write_manifest
 
     assert main(["verify", str(tmp_path), "--model-dir", str(dirs[0])]) == 2
@@ -292,7 +292,7 @@ def test_verify_refuses_bad_input(dirs, tmp_path, capsys):
 def test_graphs_over_the_protobuf_limit_go_to_external_data(dirs, models, tmp_path, monkeypatch):
     """The 1.3B DiT is > 2 GB even in fp16: the lowering then writes one external-data file and checks
     the graph from its file. Exercised here by lowering the limit to 1 KiB."""
-    import export.precision as precision
+    import rf_runtime.export.precision as precision
 
     monkeypatch.setattr(precision, "PROTOBUF_LIMIT", 1024)
     policy = precision.graph_policies(*models)["text_kv"]

@@ -21,12 +21,12 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("tokenizers")
 pytest.importorskip("transformers")
 
-from export.text_graph import DATA_FILE, GRAPH_FILE, export_text_encoder  # noqa: E402
+from rf_runtime.export.text_graph import DATA_FILE, GRAPH_FILE, export_text_encoder  # noqa: E402
 from rf_runtime.bundle import BundleError  # noqa: E402
 from rf_runtime.errors import ConfigError, InputError  # noqa: E402
-from rf_runtime.models.text_encoder import WAN_T5_FILE, UMT5TextEncoder  # noqa: E402
+from rf_runtime.text.umt5 import WAN_T5_FILE, UMT5TextEncoder  # noqa: E402
 from rf_runtime.runners import OnnxRuntimeRunner  # noqa: E402
-from rf_runtime.text_onnx import OnnxTextEncoder  # noqa: E402
+from rf_runtime.text.umt5_onnx import OnnxTextEncoder  # noqa: E402
 from tests.test_export_precision import assert_ops_supported  # noqa: E402
 from tests.test_text_encoder import GOLDEN, make_tokenizer  # noqa: E402
 
@@ -88,7 +88,7 @@ def test_onnx_encoder_matches_torch(exported):
 
 def test_onnx_encoder_does_not_import_torch(exported):
     _, bundle, result = exported
-    code = ("import sys, json; from rf_runtime.text_onnx import OnnxTextEncoder; "
+    code = ("import sys, json; from rf_runtime.text.umt5_onnx import OnnxTextEncoder; "
             "e = OnnxTextEncoder(sys.argv[1], sys.argv[2], 512); out = e.encode(['a red cat']); "
             "assert out.shape == (1, 512, 32), out.shape; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; print('ok')")
@@ -139,8 +139,8 @@ def write_umt5_model_dir(path, t5_dir):
 def test_umt5_bundle_streams_like_the_checkpoint(exported, tmp_path):
     """rf-export onnx on a umT5 model: the bundle holds the text graph and tokenizer, streams through
     onnxruntime to the torch Streamer's frames, and `rf-export verify` passes on its text graph."""
-    from export.bundle_builder import build_bundle
-    from export.verify import verify_bundle
+    from rf_runtime.export.bundle_builder import build_bundle
+    from rf_runtime.export.verify import verify_bundle
     from rf_runtime import Streamer
 
     _, bundle, _ = exported
@@ -172,7 +172,7 @@ def test_umt5_bundle_streams_like_the_checkpoint(exported, tmp_path):
     assert [(r.graph, r.status) for r in rows] == [("text_encoder", "PASS")] and rows[0].rel < TOL
 
     # the engine runs a umT5 bundle without torch: tokenizers + the text graph through the runner
-    code = ("import sys; from rf_runtime.engine_backend import EngineBackend; "
+    code = ("import sys; from rf_runtime.backends.engine import EngineBackend; "
             "be = EngineBackend.load(sys.argv[1]); k, v = be.encode_prompt('a red cat'); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; print('ok')")
     run = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True, timeout=300)

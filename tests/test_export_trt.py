@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("onnx")
 
-from export.bundle_builder import build_bundle  # noqa: E402
-from export.cli import main  # noqa: E402
+from rf_runtime.export.bundle_builder import build_bundle  # noqa: E402
+from rf_runtime.export.cli import main  # noqa: E402
 from rf_runtime.testing import write_model_dir  # noqa: E402
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -54,7 +54,7 @@ def test_build_fp16_plans_and_verify(dirs, tmp_path):
         pytest.skip("needs an NVIDIA GPU")
     import tensorrt as trt
 
-    from export.verify import verify_bundle
+    from rf_runtime.export.verify import verify_bundle
 
     bundle = tmp_path / "bundle"
     build_bundle(dirs[0], bundle, precisions=("fp32", "fp16"))

@@ -7,7 +7,7 @@ import torch
 
 ort = pytest.importorskip("onnxruntime")
 
-from export.vae_graph import cache_names, export_vae_decoder  # noqa: E402
+from rf_runtime.export.vae_graph import cache_names, export_vae_decoder  # noqa: E402
 from rf_runtime.testing import tiny_vae  # noqa: E402
 from tests.test_export_dit import TOL, assert_tensorrt_ready, rel  # noqa: E402
 
@@ -39,7 +39,7 @@ def test_lowered_convs_equal_the_reference_conv3d():
     """CausalConvAs2d (a 2-D conv over stacked time windows) against the reference CausalConv3d, for every
     kernel / stride / past form the VAE has: 3x3x3 with a 2-frame past, 1 and several output frames,
     the 1x1x1 shortcut, time_conv (3x1x1), the encoder's stride-2 time_conv, and no past (zero padding)."""
-    from export.vae_graph import CausalConvAs2d
+    from rf_runtime.export.vae_graph import CausalConvAs2d
     from rf_runtime.models.vae import CausalConv3d
 
     torch.manual_seed(1)

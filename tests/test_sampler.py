@@ -6,10 +6,17 @@ import torch
 
 from rf_runtime.errors import ConfigError, InputError
 from rf_runtime.models import CausalDiT, DiTConfig
-from rf_runtime.sampler import (ChunkRollout, StreamSettings, chunk_noise, flow_schedule, generate_latents, renoise,
-                                x0_from_flow)
+from rf_runtime.models.rollout import ChunkRollout, generate_latents
+from rf_runtime.sampler import StreamSettings, chunk_noise, flow_schedule, renoise, x0_from_flow
 
 TINY = DiTConfig(dim=32, ffn_dim=48, freq_dim=16, text_dim=8, text_len=8, num_heads=2, num_layers=2)
+
+
+def _chunk(roll, x, eps):
+    """One chunk by hand: every denoising step, then the clean-context pass."""
+    x0 = roll.denoise(x, eps)
+    roll.cache_pass(x0)
+    return x0
 
 
 def test_warped_timesteps():
@@ -47,7 +54,7 @@ def test_cache_memory_constant_over_50_chunks():
     ptr_k, ptr_v, shape = roll.cache_k.data_ptr(), roll.cache_v.data_ptr(), roll.cache_k.shape
     with torch.no_grad():
         for _ in range(50):
-            roll.step(torch.randn(1, 3, 16, 4, 4), torch.zeros(0, 1, 3, 16, 4, 4))
+            _chunk(roll, torch.randn(1, 3, 16, 4, 4), torch.zeros(0, 1, 3, 16, 4, 4))
     assert roll.chunks_committed == 50
     assert roll.cache_k.shape == shape and roll.cache_k.data_ptr() == ptr_k and roll.cache_v.data_ptr() == ptr_v
     # 2 layers x (3 sink + 3 window) frames x 4 tokens x 2 heads x 16 dims
@@ -66,10 +73,10 @@ def test_ema_alpha_one_equals_static_sink_and_differs_from_ema():
     # rollout that never folds (window-only commits after chunk 0)
     roll = ChunkRollout.for_prompt(model, text, noise.shape, StreamSettings(ema_alpha=1.0))
     with torch.no_grad():
-        first = roll.step(noise[:, :3], ren[:, :, :3])
+        first = _chunk(roll, noise[:, :3], ren[:, :, :3])
         sink = roll.cache_k[:, :, : 3 * 4].clone()
         for i in range(1, 5):
-            roll.step(noise[:, 3 * i: 3 * i + 3], ren[:, :, 3 * i: 3 * i + 3])
+            _chunk(roll, noise[:, 3 * i: 3 * i + 3], ren[:, :, 3 * i: 3 * i + 3])
     assert torch.equal(roll.cache_k[:, :, : 3 * 4], sink)
     assert torch.allclose(first, static[:, :3])
     ema = generate_latents(model, text, noise, ren, StreamSettings(ema_alpha=0.5))

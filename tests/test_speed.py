@@ -13,7 +13,7 @@ from onnx import TensorProto, helper  # noqa: E402
 
 from rf_runtime.bench import BenchRun, run_sessions  # noqa: E402
 from rf_runtime.cli import bench_main  # noqa: E402
-from rf_runtime.engine_backend import EngineBackend, cpu_threads  # noqa: E402
+from rf_runtime.backends.engine import EngineBackend, cpu_threads  # noqa: E402
 from rf_runtime.profile import graph_flops, profile_report  # noqa: E402
 from rf_runtime.runners.onnxruntime_runner import CpuThreads, RunnerError  # noqa: E402
 from rf_runtime.streamer import Streamer  # noqa: E402

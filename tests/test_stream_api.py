@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from rf_runtime import InputError, Streamer
-from rf_runtime.sampler import chunk_noise, generate_latents
+from rf_runtime.models.rollout import generate_latents
+from rf_runtime.sampler import chunk_noise
 from rf_runtime.snapshot import SnapshotError, StreamSnapshot
 from rf_runtime.streamer import recache_plan
 from rf_runtime.testing import HEIGHT, TEXT, WIDTH, write_model_dir

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from rf_runtime import InputError, Streamer, StreamSettings
-from rf_runtime.backend import to_uint8_frames
-from rf_runtime.sampler import chunk_noise, generate_latents
+from rf_runtime.backends.base import to_uint8_frames
+from rf_runtime.models.rollout import generate_latents
+from rf_runtime.sampler import chunk_noise
 from rf_runtime.testing import HEIGHT, TEXT, WIDTH, write_model_dir
 
 

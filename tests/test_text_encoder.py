@@ -33,7 +33,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from rf_runtime.errors import CheckpointError, ConfigError, InputError  # noqa: E402
-from rf_runtime.models.text_encoder import (  # noqa: E402
+from rf_runtime.text.umt5 import (  # noqa: E402
     WAN_T5_FILE,
     TextEncoder,
     UMT5TextEncoder,

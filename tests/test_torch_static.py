@@ -1,4 +1,4 @@
-"""The fast PyTorch path (rf_runtime/torch_static.py): the same frames as the reference backend, buffers
+"""The fast PyTorch path (rf_runtime/backends/pytorch_static.py): the same frames as the reference backend, buffers
 allocated once per stream, no recompiles under torch.compile; CUDA graphs where a GPU is present."""
 
 import numpy as np

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rf_runtime.errors import InputError
-from rf_runtime.sampler import ChunkRollout, StreamSettings, generate_latents
+from rf_runtime.models.rollout import ChunkRollout, generate_latents
+from rf_runtime.sampler import StreamSettings
 from rf_runtime.testing import tiny_dit
 from rf_runtime.train.rollout import sample_exit_step, self_forcing_rollout, training_settings
 

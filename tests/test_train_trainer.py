@@ -233,7 +233,7 @@ def test_checkpoint_loads_into_streamer_and_exporter(model_dir, prompts, tmp_pat
     assert not torch.equal(saved["generator.head.head.weight"], saved["generator_ema.head.head.weight"])
     frames = list(streamer.stream("a red circle bouncing", num_frames=9))
     assert frames[0].shape[0] == 9
-    from export.bundle_builder import build_bundle
+    from rf_runtime.export.bundle_builder import build_bundle
 
     bundle = build_bundle(model_dir, tmp_path / "bundle", checkpoint=path)
     manifest = json.loads(open(os.path.join(bundle, "manifest.json")).read())

@@ -21,7 +21,7 @@ def model_dir(tiny_model_dir):
 @pytest.fixture(scope="module")
 def bundle(model_dir, tmp_path_factory):
     pytest.importorskip("onnxruntime")
-    from export.bundle_builder import build_bundle
+    from rf_runtime.export.bundle_builder import build_bundle
 
     return build_bundle(model_dir, tmp_path_factory.mktemp("b") / "bundle")
 
@@ -166,7 +166,7 @@ def test_ablation_in_worker_processes_gives_the_same_runs(model_dir):
 def test_rf_generate_without_a_model_runs_the_shipped_bundle_and_the_shape_moves(tmp_path):
     pytest.importorskip("onnxruntime")
     from rf_runtime.bundle import DEFAULT_ENGINE, Bundle, default_engine_dir
-    from rf_runtime.eval import evaluate
+    from rf_runtime.world.adherence import evaluate  # the metrics with the procedural world's adherence
     from rf_runtime.video import read_mp4
 
     path = default_engine_dir()

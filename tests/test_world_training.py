@@ -78,7 +78,7 @@ def test_student_chunk0_loss_equals_the_bidirectional_forward_on_that_chunk(data
     x = data.latents[:1, :c]
     t = torch.full((1, c), 500.0)
     text = data.text[:1]
-    from rf_runtime.sampler import ChunkRollout
+    from rf_runtime.models.rollout import ChunkRollout
 
     rollout = ChunkRollout.for_prompt(model, text, x.shape, CFG.stream)
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_student_chunk0_loss_equals_the_bidirectional_forward_on_that_chunk(data
 
 def test_model_dir_streams_and_card_round_trips(vae, data, tmp_path):
     from rf_runtime.streamer import Streamer
-    from rf_runtime.torch_backend import read_model_card
+    from rf_runtime.model_dir import read_card as read_model_card
 
     dit = T.CausalDiT(CFG.dit).eval()
     path = T.write_model_dir(str(tmp_path / "m"), CFG, dit, vae, {"name": "tiny"})

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rf_runtime.errors import CheckpointError, ConfigError, InputError
-from rf_runtime.positions import rope_tables_np
+from rf_runtime.positions import chunk_tables, rope_tables_np, sinusoid_frequencies
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,12 +97,11 @@ class DiTConfig:
 def timestep_sinusoid(t: torch.Tensor, freq_dim: int) -> torch.Tensor:
     """Sinusoidal embedding of timesteps on the 0..1000 scale: cos then sin, base 10000, in float64.
 
-    t: any shape -> [*t.shape, freq_dim] float64.
+    t: any shape -> [*t.shape, freq_dim] float64. The same numbers as ``positions.timestep_sinusoid_np``
+    (the host's, which the exported graphs take as an input), computed on t's device.
     """
-    half = freq_dim // 2
-    pos = t.to(torch.float64)
-    inv = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
-    arg = pos.unsqueeze(-1) * inv
+    inv = torch.from_numpy(sinusoid_frequencies(freq_dim)).to(t.device)  # the host's table (rf_runtime.positions)
+    arg = t.to(torch.float64).unsqueeze(-1) * inv
     return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
 
 
@@ -390,17 +389,14 @@ class CausalDiT(nn.Module):
         v = eps - x0 and this chunk's keys/values (before RoPE) for the cache.
         """
         self._check_latents(x, t)
-        b, f, _, hh, ww = x.shape
-        h, w = self.grid((hh, ww))
-        tpf = h * w
-        m = context_k.shape[2] // tpf
-        valid = torch.arange(m * tpf, device=x.device) < context_frames * tpf
-        key_mask = torch.cat([valid, torch.ones(f * tpf, dtype=torch.bool, device=x.device)])
+        f, hh, ww = x.shape[1], x.shape[3], x.shape[4]
+        grid = self.grid((hh, ww))
+        m = context_k.shape[2] // (grid[0] * grid[1])
         # Keys take positions 0..M-1 by cache slot; the chunk's queries and keys follow the valid context.
-        cos_ctx, sin_ctx = rope_tables(torch.arange(m), (h, w), self.config.head_dim)
-        cos_q, sin_q = rope_tables(torch.arange(context_frames, context_frames + f), (h, w), self.config.head_dim)
-        rope = tuple(r.to(x.device) for r in (cos_ctx, sin_ctx, cos_q, sin_q))
-        return self.forward_chunk_tables(x, t, text_k, text_v, context_k, context_v, key_mask, *rope)
+        tables = {k: torch.from_numpy(v).to(x.device)
+                  for k, v in chunk_tables(m, f, context_frames, grid, self.config.head_dim).items()}
+        return self.forward_chunk_tables(x, t, text_k, text_v, context_k, context_v, tables["key_mask"] > 0.5,
+                                         tables["cos_ctx"], tables["sin_ctx"], tables["cos_q"], tables["sin_q"])
 
     def forward_chunk_tables(self, x, t, text_k, text_v, context_k, context_v, key_mask,
                              cos_ctx, sin_ctx, cos_q, sin_q, time_emb=None):

@@ -125,7 +125,7 @@ class FeatureCache:
 
     def time_up(self, layer: CausalConv3d, x: torch.Tensor) -> torch.Tensor | None:
         """time_conv of temporal upsampling; None on frame 0 (which skips it)."""
-        past = self._slot(x, CACHE_T)
+        self._slot(x, CACHE_T)  # frame 0 still reserves the slot that the later frames' time_conv reads
         if self.first:
             self.index += 1
             return None

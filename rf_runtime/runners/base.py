@@ -32,12 +32,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from rf_runtime.dtypes import ITEMSIZE
+from rf_runtime.dtypes import NUMPY as DTYPES  # dtype names of the manifest -> numpy (rf_runtime.dtypes)
 from rf_runtime.errors import RFError
-
-# dtype names used by the manifest -> numpy dtypes (bfloat16 has no numpy dtype: device-only buffers)
-DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
-          "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
-ITEMSIZE = {"bfloat16": 2, **{k: np.dtype(v).itemsize for k, v in DTYPES.items()}}
 
 
 class RunnerError(RFError):
@@ -196,6 +193,7 @@ class Runner(ABC):
     """Runs one graph. Subclasses implement the ``*_impl`` methods only."""
 
     device = "cpu"
+    rebuild = "rebuild the bundle (rf-export onnx)"  # the fix when the loaded graph is not the declared one
 
     def __init__(self, graph: GraphSpec | None, name: str | None = None):
         self.graph = graph
@@ -209,12 +207,29 @@ class Runner(ABC):
         if self.is_active:
             raise RunnerError(f"runner {self.name} is already active: deactivate() it first")
         self.activate_impl()
+        self._check_loaded_graph()
         if self.graph is None:
             raise RunnerError(f"runner {self.name}: activate_impl must set the graph spec")
         self._input_names = tuple(self.graph.input_names())
         self._output_names = tuple(self.graph.output_names())
         self.is_active = True
         return self
+
+    def _check_loaded_graph(self) -> None:
+        """The IO the backend loaded (``loaded_graph_impl``) against the declared IO, once, for every runner:
+        without a declared graph the loaded one is taken; a difference is refused with the fix."""
+        actual = self.loaded_graph_impl()
+        if actual is None:
+            return
+        if self.graph is None:
+            self.graph = actual
+            return
+        problems = self.graph.compare(actual)
+        if problems:
+            self.deactivate_impl()
+            where = getattr(self, "path", None) or self.name
+            raise RunnerError(f"{where}: the graph does not match its declared IO: " + "; ".join(problems)
+                              + f"; {self.rebuild}")
 
     def deactivate(self) -> None:
         if not self.is_active:
@@ -336,6 +351,11 @@ class Runner(ABC):
     @abstractmethod
     def activate_impl(self) -> None:
         """Load the graph or engine; set ``self.graph`` if it was not given."""
+
+    def loaded_graph_impl(self) -> GraphSpec | None:
+        """The IO of the graph or engine that ``activate_impl`` loaded, as the backend reports it; None
+        where the backend cannot tell (a torch module has no tensor names)."""
+        return None
 
     @abstractmethod
     def deactivate_impl(self) -> None:

@@ -14,14 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rf_runtime.dtypes import ONNXRUNTIME
 from rf_runtime.errors import require
 from rf_runtime.runners.base import DTYPES, Binding, Buffer, GraphSpec, Runner, RunnerError, TensorSpec, \
     host_buffer, write_host
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
-              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
-              "tensor(bool)": "bool"}
 
 
 def session_graph_spec(session, name: str) -> GraphSpec:
@@ -30,7 +28,7 @@ def session_graph_spec(session, name: str) -> GraphSpec:
         if any(not isinstance(d, int) for d in arg.shape):
             raise RunnerError(f"graph {name}: {arg.name} has a dynamic shape {arg.shape}; bundles hold static-shape "
                               "graphs: re-export it")
-        return TensorSpec(arg.name, tuple(arg.shape), _ORT_TYPES.get(arg.type, arg.type))
+        return TensorSpec(arg.name, tuple(arg.shape), ONNXRUNTIME.get(arg.type, arg.type))
 
     return GraphSpec(name, tuple(spec(a) for a in session.get_inputs()),
                      tuple(spec(a) for a in session.get_outputs()))
@@ -96,16 +94,9 @@ class OnnxRuntimeRunner(Runner):
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.threads.spinning else "0")
         self.session = ort.InferenceSession(self.path, options, providers=[provider])
         self._run_options = ort.RunOptions()  # one object: without it every run keeps a few bytes
-        actual = session_graph_spec(self.session, self.name)
-        if self.graph is None:
-            self.graph = actual
-        else:
-            problems = self.graph.compare(actual)
-            if problems:
-                self.session = None
-                raise RunnerError(f"{self.path}: the graph does not match its declared IO: " + "; ".join(problems)
-                                  + "; rebuild the bundle (rf-export onnx)")
-        self._inputs = frozenset(self.graph.input_names())
+
+    def loaded_graph_impl(self) -> GraphSpec:
+        return session_graph_spec(self.session, self.name)
 
     def deactivate_impl(self) -> None:
         self.session = None
@@ -147,7 +138,7 @@ class OnnxRuntimeRunner(Runner):
         binding.impl = io
 
     def rebind_impl(self, binding: Binding, name: str) -> None:
-        self._bind(binding.impl, name, binding.buffers[name], name in self._inputs)
+        self._bind(binding.impl, name, binding.buffers[name], name in self._input_names)
 
     def run_impl(self, binding: Binding) -> None:
         self.session.run_with_iobinding(binding.impl, self._run_options)

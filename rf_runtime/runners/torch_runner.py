@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from rf_runtime.dtypes import torch_dtypes
 from rf_runtime.errors import require
 from rf_runtime.runners.base import ITEMSIZE, Binding, Buffer, GraphSpec, Runner, RunnerError
-
-
-def _torch_dtypes(torch):
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
-            "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
 
 
 class TorchRunner(Runner):
@@ -32,7 +28,7 @@ class TorchRunner(Runner):
 
     def activate_impl(self) -> None:
         self.torch = require("torch", "torch")
-        self._dtypes = _torch_dtypes(self.torch)
+        self._dtypes = torch_dtypes()
         if hasattr(self.module, "eval"):
             self.module.eval()
 

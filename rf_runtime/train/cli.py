@@ -21,6 +21,9 @@ from rf_runtime.errors import RFError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rf-train", description="Re-DMD training of a causal Reward Forcing student "
                                 "(Self-Forcing rollouts, reward-weighted DMD, EMA-Sink cache).")
+    from rf_runtime.cli import add_version
+
+    add_version(p)
     p.add_argument("--config", required=True, help="YAML or JSON training config (see configs/tiny_redmd.yaml)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from a checkpoint: PATH, or without a value the newest one in output_dir")

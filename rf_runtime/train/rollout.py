@@ -1,7 +1,7 @@
 """The student's own autoregressive rollout (Self Forcing), through the inference cache code.
 
 The student generates a clip chunk by chunk exactly as the runtime streams it
-(``rf_runtime.sampler.ChunkRollout``: the denoising steps, the clean-context pass at t = 0, the
+(``rf_runtime.models.rollout.chunk_loop``: the denoising steps, the clean-context pass at t = 0, the
 commit into the sink + window cache), except that every chunk stops at one *exit step* k, drawn
 once per rollout and shared by all chunks (and by all ranks). Only the exit step of each chunk
 runs with gradient; the steps before it and the clean-context cache pass run without, so the
@@ -26,7 +26,8 @@ import dataclasses
 import torch
 
 from rf_runtime.errors import InputError
-from rf_runtime.sampler import ChunkRollout, StreamSettings, check_noise
+from rf_runtime.models.rollout import rollout_clip
+from rf_runtime.sampler import StreamSettings
 
 
 def training_settings(settings: StreamSettings, fold_in_training: bool) -> StreamSettings:
@@ -47,28 +48,11 @@ def self_forcing_rollout(model, text_embeds: torch.Tensor, noise: torch.Tensor, 
 
     model: the causal student (``CausalDiT``); text_embeds [B, L, text_dim].
     noise [B, F, C, H, W]: every chunk's initial noise; renoise_noise [S-1, B, F, C, H, W]: the fresh
-        noise after step k (as ``sampler.generate_latents`` takes them).
+        noise after step k (as ``generate_latents`` takes them).
     exit_step: 0..S-1, shared by all chunks.
     Returns x0 [B, F, C, H, W]; with ``with_grad`` it carries the gradient of the exit steps (and of
     the text conditioning through the cross-attention K/V).
     """
-    check_noise(noise, renoise_noise, settings, model.config.in_dim)
     if not 0 <= exit_step < settings.num_steps:
         raise InputError(f"exit_step must be in [0, {settings.num_steps - 1}], got {exit_step}")
-    with torch.set_grad_enabled(with_grad):
-        rollout = ChunkRollout.for_prompt(model, text_embeds, noise.shape, settings)
-    c = settings.chunk_frames
-    chunks = []
-    for i in range(noise.shape[1] // c):
-        frames = slice(i * c, (i + 1) * c)
-        x = noise[:, frames]
-        with torch.no_grad():  # the steps before the exit step: no gradient
-            for k in range(exit_step):
-                _, x = rollout.denoise_step(x, k, renoise_noise[k][:, frames])
-        with torch.set_grad_enabled(with_grad):  # the exit step: gradient only here
-            x0, _ = rollout.denoise_step(x, exit_step, None)
-        chunks.append(x0)
-        with torch.no_grad():
-            # rerun with timestep zero to update the KV cache using clean context (no gradient)
-            rollout.cache_pass(x0.detach())
-    return torch.cat(chunks, dim=1)
+    return rollout_clip(model, text_embeds, noise, renoise_noise, settings, exit_step=exit_step, with_grad=with_grad)

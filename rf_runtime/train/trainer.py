@@ -91,8 +91,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, ctx: D.DistContext | None = None, reward_model=None):
-        from rf_runtime.models import CausalDiT, VAEConfig, WanVAE
-        from rf_runtime.torch_backend import DEFAULT_HW, find_vae, latent_hw_for, read_model_card, text_encoder_from_card
+        from rf_runtime import model_dir
 
         self.config = cfg = config
         if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -114,7 +113,7 @@ class Trainer:
         self.step = 0
 
         student_dir = cfg.student or cfg.teacher
-        card = read_model_card(student_dir)
+        card = model_dir.read_card(student_dir)
         self.stream = self._stream_settings(card)
         if cfg.num_frames % self.stream.chunk_frames:
             raise ConfigError(f"num_frames ({cfg.num_frames}) must be a multiple of chunk_frames "
@@ -125,24 +124,21 @@ class Trainer:
         # --- models -------------------------------------------------------------------------
         # the frozen teacher is stored in bf16 on GPUs (it only runs under bf16 autocast there)
         teacher_dtype = torch.bfloat16 if self.autocast else torch.float32
-        self.teacher = CausalDiT.from_pretrained(cfg.teacher).to(self.device, teacher_dtype).eval().requires_grad_(False)
-        self.critic = CausalDiT.from_pretrained(cfg.critic or cfg.teacher).to(self.device).eval()
-        self.student = CausalDiT.from_pretrained(student_dir, cfg.student_checkpoint).to(self.device).eval()
+        self.teacher = model_dir.load_dit(cfg.teacher).to(self.device, teacher_dtype).eval().requires_grad_(False)
+        self.critic = model_dir.load_dit(cfg.critic or cfg.teacher).to(self.device).eval()
+        self.student = model_dir.load_dit(student_dir, cfg.student_checkpoint).to(self.device).eval()
         for name, m in (("critic", self.critic), ("student", self.student)):
             if m.config.text_dim != self.teacher.config.text_dim or m.config.in_dim != self.teacher.config.in_dim:
                 raise ConfigError(f"the {name} and the teacher differ in text_dim or latent channels: they must share "
                                   "the text encoder and the VAE")
-        self.vae = WanVAE.from_pretrained(find_vae(student_dir), VAEConfig(**card["vae"]) if "vae" in card else None)
-        self.vae = self.vae.to(self.device).eval().requires_grad_(False)
+        self.vae = model_dir.load_vae(student_dir, card).to(self.device).eval().requires_grad_(False)
         if self.autocast and card.get("text_encoder", {}).get("kind", "umt5") == "umt5":
             # umT5-XXL runs every step on the prompts: keep it on the GPU, in bf16 (~11 GB)
-            from rf_runtime.models.text_encoder import load_text_encoder
-
-            self.text_encoder = load_text_encoder(student_dir, device=str(self.device), dtype="bfloat16")
+            self.text_encoder = model_dir.load_text_encoder(student_dir, card, device=str(self.device), dtype="bfloat16")
         else:
-            self.text_encoder = text_encoder_from_card(card, student_dir)
-        h, w = cfg.resolution or card.get("resolution", DEFAULT_HW)
-        self.latent_hw = latent_hw_for(h, w, self.vae.config.stride[1], self.student.config.patch_size[1:])
+            self.text_encoder = model_dir.load_text_encoder(student_dir, card)
+        h, w = cfg.resolution or model_dir.resolution(card)
+        self.latent_hw = model_dir.latent_hw_for(h, w, self.vae.config.stride[1], self.student.config.patch_size[1:])
         self.prompts = read_prompts(cfg.prompts)
         self.reward_model = reward_model if reward_model is not None else self._reward_model()
 

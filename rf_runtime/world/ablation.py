@@ -9,7 +9,6 @@ it with ``rf_runtime.eval``. Results: one row per run, aggregated per (model, va
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rf_runtime.errors import ConfigError
-from rf_runtime.eval import evaluate
+from rf_runtime.world.adherence import evaluate
 from rf_runtime.sampler import StreamSettings
 
 logger = logging.getLogger("rf_runtime")
@@ -46,12 +45,10 @@ class Run:
     seconds_to_generate: float
 
 
-def settings_for(model_dir: str, overrides: dict) -> StreamSettings:
-    from rf_runtime.torch_backend import read_model_card
+def settings_for(path: str, overrides: dict) -> StreamSettings:
+    from rf_runtime import model_dir
 
-    stream = dict(read_model_card(model_dir).get("stream", {}))
-    stream.update(overrides)
-    return StreamSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in stream.items()})
+    return model_dir.stream_settings(model_dir.read_card(path), **overrides)
 
 
 def run_one(model, overrides: dict, prompt: str, seed: int, seconds: float):
@@ -189,7 +186,8 @@ def paired_table(rows: list[dict]) -> str:
 def write_report(runs: list[Run], out_dir: str, command: str) -> list[str]:
     """ablation.json (every run), ablation.md (the table + the command), and plots (matplotlib)."""
     from rf_runtime.errors import require
-    from rf_runtime.world.training import atomic_save, save_json
+    from rf_runtime.files import atomic_save
+    from rf_runtime.world.training import save_json
 
     os.makedirs(out_dir, exist_ok=True)
     rows = summarize(runs)

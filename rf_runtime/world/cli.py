@@ -31,6 +31,9 @@ def _common(p, steps, batch, lr):
 
 def _parser():
     p = argparse.ArgumentParser(prog="rf-world", description="Train the small procedural-world model on CPU.")
+    from rf_runtime.cli import add_version
+
+    add_version(p)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     sub = p.add_subparsers(dest="command", required=True)
@@ -123,7 +126,7 @@ def _run(args) -> int:
             with open(tmp, "w") as f:
                 f.write(lines)
 
-        T.atomic_save(write, args.out)
+        T.atomic_save(write, args.out, create_folder=True)
         print(f"wrote {args.count} prompts to {args.out}")
         return 0
     cfg = T.TINY if args.tiny else T.WorldConfig()
@@ -179,7 +182,7 @@ def _sample(args, cfg) -> None:
     import numpy as np
     import torch
 
-    from rf_runtime.backend import to_uint8_frames
+    from rf_runtime.backends.base import to_uint8_frames
     from rf_runtime.world import training as T
 
     dit, vae = T.load_dit(args.dit), T.load_vae(args.vae)
@@ -200,7 +203,7 @@ def _sample(args, cfg) -> None:
 
         plt.imsave(tmp, grid, format="png")
 
-    T.atomic_save(write, args.out)
+    T.atomic_save(write, args.out, create_folder=True)
 
 
 def _ablate(args) -> int:

@@ -10,7 +10,7 @@ returns the trained module and a list of per-step logs:
 2. ``train_teacher``: ``CausalDiT.forward_full`` on whole latent clips, flow matching
    (x_t = (1 - s) x0 + s eps, target v = eps - x0), s drawn through the shift-5 table (SPEC 2, 6).
 3. ``train_student``: the same weights run causally, chunk by chunk, through the streaming KV cache
-   (``sampler.ChunkRollout``: sink + window + EMA-Sink fold) with clean context from the data
+   (``models.rollout.chunk_loop``: sink + window + EMA-Sink fold) with clean context from the data
    (teacher forcing); the loss is the same flow-matching loss on each noisy chunk. Half of the
    chunks are noised at the sampler's own steps, which are the only ones the student runs at.
 
@@ -29,11 +29,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from rf_runtime import model_dir
 from rf_runtime.errors import ConfigError, InputError
+from rf_runtime.files import atomic_save, atomic_write_json, json_ready
 from rf_runtime.models import CausalDiT, DiTConfig
-from rf_runtime.models.hashed_text import HashedTextEncoder
+from rf_runtime.models.rollout import ChunkRollout, chunk_loop
 from rf_runtime.models.vae import VAEConfig, WanVAE
-from rf_runtime.sampler import ChunkRollout, StreamSettings
+from rf_runtime.sampler import StreamSettings, shift_sigma
+from rf_runtime.text.hashed import HashedTextEncoder
 from rf_runtime.world import procedural
 
 logger = logging.getLogger("rf_runtime")
@@ -141,7 +144,7 @@ class LatentData:
         from safetensors.torch import save_file
 
         atomic_save(lambda tmp: save_file({"latents": self.latents.contiguous(), "text": self.text.contiguous()}, tmp,
-                                          metadata={"prompts": json.dumps(self.prompts)}), path)
+                                          metadata={"prompts": json.dumps(self.prompts)}), path, create_folder=True)
 
     @classmethod
     def load(cls, path: str) -> "LatentData":
@@ -308,11 +311,6 @@ def shifted_sigma(rng: np.random.Generator, size, shift: float) -> np.ndarray:
     return shift_sigma(rng.uniform(0.0, 1.0, size=size), shift)
 
 
-def shift_sigma(s, shift: float):
-    """s' = shift s / (1 + (shift - 1) s): the flow-matching noise-level warp (SPEC 2), elementwise."""
-    return shift * s / (1.0 + (shift - 1.0) * s)
-
-
 def foreground_weight(x0: torch.Tensor, fg_weight: float, threshold: float = 0.75) -> torch.Tensor | None:
     """Per-position loss weights for latents [B, F, C, H, W]: 1 + fg_weight where any channel differs from
     the frame's median latent (the background: it covers most of a frame) by more than ``threshold``
@@ -429,8 +427,8 @@ def student_loss(model: CausalDiT, latents, text, rng: np.random.Generator, sett
         raise ConfigError(f"clips of {f} latent frames do not split into chunks of {c}")
     sched_sigma = np.array(settings.schedule().sigma)
     rollout = ChunkRollout.for_prompt(model, text, latents.shape, settings)
-    losses = []
-    for i in range(f // c):
+
+    def chunk(i):  # teacher forcing: predict the noised data chunk; the data's clean chunk is committed
         x0 = latents[:, i * c:(i + 1) * c]
         sigma = shifted_sigma(rng, b, settings.shift)
         use_sched = rng.random(b) < sampler_fraction
@@ -439,13 +437,11 @@ def student_loss(model: CausalDiT, latents, text, rng: np.random.Generator, sett
         eps = torch.randn_like(x0)
         x_t = (1 - sigma) * x0 + sigma * eps
         t = (sigma.view(b, 1) * 1000).expand(b, c)
-        valid = rollout.spec.valid_frames(rollout.chunks_committed)
-        # the cache is updated in place below: give the differentiable forward its own copy
-        pred, _, _ = model.forward_chunk(x_t, t, rollout.text_k, rollout.text_v, rollout.cache_k.clone(),
-                                         rollout.cache_v.clone(), valid)
-        losses.append(flow_loss(pred, x0, eps, foreground_weight(x0, fg_weight)))
-        with torch.no_grad():
-            rollout.cache_pass(x0)  # rerun with timestep zero to update the KV cache using clean context
+        # the cache is updated in place after this chunk: the differentiable forward reads its own copy
+        pred = rollout.predict(x_t, t, copy_cache=True)
+        return x0, flow_loss(pred, x0, eps, foreground_weight(x0, fg_weight))
+
+    losses = chunk_loop(rollout, f // c, chunk)
     loss = torch.stack(losses).mean()
     return loss, {"loss": float(loss.detach()), **{f"loss_chunk{i}": float(v.detach()) for i, v in enumerate(losses)}}
 
@@ -466,39 +462,16 @@ def train_student(cfg: WorldConfig, data: LatentData, teacher: CausalDiT, *, ste
 # --------------------------------------------------------------------------------------------
 
 
-def atomic_save(write, path: str) -> str:
-    """Call ``write(tmp_path)`` then rename onto ``path``: the file appears complete or not at all."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def save_weights(module: torch.nn.Module, path: str) -> str:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    return atomic_save(lambda tmp: save_file(state, tmp), path)
+    return model_dir.save_weights(module, path, create_folder=True)
 
 
 def save_json(obj, path: str) -> str:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-
-    return atomic_save(write, path)
+    return atomic_write_json(path, obj, create_folder=True)
 
 
 def vae_config_dict(config: VAEConfig) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return json_ready(dataclasses.asdict(config))
 
 
 def load_vae(path: str) -> WanVAE:
@@ -527,14 +500,7 @@ def save_dit(model: CausalDiT, path: str) -> str:
 
 
 def write_model_dir(path: str, cfg: WorldConfig, dit: CausalDiT, vae: WanVAE, model_card: dict | None = None) -> str:
-    """The layout ``Streamer.from_checkpoint`` reads: config.json, diffusion_pytorch_model.safetensors,
-    vae.safetensors, rf_runtime.json (VAE config, stream settings, resolution, text encoder, card)."""
-    os.makedirs(path, exist_ok=True)
-    save_json(dict(dit.config.to_dict(), _class_name="WanModel"), os.path.join(path, "config.json"))
-    save_weights(dit, os.path.join(path, "diffusion_pytorch_model.safetensors"))
-    save_weights(vae, os.path.join(path, "vae.safetensors"))
-    stream = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg.stream).items()}
-    card = {"vae": vae_config_dict(vae.config), "stream": stream, "resolution": [cfg.height, cfg.width],
-            "text_encoder": cfg.text.to_dict(), "model_card": model_card or {}}
-    save_json(card, os.path.join(path, "rf_runtime.json"))
-    return path
+    """A model folder (``rf_runtime.model_dir``) of the world model: its stream settings, resolution and
+    text encoder in the card."""
+    return model_dir.write(path, dit, vae, text_encoder=cfg.text.to_dict(), stream=cfg.stream,
+                           resolution=(cfg.height, cfg.width), model_card=model_card)

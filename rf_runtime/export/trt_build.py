@@ -116,7 +116,8 @@ def build_plans(bundle_dir, *, precision: str = "fp16", workspace_mib: int = 409
         base, prec = graph.partition("@")[0], precision
         rel_path = f"{base}.{prec}.plan" if prec != "fp32" else f"{base}.plan"
         atomic_write(os.path.join(bundle_dir, rel_path), lambda f: f.write(serialized), what="the TensorRT plan")
-        _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+        timing = bytes(config.get_timing_cache().serialize())
+        atomic_write(cache_path, lambda f: f.write(timing), what="the timing cache")
         built[graph] = rel_path
     return record_plans(bundle_dir, manifest, built, tensorrt_version=trt.__version__, compute_capability=capability,
                         device_name=device_name, precision=precision)

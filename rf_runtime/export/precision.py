@@ -4,7 +4,7 @@ TensorRT 11 only builds strongly typed networks: every tensor's element type com
 graph, nothing is chosen by the builder. ``lower_graph`` rewrites a traced fp32 graph into such a
 graph, with one explicit element type per tensor and explicit ``Cast`` nodes where types change:
 
-* it first folds every shape computation (``export.onnx_fold``), so no untyped shape arithmetic or
+* it first folds every shape computation (``rf_runtime.export.onnx_fold``), so no untyped shape arithmetic or
   ``If`` subgraph is left;
 * each node computes either in the low precision or in float32. Float32 are the numerically
   sensitive parts, as the PyTorch reference keeps them: the nodes inside normalization modules
@@ -39,9 +39,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export import onnx_files
-from export.onnx_files import save_onnx
-from export.onnx_fold import fold_constants
+from rf_runtime.export import onnx_files
+from rf_runtime.export.onnx_files import save_onnx
+from rf_runtime.export.onnx_fold import fold_constants
 from rf_runtime.errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -164,7 +164,7 @@ def lower_graph(model: onnx.ModelProto, precision: str, policy: GraphPolicy) -> 
 
     graph = helper.make_graph(nodes, f"{g.name}_{precision}", io(g.input), io(g.output), initializers)
     lowered = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
-                                producer_name="rf_runtime export.precision")
+                                producer_name="rf_runtime rf_runtime.export.precision")
     if lowered.ByteSize() < PROTOBUF_LIMIT:  # larger graphs are checked from their file (lower_file)
         _check(lowered, precision)
     return lowered
@@ -342,8 +342,8 @@ def graph_policies(dit, vae) -> dict:
     """The low-precision policy of every graph of a bundle (see the module docstring)."""
     import torch.nn as nn
 
-    from export.dit_graph import CacheUpdate, DiTStep, TextKV
-    from export.vae_graph import DecodeFirst, DecodeNext
+    from rf_runtime.export.dit_graph import CacheUpdate, DiTStep, TextKV
+    from rf_runtime.export.vae_graph import DecodeFirst, DecodeNext
     from rf_runtime.models import dit as dit_module
     from rf_runtime.models import vae as vae_module
 

@@ -10,7 +10,7 @@ from rf_runtime.bundle import TRAINING_STAGES
 
 
 def _precisions(text: str) -> tuple[str, ...]:
-    from export.precision import PRECISIONS
+    from rf_runtime.export.precision import PRECISIONS
 
     items = tuple(p.strip() for p in text.split(",") if p.strip())
     bad = [p for p in items if p not in PRECISIONS]
@@ -20,7 +20,7 @@ def _precisions(text: str) -> tuple[str, ...]:
 
 
 def _backends(text: str) -> tuple[str, ...]:
-    from export.verify import BACKENDS
+    from rf_runtime.export.verify import BACKENDS
 
     items = tuple(b.strip() for b in text.split(",") if b.strip())
     bad = [b for b in items if b not in BACKENDS]
@@ -41,6 +41,9 @@ def _positive_mib(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rf-export", description="Export a model to an engine bundle.")
+    from rf_runtime.cli import add_version
+
+    add_version(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     onnx = sub.add_parser("onnx", help="ONNX bundle: fp32 for onnxruntime, optional fp16/bf16 for TensorRT")
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     if args.command == "onnx":
-        from export.bundle_builder import build_bundle
+        from rf_runtime.export.bundle_builder import build_bundle
 
         card = {k: v for k, v in (("training_stage", args.training_stage), ("name", args.name),
                                   ("longest_tested_frames", args.longest_tested_frames)) if v is not None}
@@ -91,7 +94,7 @@ def _run(args) -> int:
                             precisions=args.precision)
         print(f"wrote bundle {path}")
     elif args.command == "trt":
-        from export.trt_build import build_plans
+        from rf_runtime.export.trt_build import build_plans
 
         graphs = [g.strip() for g in args.graphs.split(",")] if args.graphs else None
         plans = build_plans(args.bundle, precision=args.precision, workspace_mib=args.workspace_mib,
@@ -100,7 +103,7 @@ def _run(args) -> int:
             print(f"built {name}: {entry['file']} (TensorRT {entry['tensorrt_version']}, "
                   f"compute capability {entry['compute_capability']}, {entry['device_name']})")
     else:
-        from export.verify import format_table, verify_bundle
+        from rf_runtime.export.verify import format_table, verify_bundle
 
         rows = verify_bundle(args.bundle, args.model_dir, args.checkpoint, backends=args.backends, seed=args.seed)
         print(format_table(rows))

@@ -2,38 +2,28 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from rf_runtime.backend import Backend, ModelInfo, StateArrays, StreamState, to_uint8_frames
-from rf_runtime.errors import CheckpointError, ConfigError, require
-from rf_runtime.sampler import ChunkRollout, StreamSettings
+from rf_runtime import model_dir
+from rf_runtime.backends.base import Backend, ModelInfo, StateArrays, StreamState, to_uint8_frames
+from rf_runtime.errors import require
+from rf_runtime.model_dir import check_text_encoder, latent_hw_for
+from rf_runtime.sampler import StreamSettings
 
 torch = require("torch", "torch")
 
-MODEL_CARD = "rf_runtime.json"
-DEFAULT_HW = (480, 832)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from rf_runtime.models.rollout import ChunkRollout  # noqa: E402  (after the check that torch is installed)
+
+DEFAULT_HW = model_dir.DEFAULT_HW
 
 
 @dataclass
 class _TorchStream:
-    rollout: ChunkRollout
+    rollout: ChunkRollout  # text K/V, KV cache and the one chunks_committed counter
     decoder: object  # VAEStreamDecoder
     latents: object  # [K, 1, f, C, H, W] ring of the last K chunks' clean latents (for a prompt switch)
-
-
-def latent_hw_for(height: int, width: int, spatial_stride: int, patch_hw: tuple[int, int]) -> tuple[int, int]:
-    """Latent size for a video size; both must land on whole patches."""
-    unit_h, unit_w = spatial_stride * patch_hw[0], spatial_stride * patch_hw[1]
-    if height <= 0 or width <= 0 or height % unit_h or width % unit_w:
-        raise ConfigError(f"height x width = {height}x{width} must be positive multiples of {unit_h}x{unit_w} "
-                          f"(VAE stride {spatial_stride} x patch {patch_hw}); 480x832 is the released size")
-    return height // spatial_stride, width // spatial_stride
 
 
 class TorchBackend(Backend):
@@ -44,9 +34,7 @@ class TorchBackend(Backend):
         self.dit, self.vae, self.text_encoder = dit.eval(), vae.eval(), text_encoder
         settings = settings or StreamSettings()
         cfg = dit.config
-        if getattr(text_encoder, "text_dim", cfg.text_dim) != cfg.text_dim:
-            raise ConfigError(f"the text encoder gives {text_encoder.text_dim}-dim embeddings but the DiT expects "
-                              f"text_dim={cfg.text_dim}: pair the DiT with the text encoder it was trained with")
+        check_text_encoder(cfg, text_encoder)
         stride = vae.config.stride
         latent_hw = latent_hw_for(height, width, stride[1], cfg.patch_size[1:])
         self.info = ModelInfo(latent_channels=cfg.in_dim, latent_hw=latent_hw, vae_stride=stride, settings=settings)
@@ -55,28 +43,13 @@ class TorchBackend(Backend):
         self._vae_cache_shapes = None  # found on first use by decoding one frame
 
     @classmethod
-    def from_dir(cls, model_dir, checkpoint=None, *, vae_path=None, text_encoder=None, settings=None,
+    def from_dir(cls, path, checkpoint=None, *, vae_path=None, text_encoder=None, settings=None,
                  height=None, width=None, device="cpu", dtype="float32", use_ema=True) -> "TorchBackend":
-        from rf_runtime.models import CausalDiT, VAEConfig, WanVAE
-
-        model_dir = os.fspath(model_dir)
-        if not os.path.isdir(model_dir):
-            raise CheckpointError(f"model directory {model_dir} does not exist: pass a Wan2.1-style directory "
-                                  "(config.json, diffusion_pytorch_model.safetensors, Wan2.1_VAE.pth, text encoder)")
-        if dtype not in _DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        card = read_model_card(model_dir)
-        dit = CausalDiT.from_pretrained(model_dir, checkpoint, use_ema=use_ema)
-        vae_cfg = VAEConfig(**card["vae"]) if "vae" in card else VAEConfig()
-        vae = WanVAE.from_pretrained(vae_path or find_vae(model_dir), vae_cfg)
-        if text_encoder is None:
-            text_encoder = text_encoder_from_card(card, model_dir)
-        if settings is None:
-            settings = StreamSettings(**card.get("stream", {}))
-        hw = card.get("resolution", DEFAULT_HW)
-        dit = dit.to(device=device, dtype=_DTYPES[dtype])
-        vae = vae.to(device=device, dtype=_DTYPES[dtype])
-        return cls(dit, vae, text_encoder, settings, hw[0] if height is None else height,  # 0 is refused, not the default
+        """The models of a model folder (``rf_runtime.model_dir``) on ``device`` in ``dtype``."""
+        m = model_dir.load(path, checkpoint, vae_path=vae_path, text_encoder=text_encoder, settings=settings,
+                           use_ema=use_ema, device=device, dtype=dtype)
+        hw = m.resolution
+        return cls(m.dit, m.vae, m.text_encoder, m.settings, hw[0] if height is None else height,  # 0 is refused
                    hw[1] if width is None else width)
 
     # ---- Backend ---------------------------------------------------------------------------
@@ -102,7 +75,6 @@ class TorchBackend(Backend):
     def cache_pass(self, state: StreamState, x0) -> None:
         with torch.no_grad():
             state.device.rollout.cache_pass(x0)
-        state.chunks_committed = state.device.rollout.chunks_committed
 
     def decode(self, state: StreamState, x0) -> np.ndarray:
         with torch.no_grad():
@@ -122,7 +94,6 @@ class TorchBackend(Backend):
 
     def set_cache_fill(self, state: StreamState, chunks_committed: int) -> None:
         state.device.rollout.chunks_committed = chunks_committed
-        state.chunks_committed = chunks_committed
 
     def export_state(self, state: StreamState) -> StateArrays:
         dev = state.device
@@ -170,45 +141,3 @@ class TorchBackend(Backend):
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device), "precision": str(self.dtype).replace("torch.", ""),
                 "threads": torch.get_num_threads(), "torch": torch.__version__}
-
-
-def read_model_card(model_dir: str) -> dict:
-    """The optional ``rf_runtime.json`` of a model directory (VAE config, stream settings, resolution)."""
-    path = os.path.join(model_dir, MODEL_CARD)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        card = json.load(f)
-    known = {"vae", "stream", "resolution", "text_encoder", "model_card"}
-    unknown = set(card) - known
-    if unknown:
-        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
-    names = {f.name for f in dataclasses.fields(StreamSettings)}
-    bad = set(card.get("stream", {})) - names
-    if bad:
-        raise ConfigError(f"{path}: unknown stream settings {sorted(bad)}; valid are {sorted(names)}")
-    return card
-
-
-def text_encoder_from_card(card: dict, model_dir: str):
-    """The text encoder a model directory names: ``{"kind": "hashed", ...}`` in its card, or umT5 files."""
-    spec = dict(card.get("text_encoder", {}))
-    kind = spec.pop("kind", "umt5")
-    if kind == "hashed":
-        from rf_runtime.models.hashed_text import HashedTextEncoder
-
-        return HashedTextEncoder(**spec)
-    if kind != "umt5":
-        raise ConfigError(f"{model_dir}/{MODEL_CARD}: unknown text_encoder kind {kind!r}; use 'umt5' or 'hashed'")
-    from rf_runtime.models.text_encoder import load_text_encoder
-
-    return load_text_encoder(model_dir)
-
-
-def find_vae(model_dir: str) -> str:
-    for name in ("Wan2.1_VAE.pth", "vae.safetensors", "vae.pth"):
-        path = os.path.join(model_dir, name)
-        if os.path.isfile(path):
-            return path
-    raise CheckpointError(f"no VAE weights in {model_dir}: expected Wan2.1_VAE.pth or vae.safetensors "
-                          "(or pass vae_path=...)")

@@ -11,7 +11,7 @@ its buffers once, in ``new_stream``, and binds them once:
     the clean latents of the last chunks the cache holds (a ring, re-cached by a prompt switch)
 
 A umT5 bundle's ``text_encoder`` graph gets a runner too (run once per prompt by
-``rf_runtime.text_onnx.OnnxTextEncoder``, with the bundle's tokenizer), so no torch is needed.
+``rf_runtime.text.umt5_onnx.OnnxTextEncoder``, with the bundle's tokenizer), so no torch is needed.
 
 Per chunk only buffer addresses are rebound, x0 is copied into its ring slot, nothing is allocated,
 and the only new array is the uint8 frames returned to the caller. Several streams can run on one backend:
@@ -21,27 +21,26 @@ they share the runners and tables, never buffers.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from rf_runtime.backend import Backend, ModelInfo, StateArrays, StreamState
-from rf_runtime.bundle import Bundle, BundleError
+from rf_runtime import graph_io
+from rf_runtime.backends.base import Backend, ModelInfo, StateArrays, StreamState, to_uint8_frames
+from rf_runtime.backends.select import choose_backend, plan_names
+from rf_runtime.bundle import MANIFEST, Bundle, BundleError
 from rf_runtime.cache import commit_matrix
-from rf_runtime.errors import ConfigError, InputError, require
-from rf_runtime.positions import rope_tables_np, timestep_sinusoid_np
+from rf_runtime.errors import InputError
+from rf_runtime.graph_io import CACHE_UPDATE, DIT_STEP, GRAPHS, TEXT_ENCODER, TEXT_KV, VAE_DECODE, VAE_DECODE_FIRST
+from rf_runtime.positions import chunk_tables, timestep_sinusoid_np
 from rf_runtime.runners import Binding, Buffer, OnnxRuntimeRunner, Runner, TensorRTRunner
 from rf_runtime.runners.onnxruntime_runner import CpuThreads, usable_cores
 from rf_runtime.sampler import StreamSettings
+from rf_runtime.text import text_encoder_from_spec
 
 logger = logging.getLogger("rf_runtime")
 
-GRAPHS = ("text_kv", "dit_step", "cache_update", "vae_decode_first", "vae_decode")
-TEXT_GRAPH = "text_encoder"  # umT5 bundles only; run like the other graphs, once per prompt
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
-DEVICES = ("cpu", "cuda")
-VAE_GRAPHS = ("vae_decode_first", "vae_decode")
+VAE_GRAPHS = (VAE_DECODE_FIRST, VAE_DECODE)
 
 
 def cpu_threads(graph: str, threads: CpuThreads | int | None, cores: int | None = None) -> CpuThreads:
@@ -57,65 +56,6 @@ def cpu_threads(graph: str, threads: CpuThreads | int | None, cores: int | None 
     if threads is not None:
         return CpuThreads(threads) if isinstance(threads, int) else threads
     return CpuThreads(cores or usable_cores()) if graph in VAE_GRAPHS else CpuThreads(1)
-
-
-def plan_names(bundle: Bundle) -> dict[str, str]:
-    """For each runtime graph, the plan built from it (``dit_step`` or a variant ``dit_step@fp16``)."""
-    found = {}
-    for graph in GRAPHS:
-        names = sorted(p for p in bundle.plans if p == graph or p.split("@")[0] == graph)
-        if names:
-            found[graph] = graph if graph in names else names[0]
-    return found
-
-
-def tensorrt_here() -> tuple[str | None, str | None]:
-    """(TensorRT version, GPU compute capability) of this machine; None for what is missing."""
-    try:
-        trt = require("tensorrt", "gpu")
-    except ImportError:
-        return None, None
-    from rf_runtime.runners.tensorrt_runner import current_gpu
-
-    gpu = current_gpu()
-    return trt.__version__, (gpu[0] if gpu else None)
-
-
-def choose_backend(bundle: Bundle, backend: str, device: str, here=tensorrt_here) -> str:
-    """"onnxruntime" or "tensorrt" for this bundle on this machine; never a silent fallback from
-    an explicit choice. ``here`` gives (TensorRT version, compute capability)."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if device not in DEVICES:
-        raise ConfigError(f"device must be one of {list(DEVICES)}, got {device!r}")
-    if backend == "onnxruntime":
-        return backend
-    if device != "cuda":
-        if backend == "tensorrt":
-            raise ConfigError("TensorRT runs on a CUDA GPU: use device='cuda' with backend='tensorrt', or "
-                              "backend='onnxruntime' for the CPU")
-        return "onnxruntime"
-    plans = plan_names(bundle)
-    if backend == "tensorrt":
-        version, capability = here()
-        if version is None:
-            require("tensorrt", "gpu")  # raises MissingDependencyError naming rf_runtime[gpu]
-        if capability is None:
-            from rf_runtime.runners.tensorrt_runner import import_cudart
-
-            import_cudart()  # cuda-python missing: MissingDependencyError naming rf_runtime[gpu]
-        bundle.check_plans([plans.get(g, g) for g in GRAPHS], version, capability)
-        return "tensorrt"
-    if len(plans) < len(GRAPHS):
-        logger.info("bundle %s has no TensorRT plans for every graph: running it with onnxruntime", bundle.path)
-        return "onnxruntime"
-    version, capability = here()
-    problems = {n: p for n, p in bundle.plan_problems(version, capability).items() if n in plans.values()}
-    if problems:
-        logger.info("not using the bundle's TensorRT plans (%s): running it with onnxruntime",
-                    "; ".join(f"{n}: {p}" for n, p in problems.items()))
-        return "onnxruntime"
-    return "tensorrt"
 
 
 @dataclass
@@ -136,6 +76,7 @@ class _Stream:
     kv_cur: int = 0  # which cache copy is current
     vae_cur: int = 0  # which VAE cache copy is current
     vae_started: bool = False
+    chunks_committed: int = 0  # chunks written into the KV cache since it was last (re)filled
 
 
 class EngineBackend(Backend):
@@ -144,7 +85,7 @@ class EngineBackend(Backend):
         m = bundle.manifest
         self.bundle, self.name, self.device = bundle, backend, device
         self.model = m["model"]
-        settings = StreamSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["stream"].items()})
+        settings = StreamSettings.from_dict(m["stream"], f"{bundle.path}/{MANIFEST}")
         self.info = ModelInfo(latent_channels=self.model["latent_channels"], latent_hw=tuple(self.model["latent_hw"]),
                               vae_stride=tuple(self.model["vae_stride"]), settings=settings, fps=self.model["fps"])
         self.model_card = bundle.model_card
@@ -154,7 +95,8 @@ class EngineBackend(Backend):
         self.runners = self._make_runners(backend, device, cuda_graph, threads)
         for runner in self.runners.values():
             runner.activate()
-        self.text_encoder = _text_encoder(m["text_encoder"], bundle, self.runners.get(TEXT_GRAPH))
+        self.text_encoder = text_encoder_from_spec(m["text_encoder"], f"{bundle.path}/{MANIFEST}",
+                                                   bundle_dir=bundle.path, runner=self.runners.get(TEXT_ENCODER))
         self._check_geometry()
         self._tables()
 
@@ -179,28 +121,35 @@ class EngineBackend(Backend):
         if b.manifest["text_encoder"].get("kind") == "umt5":  # the umT5 graph: once per prompt
             graph = b.manifest["text_encoder"]["graph"]  # Bundle.load checked that it is one of the graphs
             if backend == "tensorrt" and graph in b.plans:
-                runners[TEXT_GRAPH] = TensorRTRunner(b.file(b.plans[graph]["file"]), b.graphs[graph], name=graph)
+                runners[TEXT_ENCODER] = TensorRTRunner(b.file(b.plans[graph]["file"]), b.graphs[graph], name=graph)
             else:
                 if backend == "tensorrt":
                     logger.info("bundle %s has no TensorRT plan for %s: the text encoder runs on onnxruntime (%s); "
                                 "`rf-export trt BUNDLE --precision fp32 --graphs %s` builds one", b.path, graph,
                                 device, graph)
-                runners[TEXT_GRAPH] = OnnxRuntimeRunner(
+                runners[TEXT_ENCODER] = OnnxRuntimeRunner(
                     b.graph_file(graph), b.graphs[graph], device=device, name=graph,
-                    threads=cpu_threads(TEXT_GRAPH, threads) if device == "cpu" else None)
+                    threads=cpu_threads(TEXT_ENCODER, threads) if device == "cpu" else None)
         return runners
 
     def _check_geometry(self) -> None:
-        """The graphs' tensor shapes must be the ones the manifest's model and stream settings imply."""
+        """The graphs' tensor names must be the contract's (``rf_runtime.graph_io``), and their shapes
+        the ones the manifest's model and stream settings imply."""
         dit, r = self.model["dit"], self.runners
+        slots = len(self._vae_cache_names())
+        for name, runner in r.items():
+            problem = graph_io.mismatch(name, runner.graph.input_names(), runner.graph.output_names(), slots)
+            if problem:
+                raise BundleError(f"graph {runner.name} of {self.bundle.path}: {problem}; rebuild the bundle with "
+                                  "`rf-export onnx`")
         grid = tuple(self.model["grid_hw"])
         self.tokens_per_frame = tpf = grid[0] * grid[1]
         c, m = self.spec.chunk_frames, self.spec.context_frames
         head_dim = dit["dim"] // dit["num_heads"]
         kv = (dit["num_layers"], 1, m * tpf, dit["num_heads"], head_dim)
         lat = (1, c, self.info.latent_channels, *self.info.latent_hw)
-        expect = {("dit_step", "x"): lat, ("dit_step", "ctx_k"): kv, ("cache_update", "ctx_k"): kv,
-                  ("cache_update", "mix"): (m, m + c), ("text_kv", "text_embeds"): (1, dit["text_len"], dit["text_dim"])}
+        expect = {(DIT_STEP, "x"): lat, (DIT_STEP, "ctx_k"): kv, (CACHE_UPDATE, "ctx_k"): kv,
+                  (CACHE_UPDATE, "mix"): (m, m + c), (TEXT_KV, "text_embeds"): (1, dit["text_len"], dit["text_dim"])}
         for (graph, tensor), shape in expect.items():
             actual = r[graph].graph.tensors[tensor].shape
             if actual != shape:
@@ -210,8 +159,8 @@ class EngineBackend(Backend):
 
     def _tables(self) -> None:
         """Everything that depends only on the step or the cache state, on the device, once."""
-        dit, upd = self.runners["dit_step"], self.runners["cache_update"]
-        c, m, tpf = self.spec.chunk_frames, self.spec.context_frames, self.tokens_per_frame
+        dit, upd = self.runners[DIT_STEP], self.runners[CACHE_UPDATE]
+        c, m = self.spec.chunk_frames, self.spec.context_frames
         sched, freq_dim = self.schedule, self.model["dit"]["freq_dim"]
 
         def const(runner, name, array):  # a buffer for input ``name``, in the graph's dtype
@@ -227,24 +176,21 @@ class EngineBackend(Backend):
                         "sigma": const(dit, "sigma", np.array([s], np.float32)),
                         "sigma_next": const(dit, "sigma_next", np.array([sn], np.float32))}
                        for t, s, sn in zip(t_all, sig, sig_next)]
-        cos_ctx, sin_ctx = rope_tables_np(range(m), self._grid, self._head_dim)
-        self._ctx_tables = {"cos_ctx": const(dit, "cos_ctx", cos_ctx), "sin_ctx": const(dit, "sin_ctx", sin_ctx)}
         # cache states: chunks committed 0, 1, ..., then every later count behaves like the last
         self._last_state = self.spec.window_slots + 1
         self._states, self._mixes = [], []
         for committed in range(self._last_state + 1):
-            valid = self.spec.valid_frames(committed)
-            cos_q, sin_q = rope_tables_np(range(valid, valid + c), self._grid, self._head_dim)
-            mask = np.concatenate([np.arange(m * tpf) < valid * tpf, np.ones(c * tpf, bool)]).astype(np.float32)
-            self._states.append({"key_mask": const(dit, "key_mask", mask), "cos_q": const(dit, "cos_q", cos_q),
-                                 "sin_q": const(dit, "sin_q", sin_q)})
+            tables = chunk_tables(m, c, self.spec.valid_frames(committed), self._grid, self._head_dim)
+            if committed == 0:
+                self._ctx_tables = {n: const(dit, n, tables[n]) for n in graph_io.CONTEXT_TABLES}
+            self._states.append({n: const(dit, n, tables[n]) for n in graph_io.STATE_TABLES})
             self._mixes.append(const(upd, "mix", commit_matrix(self.spec, committed)))
 
     # ---- Backend ---------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str) -> tuple[Buffer, Buffer]:
         """Text embeddings -> cross-attention K/V buffers of every layer (once per prompt)."""
-        runner = self.runners["text_kv"]
+        runner = self.runners[TEXT_KV]
         b = runner.bind()
         runner.write(b["text_embeds"], self.text_encoder.encode([prompt]).astype(np.float32))
         runner.run(b)
@@ -252,7 +198,7 @@ class EngineBackend(Backend):
 
     def new_stream(self, text) -> StreamState:
         r = self.runners
-        dit, upd = r["dit_step"], r["cache_update"]
+        dit, upd = r[DIT_STEP], r[CACHE_UPDATE]
         kv = tuple((dit.allocate(self._kv_shape, _dtype(dit, "ctx_k")), dit.allocate(self._kv_shape, _dtype(dit, "ctx_v")))
                    for _ in range(2))
         x_spec = dit.graph.tensors["x"]
@@ -263,7 +209,7 @@ class EngineBackend(Backend):
                                   "ctx_v_out": kv[1 - i][1], "new_k": b_dit["new_k"], "new_v": b_dit["new_v"],
                                   "mix": self._mixes[0]}) for i in range(2))
         z = self._latent_frames(b_dit["x0"])
-        first, step = r["vae_decode_first"], r["vae_decode"]
+        first, step = r[VAE_DECODE_FIRST], r[VAE_DECODE]
         caches = self._vae_cache_names()
         copies = tuple({n: step.allocate(step.graph.tensors[n].shape, step.graph.tensors[n].dtype) for n in caches}
                        for _ in range(2))
@@ -277,7 +223,7 @@ class EngineBackend(Backend):
 
     def _vae_cache_names(self) -> list[str]:
         """The VAE step's feature-cache inputs, in the decoder's slot order."""
-        return [n for n in self.runners["vae_decode"].graph.input_names() if n != "z"]
+        return [n for n in self.runners[VAE_DECODE].graph.input_names() if n != "z"]
 
     def set_text(self, state: StreamState, text) -> None:
         """Point a stream at other text K/V (from ``encode_prompt``): a prompt switch, no copies."""
@@ -285,7 +231,7 @@ class EngineBackend(Backend):
 
     def _latent_frames(self, x0: Buffer) -> tuple[Buffer, ...]:
         """Views of x0 [1, f, C, H, W] as the VAE's per-frame input [1, C, 1, H, W] (frame i is contiguous)."""
-        z_shape = self.runners["vae_decode"].graph.tensors["z"].shape
+        z_shape = self.runners[VAE_DECODE].graph.tensors["z"].shape
         per = int(np.prod(z_shape))
         return tuple(x0.view(i * per, z_shape) for i in range(x0.shape[1]))
 
@@ -293,7 +239,7 @@ class EngineBackend(Backend):
         return np.ascontiguousarray(array, dtype=np.float32)  # copied into the stream's buffers by the step
 
     def _state_tables(self, s: StreamState) -> dict:
-        return self._states[min(s.chunks_committed, self._last_state)]
+        return self._states[min(s.device.chunks_committed, self._last_state)]
 
     def _input(self, buffers, value, what: str) -> int:
         """Index of the buffer in ``buffers`` that holds ``value``; a host array is written into buffers[0]."""
@@ -302,12 +248,12 @@ class EngineBackend(Backend):
                 return i
         if isinstance(value, Buffer):
             raise InputError(f"{what} must come from this stream (upload() or the previous step), not another one")
-        self.runners["dit_step"].write(buffers[0], value)
+        self.runners[DIT_STEP].write(buffers[0], value)
         return 0
 
     def denoise_step(self, state, x, step, eps):
         s: _Stream = state.device
-        dit = self.runners["dit_step"]
+        dit = self.runners[DIT_STEP]
         cur = s.x_cur = self._input(s.x, x, "x")
         if eps is not None:
             dit.write(s.dit["eps"], eps)
@@ -329,26 +275,26 @@ class EngineBackend(Backend):
         elif x0 is not x0_buf:
             if isinstance(x0, Buffer):
                 raise InputError("x0 must come from this stream's last denoising step or stored_latents()")
-            self.runners["dit_step"].write(x0_buf, x0)
+            self.runners[DIT_STEP].write(x0_buf, x0)
         b = s.dit
         # rerun with timestep zero to write the chunk's clean K/V; x0 / x_next land in scratch buffers
         b.update({"x": x0_buf, "x0": s.x[0], "x_next": s.x[1], "ctx_k": s.kv[s.kv_cur][0],
                   "ctx_v": s.kv[s.kv_cur][1]})
         b.update(self._steps[-1])
         b.update(self._state_tables(state))
-        self.runners["dit_step"].run(b)
+        self.runners[DIT_STEP].run(b)
         # commit: evict the oldest window chunk, fold it into the sink, write the new chunk
         u = s.updates[s.kv_cur]
-        u.set("mix", self._mixes[min(state.chunks_committed, self._last_state)])
-        self.runners["cache_update"].run(u)
+        u.set("mix", self._mixes[min(s.chunks_committed, self._last_state)])
+        self.runners[CACHE_UPDATE].run(u)
         s.kv_cur = 1 - s.kv_cur
-        state.chunks_committed += 1
+        s.chunks_committed += 1
 
     def decode(self, state, x0) -> np.ndarray:
         s: _Stream = state.device
         if x0 is not s.x0:
             raise InputError("decode() takes the x0 returned by this stream's last denoising step")
-        first, step = self.runners["vae_decode_first"], self.runners["vae_decode"]
+        first, step = self.runners[VAE_DECODE_FIRST], self.runners[VAE_DECODE]
         t_first = first.graph.tensors["frames"].shape[2]
         t_step = step.graph.tensors["frames"].shape[2]
         f = len(s.z)
@@ -367,7 +313,7 @@ class EngineBackend(Backend):
             runner.run(b)
             pixels = runner.read(b["frames"])[0]  # [3, t, H, W]
             t = pixels.shape[1]
-            _to_uint8(pixels, out[done:done + t], s.scratch[:, :t])
+            to_uint8_frames(pixels, out[done:done + t], s.scratch[:, :t])
             done += t
         return out
 
@@ -381,26 +327,26 @@ class EngineBackend(Backend):
         elif isinstance(x0, Buffer):
             raise InputError("store_latents() takes the x0 returned by this stream's last denoising step")
         else:
-            self.runners["dit_step"].write(s.latents[slot], x0)
+            self.runners[DIT_STEP].write(s.latents[slot], x0)
 
     def stored_latents(self, state, slot) -> Buffer:
         return state.device.latents[slot]
 
     def set_cache_fill(self, state, chunks_committed) -> None:
-        state.chunks_committed = chunks_committed
+        state.device.chunks_committed = chunks_committed
 
     def _copy(self, src: Buffer, dst: Buffer) -> None:
         """Buffer to buffer: in place for host buffers (no allocation); device buffers go through the host."""
         if src.host is not None and dst.host is not None:
             np.copyto(dst.host, src.host)
         else:
-            runner = self.runners["dit_step"]
+            runner = self.runners[DIT_STEP]
             runner.write(dst, runner.read(src))
 
     def export_state(self, state) -> StateArrays:
         """Host float32 copies of the buffers the stream currently reads (the current ping-pong copies)."""
         s: _Stream = state.device
-        read = self.runners["dit_step"].read
+        read = self.runners[DIT_STEP].read
 
         def host(buffer):
             return np.array(read(buffer), dtype=np.float32, copy=True)
@@ -410,11 +356,11 @@ class EngineBackend(Backend):
         return StateArrays(cache_k=host(k), cache_v=host(v), text_k=host(s.dit["text_k"]),
                            text_v=host(s.dit["text_v"]), latents=np.stack([host(b) for b in s.latents]),
                            vae_cache=tuple(host(vae[n]) for n in self._vae_cache_names()) if s.vae_started else (),
-                           chunks_committed=state.chunks_committed)
+                           chunks_committed=s.chunks_committed)
 
     def import_state(self, arrays: StateArrays, latent_frames_decoded: int) -> StreamState:
         """A new stream (its own buffers) holding copies of ``arrays``, current copies 0."""
-        dit, step = self.runners["dit_step"], self.runners["vae_decode"]
+        dit, step = self.runners[DIT_STEP], self.runners[VAE_DECODE]
         text = []
         for name, array in (("text_k", arrays.text_k), ("text_v", arrays.text_v)):
             text.append(dit.allocate(array.shape, _dtype(dit, name)))
@@ -428,17 +374,17 @@ class EngineBackend(Backend):
             for name, array in zip(self._vae_cache_names(), arrays.vae_cache):
                 step.write(s.vae[0][name], array)
             s.vae_started = True
-        state.chunks_committed = arrays.chunks_committed
+        s.chunks_committed = arrays.chunks_committed
         return state
 
     def state_shapes(self) -> dict:
-        step = self.runners["vae_decode"].graph.tensors
-        return {"kv": self._kv_shape, "text_kv": self.runners["dit_step"].graph.tensors["text_k"].shape,
+        step = self.runners[VAE_DECODE].graph.tensors
+        return {"kv": self._kv_shape, TEXT_KV: self.runners[DIT_STEP].graph.tensors["text_k"].shape,
                 "latents": (self.info.context_chunks, *self.info.chunk_latent_shape),
                 "vae_cache": [step[n].shape for n in self._vae_cache_names()]}
 
     def describe(self) -> dict:
-        out = {"backend": self.name, "device": self.device, "precision": _dtype(self.runners["dit_step"], "ctx_k"),
+        out = {"backend": self.name, "device": self.device, "precision": _dtype(self.runners[DIT_STEP], "ctx_k"),
                "graphs": {g: r.name for g, r in self.runners.items()}}
         threads = {g: r.threads for g, r in self.runners.items() if getattr(r, "threads", None) is not None}
         if threads:
@@ -446,34 +392,5 @@ class EngineBackend(Backend):
         return out
 
 
-def _to_uint8(pixels: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
-    """``backend.to_uint8_frames`` into preallocated memory: [3, t, H, W] in [-1, 1] -> out uint8 [t, H, W, 3].
-    The same float32 operations in the same order, so the same bytes."""
-    np.multiply(pixels, 0.5, out=scratch)
-    np.add(scratch, 0.5, out=scratch)
-    np.maximum(scratch, 0.0, out=scratch)  # clip to [0, 1] (np.clip keeps a little memory per call)
-    np.minimum(scratch, 1.0, out=scratch)
-    np.multiply(scratch, 255.0, out=scratch)
-    np.add(scratch, 0.5, out=scratch)
-    np.copyto(out, scratch.transpose(1, 2, 3, 0), casting="unsafe")
-
-
 def _dtype(runner: Runner, name: str) -> str:
     return runner.graph.tensors[name].dtype
-
-
-def _text_encoder(spec: dict, bundle: Bundle, runner: Runner | None):
-    """The bundle's text encoder: the hashed one (pure numpy), or the umT5 graph through ``runner``
-    with the bundle's tokenizer (rf_runtime/text_onnx.py); never torch."""
-    spec = dict(spec)
-    kind = spec.pop("kind", None)
-    if kind == "umt5":
-        from rf_runtime.text_onnx import OnnxTextEncoder
-
-        return OnnxTextEncoder(runner, os.path.join(bundle.path, spec["tokenizer"]), spec["text_len"])
-    if kind != "hashed":
-        raise ConfigError(f"bundle text encoder {kind!r} is not supported: bundles hold the 'hashed' or the 'umt5' "
-                          "text encoder; rebuild the bundle with `rf-export onnx`")
-    from rf_runtime.models.hashed_text import HashedTextEncoder
-
-    return HashedTextEncoder(**spec)

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rf_runtime.backend import StateArrays, StreamState
+from rf_runtime.backends.base import StateArrays, StreamState
 from rf_runtime.cache import commit_chunk
 from rf_runtime.errors import ConfigError, InputError
 from rf_runtime.sampler import renoise as renoise_fn
 from rf_runtime.sampler import x0_from_flow
-from rf_runtime.torch_backend import TorchBackend, torch
+from rf_runtime.backends.pytorch import TorchBackend, torch
 
 
 @dataclass
@@ -75,7 +75,7 @@ class StaticTorchBackend(TorchBackend):
 
     def __init__(self, dit, vae, text_encoder, settings=None, height=None, width=None, *,
                  cuda_graphs: bool | None = None, compile: bool | str = False):
-        from rf_runtime.torch_backend import DEFAULT_HW
+        from rf_runtime.backends.pytorch import DEFAULT_HW
 
         super().__init__(dit, vae, text_encoder, settings, height or DEFAULT_HW[0], width or DEFAULT_HW[1])
         is_cuda = self.device.type == "cuda"

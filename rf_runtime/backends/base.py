@@ -8,9 +8,8 @@ passes back what the backend gave it. Nothing but finished frames comes back to 
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,11 +50,9 @@ class ModelInfo:
 
 @dataclass
 class StreamState:
-    """Per-stream state a backend allocates once: device buffers plus the chunk counter."""
+    """Per-stream state a backend allocates once (``new_stream``); opaque to the streamer."""
 
-    device: Any  # the backend's buffers (cache, text K/V, VAE feature cache)
-    chunks_committed: int = 0
-    extra: dict = field(default_factory=dict)
+    device: Any  # the backend's buffers (cache, text K/V, VAE feature cache) and its chunk counter
 
 
 @dataclass(frozen=True)
@@ -152,7 +149,7 @@ class Backend(ABC):
     def geometry(self) -> dict:
         """Everything a stream's state depends on; a snapshot resumes only where this is equal."""
         info = self.info
-        settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(info.settings).items()}
+        settings = info.settings.to_dict()
         shapes = {k: [list(s) for s in v] if k == "vae_cache" else list(v) for k, v in self.state_shapes().items()}
         return {"latent_channels": info.latent_channels, "latent_hw": list(info.latent_hw),
                 "vae_stride": list(info.vae_stride), "fps": info.fps, "stream": settings, **shapes}
@@ -161,7 +158,20 @@ class Backend(ABC):
         return ConfigError(f"the {self.name} backend does not support {what}: use the torch or onnxruntime backend")
 
 
-def to_uint8_frames(pixels: np.ndarray) -> np.ndarray:
-    """VAE output [3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]: clamp(x * 0.5 + 0.5, 0, 1), rounded."""
-    x = np.clip(pixels * 0.5 + 0.5, 0.0, 1.0)
-    return np.ascontiguousarray((x * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 3, 0))
+def to_uint8_frames(pixels: np.ndarray, out: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
+    """VAE output [3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]: clamp(x * 0.5 + 0.5, 0, 1), rounded.
+
+    out (uint8 [T, H, W, 3]) and scratch (like ``pixels``): preallocated memory to compute in, so that a
+    hot path allocates nothing (the engine backend); the same operations in the same order either way."""
+    if scratch is None:
+        scratch = np.empty(pixels.shape, pixels.dtype)
+    if out is None:
+        out = np.empty((*pixels.shape[1:], 3), np.uint8)
+    np.multiply(pixels, 0.5, out=scratch)
+    np.add(scratch, 0.5, out=scratch)
+    np.maximum(scratch, 0.0, out=scratch)  # clip to [0, 1] (np.clip keeps a little memory per call)
+    np.minimum(scratch, 1.0, out=scratch)
+    np.multiply(scratch, 255.0, out=scratch)
+    np.add(scratch, 0.5, out=scratch)
+    np.copyto(out, scratch.transpose(1, 2, 3, 0), casting="unsafe")
+    return out

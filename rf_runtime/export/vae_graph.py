@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rf_runtime.graph_io import VAE_FRAMES, VAE_LATENT
+from rf_runtime.graph_io import vae_cache_names as cache_names
 from rf_runtime.models.vae import CausalConv3d, WanVAE
 
 
@@ -68,10 +70,6 @@ def lower_convs(vae: WanVAE) -> WanVAE:
     return lowered
 
 
-def cache_names(n: int) -> tuple[list[str], list[str]]:
-    return [f"cache_{i}" for i in range(n)], [f"cache_{i}_out" for i in range(n)]
-
-
 class DecodeFirst(nn.Module):
     def __init__(self, vae: WanVAE):
         super().__init__()
@@ -111,11 +109,12 @@ def export_vae_decoder(vae: WanVAE, latent_hw, first_path: str, next_path: str, 
     z = torch.zeros(1, vae.config.z_dim, 1, *latent_hw)
     cache = [torch.zeros_like(s) for s in slots]
     with torch.no_grad():
-        torch.onnx.export(DecodeFirst(vae), (z,), first_path, input_names=["z"], output_names=["frames", *outs],
+        torch.onnx.export(DecodeFirst(vae), (z,), first_path, input_names=[VAE_LATENT], output_names=[VAE_FRAMES, *outs],
                           opset_version=opset, dynamo=False)
         pin_output_shapes(first_path, DecodeFirst(vae)(z))
         torch.onnx.export(DecodeNext(vae), (z, *cache), next_path,
-                          input_names=["z", *ins], output_names=["frames", *outs], opset_version=opset, dynamo=False)
+                          input_names=[VAE_LATENT, *ins], output_names=[VAE_FRAMES, *outs], opset_version=opset,
+                          dynamo=False)
         pin_output_shapes(next_path, DecodeNext(vae)(z, *cache))
     return len(slots)
 

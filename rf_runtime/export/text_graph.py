@@ -2,8 +2,8 @@
 
 The graph takes ``input_ids`` and ``attention_mask`` ([1, text_len] int64, text_len = 512 for
 Wan2.1) and returns ``text_embeds`` [1, text_len, d_model] float32 with the padding positions set
-to 0.0, as ``rf_runtime.models.text_encoder.UMT5TextEncoder.encode`` does. Tokenizing and Wan's
-prompt cleaning run on the host (``rf_runtime.text_onnx``), from the tokenizer files written next
+to 0.0, as ``rf_runtime.text.umt5.UMT5TextEncoder.encode`` does. Tokenizing and Wan's
+prompt cleaning run on the host (``rf_runtime.text.umt5_onnx``), from the tokenizer files written next
 to the graph.
 
 umT5-XXL's encoder is far beyond protobuf's 2 GB limit, so its weights always go to one
@@ -22,11 +22,13 @@ import tempfile
 import torch
 import torch.nn as nn
 
+from rf_runtime import graph_io
+
 GRAPH_FILE = "text_encoder.onnx"
-DATA_FILE = GRAPH_FILE + ".data"  # written by export.onnx_files.save_onnx
+DATA_FILE = GRAPH_FILE + ".data"  # written by rf_runtime.export.onnx_files.save_onnx
 TOKENIZER_DIR = "tokenizer"
-INPUTS = ["input_ids", "attention_mask"]
-OUTPUTS = ["text_embeds"]
+INPUTS = list(graph_io.TEXT_ENCODER_INPUTS)
+OUTPUTS = list(graph_io.TEXT_ENCODER_OUTPUTS)
 
 
 class TextEncoderGraph(nn.Module):
@@ -51,8 +53,8 @@ def export_text_encoder(encoder, out_dir: str, opset: int = 17) -> dict:
     """
     import onnx
 
-    from export.onnx_files import save_onnx
-    from export.onnx_fold import fold_constants
+    from rf_runtime.export.onnx_files import save_onnx
+    from rf_runtime.export.onnx_fold import fold_constants
 
     model = encoder.model.float().eval()
     length = encoder.text_len

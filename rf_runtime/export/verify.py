@@ -60,13 +60,13 @@ class References:
     """The PyTorch fp32 reference module of every graph kind, and well-formed random inputs for it."""
 
     def __init__(self, model_dir, checkpoint=None):
-        from rf_runtime.torch_backend import TorchBackend
+        from rf_runtime.backends.pytorch import TorchBackend
 
         self.backend = TorchBackend.from_dir(model_dir, checkpoint)
 
     def module(self, base: str):
-        from export.dit_graph import CacheUpdate, DiTStep, TextKV
-        from export.vae_graph import DecodeFirst, DecodeNext
+        from rf_runtime.export.dit_graph import CacheUpdate, DiTStep, TextKV
+        from rf_runtime.export.vae_graph import DecodeFirst, DecodeNext
 
         b = self.backend
         if base == "dit_step":
@@ -81,7 +81,7 @@ class References:
         if base == "vae_decode":
             return DecodeNext(b.vae)
         if base == "text_encoder":
-            from export.text_graph import TextEncoderGraph
+            from rf_runtime.export.text_graph import TextEncoderGraph
 
             return TextEncoderGraph(b.text_encoder.model)
         raise ConfigError(f"no PyTorch reference for graph {base!r}: known graphs are dit_step, text_kv, cache_update, "
@@ -94,7 +94,7 @@ class References:
         b = self.backend
         spec = b.info.settings.cache_spec
         if base == "dit_step":
-            from export.dit_graph import example_inputs
+            from rf_runtime.export.dit_graph import example_inputs
 
             valid = int(rng.choice(sorted({spec.valid_frames(n) for n in range(spec.window_slots + 3)})))
             return example_inputs(b.dit, b.info.latent_hw, spec.context_frames, spec.chunk_frames, valid,
@@ -162,7 +162,7 @@ def _run_backend(backend: str, path: str, spec, feeds: dict, out_names, plan: st
 
         return ReferenceEvaluator(onnx.load(path)).run(out_names, feeds)
     if backend == "tensorrt":
-        from export.trt_build import run_plan
+        from rf_runtime.export.trt_build import run_plan
 
         return run_plan(plan, feeds, out_names)
     raise ConfigError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")

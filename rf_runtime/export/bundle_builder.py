@@ -10,15 +10,15 @@ import tempfile
 
 import numpy as np
 
-from export.dit_graph import example_inputs, export_cache_update, export_dit_step, export_text_kv
-from export.vae_graph import export_vae_decoder, initial_cache
+from rf_runtime.export.dit_graph import example_inputs, export_cache_update, export_dit_step, export_text_kv
+from rf_runtime.export.vae_graph import export_vae_decoder, initial_cache
+from rf_runtime import model_dir as model_folder
 from rf_runtime.bundle import graph_io_from_onnx, write_manifest
 from rf_runtime.cache import commit_matrix
 from rf_runtime.errors import ConfigError
 from rf_runtime.files import give_default_permissions, output_folder
+from rf_runtime.graph_io import GRAPHS
 
-
-GRAPHS = ("dit_step", "text_kv", "cache_update", "vae_decode_first", "vae_decode")
 OPSET = 17
 
 
@@ -38,20 +38,23 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
 
     import rf_runtime
     from rf_runtime.bundle import TRAINING_STAGES
-    from rf_runtime.models.text_encoder import UMT5TextEncoder
-    from rf_runtime.torch_backend import TorchBackend, read_model_card
+    from rf_runtime.backends.base import ModelInfo
+    from rf_runtime.text.umt5 import UMT5TextEncoder
 
-    backend = TorchBackend.from_dir(model_dir, checkpoint)
-    card = {**read_model_card(os.fspath(model_dir)).get("model_card", {}), **(model_card or {})}
+    models = model_folder.load(model_dir, checkpoint)
+    card = {**models.card.get("model_card", {}), **(model_card or {})}
     if card.get("training_stage") not in TRAINING_STAGES:
         raise ConfigError(f"the model card needs a training_stage, one of {list(TRAINING_STAGES)} (got "
                           f"{card.get('training_stage')!r}): put it in {os.fspath(model_dir)}/rf_runtime.json under "
                           "'model_card', or pass --training-stage")
-    text_spec = getattr(backend.text_encoder, "to_dict", None)
-    if text_spec is None and not isinstance(backend.text_encoder, UMT5TextEncoder):
-        raise ConfigError(f"the text encoder {type(backend.text_encoder).__name__} cannot be bundled: bundles take "
+    text_spec = getattr(models.text_encoder, "to_dict", None)
+    if text_spec is None and not isinstance(models.text_encoder, UMT5TextEncoder):
+        raise ConfigError(f"the text encoder {type(models.text_encoder).__name__} cannot be bundled: bundles take "
                           "Wan's umT5 encoder or the hashed encoder (rf_runtime.json text_encoder kind 'umt5' or 'hashed')")
-    dit, vae, info = backend.dit, backend.vae, backend.info
+    dit, vae = models.dit.eval(), models.vae.eval()
+    latent_hw = model_folder.latent_hw_for(*models.resolution, vae.config.stride[1], dit.config.patch_size[1:])
+    info = ModelInfo(latent_channels=dit.config.in_dim, latent_hw=latent_hw, vae_stride=vae.config.stride,
+                     settings=models.settings)
     cfg, settings = dit.config, info.settings
     spec = settings.cache_spec
     grid = dit.grid(info.latent_hw)
@@ -73,14 +76,14 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
         files = {name: {"path": f"{name}.onnx"} for name in GRAPHS}
         files.update({"dit_step_data": {"path": d} for d in dit_data})  # > 2 GB graphs: their weights
         # strongly typed low-precision variants (export/precision.py)
-        from export.precision import add_precision_variants
+        from rf_runtime.export.precision import add_precision_variants
 
         files.update(add_precision_variants(tmp, dit, vae, precisions))
         # the umT5 text encoder graph (external data) and its tokenizer (export/text_graph.py)
         if text_spec is None:
-            from export.text_graph import export_text_encoder
+            from rf_runtime.export.text_graph import export_text_encoder
 
-            text = export_text_encoder(backend.text_encoder, tmp)
+            text = export_text_encoder(models.text_encoder, tmp)
             files.update(text["files"])
             text_section = text["spec"]
         else:

@@ -1,6 +1,6 @@
 """The umT5 text encoder of an engine bundle, without torch: ``tokenizers`` + onnxruntime.
 
-Same result as ``rf_runtime.models.text_encoder.UMT5TextEncoder.encode``: Wan's prompt cleaning
+Same result as ``rf_runtime.text.umt5.UMT5TextEncoder.encode``: Wan's prompt cleaning
 (``clean_prompts``), the umT5 tokenizer with EOS appended, truncation and padding to ``text_len``
 (512 for Wan2.1), then the encoder graph written by ``export/text_graph.py``, whose output is zero
 at the padding positions. Output: ``[B, text_len, text_dim]`` float32 (SPEC section 5).
@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from rf_runtime.errors import ConfigError, require
-from rf_runtime.models.text_encoder import clean_prompts  # stdlib only: no torch, no transformers
+from rf_runtime.text.umt5 import clean_prompts  # stdlib only: no torch, no transformers
 from rf_runtime.runners import OnnxRuntimeRunner, Runner
 
 

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from rf_runtime.models.dit import CausalDiT, timestep_sinusoid
+from rf_runtime import graph_io
+from rf_runtime.models.dit import CausalDiT
+from rf_runtime.positions import chunk_tables, timestep_sinusoid_np
 
-INPUTS = ["x", "eps", "t_freq", "sigma", "sigma_next", "text_k", "text_v", "ctx_k", "ctx_v", "key_mask",
-          "cos_ctx", "sin_ctx", "cos_q", "sin_q"]
-OUTPUTS = ["x0", "x_next", "new_k", "new_v"]
+INPUTS = list(graph_io.DIT_STEP_INPUTS)
+OUTPUTS = list(graph_io.DIT_STEP_OUTPUTS)
 
 
 class SamplerUpdate(nn.Module):
@@ -57,8 +58,6 @@ class DiTStep(nn.Module):
 
 def example_inputs(model: CausalDiT, latent_hw, context_frames: int, chunk_frames: int, valid_frames: int, seed=0):
     """Random but well-formed inputs of the step graph (numpy float32), for tracing and tests."""
-    from rf_runtime.models.dit import rope_tables
-
     cfg = model.config
     rng = np.random.default_rng(seed)
     h, w = model.grid(latent_hw)
@@ -67,18 +66,14 @@ def example_inputs(model: CausalDiT, latent_hw, context_frames: int, chunk_frame
     kv = (cfg.num_layers, 1, context_frames * tpf, cfg.num_heads, cfg.head_dim)
     text = (cfg.num_layers, 1, cfg.text_len, cfg.num_heads, cfg.head_dim)
     t = np.full((1, chunk_frames), 937.5)
-    cos_ctx, sin_ctx = rope_tables(range(context_frames), (h, w), cfg.head_dim)
-    cos_q, sin_q = rope_tables(range(valid_frames, valid_frames + chunk_frames), (h, w), cfg.head_dim)
-    mask = np.concatenate([np.arange(context_frames * tpf) < valid_frames * tpf, np.ones(chunk_frames * tpf, bool)])
     f32 = np.float32
     return {
         "x": rng.standard_normal(lat, dtype=f32), "eps": rng.standard_normal(lat, dtype=f32),
-        "t_freq": timestep_sinusoid(torch.from_numpy(t), cfg.freq_dim).numpy().astype(f32),
+        "t_freq": timestep_sinusoid_np(t, cfg.freq_dim).astype(f32),
         "sigma": np.array([0.9375], f32), "sigma_next": np.array([0.8333], f32),
         "text_k": rng.standard_normal(text, dtype=f32), "text_v": rng.standard_normal(text, dtype=f32),
         "ctx_k": rng.standard_normal(kv, dtype=f32), "ctx_v": rng.standard_normal(kv, dtype=f32),
-        "key_mask": mask.astype(f32),
-        "cos_ctx": cos_ctx.numpy(), "sin_ctx": sin_ctx.numpy(), "cos_q": cos_q.numpy(), "sin_q": sin_q.numpy(),
+        **chunk_tables(context_frames, chunk_frames, valid_frames, (h, w), cfg.head_dim),
     }
 
 
@@ -93,7 +88,7 @@ def export_dit_step(model: CausalDiT, path: str, feeds: dict, opset: int = 17) -
 
     import onnx
 
-    from export.onnx_files import save_onnx
+    from rf_runtime.export.onnx_files import save_onnx
 
     step = DiTStep(model.eval())
     args = tuple(torch.from_numpy(feeds[name]) for name in INPUTS)
@@ -137,16 +132,16 @@ class TextKV(nn.Module):
 
 
 def export_cache_update(tokens_per_frame: int, path: str, feeds: dict, opset: int = 17) -> None:
-    names = ["ctx_k", "ctx_v", "new_k", "new_v", "mix"]
+    names = list(graph_io.CACHE_UPDATE_INPUTS)
     args = tuple(torch.from_numpy(feeds[n]) for n in names)
     with torch.no_grad():
         torch.onnx.export(CacheUpdate(tokens_per_frame), args, path, input_names=names,
-                          output_names=["ctx_k_out", "ctx_v_out"], opset_version=opset, dynamo=False)
+                          output_names=list(graph_io.CACHE_UPDATE_OUTPUTS), opset_version=opset, dynamo=False)
 
 
 def export_text_kv(model: CausalDiT, path: str, opset: int = 17) -> None:
     cfg = model.config
     embeds = torch.zeros(1, cfg.text_len, cfg.text_dim)
     with torch.no_grad():
-        torch.onnx.export(TextKV(model.eval()), (embeds,), path, input_names=["text_embeds"],
-                          output_names=["text_k", "text_v"], opset_version=opset, dynamo=False)
+        torch.onnx.export(TextKV(model.eval()), (embeds,), path, input_names=list(graph_io.TEXT_KV_INPUTS),
+                          output_names=list(graph_io.TEXT_KV_OUTPUTS), opset_version=opset, dynamo=False)
