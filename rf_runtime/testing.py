@@ -5,6 +5,9 @@ whole pipeline (Streamer, rf-generate) can run on a fresh machine without downlo
 videos are structured noise: it proves the plumbing, not the model.
 """
 
+import json
+import os
+
 import torch
 
 from rf_runtime.models import CausalDiT, DiTConfig
@@ -50,29 +53,32 @@ WAN_HW = (480, 832)  # the release's resolution
 WAN_CHECKPOINT = "generator.pt"
 
 
-def write_wan_random_dir(path, *, device="cpu", dtype=torch.bfloat16, seed=0):
+def write_wan_random_dir(path, *, device="cpu", dtype=torch.bfloat16, seed=0, dit_config=None, vae_config=None,
+                         resolution=WAN_HW):
     """A model directory at the real Wan2.1-T2V-1.3B geometry (DiTConfig / VAEConfig defaults: 30 layers,
     dim 1536, the full Wan VAE) with random weights (the modules' default init), for speed measurements:
     speed does not depend on weight values. The text encoder is the hashed one at umT5's output size
     (4096 x 512), so no 5.7B-parameter umT5 is needed. ``device``: where the weights are initialised.
     Weights are written with ``torch.save`` (``generator.pt``: pass it as the checkpoint; ``vae.pth``), so
-    nothing beyond torch and numpy is needed to read them."""
+    nothing beyond torch and numpy is needed to read them. dit_config / vae_config / resolution: other
+    sizes (tests write the same layout small)."""
     from rf_runtime.models import VAEConfig, WanVAE
 
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    dit_cfg = DiTConfig()
+    dit_cfg = dit_config or DiTConfig()
     text = HashedTextEncoder(text_dim=dit_cfg.text_dim, text_len=dit_cfg.text_len, seed=seed)
     torch.manual_seed(seed)
     with torch.device(device):
-        dit, vae = CausalDiT(dit_cfg), WanVAE(VAEConfig())
+        dit, vae = CausalDiT(dit_cfg), WanVAE(vae_config or VAEConfig())
     for model, name in ((dit, WAN_CHECKPOINT), (vae, "vae.pth")):
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
         torch.save(state, os.path.join(path, name))
         del state
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(dict(dit_cfg.to_dict(), _class_name="WanModel"), f)
-    card = {"resolution": list(WAN_HW), "text_encoder": text.to_dict(),
+    vae_card = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(vae.config).items()}
+    card = {"vae": vae_card, "resolution": list(resolution), "text_encoder": text.to_dict(),
             "model_card": {"name": "wan2.1-1.3b-random", "training_stage": "random"}}
     with open(os.path.join(path, "rf_runtime.json"), "w") as f:
         json.dump(card, f)

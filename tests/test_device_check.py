@@ -39,3 +39,20 @@ def test_device_check_refuses_a_machine_without_a_gpu(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_the_random_wan_folder_loads_and_streams(tmp_path):
+    """The layout the device check writes for the 1.3B geometry (torch.save weights, the generator as a
+    checkpoint, the hashed text encoder at the DiT's text size), written small here, loads and streams."""
+    from rf_runtime import Streamer
+    from rf_runtime.models import DiTConfig, VAEConfig
+    from rf_runtime.testing import DIT, VAE, WAN_CHECKPOINT, write_wan_random_dir
+
+    import torch
+
+    path = write_wan_random_dir(tmp_path / "wan", dtype=torch.float32, dit_config=DiTConfig(**{**DIT.to_dict(),
+                                "text_dim": 16, "text_len": 8}), vae_config=VAEConfig(**VAE), resolution=(32, 48))
+    assert sorted(os.listdir(path)) == ["config.json", WAN_CHECKPOINT, "rf_runtime.json", "vae.pth"]
+    streamer = Streamer.from_checkpoint(path, os.path.join(path, WAN_CHECKPOINT), static=True)
+    assert streamer.info.frame_hw == (32, 48)
+    assert [len(f) for f in streamer.stream("a red circle", num_frames=21)] == [9, 12]
