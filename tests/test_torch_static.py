@@ -56,11 +56,14 @@ def test_buffers_are_allocated_once_per_stream(static):
     s = stream._state.device
     tensors = {name: v for name, v in vars(s).items() if isinstance(v, torch.Tensor)}
     tensors.update({f"x{i}": t for i, t in enumerate(s.x)}, **{f"slot{i}": t for i, t in enumerate(s.slots)})
+    from rf_runtime.backends.pytorch_static import _buffers_key
+
+    key = _buffers_key(s)  # part of every CUDA graph's key
     before = {name: (id(t), t.data_ptr()) for name, t in tensors.items()}
     for _ in range(3):
         next(stream)
     after = {name: (id(t), t.data_ptr()) for name, t in tensors.items()}
-    assert after == before  # the same tensors, at the same addresses
+    assert after == before and _buffers_key(s) == key  # the same tensors, at the same addresses
     assert [id(t) for t in s.slots] == [before[f"slot{i}"][0] for i in range(len(s.slots))]
     # the outputs land in those buffers: x0 of the last chunk is the stream's x0, the ring slot holds it
     assert torch.equal(s.latents[(stream.chunk_index - 1) % be.info.context_chunks], s.x0)

@@ -62,6 +62,12 @@ class _StaticStream:
     seen: set = field(default_factory=set)  # keys run once eagerly
 
 
+def _buffers_key(s: _StaticStream) -> tuple:
+    tensors = [s.text_k, s.text_v, s.cache_k, s.cache_v, *s.x, s.x0, s.eps, *s.slots, s.z, s.pixels_first, s.pixels,
+               s.frames]
+    return tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
+
+
 class StaticTorchBackend(TorchBackend):
     """``TorchBackend`` with static per-stream buffers, CUDA graphs and optional ``torch.compile``.
 
@@ -173,10 +179,13 @@ class StaticTorchBackend(TorchBackend):
     # ---- the calls, each eager once, then a CUDA graph --------------------------------------
 
     def _call(self, s: _StaticStream, key: tuple, fn) -> None:
-        """Run ``fn`` (which reads and writes only persistent buffers); on CUDA capture it the second time."""
+        """Run ``fn`` (which reads and writes only persistent buffers); on CUDA capture it the second time.
+        The key is the call's kind, step and cache state plus the shape and address of every buffer of the
+        stream: a buffer that moved (or changed shape) selects a new graph, never a stale one."""
         if not self.cuda_graphs:
             fn()
             return
+        key = (*key, _buffers_key(s))
         graph = s.graphs.get(key)
         if graph is not None:
             graph.replay()
