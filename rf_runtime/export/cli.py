@@ -65,7 +65,10 @@ def parser() -> argparse.ArgumentParser:
                      help="which graph variants to build (default fp16; the bundle must hold them)")
     trt.add_argument("--workspace-mib", type=_positive_mib, default=4096,
                      help="TensorRT workspace memory pool limit in MiB (default 4096)")
-    trt.add_argument("--timing-cache", help="timing cache file to load and update (default: tensorrt-timing.cache beside BUNDLE)")
+    trt.add_argument("--timing-cache", help="timing cache file to load and update (default: "
+                     "tensorrt-timing-<TensorRT version>-sm<capability>-<GPU>.cache beside BUNDLE)")
+    trt.add_argument("--device", type=int, default=0, help="CUDA device to build on, the one the plans will run on "
+                     "(default 0)")
     trt.add_argument("--graphs", help="comma-separated graph names to build (default: every graph of that precision)")
 
     verify = sub.add_parser("verify", help="run every graph of a bundle against the PyTorch reference")
@@ -98,7 +101,7 @@ def _run(args) -> int:
 
         graphs = [g.strip() for g in args.graphs.split(",")] if args.graphs else None
         plans = build_plans(args.bundle, precision=args.precision, workspace_mib=args.workspace_mib,
-                            timing_cache=args.timing_cache, graphs=graphs)
+                            timing_cache=args.timing_cache, graphs=graphs, device=args.device)
         for name, entry in plans.items():
             print(f"built {name}: {entry['file']} (TensorRT {entry['tensorrt_version']}, "
                   f"compute capability {entry['compute_capability']}, {entry['device_name']})")

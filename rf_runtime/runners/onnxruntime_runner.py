@@ -108,6 +108,9 @@ class OnnxRuntimeRunner(Runner):
         if dtype not in DTYPES:
             raise RunnerError(f"onnxruntime buffers of dtype {dtype} are not supported; use float32 or float16 graphs")
         value = ort.OrtValue.ortvalue_from_shape_and_type(shape, DTYPES[dtype], "cuda", 0)
+        # new CUDA memory holds whatever was there: zero it, as host buffers are, so that a masked
+        # (never written) part of a KV or VAE cache is 0 and not NaN (0 x NaN = NaN through the mask)
+        value.update_inplace(np.zeros(shape, DTYPES[dtype]))
         return Buffer(shape, dtype, "cuda", value.data_ptr(), None, value)
 
     def write_impl(self, buffer: Buffer, array: np.ndarray) -> None:
