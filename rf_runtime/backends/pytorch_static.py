@@ -83,7 +83,8 @@ class StaticTorchBackend(TorchBackend):
                  cuda_graphs: bool | None = None, compile: bool | str = False):
         from rf_runtime.backends.pytorch import DEFAULT_HW
 
-        super().__init__(dit, vae, text_encoder, settings, height or DEFAULT_HW[0], width or DEFAULT_HW[1])
+        super().__init__(dit, vae, text_encoder, settings, DEFAULT_HW[0] if height is None else height,
+                         DEFAULT_HW[1] if width is None else width)  # 0 is refused there, not replaced
         is_cuda = self.device.type == "cuda"
         if cuda_graphs and not is_cuda:
             raise ConfigError("CUDA graphs need the model on a CUDA device: use device='cuda', or cuda_graphs=False")
