@@ -67,7 +67,7 @@ class Streamer:
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None, *,
-             backend: str = "auto", device: str = "cpu", **options) -> "Streamer":
+             backend: str = "auto", device: str = "cpu", threads=None, **options) -> "Streamer":
         """Load what ``path`` is: an engine bundle (``manifest.json``) or a model folder (``config.json``).
 
         path: None loads the bundle that ships with rf_runtime (``engines/procedural-world-64``).
@@ -76,6 +76,7 @@ class Streamer:
             refuses them with the reason.
         backend: "auto", or for a bundle "onnxruntime" / "tensorrt" (``from_engine``), for a model
             folder "torch".
+        threads: a bundle's onnxruntime CPU threading (``from_engine``); a model folder refuses it.
         ``source`` of the result says which was found ("engine bundle" or "model folder"); it is logged too.
         """
         from rf_runtime import model_dir
@@ -90,11 +91,14 @@ class Streamer:
                 raise InputError(f"{where} is an engine bundle: its size, precision and cache are fixed at export, "
                                  f"so {', '.join(given)} do not apply; pass a model folder to change them")
             logger.info("loading the engine bundle %s", where)
-            return cls.from_engine(where, backend=backend, device=device)
+            return cls.from_engine(where, backend=backend, device=device, threads=threads)
         if model_dir.is_model_dir(where):
             if backend not in ("auto", "torch"):
                 raise InputError(f"{where} is a model folder, run by the PyTorch backend: backend={backend!r} needs "
                                  "an engine bundle (rf-export onnx --model-dir DIR --out BUNDLE makes one)")
+            if threads is not None:
+                raise InputError(f"{where} is a model folder, run by PyTorch: threads= sets onnxruntime's threads of "
+                                 "an engine bundle; for PyTorch use torch.set_num_threads")
             logger.info("loading the model folder %s with PyTorch", where)
             return cls.from_checkpoint(where, checkpoint, device=device, **options)
         what = "does not exist" if not os.path.exists(where) else "holds neither manifest.json nor config.json"

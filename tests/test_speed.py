@@ -188,3 +188,13 @@ def test_rf_bench_sessions_and_thread_errors(engine_dirs, tmp_path, capsys):
                           (["--bundle", str(bundle), "--threads", "0"], "must be >= 1")):
         assert bench_main([*argv, "--chunks", "2", "--json", str(tmp_path / "x.json")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_load_passes_threads_to_a_bundle_and_refuses_them_for_a_model_folder(engine_dirs):
+    model, bundle = engine_dirs
+    streamer = Streamer.load(bundle, threads=CpuThreads(1, spinning=True))
+    assert {t["intra_op"] for t in streamer.backend.describe()["cpu_threads"].values()} == {1}
+    from rf_runtime.errors import InputError
+
+    with pytest.raises(InputError, match="threads= sets onnxruntime's threads"):
+        Streamer.load(model, threads=1)
