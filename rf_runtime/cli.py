@@ -224,11 +224,33 @@ def _bench_parser() -> argparse.ArgumentParser:
                    help="torch precision (the bundle's precision is fixed at export)")
     p.add_argument("--torch-threads", type=int, help="intra-op threads of the torch run (default: torch's own); "
                                                      "one thread is steadier on a machine shared with other work")
+    p.add_argument("--static", action="store_true", help="torch run: the fast path (buffers allocated once per "
+                                                         "stream, CUDA graphs on a GPU; rf_runtime.backends.pytorch_static)")
+    p.add_argument("--cuda-graphs", choices=("on", "off"), help="torch --static run: capture and replay CUDA "
+                                                                "graphs (default: on for --device cuda)")
+    p.add_argument("--compile", action="store_true", help="torch --static run: torch.compile the DiT and VAE steps")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads of every session of the engine run "
+                                               "(default: chosen from the machine; 1 with several --sessions)")
+    p.add_argument("--spinning", action="store_true", help="let idle onnxruntime threads spin (default: they sleep)")
+    p.add_argument("--profile", action="store_true", help="per graph: calls and ms per chunk, FLOPs, achieved GFLOP/s "
+                                                          "against this machine's measured GEMM peak, host share")
+    p.add_argument("--sessions", type=_counts, default=(), help="comma-separated numbers of streams to run at once, "
+                   "e.g. 1,2,4: aggregate and per-session fps and p99 chunk latency")
     p.add_argument("--json", help="report path (default rf-bench.json, rf-soak.json with --soak; written atomically)")
     p.add_argument("--soak", type=float, metavar="MINUTES",
                    help="soak test instead: stream --bundle (default: the shipped bundle) without end for MINUTES and "
                         "report RSS start / end and slope, chunk time early / late, non-finite and constant chunks")
     return p
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers separated by commas, e.g. 1,2,4")
+    return counts
 
 
 def bench_main(argv: list[str] | None = None) -> int:
@@ -245,15 +267,21 @@ def _bench(args) -> int:
 
     runs = []
     if args.bundle:
-        runs.append(BenchRun("engine", args.bundle, device=args.device))
+        runs.append(BenchRun("engine", args.bundle, device=args.device, cpu_threads=args.threads,
+                             spinning=args.spinning))
+    elif args.threads is not None or args.spinning:
+        raise RFError("--threads and --spinning apply to the engine run: add --bundle")
     if args.model_dir:
         runs.append(BenchRun("torch", args.model_dir, args.checkpoint, device=args.device, dtype=args.dtype,
-                             threads=args.torch_threads))
+                             threads=args.torch_threads, static=args.static, compile=args.compile,
+                             cuda_graphs=None if args.cuda_graphs is None else args.cuda_graphs == "on"))
+    elif args.static or args.cuda_graphs or args.compile:
+        raise RFError("--static, --cuda-graphs and --compile apply to the torch run: add --model-dir")
     output_folder(args.json, "the report")  # before the benchmark, not after it
     if args.torch_threads is not None and not args.model_dir:
         raise RFError("--torch-threads applies to the torch run: add --model-dir, or drop --torch-threads")
-    report = run_bench(runs, chunks=args.chunks, prompt=args.prompt, seed=args.seed,
-                       progress=lambda msg: print(f"rf-bench: {msg}", file=sys.stderr))
+    report = run_bench(runs, chunks=args.chunks, prompt=args.prompt, seed=args.seed, profile=args.profile,
+                       sessions=args.sessions, progress=lambda msg: print(f"rf-bench: {msg}", file=sys.stderr))
     write_json(report, args.json)
     print(format_table(report))
     print(f"report: {args.json}")
