@@ -30,7 +30,7 @@ def calls(node) -> set[str]:
         if isinstance(sub, ast.Call):
             f = sub.func
             name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
-            if name == "step" and not ("roll" in getattr(getattr(f, "value", None), "id", "")):
+            if name == "step" and "roll" not in getattr(getattr(f, "value", None), "id", ""):
                 continue
             out.add("rollout.step" if name == "step" else name)
     return out
