@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rf_runtime.errors import InputError
+from rf_runtime.schema import as_int
 
 BENCH_VERSION = 1
 EARLY_CHUNK, LATE_CHUNK, HALF_WIDTH = 10, 200, 2  # flat-cost check: mean of chunks 8..12 against 198..202
@@ -44,13 +45,30 @@ DEFINITIONS = {
                  "with fewer than 18 chunks the two windows overlap, 'comparable' is false and the ratios are NaN",
     "cpu_s": "process CPU time (time.process_time, every thread of the process) spent making a chunk",
     "peak_rss_mib": "peak resident memory of the process that ran this backend (getrusage ru_maxrss)",
+    "peak_gpu_mib_at_chunk": "CUDA runs: torch.cuda.max_memory_allocated() after chunk 10 and after chunk 200 "
+                             "(equal when the stream's memory is allocated once)",
+    "profile": "--profile, engine runs: per graph over chunks 1..n-1, the calls and wall ms per chunk, MFLOP per "
+               "call (2 x multiply-adds of MatMul / Gemm / Conv / ConvTranspose / Einsum, from the graph's shapes as "
+               "onnxruntime loads it; element-wise ops not counted), achieved GFLOP/s, and its share of the peak of "
+               "the cores its session may use (threads x one core's float32 GEMM rate, measured in the same "
+               "process with onnxruntime's MatMul); for one-thread sessions also the rate by the calling "
+               "thread's CPU time against the peak measured the same way (steadier on a shared machine); "
+               "host ms = chunk wall time outside every graph call",
+    "sessions": "--sessions N: N streams of the same prompt (seeds seed..seed+N-1) on one loaded model at once, each "
+                "in its own thread, started together; aggregate_fps = all frames / wall time until the last "
+                "stream ends; per_session_fps = each stream's frames / its own wall time; latency over every "
+                "stream's chunks 1..n-1; cpu_ms_per_frame = process CPU time (all threads) / frames, which stays "
+                "flat with N when the streams do not slow each other down (steadier than wall time on a shared "
+                "machine); onnxruntime sessions get one intra-op thread each unless --threads is given",
 }
 
 
 @dataclass(frozen=True)
 class BenchRun:
     """One backend to benchmark. kind: 'engine' (a bundle, onnxruntime) or 'torch' (a model directory).
-    threads: torch's intra-op threads (None: torch's default); onnxruntime keeps its own default."""
+    threads: torch's intra-op threads (None: torch's default).
+    cpu_threads / spinning: the onnxruntime sessions' intra-op threads and spinning (None: chosen from
+    the machine, ``rf_runtime.backends.engine.cpu_threads``; with several sessions at once, 1)."""
 
     kind: str
     path: str
@@ -58,6 +76,19 @@ class BenchRun:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None
+    cpu_threads: int | None = None
+    spinning: bool = False
+    static: bool = False  # torch: the fast path (rf_runtime.backends.pytorch_static)
+    cuda_graphs: bool | None = None  # torch static: None = on for CUDA
+    compile: bool = False  # torch static: torch.compile the DiT and VAE steps
+
+    def engine_threads(self, concurrent: bool = False):
+        """The onnxruntime threading of this run; ``concurrent`` (streams at once): one thread by default."""
+        from rf_runtime.runners.onnxruntime_runner import CpuThreads
+
+        if self.cpu_threads is None and not self.spinning:
+            return 1 if concurrent else None
+        return CpuThreads(self.cpu_threads or 1, self.spinning)
 
 
 def percentile(values, q: float) -> float:
@@ -117,29 +148,45 @@ def peak_rss_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def run_one(run: BenchRun, *, chunks: int, prompt: str, seed: int) -> dict:
-    """Load, stream ``chunks`` chunks and summarise, in this process."""
+def load(run: BenchRun, concurrent: bool = False):
     from rf_runtime.streamer import Streamer
 
-    start = time.perf_counter()
     if run.threads:
         import torch
 
         torch.set_num_threads(run.threads)
     if run.kind == "engine":
-        streamer = Streamer.from_engine(run.path, device=run.device)
-    else:
-        streamer = Streamer.from_checkpoint(run.path, run.checkpoint, device=run.device, dtype=run.dtype)
+        return Streamer.from_engine(run.path, device=run.device, threads=run.engine_threads(concurrent))
+    if run.static:
+        return Streamer.from_checkpoint(run.path, run.checkpoint, device=run.device, dtype=run.dtype, static=True,
+                                        cuda_graphs=run.cuda_graphs, compile=run.compile)
+    return Streamer.from_checkpoint(run.path, run.checkpoint, device=run.device, dtype=run.dtype)
+
+
+GPU_MEMORY_CHUNKS = (10, 200)  # peak GPU memory is read after these chunks (flat memory: equal)
+
+
+def run_one(run: BenchRun, *, chunks: int, prompt: str, seed: int, profile: bool = False) -> dict:
+    """Load, stream ``chunks`` chunks and summarise, in this process. profile: also time every graph call
+    and count its FLOPs (``rf_runtime.profile``; engine runs only), over chunks 1..n-1."""
+    start = time.perf_counter()
+    streamer = load(run)
     load_s = time.perf_counter() - start
-    per_chunk, ttff_s = [], None
+    timer = _start_profile(streamer.backend) if profile else None
+    per_chunk, ttff_s, gpu_peaks = [], None, {}
+    cuda = sys.modules["torch"].cuda if run.device.startswith("cuda") else None
     opened = time.perf_counter()
     stream = streamer.open(prompt, seed=seed)
     for _ in range(chunks):
         cpu = time.process_time()
         chunk = next(stream)
         cpu = time.process_time() - cpu
+        if cuda is not None and chunk.index in GPU_MEMORY_CHUNKS:
+            gpu_peaks[str(chunk.index)] = cuda.max_memory_allocated() / 2**20
         if ttff_s is None:
             ttff_s = time.perf_counter() - opened
+            if timer is not None:
+                after_first = timer.snapshot()
         per_chunk.append((chunk.seconds, chunk.denoise_seconds, chunk.decode_seconds, len(chunk.frames), cpu))
     stream_s = time.perf_counter() - opened
     be, info = streamer.backend, streamer.info
@@ -151,23 +198,102 @@ def run_one(run: BenchRun, *, chunks: int, prompt: str, seed: int) -> dict:
     torch = sys.modules.get("torch")
     if torch is not None and run.device.startswith("cuda"):
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_gpu_mib_at_chunk"] = gpu_peaks
+    if timer is not None:
+        result["profile"] = _finish_profile(timer, after_first, per_chunk, be)
     return result
 
 
-def run_isolated(run: BenchRun, **kwargs) -> dict:
-    """``run_one`` in a fresh process, so that load time and peak memory belong to this backend alone."""
+def _start_profile(backend):
+    from rf_runtime.profile import GraphTimer
+
+    if not hasattr(backend, "runners"):
+        raise InputError("--profile times the graphs of an engine bundle: give --bundle (the torch run has no graphs)")
+    return GraphTimer(dict(backend.runners))
+
+
+def _finish_profile(timer, after_first, per_chunk, backend) -> dict:
+    from rf_runtime.profile import graph_flops, profile_report, sgemm_peak
+
+    timer.stop()
+    seconds, calls, cpu = timer.snapshot()
+    seconds = {g: seconds[g] - after_first[0][g] for g in seconds}
+    calls = {g: calls[g] - after_first[1][g] for g in calls}
+    cpu = {g: cpu[g] - after_first[2][g] for g in cpu}
+    chunks = max(len(per_chunk) - 1, 1)
+    chunk_s = sum(c[0] for c in per_chunk[1:]) if len(per_chunk) > 1 else per_chunk[0][0]
+    runners = backend.runners
+    threads = {g: getattr(r, "threads", None) for g, r in runners.items()}
+    graphs = {g: graph_flops(r.path) for g, r in runners.items() if hasattr(r, "path")}
+    peak = sgemm_peak()
+    return profile_report(graphs, chunks=chunks, chunk_seconds=chunk_s, seconds=seconds, calls=calls, cpu=cpu,
+                          threads={g: t.intra_op for g, t in threads.items() if t is not None},
+                          peak_per_core=peak["gflops_per_core"], peak_per_core_cpu=peak["gflops_per_core_cpu"])
+
+
+def run_sessions(run: BenchRun, *, sessions: int, chunks: int, prompt: str, seed: int) -> dict:
+    """``sessions`` streams at once on one loaded model, each driven by its own thread (onnxruntime
+    releases the GIL while a graph runs), every stream ``chunks`` chunks; streams start together."""
+    import threading
+
+    streamer = load(run, concurrent=True)
+    barrier = threading.Barrier(sessions + 1)
+    results: list = [None] * sessions
+    errors: list = []
+
+    def worker(i):
+        try:
+            stream = streamer.open(prompt, seed=seed + i)
+            barrier.wait()
+            opened, per_chunk = time.perf_counter(), []
+            for _ in range(chunks):
+                chunk = next(stream)
+                per_chunk.append((chunk.seconds, len(chunk.frames)))
+            results[i] = (opened, time.perf_counter(), per_chunk)
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+            barrier.abort()
+
+    workers = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(sessions)]
+    for w in workers:
+        w.start()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass
+    cpu = time.process_time()
+    for w in workers:
+        w.join()
+    cpu = time.process_time() - cpu
+    if errors:
+        raise errors[0]
+    start, end = min(r[0] for r in results), max(r[1] for r in results)
+    latencies = [s for r in results for s, _ in r[2][1:]] or [r[2][0][0] for r in results]
+    per_session = [sum(f for _, f in r[2]) / (r[1] - r[0]) for r in results]
+    frames = sum(f for r in results for _, f in r[2])
+    return {"sessions": sessions, "chunks_per_session": chunks, "frames": frames, "wall_s": end - start,
+            "aggregate_fps": frames / (end - start), "per_session_fps": per_session,
+            "per_session_fps_mean": float(np.mean(per_session)), "cpu_ms_per_frame": cpu / frames * 1e3,
+            "latency_p50_s": percentile(latencies, 50), "latency_p99_s": percentile(latencies, 99),
+            **streamer.backend.describe()}
+
+
+def run_isolated(run: BenchRun, fn=None, **kwargs) -> dict:
+    """``fn`` (``run_one``) in a fresh process, so that load time and peak memory belong to this backend alone."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(run_one, run, **kwargs).result()
+        return pool.submit(fn or run_one, run, **kwargs).result()
 
 
 def run_bench(runs: list[BenchRun], *, chunks: int = 200, prompt: str = "a red fox running through fresh snow",
-              seed: int = 0, isolate: bool = True, progress=None) -> dict:
-    """Benchmark every run on the same prompt and seed; returns the report (see ``DEFINITIONS``)."""
-    if not isinstance(chunks, int) or chunks < 1:
-        raise InputError(f"chunks must be a positive integer, got {chunks!r}")
+              seed: int = 0, isolate: bool = True, progress=None, profile: bool = False,
+              sessions: tuple[int, ...] = ()) -> dict:
+    """Benchmark every run on the same prompt and seed; returns the report (see ``DEFINITIONS``).
+    profile: add each engine run's per-graph profile (``rf_runtime.profile``). sessions: also run
+    each of these numbers of streams at once (``run_sessions``), each count in its own process."""
+    chunks = as_int(chunks, "chunks", minimum=1)
     if not runs:
         raise InputError("nothing to benchmark: give a bundle (onnxruntime) and/or a model directory (torch)")
     for run in runs:
@@ -175,17 +301,42 @@ def run_bench(runs: list[BenchRun], *, chunks: int = 200, prompt: str = "a red f
             raise InputError(f"run kind must be 'engine' or 'torch', got {run.kind!r}")
         if run.threads is not None and (run.kind != "torch" or run.threads < 1):
             raise InputError(f"threads applies to the torch run and must be >= 1, got {run.threads!r} for {run.kind}")
+        if (run.static or run.cuda_graphs is not None or run.compile) and run.kind != "torch":
+            raise InputError("--static, --cuda-graphs and --compile apply to the torch run (--model-dir)")
+        if (run.cuda_graphs is not None or run.compile) and not run.static:
+            raise InputError("--cuda-graphs and --compile belong to the static torch path: add --static")
+        if (run.cpu_threads is not None or run.spinning) and run.kind != "engine":
+            raise InputError("onnxruntime threads and spinning apply to the engine run (--bundle)")
+        if run.cpu_threads is not None and run.cpu_threads < 1:
+            raise InputError(f"onnxruntime threads must be >= 1, got {run.cpu_threads!r}")
         if not os.path.isdir(run.path):
             what = "engine bundle" if run.kind == "engine" else "model directory"
             raise InputError(f"{what} {run.path} does not exist")
-    results = []
+    if any(not isinstance(n, int) or n < 1 for n in sessions):
+        raise InputError(f"sessions must be positive integers, got {list(sessions)}")
+    if profile and not any(r.kind == "engine" for r in runs):
+        raise InputError("--profile times the graphs of an engine bundle: give --bundle")
+    results, concurrent = [], []
     for run in runs:
         if progress:
             progress(f"{run.kind}: {chunks} chunks from {run.path}")
-        fn = run_isolated if isolate else run_one
-        results.append(fn(run, chunks=chunks, prompt=prompt, seed=seed))
+        kwargs = dict(chunks=chunks, prompt=prompt, seed=seed, profile=profile and run.kind == "engine")
+        results.append(run_isolated(run, **kwargs) if isolate else run_one(run, **kwargs))
+        for n in sessions:
+            if progress:
+                progress(f"{run.kind}: {n} sessions at once, {chunks} chunks each")
+            kwargs = dict(sessions=n, chunks=chunks, prompt=prompt, seed=seed)
+            concurrent.append({"run": dataclasses.asdict(run), **(run_isolated(run, run_sessions, **kwargs)
+                                                                    if isolate else run_sessions(run, **kwargs))})
     report = {"rf_bench_version": BENCH_VERSION, "chunks": chunks, "prompt": prompt, "seed": seed,
               "host": host_info(), "definitions": DEFINITIONS, "runs": results}
+    if concurrent:
+        report["sessions"] = concurrent
+        for run in runs:
+            mine = [c for c in concurrent if c["run"] == dataclasses.asdict(run)]
+            one = next((c for c in mine if c["sessions"] == 1), None)
+            for c in mine:
+                c["aggregate_over_one_session"] = c["aggregate_fps"] / one["aggregate_fps"] if one else float("nan")
     by_kind = {r["run"]["kind"]: r for r in results}
     if {"engine", "torch"} <= set(by_kind):
         e, t = by_kind["engine"], by_kind["torch"]
@@ -194,8 +345,12 @@ def run_bench(runs: list[BenchRun], *, chunks: int = 200, prompt: str = "a red f
 
 
 def host_info() -> dict:
+    from rf_runtime.runners.onnxruntime_runner import usable_cores
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__}
+            "cpu_count": os.cpu_count(), "usable_cores": usable_cores(), "python": platform.python_version(),
+            "numpy": np.__version__, "load_average": list(load) if load else None}
 
 
 def write_json(report: dict, path: str | os.PathLike) -> str:
@@ -235,6 +390,13 @@ def format_table(report: dict) -> str:
         ("  late / early: CPU time", col("{:.3f}", lambda r: r["flat_cost"]["late_over_early_cpu"])),
         ("peak RSS MiB", col("{:.0f}", lambda r: r["peak_rss_mib"])),
     ]
+    if any("peak_gpu_mib" in r for r in runs):
+        def at(r, c):
+            return f"{r.get('peak_gpu_mib_at_chunk', {}).get(c, float('nan')):.0f}"
+
+        rows.append(("peak GPU MiB @ chunk 10 / 200", col("{} / {}", lambda r: (at(r, "10"), at(r, "200")))))
+    if any(r.get("backend") == "torch-static" for r in runs):
+        rows.append(("CUDA graphs / compile", col("{} / {}", lambda r: (r.get("cuda_graphs", "-"), r.get("compile", "-")))))
     g = runs[0]["geometry"]
     width = max(len(name) for name, _ in rows) + 2
     cw = max(14, *(len(v) for _, vals in rows for v in vals)) + 2
@@ -242,6 +404,19 @@ def format_table(report: dict) -> str:
     lines.append(f"model: video {g['frame_hw'][0]}x{g['frame_hw'][1]}, latent {g['latent_hw']}, KV cache {g['kv']} "
                  f"(layers, batch, tokens, heads, head_dim), chunk {g['stream']['chunk_frames']} / sink "
                  f"{g['stream']['sink_frames']} / window {g['stream']['window_frames']} latent frames")
+    for r in runs:
+        if "profile" in r:
+            from rf_runtime.profile import format_profile
+
+            lines.append(f"profile ({r['backend']}):")
+            lines.append(format_profile(r["profile"]))
+    if report.get("sessions"):
+        lines.append(f"{'sessions':>8}{'aggregate fps':>15}{'x one':>7}{'per-session fps':>17}"
+                     f"{'p50 / p99 chunk s':>20}{'CPU ms/frame':>14}  backend")
+        for c in report["sessions"]:
+            lines.append(f"{c['sessions']:>8}{c['aggregate_fps']:>15.1f}{c['aggregate_over_one_session']:>7.2f}"
+                         f"{c['per_session_fps_mean']:>17.1f}{c['latency_p50_s']:>10.4f} / {c['latency_p99_s']:.4f}"
+                         f"{c['cpu_ms_per_frame']:>14.2f}  {c['backend']}")
     if "engine_vs_torch" in report:
         r = report["engine_vs_torch"]
         lines.append(f"onnxruntime / torch: end-to-end {r['end_to_end_fps']:.2f}x, steady {r['steady_fps']:.2f}x, "

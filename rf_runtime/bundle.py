@@ -29,6 +29,7 @@ from rf_runtime.dtypes import ONNX
 from rf_runtime.errors import RFError
 from rf_runtime.files import atomic_write
 from rf_runtime.runners.base import ITEMSIZE, GraphSpec
+from rf_runtime.schema import parse
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
@@ -99,6 +100,95 @@ def plan_problem(plan: dict, tensorrt_version: str | None, compute_capability: s
     return None
 
 
+# ---- the manifest's schema (rf_runtime.schema.parse checks a manifest against it, naming the bad key) ----
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    file: str
+    precision: str
+    inputs: tuple[TensorEntry, ...]
+    outputs: tuple[TensorEntry, ...]
+    external_data: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    _extra_keys = True  # the TensorRT builder may record more about a plan (precision, device name, ...)
+    file: str
+    tensorrt_version: str
+    compute_capability: str
+
+
+@dataclass(frozen=True)
+class DiTSection:
+    _extra_keys = True  # the whole DiT config; the runtime reads these
+    dim: int
+    num_heads: int
+    num_layers: int
+    text_len: int
+    text_dim: int
+    freq_dim: int
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    dit: DiTSection
+    latent_channels: int
+    latent_hw: tuple[int, int]
+    grid_hw: tuple[int, int]
+    vae_stride: tuple[int, int, int]
+    fps: int
+    vae_cache_slots: int
+    vae_cache_shapes: tuple[tuple[int, ...], ...]
+    precision: str
+
+
+@dataclass(frozen=True)
+class StreamSection:  # sampler.StreamSettings, as JSON
+    chunk_frames: int
+    sink_frames: int
+    window_frames: int
+    ema_alpha: float
+    timesteps: tuple[float, ...]
+    shift: float
+    warp: bool
+    context_t: float
+    num_train_timesteps: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    files: dict[str, FileEntry]
+    graphs: dict[str, GraphEntry]
+    text_encoder: dict
+    model: ModelSection
+    stream: StreamSection
+    model_card: dict  # ModelCard, checked by ModelCard.from_dict
+    producer: dict = field(default_factory=dict)
+    plans: dict[str, PlanEntry] = field(default_factory=dict)
+
+
+def check_manifest(manifest, where: str) -> None:
+    """Every key of a manifest against the schema above: a BundleError naming the bad key and its type."""
+    parse(Manifest, manifest, where=where, error=BundleError, hint=REBUILD)  # the model card: ModelCard.from_dict
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """What the bundle's weights are and what it was checked on (manifest ``model_card``)."""
@@ -112,18 +202,12 @@ class ModelCard:
     window_frames: int
     resolution: tuple[int, int]
     longest_tested_frames: int | None = None
+    note: str | None = None
     vocabulary: tuple[str, ...] | None = None  # the words the model was trained on (None: any, e.g. umT5)
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "ModelCard":
-        names = [f for f in cls.__dataclass_fields__]
-        missing = [n for n in names if n not in d and n not in ("longest_tested_frames", "vocabulary")]
-        if missing:
-            raise BundleError(f"{where}: model_card lacks {missing}; {REBUILD}")
-        card = cls(**{n: d.get(n) for n in names})
-        object.__setattr__(card, "resolution", tuple(card.resolution))
-        if card.vocabulary is not None:
-            object.__setattr__(card, "vocabulary", tuple(card.vocabulary))
+        card = parse(cls, d, where=where, error=BundleError, hint=REBUILD, prefix="model_card.")
         if card.training_stage not in TRAINING_STAGES:
             raise BundleError(f"{where}: model_card training_stage {card.training_stage!r} is not one of "
                               f"{list(TRAINING_STAGES)}; {REBUILD}")
@@ -219,8 +303,10 @@ class Bundle:
         for key in REQUIRED:
             if key not in manifest:
                 raise BundleError(f"{mpath}: required key {key!r} is missing; {REBUILD}")
+        check_manifest(manifest, mpath)
         _check_files(path, manifest["files"], verify_hashes)
         graphs = _check_graphs(path, manifest)
+        _check_external_data(path, manifest)
         _check_text_encoder(mpath, manifest)
         _check_plans(mpath, manifest)
         card = ModelCard.from_dict(manifest["model_card"], mpath)
@@ -264,6 +350,37 @@ def _check_graphs(path: str, manifest: dict) -> dict[str, GraphSpec]:
                 raise BundleError(f"{where}: tensor {t.name!r} has unknown dtype {t.dtype!r}; {REBUILD}")
         graphs[name] = spec
     return graphs
+
+
+def _check_external_data(path: str, manifest: dict) -> None:
+    """A bundle is a closed world: every external-data location in every graph must be a file of the
+    bundle that the manifest lists (with its sha256 and size, checked by ``_check_files``) as that
+    graph's ``external_data``. Checked before onnxruntime or TensorRT opens the graph, which would
+    otherwise read whatever path the graph names, inside the bundle or not."""
+    from rf_runtime.onnx_external import OnnxWireError, external_refs
+
+    files = manifest["files"]
+    for name, entry in manifest["graphs"].items():
+        gpath = os.path.join(path, files[entry["file"]]["path"])
+        try:
+            refs = external_refs(gpath)
+        except (OnnxWireError, OSError) as exc:
+            raise BundleError(f"graph {name!r}: {gpath} is not a readable ONNX file ({exc}); {REBUILD}") from exc
+        allowed = {os.path.realpath(os.path.join(path, files[k]["path"])): k for k in entry.get("external_data", [])}
+        for ref in refs:
+            locations = ref.locations
+            if len(locations) != 1:
+                raise BundleError(f"graph {name!r} in {gpath}: tensor {ref.tensor!r} has {len(locations)} external-data "
+                                  f"locations (one is needed); {REBUILD}")
+            loc = locations[0]
+            target = os.path.realpath(os.path.join(os.path.dirname(gpath), loc))
+            if target not in allowed:
+                where = ("a file outside the bundle" if os.path.isabs(loc) or not
+                         target.startswith(os.path.realpath(path) + os.sep) else
+                         f"a file the manifest does not list as external data of {name!r}")
+                raise BundleError(f"graph {name!r} in {gpath}: tensor {ref.tensor!r} reads its data from {loc!r}, "
+                                  f"{where}; a bundle reads only its own listed files: refused before loading; "
+                                  f"{REBUILD}")
 
 
 def _check_text_encoder(mpath: str, manifest: dict) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rf_runtime.errors import ConfigError
+from rf_runtime.schema import as_int
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class CacheSpec:
     ema_alpha: float = 0.999
 
     def __post_init__(self):
-        c, s, w = self.chunk_frames, self.sink_frames, self.window_frames
+        c, s, w = (as_int(getattr(self, k), k, error=ConfigError) for k in ("chunk_frames", "sink_frames", "window_frames"))
         if c < 1:
             raise ConfigError(f"chunk_frames must be >= 1, got {c}")
         if s not in (0, c):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 
-from rf_runtime.errors import RFError
+from rf_runtime.errors import OutputError, RFError, missing_extra
 
 logger = logging.getLogger("rf_runtime")
 
@@ -125,6 +124,16 @@ def run_command(prog: str, body, args, level: int = logging.WARNING) -> int:
     except RFError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a quota, a vanished folder while writing logs: one line naming the file
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"{prog}: error: {exc.strerror or exc}{where}: free some space or pick another folder", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # an optional dependency the command needs: one line naming the extra
+        err = missing_extra(exc)
+        if err is None:
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # a body without its own Ctrl-C path: its temporary files are already removed
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -144,8 +153,7 @@ def _generate(args) -> int:
     from rf_runtime.video import Mp4Writer
 
     check_prompt(args.prompt)
-    if not (args.seconds > 0 and math.isfinite(args.seconds)):
-        raise RFError(f"--seconds must be a positive number, got {args.seconds}")
+    _check_seconds(args.seconds)
     writer = Mp4Writer(args.out)  # checks the path before the model is loaded
     try:
         t0 = time.perf_counter()
@@ -157,7 +165,13 @@ def _generate(args) -> int:
         start = time.perf_counter()
         try:
             for chunk in streamer.stream_chunks(args.prompt, seed=args.seed, num_frames=num_frames):
-                writer.write(chunk.frames)
+                try:
+                    writer.write(chunk.frames)
+                except OutputError as exc:  # the encoder died: keep what it finished, say so in one line
+                    bar.close()
+                    kept = writer.salvage()
+                    raise OutputError(f"{exc}; " + (f"kept the {kept} frames it had encoded in {args.out}" if kept
+                                                    else f"nothing was written to {args.out}")) from None
                 bar.update(len(chunk.frames))
                 bar.set_postfix(chunk=chunk.index, latency=f"{chunk.seconds:.2f}s",
                                 fps=f"{len(chunk.frames) / chunk.seconds:.2f}")
@@ -182,6 +196,14 @@ def _generate(args) -> int:
     return 0
 
 
+MAX_SECONDS = 7 * 24 * 3600.0  # a week of video: beyond any stream a model was tested on, and still a finite int
+
+
+def _check_seconds(seconds: float) -> None:
+    if not (0 < seconds <= MAX_SECONDS):
+        raise RFError(f"--seconds must be a number > 0 and at most {MAX_SECONDS:.0f} (a week), got {seconds}")
+
+
 def _bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rf-bench",
@@ -202,8 +224,33 @@ def _bench_parser() -> argparse.ArgumentParser:
                    help="torch precision (the bundle's precision is fixed at export)")
     p.add_argument("--torch-threads", type=int, help="intra-op threads of the torch run (default: torch's own); "
                                                      "one thread is steadier on a machine shared with other work")
-    p.add_argument("--json", default="rf-bench.json", help="report path (default rf-bench.json, written atomically)")
+    p.add_argument("--static", action="store_true", help="torch run: the fast path (buffers allocated once per "
+                                                         "stream, CUDA graphs on a GPU; rf_runtime.backends.pytorch_static)")
+    p.add_argument("--cuda-graphs", choices=("on", "off"), help="torch --static run: capture and replay CUDA "
+                                                                "graphs (default: on for --device cuda)")
+    p.add_argument("--compile", action="store_true", help="torch --static run: torch.compile the DiT and VAE steps")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads of every session of the engine run "
+                                               "(default: chosen from the machine; 1 with several --sessions)")
+    p.add_argument("--spinning", action="store_true", help="let idle onnxruntime threads spin (default: they sleep)")
+    p.add_argument("--profile", action="store_true", help="per graph: calls and ms per chunk, FLOPs, achieved GFLOP/s "
+                                                          "against this machine's measured GEMM peak, host share")
+    p.add_argument("--sessions", type=_counts, default=(), help="comma-separated numbers of streams to run at once, "
+                   "e.g. 1,2,4: aggregate and per-session fps and p99 chunk latency")
+    p.add_argument("--json", help="report path (default rf-bench.json, rf-soak.json with --soak; written atomically)")
+    p.add_argument("--soak", type=float, metavar="MINUTES",
+                   help="soak test instead: stream --bundle (default: the shipped bundle) without end for MINUTES and "
+                        "report RSS start / end and slope, chunk time early / late, non-finite and constant chunks")
     return p
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers separated by commas, e.g. 1,2,4")
+    return counts
 
 
 def bench_main(argv: list[str] | None = None) -> int:
@@ -214,20 +261,49 @@ def _bench(args) -> int:
     from rf_runtime.bench import BenchRun, format_table, run_bench, write_json
     from rf_runtime.files import output_folder
 
+    if args.soak is not None:
+        return _soak(args)
+    args.json = args.json or "rf-bench.json"
+
     runs = []
     if args.bundle:
-        runs.append(BenchRun("engine", args.bundle, device=args.device))
+        runs.append(BenchRun("engine", args.bundle, device=args.device, cpu_threads=args.threads,
+                             spinning=args.spinning))
+    elif args.threads is not None or args.spinning:
+        raise RFError("--threads and --spinning apply to the engine run: add --bundle")
     if args.model_dir:
         runs.append(BenchRun("torch", args.model_dir, args.checkpoint, device=args.device, dtype=args.dtype,
-                             threads=args.torch_threads))
+                             threads=args.torch_threads, static=args.static, compile=args.compile,
+                             cuda_graphs=None if args.cuda_graphs is None else args.cuda_graphs == "on"))
+    elif args.static or args.cuda_graphs or args.compile:
+        raise RFError("--static, --cuda-graphs and --compile apply to the torch run: add --model-dir")
     output_folder(args.json, "the report")  # before the benchmark, not after it
     if args.torch_threads is not None and not args.model_dir:
         raise RFError("--torch-threads applies to the torch run: add --model-dir, or drop --torch-threads")
-    report = run_bench(runs, chunks=args.chunks, prompt=args.prompt, seed=args.seed,
-                       progress=lambda msg: print(f"rf-bench: {msg}", file=sys.stderr))
+    report = run_bench(runs, chunks=args.chunks, prompt=args.prompt, seed=args.seed, profile=args.profile,
+                       sessions=args.sessions, progress=lambda msg: print(f"rf-bench: {msg}", file=sys.stderr))
     write_json(report, args.json)
     print(format_table(report))
     print(f"report: {args.json}")
+    return 0
+
+
+def _soak(args) -> int:
+    from rf_runtime.bench import write_json
+    from rf_runtime.bundle import default_engine_dir
+    from rf_runtime.files import output_folder
+    from rf_runtime.soak import format_soak, soak
+
+    if args.model_dir or args.checkpoint or args.torch_threads is not None:
+        raise RFError("--soak streams an engine bundle: drop --model-dir / --checkpoint / --torch-threads, "
+                      "and pass --bundle BUNDLE (default: the shipped bundle)")
+    path = args.json or "rf-soak.json"
+    output_folder(path, "the report")
+    report = soak(args.bundle or default_engine_dir(), args.soak, prompt=args.prompt, seed=args.seed,
+                  progress=lambda msg: print(f"rf-bench: {msg}", file=sys.stderr, flush=True))
+    write_json(report, path)
+    print(format_soak(report))
+    print(f"report: {path}")
     return 0
 
 
@@ -261,28 +337,25 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def _eval(args) -> int:
-    import os
-
     import numpy as np
     from tqdm import tqdm
 
     from rf_runtime.world.adherence import evaluate  # the metrics, with the procedural world's prompt adherence
 
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise RFError(f"the directory of --json {args.json} does not exist: create it first")
+    from rf_runtime.files import atomic_write, output_folder
+
+    if args.json:
+        output_folder(args.json, "the metrics")  # before the work, not after it
     if args.prompts_file:
         return _eval_prompts_file(args)
     if args.video:
         from rf_runtime.video import read_mp4
 
-        if not os.path.isfile(args.video):
-            raise RFError(f"video {args.video} does not exist")
         frames, fps, what = read_mp4(args.video), args.fps, args.video
     else:
         if not args.prompt:
             raise RFError("give a video to evaluate, or --prompt to generate a stream and evaluate it")
-        if not (args.seconds > 0 and math.isfinite(args.seconds)):
-            raise RFError(f"--seconds must be a positive number, got {args.seconds}")
+        _check_seconds(args.seconds)
         streamer = _load_streamer(args)
         fps = streamer.fps
         num_frames = max(2, round(args.seconds * fps))
@@ -297,10 +370,7 @@ def _eval(args) -> int:
     print(f"rf-eval: {what}")
     print(result.table())
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(result.to_json())
-        os.replace(tmp, args.json)
+        atomic_write(args.json, lambda f: f.write(result.to_json().encode()), what="the metrics")
         print(f"wrote {args.json}")
     return 0
 

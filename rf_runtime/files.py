@@ -6,18 +6,23 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from typing import BinaryIO, Callable, Iterator
 
-from rf_runtime.errors import InputError
+from rf_runtime.errors import InputError, OutputError
 
 _UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it)
 os.umask(_UMASK)
 
 
 def output_folder(path: str | os.PathLike, what: str = "the output") -> str:
-    """The folder ``path`` will be written into, checked to exist and be writable (else an InputError
-    naming the fix), so a bad output path fails before any work is done and never with a traceback."""
+    """The folder ``path`` will be written into, checked to exist and be writable, and ``path`` checked not
+    to be a directory (else an InputError naming the fix), so a bad output path fails before any work is
+    done and never with a traceback."""
+    if os.path.isdir(os.fspath(path)):
+        raise InputError(f"cannot write {what} to {os.fspath(path)}: it is a directory; give a file name "
+                         "(an existing directory is never replaced by a file)")
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(folder):
         raise InputError(f"cannot write {what} to {os.fspath(path)}: the folder {folder} does not exist; "
@@ -62,9 +67,12 @@ def atomic_path(path: str | os.PathLike, what: str = "the output") -> Iterator[s
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(exc, OSError):  # a full disk, a quota, an I/O error: one line, nothing at ``path``
+            raise OutputError(f"could not write {what} to {path} ({exc.strerror or exc}): free some space or "
+                              f"pick another folder; nothing was written there") from exc
         raise
 
 
@@ -74,6 +82,46 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], wha
         write(f)
     return os.fspath(path)
 
+
+def output_dir(path: str | os.PathLike, what: str, *, marker: str, force: bool, option: str = "--force") -> str:
+    """Check, before any work, that a directory output (an engine bundle) may be written to ``path``:
+    a new name, or an existing directory of the same kind (it holds ``marker``) with ``force``.
+    Anything else (a file, a directory of other files, a non-empty folder without ``marker``) is refused:
+    a writer never deletes what it did not write. Returns the absolute path."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path):
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise InputError(f"cannot write {what} to {path}: a file (or link) of that name exists; it is never "
+                             "replaced: remove it yourself or pick another path")
+        if not os.path.isfile(os.path.join(path, marker)):
+            if os.listdir(path):
+                raise InputError(f"cannot write {what} to {path}: the directory exists and is not {what} (no {marker}); "
+                                 "its files are never deleted: pick a new path or empty it yourself")
+        elif not force:
+            raise InputError(f"{path} already holds {what}: pass {option} to replace it, or pick a new path")
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise InputError(f"cannot write {what} to {path}: the folder {folder} does not exist; create it first")
+    os.close(temp_file(path, what, folder=folder, remove=True)[0])  # writability, before the work
+    return path
+
+
+def replace_dir(tmp: str, path: str) -> None:
+    """Move the finished directory ``tmp`` to ``path`` (same folder). An existing ``path`` (checked by
+    ``output_dir``) is first renamed aside, then removed once the new one is in place; if the second
+    rename fails the old one is put back."""
+    if not os.path.lexists(path):
+        os.rename(tmp, path)
+        return
+    aside = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
+    os.rmdir(aside)
+    os.rename(path, aside)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(aside, path)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 def atomic_save(write: Callable[[str], None], path: str | os.PathLike, what: str = "the output", *,
                 create_folder: bool = False) -> str:

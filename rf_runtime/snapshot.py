@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from rf_runtime.backends.base import StateArrays
+from rf_runtime.bundle import StreamSection
 from rf_runtime.errors import RFError
 from rf_runtime.files import atomic_write
+from rf_runtime.schema import parse, require_finite
 
 FORMAT = "rf_runtime.stream_snapshot"
 FORMAT_VERSION = 1
@@ -30,6 +32,52 @@ _ARRAYS = ("cache_k", "cache_v", "text_k", "text_v", "latents")
 
 class SnapshotError(RFError):
     """A stream snapshot cannot be read, or does not fit the model it is resumed on."""
+
+
+# ---- the header's schema (rf_runtime.schema.parse names the bad key) ------------------------------
+
+
+@dataclass(frozen=True)
+class _PCG64Words:
+    state: int
+    inc: int
+
+
+@dataclass(frozen=True)
+class _RNGState:  # numpy's PCG64 ``bit_generator.state``
+    bit_generator: str
+    state: _PCG64Words
+    has_uint32: int
+    uinteger: int
+
+
+@dataclass(frozen=True)
+class _Geometry:  # Backend.geometry()
+    latent_channels: int
+    latent_hw: tuple[int, int]
+    vae_stride: tuple[int, int, int]
+    fps: int
+    stream: StreamSection
+    kv: tuple[int, ...]
+    text_kv: tuple[int, ...]
+    latents: tuple[int, ...]
+    vae_cache: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class _Header:
+    format: str
+    version: int
+    prompt: str
+    prompt_history: tuple[tuple[int, str], ...]
+    seed: int
+    rng_state: _RNGState
+    chunk_index: int
+    frames_emitted: int
+    num_frames: int | None
+    geometry: _Geometry
+    chunks_committed: int
+    vae_cache_slots: int
 
 
 @dataclass(frozen=True)
@@ -76,6 +124,8 @@ class StreamSnapshot:
     def load(cls, path: str | os.PathLike) -> "StreamSnapshot":
         """Read a snapshot written by ``save``; a missing, truncated or foreign file raises SnapshotError."""
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise SnapshotError(f"stream snapshot {path} is a directory: pass the .npz file written by StreamSnapshot.save")
         if not os.path.isfile(path):
             raise SnapshotError(f"stream snapshot {path} does not exist: pass a file written by StreamSnapshot.save")
         hint = "it is not a stream snapshot, or it was truncated or altered; save the stream again"
@@ -94,10 +144,24 @@ class StreamSnapshot:
         if header.get("version") != FORMAT_VERSION:
             raise SnapshotError(f"{path} is a version {header.get('version')!r} snapshot; this runtime reads version "
                                 f"{FORMAT_VERSION}: resume it with the rf_runtime that wrote it")
+        rng = header.get("rng_state")
+        if isinstance(rng, dict) and rng.get("bit_generator") != "PCG64":
+            raise SnapshotError(f"{path}: header key 'rng_state.bit_generator' is {rng.get('bit_generator')!r}; "
+                                f"streams draw their noise with PCG64: {hint}")
+        h = parse(_Header, header, where=path, error=SnapshotError, hint=hint, what="header key")
+        for key in ("chunk_index", "frames_emitted", "chunks_committed", "vae_cache_slots", "seed"):
+            if getattr(h, key) < 0:
+                raise SnapshotError(f"{path}: header key {key!r} is {getattr(h, key)}, it must be >= 0: {hint}")
         names = [*_ARRAYS, *(f"vae_cache_{i}" for i in range(header["vae_cache_slots"]))]
         missing = [n for n in names if n not in files]
         if missing:
             raise SnapshotError(f"{path} lacks the arrays {missing}: {hint}")
+        wrong = [n for n in names if files[n].dtype != np.float32]
+        if wrong:
+            raise SnapshotError(f"{path}: the arrays {wrong} are not float32: {hint}")
+        require_finite({n: files[n] for n in names}, path, SnapshotError,
+                       "a stream state is finite; this file was damaged or made by a diverged stream: save it again "
+                       "from a healthy stream")
         state = StateArrays(**{n: files[n] for n in _ARRAYS},
                             vae_cache=tuple(files[f"vae_cache_{i}"] for i in range(header["vae_cache_slots"])),
                             chunks_committed=header["chunks_committed"])

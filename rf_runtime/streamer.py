@@ -26,7 +26,8 @@ from typing import Iterator
 import numpy as np
 
 from rf_runtime.backends.base import Backend, ModelInfo
-from rf_runtime.errors import InputError
+from rf_runtime.errors import InputError, StreamError
+from rf_runtime.schema import as_int
 from rf_runtime.sampler import StreamSettings, chunk_noise
 from rf_runtime.snapshot import SnapshotError, StreamSnapshot, geometry_difference
 
@@ -43,6 +44,7 @@ class Chunk:
     seconds: float  # wall time to make it: noise + denoise + cache pass + decode
     denoise_seconds: float = 0.0  # the denoising steps and the clean-context cache pass (device synchronised)
     decode_seconds: float = 0.0  # the VAE decode, until the frames are on the host
+    guard_seconds: float = 0.0  # the numeric guard: the check that the chunk's latents are finite
 
 
 def check_prompt(prompt) -> str:
@@ -67,7 +69,7 @@ class Streamer:
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None, *,
-             backend: str = "auto", device: str = "cpu", **options) -> "Streamer":
+             backend: str = "auto", device: str = "cpu", threads=None, **options) -> "Streamer":
         """Load what ``path`` is: an engine bundle (``manifest.json``) or a model folder (``config.json``).
 
         path: None loads the bundle that ships with rf_runtime (``engines/procedural-world-64``).
@@ -76,6 +78,7 @@ class Streamer:
             refuses them with the reason.
         backend: "auto", or for a bundle "onnxruntime" / "tensorrt" (``from_engine``), for a model
             folder "torch".
+        threads: a bundle's onnxruntime CPU threading (``from_engine``); a model folder refuses it.
         ``source`` of the result says which was found ("engine bundle" or "model folder"); it is logged too.
         """
         from rf_runtime import model_dir
@@ -90,11 +93,14 @@ class Streamer:
                 raise InputError(f"{where} is an engine bundle: its size, precision and cache are fixed at export, "
                                  f"so {', '.join(given)} do not apply; pass a model folder to change them")
             logger.info("loading the engine bundle %s", where)
-            return cls.from_engine(where, backend=backend, device=device)
+            return cls.from_engine(where, backend=backend, device=device, threads=threads)
         if model_dir.is_model_dir(where):
             if backend not in ("auto", "torch"):
                 raise InputError(f"{where} is a model folder, run by the PyTorch backend: backend={backend!r} needs "
                                  "an engine bundle (rf-export onnx --model-dir DIR --out BUNDLE makes one)")
+            if threads is not None:
+                raise InputError(f"{where} is a model folder, run by PyTorch: threads= sets onnxruntime's threads of "
+                                 "an engine bundle; for PyTorch use torch.set_num_threads")
             logger.info("loading the model folder %s with PyTorch", where)
             return cls.from_checkpoint(where, checkpoint, device=device, **options)
         what = "does not exist" if not os.path.exists(where) else "holds neither manifest.json nor config.json"
@@ -117,7 +123,8 @@ class Streamer:
     def from_checkpoint(cls, model_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *,
                         vae_path: str | os.PathLike | None = None, text_encoder=None,
                         settings: StreamSettings | None = None, height: int | None = None, width: int | None = None,
-                        device: str = "cpu", dtype: str = "float32", use_ema: bool = True) -> "Streamer":
+                        device: str = "cpu", dtype: str = "float32", use_ema: bool = True, static: bool = False,
+                        cuda_graphs: bool | None = None, compile: bool = False) -> "Streamer":
         """Load the PyTorch reference models from a Wan2.1-style directory.
 
         model_dir: holds ``config.json`` + ``diffusion_pytorch_model*.safetensors`` (the DiT),
@@ -127,16 +134,26 @@ class Streamer:
         checkpoint: a generator checkpoint to load on top (``rewardforcing.pt`` or a training
             checkpoint); ``use_ema`` picks ``generator_ema`` over ``generator`` in the latter.
         text_encoder: a ``TextEncoder`` object to use instead of the one in ``model_dir``.
+        static: the fast path (``rf_runtime.backends.pytorch_static``): buffers allocated once per stream, every call
+            on static shapes; with it, ``cuda_graphs`` (default: on for a CUDA device) captures and replays
+            CUDA graphs and ``compile`` wraps the DiT and VAE steps in ``torch.compile``.
         """
         from rf_runtime.backends.pytorch import TorchBackend
 
-        backend = TorchBackend.from_dir(model_dir, checkpoint, vae_path=vae_path, text_encoder=text_encoder,
-                                        settings=settings, height=height, width=width, device=device,
-                                        dtype=dtype, use_ema=use_ema)
-        return cls(backend, "model folder")
+        options = dict(vae_path=vae_path, text_encoder=text_encoder, settings=settings, height=height, width=width,
+                       device=device, dtype=dtype, use_ema=use_ema)
+        if static:
+            from rf_runtime.backends.pytorch_static import StaticTorchBackend
+
+            return cls(StaticTorchBackend.from_dir(model_dir, checkpoint, cuda_graphs=cuda_graphs, compile=compile,
+                                                   **options), "model folder")
+        if cuda_graphs or compile:
+            raise InputError("cuda_graphs and compile belong to the static path: pass static=True")
+        return cls(TorchBackend.from_dir(model_dir, checkpoint, **options), "model folder")
 
     @classmethod
-    def from_engine(cls, path: str | os.PathLike | None = None, backend: str = "auto", device: str = "cpu") -> "Streamer":
+    def from_engine(cls, path: str | os.PathLike | None = None, backend: str = "auto", device: str = "cpu", *,
+                    threads=None) -> "Streamer":
         """Stream from an engine bundle (``rf_runtime.bundle``); no torch needed.
 
         path: the bundle directory; None: the default model shipped with the package
@@ -145,12 +162,15 @@ class Streamer:
             GPU and tensorrt + cuda-python are installed, else onnxruntime). An explicit backend
             that cannot run here is an error, never a silent fallback.
         device: "cpu" or "cuda". The bundle's model card is checked against its stream settings.
+        threads: onnxruntime CPU threading, a ``rf_runtime.runners.onnxruntime_runner.CpuThreads`` or
+            an int (intra-op threads of every session); None chooses from the machine
+            (``rf_runtime.backends.engine.cpu_threads``). Give 1 when several streams run at once.
         """
         from rf_runtime.backends.engine import EngineBackend
         from rf_runtime.bundle import default_engine_dir
 
-        return cls(EngineBackend.load(default_engine_dir() if path is None else path, backend=backend, device=device),
-                   "engine bundle")
+        return cls(EngineBackend.load(default_engine_dir() if path is None else path, backend=backend, device=device,
+                                      threads=threads), "engine bundle")
 
     # ---- streaming ---------------------------------------------------------------------------
 
@@ -160,10 +180,8 @@ class Streamer:
         Each stream has its own state; several streams of one Streamer can be interleaved freely.
         """
         check_prompt(prompt)
-        if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
-            raise InputError(f"num_frames must be a positive integer or None (unbounded), got {num_frames!r}")
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+        num_frames = as_int(num_frames, "num_frames", minimum=1, none_ok=True, hint="None streams without end")
+        seed = as_int(seed, "seed", minimum=0)
         if self.backend.model_card is not None:
             self.backend.model_card.check_length(num_frames)
             self.backend.model_card.check_prompt(prompt)
@@ -262,6 +280,12 @@ class Stream:
             eps = be.upload(fresh[k]) if k + 1 < settings.num_steps else None
             x0, x = be.denoise_step(state, x, k, eps)
         # keep the clean latents of the last chunks: a prompt switch re-caches them
+        guard = time.perf_counter()
+        if not be.all_finite(x0):  # the numeric guard: NaN / Inf latents would decode to black or noise
+            raise StreamError(f"chunk {self.chunk_index} of the stream has non-finite latents (NaN or Inf): the "
+                              "model's weights or the stream's state are damaged; check the model (`rf-export "
+                              "verify BUNDLE --model-dir DIR`), or resume from a snapshot saved before this chunk")
+        guard = time.perf_counter() - guard
         be.store_latents(state, self.chunk_index % self.info.context_chunks, x0)
         # rerun with timestep zero to update the KV cache using clean context
         be.cache_pass(state, x0)
@@ -272,7 +296,7 @@ class Stream:
             frames = frames[: self.num_frames - self.frames_emitted]
         end = time.perf_counter()
         chunk = Chunk(self.chunk_index, self.frames_emitted, frames, end - start,
-                      denoise_seconds=denoised - start, decode_seconds=end - denoised)
+                      denoise_seconds=denoised - start, decode_seconds=end - denoised, guard_seconds=guard)
         self.chunk_index += 1
         self.frames_emitted += len(frames)
         logger.debug("chunk %d: %d frames in %.3f s", chunk.index, len(frames), chunk.seconds)

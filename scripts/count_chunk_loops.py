@@ -4,7 +4,7 @@
 
 Reads the source with ``ast``. A function is listed when it calls a denoising primitive
 (``denoise_step``, ``denoise``, ``forward_chunk``, ``predict``) and also ``cache_pass`` (it runs one
-chunk's recipe itself), or when a ``for`` loop in it calls ``cache_pass`` or ``step`` on a rollout
+chunk's recipe itself), or when a ``for`` loop in it calls ``cache_pass`` or ``step`` on a rollout (a variable named ``roll*``)
 (it loops over chunks itself); a loop that only re-commits kept chunks (the prompt switch's
 re-cache, ``stored_latents``) generates nothing and is not counted. The backends' implementations of the primitives (``def cache_pass``,
 ``def denoise_step``) do neither and are not listed. Prints each place as file:line function, marked
@@ -23,11 +23,16 @@ DENOISE = {"denoise_step", "denoise", "forward_chunk", "predict"}
 
 
 def calls(node) -> set[str]:
+    """Names called in ``node``; a rollout's ``step`` is "rollout.step" (a Stream consumer's own
+    ``step``, e.g. rf-serve's engine, is not a chunk recipe)."""
     out = set()
     for sub in ast.walk(node):
         if isinstance(sub, ast.Call):
             f = sub.func
-            out.add(f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", ""))
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            if name == "step" and "roll" not in getattr(getattr(f, "value", None), "id", ""):
+                continue
+            out.add("rollout.step" if name == "step" else name)
     return out
 
 
@@ -51,7 +56,7 @@ def places(path: str):
                 loops.append(sub)
         recipe = bool(body_calls & DENOISE) and "cache_pass" in body_calls
         # a loop that re-commits kept chunks (a prompt switch's re-cache) generates nothing: not counted
-        loop = any({"cache_pass", "step"} & calls(lp) and "stored_latents" not in calls(lp) for lp in loops)
+        loop = any({"cache_pass", "rollout.step"} & calls(lp) and "stored_latents" not in calls(lp) for lp in loops)
         if recipe or loop:
             yield node.lineno, node.name, "recipe" if recipe else "loop over chunks"
 

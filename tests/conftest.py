@@ -37,6 +37,16 @@ def engine_dirs(tmp_path_factory):
     return root / "model", root / "bundle"
 
 
+@pytest.fixture
+def sandbox(tmp_path, tmp_path_factory, monkeypatch):
+    """The fault suite's sandbox (tests/fault_tools.py): the test runs in tmp_path/work; afterwards nothing
+    outside the test's folders may have been written, nor its ``outside`` folder opened."""
+    from fault_tools import sandboxed
+
+    with sandboxed(tmp_path, tmp_path_factory.getbasetemp(), monkeypatch) as box:
+        yield box
+
+
 @pytest.fixture(autouse=True)
 def _one_cpu_thread_for_training_tests(request):
     """Training tests run many tiny forwards: one intra-op thread is ~50x faster than two on a

@@ -22,16 +22,18 @@ pytest.importorskip("onnxruntime")
 from rf_runtime.sampler import chunk_noise  # noqa: E402
 from rf_runtime.testing import HEIGHT, WIDTH  # noqa: E402
 
-BACKENDS = ["torch", "onnxruntime", "tensorrt"]
+BACKENDS = ["torch", "torch-static", "onnxruntime", "tensorrt"]
 
 
 @pytest.fixture(scope="module")
 def backends(engine_dirs):
     from rf_runtime.backends.engine import EngineBackend
     from rf_runtime.backends.pytorch import TorchBackend
+    from rf_runtime.backends.pytorch_static import StaticTorchBackend
 
     model, bundle = engine_dirs
-    return {"torch": lambda: TorchBackend.from_dir(model), "onnxruntime": lambda: EngineBackend.load(bundle),
+    return {"torch": lambda: TorchBackend.from_dir(model), "torch-static": lambda: StaticTorchBackend.from_dir(model),
+            "onnxruntime": lambda: EngineBackend.load(bundle),
             "tensorrt": lambda: EngineBackend.load(bundle, backend="tensorrt", device="cuda")}
 
 
@@ -97,13 +99,14 @@ def test_geometry_is_json_and_the_same_for_every_backend(backends):
     torch_geometry = backends["torch"]().geometry()
     engine_geometry = backends["onnxruntime"]().geometry()
     assert json.loads(json.dumps(torch_geometry)) == torch_geometry
-    assert torch_geometry == engine_geometry
+    assert torch_geometry == engine_geometry == backends["torch-static"]().geometry()
 
 
 def test_backends_agree_on_the_first_chunk(backends):
     frames = []
-    for name in ("torch", "onnxruntime"):
+    for name in ("torch", "torch-static", "onnxruntime"):
         be = backends[name]()
         frames.append(one_chunk(be, be.new_stream(be.encode_prompt("a red circle")),
                                 np.random.Generator(np.random.PCG64(11)))[0].astype(int))
-    assert np.abs(frames[0] - frames[1]).max() <= 1
+    assert np.array_equal(frames[0], frames[1])  # the static path runs the same ops: bit-identical
+    assert np.abs(frames[0] - frames[2]).max() <= 1

@@ -92,7 +92,7 @@ def test_rf_bench_errors(tmp_path, capsys):
     assert bench_main(["--bundle", str(tmp_path / "nope"), "--json", str(tmp_path / "r.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert bench_main(["--model-dir", str(tmp_path), "--chunks", "0", "--json", str(tmp_path / "r.json")]) == 2
-    assert "chunks must be a positive integer" in capsys.readouterr().err
+    assert "chunks must be an integer >= 1, got 0" in capsys.readouterr().err
     assert bench_main(["--model-dir", str(tmp_path), "--json", str(tmp_path / "no" / "r.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert bench_main(["--bundle", str(tmp_path), "--torch-threads", "2", "--json", str(tmp_path / "r.json")]) == 2

@@ -309,21 +309,25 @@ def test_an_unreadable_checkpoint_is_one_line(model_dir, prompts, tmp_path, caps
 
 
 def test_cli_ctrl_c_saves_a_checkpoint(model_dir, prompts, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during step 2 (self.step == 1): the step completes, then a checkpoint at step 2 (the signal acts
+    at the step boundary; tests/test_faults_train.py covers every phase of a step and the bit-exact resume)."""
+    import signal
+
     from rf_runtime.train.cli import main
 
     real_step = Trainer.train_step
 
-    def step_then_interrupt(self):
+    def interrupt_during_step(self):
         if self.step == 1:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         return real_step(self)
 
-    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    monkeypatch.setattr(Trainer, "train_step", interrupt_during_step)
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps(raw_config(model_dir, prompts, tmp_path / "out", steps=3)))
     assert main(["--config", str(cfg), "--quiet"]) == 130
-    assert latest_checkpoint(str(tmp_path / "out")).endswith("_000001.safetensors")
-    assert "interrupted at step 1" in capsys.readouterr().err
+    assert latest_checkpoint(str(tmp_path / "out")).endswith("_000002.safetensors")
+    assert "stopped after step 2" in capsys.readouterr().err
 
 
 # ---- two processes over gloo -----------------------------------------------------------------

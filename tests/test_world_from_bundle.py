@@ -1,5 +1,7 @@
 """Weights taken back out of an exported bundle equal the model directory's (DiT and VAE decoder)."""
 
+import os
+
 import pytest
 import torch
 
@@ -40,19 +42,39 @@ def test_the_dit_comes_back_exactly(made):
         torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
 
 
-def test_the_vae_decoder_and_its_normalisation_come_back_and_the_encoder_is_fresh(made):
-    _, vae, bundle = made
-    got = vae_from_bundle(str(bundle), CFG.vae)
-    assert got.config.latents_mean == pytest.approx(vae.config.latents_mean, abs=1e-6)
-    assert got.config.latents_std == pytest.approx(vae.config.latents_std, rel=1e-6)
-    want, have = vae.state_dict(), got.state_dict()
-    for k, v in want.items():
-        if k.startswith(("decoder.", "conv2.")):
-            torch.testing.assert_close(have[k], v, rtol=0, atol=0, msg=k)
-    assert not torch.equal(have["conv1.weight"], want["conv1.weight"])
-    z = torch.randn(1, CFG.vae.z_dim, 3, *CFG.latent_hw)
-    with torch.no_grad():
-        torch.testing.assert_close(got.decode(z), vae.decode(z), rtol=0, atol=1e-6)
+def test_a_vae_exported_with_2d_convolutions_is_refused_with_the_fix(made):
+    # the current exporter (2-D convolutions) stores the decoder's weights unnamed: refused, naming the way out
+    _, _, bundle = made
+    with pytest.raises(InputError, match="model directory"):
+        vae_from_bundle(str(bundle), CFG.vae)
+
+
+def _earlier_layout(bundle: str) -> bool:
+    import onnx
+
+    model = onnx.load(os.path.join(bundle, "vae_decode.onnx"), load_external_data=False)
+    return not any(i.name.startswith("onnx::") for i in model.graph.initializer)
+
+
+def test_the_shipped_bundles_decoder_comes_back_and_decodes_as_the_bundle_does():
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from rf_runtime.bundle import default_engine_dir
+    from rf_runtime.streamer import Streamer
+
+    bundle = default_engine_dir()
+    if not _earlier_layout(bundle):
+        pytest.skip("the shipped bundle was re-exported with the 2-D convolution VAE graph (weights unnamed)")
+    cfg = T.WorldConfig()
+    dit, vae = dit_from_bundle(bundle, cfg.dit), vae_from_bundle(bundle, cfg.vae)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        T.write_model_dir(d, cfg, dit, vae)
+        a = np.concatenate(list(Streamer.from_checkpoint(d).stream("a red circle bouncing", seed=0, num_frames=12)))
+    b = np.concatenate(list(Streamer.from_engine(bundle).stream("a red circle bouncing", seed=0, num_frames=12)))
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 2  # uint8 levels: fp32 PyTorch vs onnxruntime
 
 
 def test_not_a_bundle_is_refused(tmp_path):

@@ -139,6 +139,11 @@ class Backend(ABC):
         """Shapes of the arrays of ``StateArrays`` for this model: {"kv", "text_kv", "latents", "vae_cache"}."""
         raise self._unsupported("save_state")
 
+    def all_finite(self, x: Any) -> bool:
+        """True when the device array ``x`` (chunk latents) holds no NaN and no infinity (the stream's
+        numeric guard, once per chunk)."""
+        return bool(np.isfinite(np.asarray(x)).all())
+
     def synchronize(self) -> None:
         """Wait until queued device work is done (for timing); nothing to do on synchronous backends."""
 

@@ -30,14 +30,32 @@ from rf_runtime.backends.base import Backend, ModelInfo, StateArrays, StreamStat
 from rf_runtime.backends.select import choose_backend, plan_names
 from rf_runtime.bundle import MANIFEST, Bundle, BundleError
 from rf_runtime.cache import commit_matrix
-from rf_runtime.errors import InputError
+from rf_runtime.errors import InputError, RFError
 from rf_runtime.graph_io import CACHE_UPDATE, DIT_STEP, GRAPHS, TEXT_ENCODER, TEXT_KV, VAE_DECODE, VAE_DECODE_FIRST
 from rf_runtime.positions import chunk_tables, timestep_sinusoid_np
 from rf_runtime.runners import Binding, Buffer, OnnxRuntimeRunner, Runner, TensorRTRunner
+from rf_runtime.runners.onnxruntime_runner import CpuThreads, usable_cores
 from rf_runtime.sampler import StreamSettings
 from rf_runtime.text import text_encoder_from_spec
 
 logger = logging.getLogger("rf_runtime")
+
+VAE_GRAPHS = (VAE_DECODE_FIRST, VAE_DECODE)
+
+
+def cpu_threads(graph: str, threads: CpuThreads | int | None, cores: int | None = None) -> CpuThreads:
+    """The CPU threading of one graph's onnxruntime session.
+
+    threads: a ``CpuThreads`` (or an int: that many intra-op threads) for every graph; None chooses
+    from the machine: every usable core for the VAE graphs (2-D convolutions on 64x64 and larger
+    maps split well over threads), one thread for the DiT step, the cache update and the text graphs
+    (hundreds of small ops each: a second thread adds synchronisation and no speed), no spinning.
+    With several streams running at once give ``threads=1``: the streams then run in parallel
+    on the cores instead of each one's threads competing for them (docs/notes/speed.md).
+    """
+    if threads is not None:
+        return CpuThreads(threads) if isinstance(threads, int) else threads
+    return CpuThreads(cores or usable_cores()) if graph in VAE_GRAPHS else CpuThreads(1)
 
 
 @dataclass
@@ -63,7 +81,7 @@ class _Stream:
 
 class EngineBackend(Backend):
     def __init__(self, bundle: Bundle, backend: str = "onnxruntime", device: str = "cpu", *,
-                 cuda_graph: bool = False, threads: int | None = None):
+                 cuda_graph: bool = False, threads: CpuThreads | int | None = None):
         m = bundle.manifest
         self.bundle, self.name, self.device = bundle, backend, device
         self.model = m["model"]
@@ -75,8 +93,8 @@ class EngineBackend(Backend):
         self.spec = settings.cache_spec
         self.schedule = settings.schedule()
         self.runners = self._make_runners(backend, device, cuda_graph, threads)
-        for runner in self.runners.values():
-            runner.activate()
+        for graph, runner in self.runners.items():
+            _activate(runner, graph, bundle.path)
         self.text_encoder = text_encoder_from_spec(m["text_encoder"], f"{bundle.path}/{MANIFEST}",
                                                    bundle_dir=bundle.path, runner=self.runners.get(TEXT_ENCODER))
         self._check_geometry()
@@ -97,7 +115,8 @@ class EngineBackend(Backend):
             runners = {g: TensorRTRunner(b.file(b.plans[plans[g]]["file"]), b.graphs[plans[g]], cuda_graph=cuda_graph,
                                          name=plans[g]) for g in GRAPHS}
         else:
-            runners = {g: OnnxRuntimeRunner(b.graph_file(g), b.graphs[g], device=device, threads=threads)
+            runners = {g: OnnxRuntimeRunner(b.graph_file(g), b.graphs[g], device=device,
+                                            threads=cpu_threads(g, threads) if device == "cpu" else None)
                        for g in GRAPHS}
         if b.manifest["text_encoder"].get("kind") == "umt5":  # the umT5 graph: once per prompt
             graph = b.manifest["text_encoder"]["graph"]  # Bundle.load checked that it is one of the graphs
@@ -108,8 +127,9 @@ class EngineBackend(Backend):
                     logger.info("bundle %s has no TensorRT plan for %s: the text encoder runs on onnxruntime (%s); "
                                 "`rf-export trt BUNDLE --precision fp32 --graphs %s` builds one", b.path, graph,
                                 device, graph)
-                runners[TEXT_ENCODER] = OnnxRuntimeRunner(b.graph_file(graph), b.graphs[graph], device=device,
-                                                        threads=threads, name=graph)
+                runners[TEXT_ENCODER] = OnnxRuntimeRunner(
+                    b.graph_file(graph), b.graphs[graph], device=device, name=graph,
+                    threads=cpu_threads(TEXT_ENCODER, threads) if device == "cpu" else None)
         return runners
 
     def _check_geometry(self) -> None:
@@ -299,6 +319,10 @@ class EngineBackend(Backend):
 
     # ---- prompt switch, snapshots ---------------------------------------------------------------
 
+    def all_finite(self, x) -> bool:
+        host = self.runners[DIT_STEP].read(x) if isinstance(x, Buffer) else np.asarray(x)
+        return bool(np.isfinite(host).all())
+
     def store_latents(self, state, slot, x0) -> None:
         """Copy the chunk's clean latents into ring slot ``slot`` before the next chunk's steps overwrite x0."""
         s: _Stream = state.device
@@ -364,8 +388,25 @@ class EngineBackend(Backend):
                 "vae_cache": [step[n].shape for n in self._vae_cache_names()]}
 
     def describe(self) -> dict:
-        return {"backend": self.name, "device": self.device, "precision": _dtype(self.runners[DIT_STEP], "ctx_k"),
-                "graphs": {g: r.name for g, r in self.runners.items()}}
+        out = {"backend": self.name, "device": self.device, "precision": _dtype(self.runners[DIT_STEP], "ctx_k"),
+               "graphs": {g: r.name for g, r in self.runners.items()}}
+        threads = {g: r.threads for g, r in self.runners.items() if getattr(r, "threads", None) is not None}
+        if threads:
+            out["cpu_threads"] = {g: {"intra_op": t.intra_op, "spinning": t.spinning} for g, t in threads.items()}
+        return out
+
+
+def _activate(runner: Runner, graph: str, bundle: str) -> None:
+    """Load one graph (an onnxruntime session, a TensorRT engine). A file the framework cannot load is the
+    bundle's fault: a BundleError naming the graph, never the framework's traceback; RFErrors pass as they are."""
+    try:
+        runner.activate()
+    except RFError:
+        raise
+    except Exception as exc:  # onnxruntime and TensorRT raise their own types (Fail, InvalidGraph, RuntimeError)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise BundleError(f"graph {graph!r} of bundle {bundle} cannot be loaded ({type(exc).__name__}: {reason}); "
+                          "rebuild it with `rf-export onnx --model-dir MODEL_DIR --out BUNDLE`") from exc
 
 
 def _dtype(runner: Runner, name: str) -> str:

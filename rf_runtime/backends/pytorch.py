@@ -134,6 +134,9 @@ class TorchBackend(Backend):
                 "latents": (info.context_chunks, *info.chunk_latent_shape),
                 "vae_cache": list(self._vae_cache_shapes)}
 
+    def all_finite(self, x) -> bool:
+        return bool(torch.isfinite(x).all())
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -16,14 +16,14 @@ from rf_runtime import model_dir as model_folder
 from rf_runtime.bundle import graph_io_from_onnx, write_manifest
 from rf_runtime.cache import commit_matrix
 from rf_runtime.errors import ConfigError
-from rf_runtime.files import give_default_permissions, output_folder
+from rf_runtime.files import give_default_permissions, output_dir, replace_dir
 from rf_runtime.graph_io import GRAPHS
 
 OPSET = 17
 
 
 def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None = None,
-                 precisions=("fp32",)) -> str:
+                 precisions=("fp32",), force: bool = False) -> str:
     """Export every graph of the model in ``model_dir`` into the bundle directory ``out_dir``.
 
     model_card: overrides of the manifest's model card (``name``, ``training_stage``,
@@ -32,7 +32,12 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
     precisions: "fp32" always; "fp16" / "bf16" add strongly typed ``<name>@<precision>``
         variants of every graph (export/precision.py).
     The bundle is assembled in a temporary directory beside ``out_dir`` and renamed when complete.
+    force: replace an existing bundle at ``out_dir``; without it, and for anything at ``out_dir`` that
+        is not a bundle, the export is refused before any work (``files.output_dir``).
     """
+    from rf_runtime.bundle import MANIFEST
+
+    out_dir = output_dir(out_dir, "an engine bundle", marker=MANIFEST, force=force)
     import onnx
     import torch
 
@@ -59,8 +64,7 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
     spec = settings.cache_spec
     grid = dit.grid(info.latent_hw)
     tpf = grid[0] * grid[1]
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    tmp = tempfile.mkdtemp(prefix=".rf-bundle-", dir=output_folder(out_dir, "the bundle"))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
     try:
         give_default_permissions(tmp, directory=True)  # not mkdtemp's owner-only 0700
         feeds = example_inputs(dit, info.latent_hw, spec.context_frames, spec.chunk_frames, spec.context_frames)
@@ -110,9 +114,7 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
                          "opset": OPSET},
         }
         write_manifest(tmp, manifest)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,5 +13,11 @@ def __getattr__(name):
     if name in _HOME:
         import importlib
 
-        return getattr(importlib.import_module(f"rf_runtime.models.{_HOME[name]}"), name)
+        from rf_runtime.errors import missing_extra
+
+        try:
+            module = importlib.import_module(f"rf_runtime.models.{_HOME[name]}")
+        except ImportError as exc:  # no torch: one line naming the extra, not a bare ModuleNotFoundError
+            raise (missing_extra(exc) or exc) from None
+        return getattr(module, name)
     raise AttributeError(f"module 'rf_runtime.models' has no attribute {name!r}")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from rf_runtime.errors import CheckpointError, ConfigError, InputError
 from rf_runtime.positions import chunk_tables, rope_tables_np, sinusoid_frequencies
+from rf_runtime.schema import require_finite
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,20 +463,38 @@ _NESTED = ("generator_ema", "generator", "model", "state_dict")
 def load_checkpoint_file(path: str | os.PathLike) -> dict:
     """Read a ``.safetensors`` or ``.pt``/``.pth`` file (the latter with ``weights_only=True``)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a directory: pass the weights file in it (.safetensors or "
+                              ".pt), or give the directory as the model directory (--model-dir)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle and safetensors errors come in many types
         # one line, and not torch's multi-paragraph advice to load the file unsafely (not the fix here)
         lines = str(exc).strip().splitlines()
         reason = lines[0] if path.endswith(".safetensors") and lines else f"torch.load: {type(exc).__name__}"
         raise CheckpointError(f"could not read checkpoint {path} ({reason}): pass a .safetensors or "
                               ".pt/.pth state dict (a Reward Forcing or rf-train checkpoint)") from exc
+    require_finite(_flat_tensors(state), f"checkpoint {path}", CheckpointError,
+                   "weights must be finite; the file is damaged or the training run diverged: use an earlier checkpoint")
+    return state
+
+
+def _flat_tensors(state, prefix: str = "") -> dict:
+    """{dotted key: tensor} of a (nested) state dict; other values are skipped."""
+    out = {}
+    if isinstance(state, dict):
+        for k, v in state.items():
+            out.update(_flat_tensors(v, f"{prefix}{k}."))
+    elif isinstance(state, torch.Tensor):
+        out[prefix[:-1]] = state
+    return out
 
 
 def normalize_state_dict(state_dict: dict, *, use_ema: bool = True) -> dict:

@@ -33,6 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from rf_runtime.dtypes import ITEMSIZE
+from rf_runtime.dtypes import nbytes as dtype_nbytes
 from rf_runtime.dtypes import NUMPY as DTYPES  # dtype names of the manifest -> numpy (rf_runtime.dtypes)
 from rf_runtime.errors import RFError
 
@@ -58,7 +59,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * ITEMSIZE[self.dtype]
+        return dtype_nbytes(self.dtype, int(np.prod(self.shape, dtype=np.int64)))
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class Buffer:
     base: "Buffer | None" = field(default=None, repr=False)  # the buffer a view was taken from
 
     def __post_init__(self):
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * ITEMSIZE[self.dtype]
+        self.nbytes = dtype_nbytes(self.dtype, int(np.prod(self.shape, dtype=np.int64)))
 
     def view(self, offset: int, shape: tuple[int, ...]) -> "Buffer":
         """A buffer over ``prod(shape)`` elements of this one, starting at element ``offset``."""
@@ -127,7 +128,9 @@ class Buffer:
         if offset < 0 or offset + n > total:
             raise RunnerError(f"a view of {n} elements at offset {offset} does not fit a buffer of {total}")
         host = None if self.host is None else self.host.reshape(-1)[offset:offset + n].reshape(shape)
-        return Buffer(tuple(shape), self.dtype, self.device, self.ptr + offset * ITEMSIZE[self.dtype], host,
+        if ITEMSIZE[self.dtype] < 1 and offset % 2:
+            raise RunnerError(f"a view of a {self.dtype} buffer must start at an even element (two per byte)")
+        return Buffer(tuple(shape), self.dtype, self.device, self.ptr + dtype_nbytes(self.dtype, offset), host,
                       self.owner, self.base or self)
 
 
@@ -182,6 +185,7 @@ class Binding:
         try:
             for name in changed:
                 self.runner._check_aliasing(self, name, self.buffers[name])
+                self.runner.check_address(name, self.buffers[name])
         except RunnerError:
             self.buffers.update(previous)
             raise
@@ -289,6 +293,10 @@ class Runner(ABC):
             self._check_aliasing(binding, spec.name, buffers[spec.name])
         self.bind_impl(binding)
         return binding
+
+    def check_address(self, name: str, buffer: Buffer) -> None:
+        """Refuse an address the backend cannot bind (TensorRT: 256-byte alignment); checked before a
+        rebinding changes anything. Nothing to check by default."""
 
     def _check_aliasing(self, binding: Binding, name: str, buffer: Buffer) -> None:
         """An input may not share memory with an output (onnxruntime and TensorRT cannot alias):

@@ -10,6 +10,7 @@ swapped between calls (the base class refuses an aliased binding).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,21 +34,50 @@ def session_graph_spec(session, name: str) -> GraphSpec:
                      tuple(spec(a) for a in session.get_outputs()))
 
 
+@dataclass(frozen=True)
+class CpuThreads:
+    """How an onnxruntime CPU session uses the cores.
+
+    intra_op: threads that run one graph call (onnxruntime's ``intra_op_num_threads``); 1 runs every
+        op on the calling thread, so several streams calling one session from their own threads run
+        in parallel without oversubscribing the cores.
+    spinning: idle intra-op threads spin between ops instead of sleeping (onnxruntime's default;
+        lower latency on an idle machine, but it burns the cores other streams and processes need).
+    """
+
+    intra_op: int = 1
+    spinning: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.intra_op, int) or isinstance(self.intra_op, bool) or self.intra_op < 1:
+            raise RunnerError(f"intra_op threads must be a positive integer, got {self.intra_op!r}")
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 class OnnxRuntimeRunner(Runner):
     """Runs an ONNX graph through onnxruntime on ``device`` "cpu" or "cuda".
 
     graph: the IO the caller expects (from the bundle manifest); checked against the session's
         own metadata at activate(). None: take it from the session.
+    threads: ``CpuThreads`` (or an int: that many intra-op threads, no spinning); None leaves
+        onnxruntime's own default (one thread per core, spinning).
     """
 
     def __init__(self, path: str | os.PathLike, graph: GraphSpec | None = None, *, device: str = "cpu",
-                 name: str | None = None, threads: int | None = None):
+                 name: str | None = None, threads: CpuThreads | int | None = None):
         if device not in PROVIDERS:
             raise RunnerError(f"device must be one of {sorted(PROVIDERS)}, got {device!r}")
         super().__init__(graph, name or (graph.name if graph else os.path.basename(os.fspath(path))))
         self.path = os.fspath(path)
         self.device = device
-        self.threads = threads
+        self.threads = CpuThreads(threads) if isinstance(threads, int) else threads
         self.session = None
 
     def activate_impl(self) -> None:
@@ -58,8 +88,10 @@ class OnnxRuntimeRunner(Runner):
                               "install onnxruntime-gpu (pip install 'rf_runtime[gpu]') on a machine with a CUDA "
                               "GPU, or use device='cpu'")
         options = ort.SessionOptions()
-        if self.threads:
-            options.intra_op_num_threads = self.threads
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads.intra_op
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.threads.spinning else "0")
         self.session = ort.InferenceSession(self.path, options, providers=[provider])
         self._run_options = ort.RunOptions()  # one object: without it every run keeps a few bytes
 
@@ -76,6 +108,9 @@ class OnnxRuntimeRunner(Runner):
         if dtype not in DTYPES:
             raise RunnerError(f"onnxruntime buffers of dtype {dtype} are not supported; use float32 or float16 graphs")
         value = ort.OrtValue.ortvalue_from_shape_and_type(shape, DTYPES[dtype], "cuda", 0)
+        # new CUDA memory holds whatever was there: zero it, as host buffers are, so that a masked
+        # (never written) part of a KV or VAE cache is 0 and not NaN (0 x NaN = NaN through the mask)
+        value.update_inplace(np.zeros(shape, DTYPES[dtype]))
         return Buffer(shape, dtype, "cuda", value.data_ptr(), None, value)
 
     def write_impl(self, buffer: Buffer, array: np.ndarray) -> None:

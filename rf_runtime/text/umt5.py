@@ -38,6 +38,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 from rf_runtime.errors import CheckpointError, ConfigError, InputError, MissingDependencyError, require
+from rf_runtime.schema import as_int
 
 if TYPE_CHECKING:  # torch and transformers are optional at import time
     import torch
@@ -447,8 +448,7 @@ class UMT5TextEncoder(TextEncoder):
     """The umT5 encoder of Wan2.1 with its tokenizer (text_len 512, text_dim 4096 for umT5-XXL)."""
 
     def __init__(self, model, tokenizer, text_len: int = 512):
-        if not isinstance(text_len, int) or isinstance(text_len, bool) or text_len < 1:
-            raise ConfigError(f"text_len must be a positive integer (512 for Wan2.1), got {text_len!r}")
+        text_len = as_int(text_len, "text_len", minimum=1, error=ConfigError, hint="512 for Wan2.1")
         n_tokens, vocab = len(tokenizer), model.config.vocab_size
         if n_tokens > vocab:
             raise ConfigError(f"the tokenizer has {n_tokens} tokens but the encoder embeds only {vocab}: "
@@ -480,8 +480,7 @@ class UMT5TextEncoder(TextEncoder):
         dtype = torch.float32 if dtype is None else _resolve_dtype(dtype)
         if attn_implementation not in ("sdpa", "eager"):
             raise ConfigError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
-        if not isinstance(text_len, int) or isinstance(text_len, bool) or text_len < 1:
-            raise ConfigError(f"text_len must be a positive integer (512 for Wan2.1), got {text_len!r}")
+        text_len = as_int(text_len, "text_len", minimum=1, error=ConfigError, hint="512 for Wan2.1")
         kind, weights, tok_dir = _find_layout(path)
         if kind == "wan":
             raw = _torch_load(weights)

@@ -10,10 +10,13 @@ Resume:           rf-train --config FILE --resume            (the newest checkpo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 
 from rf_runtime.errors import RFError
 
@@ -72,34 +75,62 @@ def _train(args) -> int:
         if path is None:
             raise RFError(f"--resume: no checkpoint in {config.output_dir}; run without --resume to start training")
         trainer.load_checkpoint(path)
+    if trainer.step >= config.steps:
+        raise RFError(f"nothing to train: the run is at step {trainer.step} and 'steps' is {config.steps}; "
+                      "pass --steps N with N above it (no checkpoint was written)")
     bar = tqdm(total=config.steps, initial=trainer.step, unit="step", file=sys.stderr,
                disable=args.quiet or not ctx.is_main)
-    last = None
-    try:
-        for record in trainer.train():
-            bar.update(1)
-            shown = {k: f"{v:.4g}" for k, v in record.values.items()
-                     if k in ("critic_loss", "generator_loss", "reward_mean")}
-            bar.set_postfix(shown)
-            last = record
-    except KeyboardInterrupt:
-        bar.close()
-        if ctx.distributed:  # a collective save could wait forever on a rank that already stopped
-            print("interrupted: continue from the last periodic checkpoint with --resume", file=sys.stderr)
+    last, written = None, []
+    with _stop_at_step_boundary(trainer):
+        try:
+            for record in trainer.train(on_checkpoint=written.append):
+                bar.update(1)
+                shown = {k: f"{v:.4g}" for k, v in record.values.items()
+                         if k in ("critic_loss", "generator_loss", "reward_mean")}
+                bar.set_postfix(shown)
+                last = record
+        except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM: the step under way is not complete, so not saved
+            bar.close()
+            kept = f"continue from {written[-1]} with --resume" if written else "no checkpoint of this run was written"
+            print(f"interrupted again during step {trainer.step + 1}: that step was not saved; {kept}", file=sys.stderr)
             return 130
-        path = trainer.save_checkpoint()
-        print(f"interrupted at step {trainer.step}: saved {path}; continue with --resume", file=sys.stderr)
-        return 130
     bar.close()
+    if trainer.stopped:
+        if ctx.is_main:
+            print(f"interrupted: stopped after step {trainer.step} and saved {written[-1]}; continue with --resume",
+                  file=sys.stderr)
+        return 130
     if ctx.is_main:
-        final = os.path.join(config.output_dir, f"checkpoint_{trainer.step:06d}.safetensors")
-        print(f"trained to step {trainer.step}; checkpoint {final}; log {os.path.join(config.output_dir, 'log.jsonl')}"
+        print(f"trained to step {trainer.step}; checkpoint {written[-1]}; log {os.path.join(config.output_dir, 'log.jsonl')}"
               + (f"; last critic loss {last.values.get('critic_loss'):.4g}" if last else ""))
     if ctx.distributed:
         import torch.distributed as dist
 
         dist.destroy_process_group()
     return 0
+
+
+@contextlib.contextmanager
+def _stop_at_step_boundary(trainer):
+    """While training: the first SIGINT / SIGTERM asks the trainer to stop after the step under way (it
+    saves a checkpoint there, so a resume never repeats half a step); a second one interrupts at once."""
+    def first(signum, frame):
+        trainer.request_stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, second)
+
+    def second(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live there only
+        yield
+        return
+    previous = {sig: signal.signal(sig, first) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _check_output_dir(output_dir: str, resuming: bool) -> None:

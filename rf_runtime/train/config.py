@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 
-from rf_runtime.errors import ConfigError
+from rf_runtime.errors import ConfigError, require
+from rf_runtime.schema import parse
 
 
 @dataclass(frozen=True)
@@ -156,69 +155,10 @@ class TrainConfig:
 _PATH_KEYS = {"teacher", "prompts", "output_dir", "critic", "student", "student_checkpoint", "reward.videoalign.model_dir"}
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value, tp, key: str):
-    """Check ``value`` against the annotation ``tp`` and convert lists to tuples; raise ConfigError."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], key)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
-                              f"got {value!r}")
-        return _build(tp, value, key + ".")
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
-        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is float:
-        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
-        return value
-    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
-
-
-def _build(cls, raw: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'" + (f" (and {unknown[1:]})" if unknown[1:] else "")
-                          + f"; valid keys{' under ' + prefix[:-1] if prefix else ''} are {sorted(fields)}")
-    missing = [n for n, f in fields.items() if n not in raw and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"config key '{prefix}{missing[0]}' is required: set it in the config file")
-    return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in raw.items()})
+def _build(cls, raw: dict):
+    """The typed reader every file format shares (rf_runtime.schema): names the bad key and its type."""
+    return parse(cls, raw, where="", error=ConfigError, what="config key", yaml_numbers=True,
+                 hint="fix it in the config file")
 
 
 def _resolve_paths(raw: dict, base: str) -> dict:
@@ -241,7 +181,8 @@ def _resolve_paths(raw: dict, base: str) -> dict:
 def config_from_dict(raw: dict, base_dir: str | None = None) -> TrainConfig:
     """Build and validate a TrainConfig from a plain dict (paths relative to ``base_dir``)."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"a training config must be a mapping of keys to values, got {type(raw).__name__}")
+        raise ConfigError(f"a training config must be a mapping of keys to values, got {type(raw).__name__}: "
+                          "write one 'key: value' per line (see configs/tiny_redmd.yaml)")
     if base_dir is not None:
         raw = _resolve_paths(raw, base_dir)
     return _build(TrainConfig, raw)
@@ -251,18 +192,24 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Train
     """Read a YAML (``.yaml``/``.yml``) or JSON config file; ``overrides`` replace top-level keys."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist")
-    with open(path) as f:
-        text = f.read()
+        raise ConfigError(f"config file {path} {'is a directory' if os.path.isdir(path) else 'does not exist'}")
     try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason}): give a YAML or JSON file") from exc
+    yaml = require("yaml", "train") if path.endswith((".yaml", ".yml")) else None
+    try:
+        if yaml is not None:
             raw = yaml.safe_load(text)
         else:
             raw = json.loads(text)
     except Exception as exc:  # the parsers raise many types
         raise ConfigError(f"could not parse {path}: {exc}") from exc
-    raw = dict(raw or {})
-    raw.update(overrides or {})
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values, it holds a {type(raw).__name__}: write one "
+                          "'key: value' per line (see configs/tiny_redmd.yaml)")
+    raw = {**raw, **(overrides or {})}
     return config_from_dict(raw, os.path.dirname(os.path.abspath(path)))

@@ -25,13 +25,20 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from typing import Callable, Iterator
 
-import torch
+try:
+    import torch
+except ImportError as _exc:  # rf_runtime.train needs torch: one line naming the extra
+    from rf_runtime.errors import missing_extra
 
-from rf_runtime.errors import CheckpointError, ConfigError
+    raise missing_extra(_exc) from None
+
+from rf_runtime.errors import CheckpointError, ConfigError, OutputError
 from rf_runtime.files import atomic_path
+from rf_runtime.schema import require_finite
 from rf_runtime.sampler import StreamSettings
 from rf_runtime.train import distributed as D
 from rf_runtime.train.config import TrainConfig
@@ -111,6 +118,7 @@ class Trainer:
             raise ConfigError(f"micro_batch_size ({cfg.micro_batch_size}) must divide the batch of each process "
                               f"(batch_size {cfg.batch_size} / {self.ctx.world_size} processes = {self.local_batch})")
         self.step = 0
+        self._stop = threading.Event()  # request_stop(): finish the step, save, stop
 
         student_dir = cfg.student or cfg.teacher
         card = model_dir.read_card(student_dir)
@@ -359,16 +367,39 @@ class Trainer:
             out[k] = v
         return out
 
+    def request_stop(self) -> None:
+        """Ask ``train()`` to stop at the next step boundary: the step under way completes (critic and
+        generator updates, EMA, log), a checkpoint of that state is written, and ``train()`` returns.
+        Safe to call from a signal handler or another thread; ``stopped`` is True afterwards."""
+        self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop before the next step; under several processes all agree (a stop on any rank
+        stops every rank at the same step, so that the collective checkpoint is one state)."""
+        if not self.ctx.distributed:
+            return self._stop.is_set()
+        flag = torch.tensor([1.0 if self._stop.is_set() else 0.0], device=self.device)
+        stop = float(D.all_reduce_sum(flag, self.ctx)) > 0
+        if stop:
+            self._stop.set()
+        return stop
+
     def train(self, steps: int | None = None, on_checkpoint: Callable[[str], None] | None = None) -> Iterator[StepLog]:
         """Train until ``steps`` (default: the config's) and yield a log record after each step.
 
         Writes a checkpoint every ``checkpoint_every`` steps and at the end, and appends every
-        ``log_every``-th record to ``output_dir/log.jsonl`` (main process only)."""
+        ``log_every``-th record to ``output_dir/log.jsonl`` (main process only). After
+        ``request_stop()`` it stops at the next step boundary and writes a checkpoint there."""
         cfg = self.config
         end = cfg.steps if steps is None else steps
         if self.ctx.is_main:
             os.makedirs(cfg.output_dir, exist_ok=True)
-        while self.step < end:
+        saved_at = None
+        while self.step < end and not self._stop_agreed():
             start = time.perf_counter()
             values = self.train_step()
             values["seconds"] = time.perf_counter() - start
@@ -377,9 +408,14 @@ class Trainer:
                     f.write(json.dumps({"step": self.step, **values}) + "\n")
             if self.step % cfg.checkpoint_every == 0 or self.step == end:
                 path = self.save_checkpoint()
+                saved_at = self.step
                 if on_checkpoint:
                     on_checkpoint(path)
             yield StepLog(self.step, values)
+        if self._stop.is_set() and saved_at != self.step:  # stopped at a step boundary: save that state
+            path = self.save_checkpoint()
+            if on_checkpoint:
+                on_checkpoint(path)
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -415,8 +451,13 @@ class Trainer:
             meta = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "config": json.dumps(cfg.to_dict()),
                     "world_size": str(self.ctx.world_size)}
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with atomic_path(path) as tmp:
-                save_file(tensors, tmp, metadata=meta)
+            with atomic_path(path, "the checkpoint") as tmp:
+                try:
+                    save_file(tensors, tmp, metadata=meta)
+                except Exception as exc:  # safetensors' own error type, e.g. for a full disk
+                    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise OutputError(f"could not write the checkpoint {path} ({reason}): free some space or set "
+                                      "output_dir to another folder; nothing was written there") from exc
             self._prune_checkpoints()
             logger.info("wrote checkpoint %s (step %d)", path, self.step)
         D.barrier(self.ctx)
@@ -436,6 +477,9 @@ class Trainer:
         (under FSDP each rank keeps its shard of the full tensors)."""
         from safetensors import safe_open
 
+        if os.path.isdir(path):
+            raise CheckpointError(f"checkpoint {path} is a directory: pass a checkpoint_*.safetensors file in it, or "
+                                  "--resume without a value for the newest in output_dir")
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {path} does not exist")
         try:
@@ -449,6 +493,9 @@ class Trainer:
                 raise CheckpointError(f"{path} is not an rf-train checkpoint (format {meta.get('format')!r}); "
                                       "to start from generator weights, use the config key 'student_checkpoint'")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        require_finite(tensors, f"checkpoint {path}", CheckpointError,
+                       "a training state must be finite; the file is damaged or the run diverged: resume from an "
+                       "earlier checkpoint")
 
         def get(key: str, like: torch.Tensor) -> torch.Tensor:
             """The saved full tensor ``key`` laid out like ``like`` (sharded if ``like`` is)."""

@@ -106,6 +106,11 @@ def vae_from_bundle(bundle: str, config, seed: int = 0) -> WanVAE:
     vae = WanVAE(cfg)
     own = vae.state_dict()
     found = {}
+    if any(i.name.startswith("onnx::") for i in model.graph.initializer):
+        raise InputError(f"{bundle}: its vae_decode stores convolution weights without names (the 2-D convolution "
+                         "export), which vae_from_bundle cannot map back; take the VAE from the model directory the "
+                         "bundle was exported from (only bundles of the earlier exporter, such as the "
+                         "procedural-world-64 of issue 5, are readable)")
     for init in model.graph.initializer:
         key = init.name[len("vae."):] if init.name.startswith("vae.") else None
         if key is None or key not in own:

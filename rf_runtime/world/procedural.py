@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rf_runtime.errors import InputError
+from rf_runtime.schema import as_int
 
 FPS = 16
 
@@ -152,8 +153,7 @@ def shape_coverage(shape: str, centre: tuple[float, float], radius: float, heigh
 
 def render(scene: Scene, num_frames: int) -> np.ndarray:
     """The video of a scene: uint8 [num_frames, H, W, 3] at 16 fps."""
-    if not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
-        raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
+    num_frames = as_int(num_frames, "num_frames", minimum=1)
     h, w = scene.height, scene.width
     bg = np.array(BACKGROUNDS[scene.background], np.float32)
     fg = np.array(COLOURS[scene.colour], np.float32)

@@ -1,0 +1,140 @@
+// rf-serve viewer: one WebSocket session (/v1/stream), frames drawn on a canvas as they arrive.
+// Protocol: docs/serving.md. No dependencies.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const canvas = $("screen"), ctx = canvas.getContext("2d");
+const viewer = { state: "idle", framesDrawn: 0, chunks: 0, dropped: 0, promptChanges: [], errors: [] };
+window.rfViewer = viewer;  // for tests and the console
+let ws = null, arrivals = [];
+
+function setState(state, text) {
+  viewer.state = state;
+  const el = $("status");
+  el.className = "state-" + state;
+  el.textContent = text;
+  const live = state === "starting" || state === "streaming";
+  $("start").disabled = live || state === "connecting";
+  $("stop").disabled = !live;
+  $("switch-button").disabled = state !== "streaming";
+}
+
+function log(text) {
+  const li = document.createElement("li");
+  li.textContent = new Date().toLocaleTimeString() + "  " + text;
+  $("log").prepend(li);
+  while ($("log").children.length > 50) $("log").lastChild.remove();
+}
+
+function wsUrl() {
+  const url = new URL("v1/stream", window.location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  const token = new URLSearchParams(window.location.search).get("token");
+  url.search = token ? "?token=" + encodeURIComponent(token) : "";
+  return url.href;
+}
+
+async function drawFrame(data) {
+  const view = new DataView(data);
+  if (data.byteLength < 28 || view.getUint8(0) !== 82 || view.getUint8(1) !== 70) return;  // "RF"
+  const headerLength = view.getUint8(3);
+  const chunk = view.getUint32(4, true), frame = view.getUint32(8, true);
+  const made = view.getFloat64(12, true);
+  const bitmap = await createImageBitmap(new Blob([data.slice(headerLength)], { type: "image/jpeg" }));
+  if (canvas.width !== bitmap.width || canvas.height !== bitmap.height) {
+    canvas.width = bitmap.width; canvas.height = bitmap.height;
+  }
+  ctx.drawImage(bitmap, 0, 0);
+  bitmap.close();
+  viewer.framesDrawn += 1;
+  const now = performance.now();
+  arrivals.push(now);
+  while (arrivals.length && arrivals[0] < now - 2000) arrivals.shift();
+  const fps = arrivals.length > 1 ? (arrivals.length - 1) / ((now - arrivals[0]) / 1000) : 0;
+  $("fps").textContent = fps.toFixed(1);
+  $("frames-drawn").textContent = viewer.framesDrawn;
+  $("delivery").textContent = Math.max(0, Date.now() - made * 1000).toFixed(0) + " ms";
+  $("chunk").textContent = chunk + " (frame " + frame + ")";
+  if (viewer.state === "starting") setState("streaming", "streaming");
+}
+
+function onEvent(msg) {
+  switch (msg.type) {
+    case "started":
+      $("current-prompt").textContent = msg.prompt;
+      log("started: " + msg.width + "x" + msg.height + " at " + msg.fps + " fps, seed " + msg.seed);
+      break;
+    case "chunk":
+      viewer.chunks += 1;
+      viewer.dropped = msg.dropped_frames;
+      $("chunk-latency").textContent = (msg.seconds * 1000).toFixed(0) + " ms";
+      $("dropped").textContent = msg.dropped_frames;
+      break;
+    case "prompt_changed":
+      viewer.promptChanges.push(msg);
+      $("current-prompt").textContent = msg.prompt;
+      log("prompt changed at chunk " + msg.chunk + ": " + msg.prompt);
+      break;
+    case "resumed":
+      log("resumed on another replica from chunk " + msg.from_chunk + " (" + msg.reason + ")");
+      break;
+    case "error":
+      viewer.errors.push(msg);
+      log("error (" + msg.code + "): " + msg.message);
+      if (msg.code === "server_full") setState("full", "server full: " + msg.message);
+      else if (msg.code === "unauthorized") setState("unauthorized", msg.message);
+      else if (msg.code === "stream_failed" || msg.code === "internal") setState("error", msg.message);
+      break;
+    case "ended":
+      $("dropped").textContent = msg.dropped_frames;
+      log("ended (" + msg.reason + "), " + msg.frames_sent + " frames sent, " + msg.dropped_frames + " dropped");
+      if (viewer.state !== "error") setState("ended", "ended: " + msg.reason);
+      break;
+  }
+}
+
+function start() {
+  const prompt = $("prompt").value;
+  const seed = parseInt($("seed").value || "0", 10);
+  const startMessage = JSON.stringify({ type: "start", prompt, seed, paced: $("paced").checked });
+  if (ws && ws.readyState === WebSocket.OPEN) {  // a session that ended: start again on it
+    viewer.framesDrawn = 0;
+    setState("starting", "starting…");
+    ws.send(startMessage);
+    return;
+  }
+  setState("connecting", "connecting…");
+  ws = new WebSocket(wsUrl());
+  ws.binaryType = "arraybuffer";
+  ws.onopen = () => { setState("starting", "starting…"); ws.send(startMessage); };
+  ws.onmessage = (e) => {
+    if (typeof e.data === "string") onEvent(JSON.parse(e.data));
+    else drawFrame(e.data);
+  };
+  ws.onerror = () => log("connection error");
+  ws.onclose = (e) => {
+    ws = null;
+    if (e.code === 1013) setState("full", "server full: " + (e.reason || "try again later"));
+    else if (e.code === 1008) setState("unauthorized", "refused: " + (e.reason || "unauthorized"));
+    else if (viewer.state === "full" || viewer.state === "unauthorized" || viewer.state === "error") { /* keep */ }
+    else if (viewer.state === "ended") setState("ended", $("status").textContent + " (disconnected)");
+    else setState("error", "disconnected (" + e.code + (e.reason ? ": " + e.reason : "") + ")");
+  };
+}
+
+$("controls").addEventListener("submit", (e) => { e.preventDefault(); start(); });
+$("stop").addEventListener("click", () => { if (ws) ws.send(JSON.stringify({ type: "stop" })); });
+$("switch").addEventListener("submit", (e) => {
+  e.preventDefault();
+  if (ws && viewer.state === "streaming") {
+    ws.send(JSON.stringify({ type: "prompt", prompt: $("next-prompt").value }));
+    log("asked to switch to: " + $("next-prompt").value);
+  }
+});
+
+fetch("v1/info" + window.location.search).then(async (r) => {
+  if (r.status === 401) { setState("unauthorized", "unauthorized: open this page with ?token=..."); return; }
+  const info = await r.json();
+  $("model").textContent = info.width + "x" + info.height + " at " + info.fps + " fps, " + info.engine +
+    ", up to " + info.max_sessions + " sessions";
+}).catch(() => setState("error", "the server cannot be reached"));
