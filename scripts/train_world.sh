@@ -102,7 +102,7 @@ fi
 # 6. The default bundle from the committed model directory (one command; rerun it with a newer exporter).
 if want export; then
     stamp export
-    rf-export onnx --model-dir "$C/model" --out engines/procedural-world-64 --training-stage re-dmd \
+    rf-export onnx --model-dir "$C/model" --out engines/procedural-world-64 --force --training-stage re-dmd \
         --name procedural-world-64 --longest-tested-frames 960
 fi
 stamp done
