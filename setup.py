@@ -28,8 +28,10 @@ class BuildPyWithBundle(build_py):
         name = _default_engine()
         src = os.path.join(ROOT, "engines", name)
         if not os.path.isfile(os.path.join(src, "manifest.json")):
-            raise RuntimeError(f"the default bundle {src} is missing: export it (scripts/train_world.sh export) "
-                               "before building a wheel")
+            raise RuntimeError(
+                f"the default bundle {src} is missing: export it (scripts/train_world.sh export) "
+                "before building a wheel"
+            )
         dst = os.path.join(self.build_lib, "rf_runtime", "engines", name)
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst)

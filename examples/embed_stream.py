@@ -28,23 +28,31 @@ class Display:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="engine bundle or model folder (default: the bundle that ships with rf_runtime)")
+    p.add_argument(
+        "--model", help="engine bundle or model folder (default: the bundle that ships with rf_runtime)"
+    )
     p.add_argument("--prompt", default="a red circle bouncing")
     p.add_argument("--seconds", type=float, default=2.0)
     args = p.parse_args(argv)
 
-    streamer = Streamer.load(args.model)  # says (in its log and .source) whether it found a bundle or a model folder
+    streamer = Streamer.load(
+        args.model
+    )  # says (in its log and .source) whether it found a bundle or a model folder
     display = Display()
     start = time.perf_counter()
     for chunk in streamer.open(args.prompt, seed=0, num_frames=round(args.seconds * streamer.fps)):
         for frame in chunk.frames:
             display.show(frame)
-        print(f"chunk {chunk.index}: {len(chunk.frames)} frames from frame {chunk.start_frame} "
-              f"in {chunk.seconds * 1000:.0f} ms")
+        print(
+            f"chunk {chunk.index}: {len(chunk.frames)} frames from frame {chunk.start_frame} "
+            f"in {chunk.seconds * 1000:.0f} ms"
+        )
     elapsed = time.perf_counter() - start
     h, w = streamer.info.frame_hw
-    print(f"showed {display.frames_shown} frames of {w}x{h} from a {streamer.source} "
-          f"in {elapsed:.2f} s ({display.frames_shown / elapsed:.1f} fps)")
+    print(
+        f"showed {display.frames_shown} frames of {w}x{h} from a {streamer.source} "
+        f"in {elapsed:.2f} s ({display.frames_shown / elapsed:.1f} fps)"
+    )
 
 
 if __name__ == "__main__":

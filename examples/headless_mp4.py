@@ -15,7 +15,9 @@ from rf_runtime.video import Mp4Writer
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="engine bundle or model folder (default: the bundle that ships with rf_runtime)")
+    p.add_argument(
+        "--model", help="engine bundle or model folder (default: the bundle that ships with rf_runtime)"
+    )
     p.add_argument("--prompt", default="a red circle bouncing")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
@@ -25,7 +27,9 @@ def main(argv=None):
     streamer = Streamer.load(args.model)
     writer = Mp4Writer(args.out, fps=streamer.fps)  # checks the output path before any work
     try:
-        for frames in streamer.stream(args.prompt, seed=args.seed, num_frames=round(args.seconds * streamer.fps)):
+        for frames in streamer.stream(
+            args.prompt, seed=args.seed, num_frames=round(args.seconds * streamer.fps)
+        ):
             writer.write(frames)
         writer.close()
     except BaseException:

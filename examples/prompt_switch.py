@@ -16,7 +16,9 @@ PROMPTS = ["a red circle bouncing", "a blue square moving left", "a green triang
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="engine bundle or model folder (default: the bundle that ships with rf_runtime)")
+    p.add_argument(
+        "--model", help="engine bundle or model folder (default: the bundle that ships with rf_runtime)"
+    )
     p.add_argument("--every", type=int, default=4, help="chunks per prompt (default 4)")
     p.add_argument("--out", required=True, help="the .mp4 to write")
     args = p.parse_args(argv)

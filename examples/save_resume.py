@@ -17,7 +17,9 @@ from rf_runtime.snapshot import StreamSnapshot
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="engine bundle or model folder (default: the bundle that ships with rf_runtime)")
+    p.add_argument(
+        "--model", help="engine bundle or model folder (default: the bundle that ships with rf_runtime)"
+    )
     p.add_argument("--prompt", default="a red circle bouncing")
     p.add_argument("--chunks", type=int, default=6)
     p.add_argument("--save-at", type=int, default=3, help="save after this many chunks")
@@ -34,9 +36,13 @@ def main(argv=None):
     resumed = streamer.resume(StreamSnapshot.load(args.snapshot))
     rest = [c.frames for _, c in zip(range(args.chunks - args.save_at), resumed)]
 
-    same = all(np.array_equal(a, b) for a, b in zip(straight, first + rest)) and len(first + rest) == len(straight)
-    print(f"saved after chunk {args.save_at - 1} to {args.snapshot}; resumed {len(rest)} chunks: "
-          + ("frames identical bit for bit" if same else "FRAMES DIFFER"))
+    same = all(np.array_equal(a, b) for a, b in zip(straight, first + rest)) and len(first + rest) == len(
+        straight
+    )
+    print(
+        f"saved after chunk {args.save_at - 1} to {args.snapshot}; resumed {len(rest)} chunks: "
+        + ("frames identical bit for bit" if same else "FRAMES DIFFER")
+    )
     return 0 if same else 1
 
 

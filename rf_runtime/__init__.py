@@ -10,8 +10,16 @@ from rf_runtime.errors import CheckpointError, ConfigError, InputError, MissingD
 from rf_runtime.sampler import StreamSettings
 
 __version__ = "0.1.0"
-__all__ = ["Streamer", "StreamSettings", "RFError", "ConfigError", "CheckpointError", "InputError",
-           "MissingDependencyError", "__version__"]
+__all__ = [
+    "Streamer",
+    "StreamSettings",
+    "RFError",
+    "ConfigError",
+    "CheckpointError",
+    "InputError",
+    "MissingDependencyError",
+    "__version__",
+]
 
 logging.getLogger("rf_runtime").addHandler(logging.NullHandler())
 

@@ -28,38 +28,38 @@ DEFINITIONS = {
     "frames": "output video frames handed to the caller: 9 for chunk 0, 12 for every later chunk (16 fps video)",
     "load_s": "wall time to load the model or bundle (Streamer.from_checkpoint / from_engine)",
     "time_to_first_frame_s": "wall time from Streamer.open(prompt) (prompt encoding included) until chunk 0's "
-                             "frames are on the host",
+    "frames are on the host",
     "warmup_s": "load_s + time_to_first_frame_s: from nothing to the first frame",
     "stream_s": "wall time from Streamer.open(prompt) until the last chunk's frames are on the host",
     "latency_p50_s / latency_p99_s": "percentiles (linear interpolation) of the per-chunk wall time "
-                                     "(noise + denoise + cache pass + decode) over chunks 1..n-1 (chunk 0 excluded)",
+    "(noise + denoise + cache pass + decode) over chunks 1..n-1 (chunk 0 excluded)",
     "end_to_end_fps": "frames / stream_s: video frames per wall second, prompt encoding and VAE decode included, "
-                      "model load excluded",
+    "model load excluded",
     "steady_fps": "frames of chunks 1..n-1 / their summed wall time: the sustained rate once streaming",
     "denoise_fps": "frames / summed denoise time: video frames per second of the 4 denoising steps + cache pass "
-                   "alone, without VAE decode, noise drawing and prompt encoding",
+    "alone, without VAE decode, noise drawing and prompt encoding",
     "realtime_factor": "end_to_end_fps / the video's fps (16): above 1 the stream keeps up with playback",
     "flat_cost": "per-chunk cost of chunks 8..12 against chunks 198..202 (or the last five if fewer were run): "
-                 "mean and median wall time, and median process CPU time (all threads; less sensitive to other "
-                 "load on the machine); late / early is about 1 when the cost does not grow with the stream; "
-                 "with fewer than 18 chunks the two windows overlap, 'comparable' is false and the ratios are NaN",
+    "mean and median wall time, and median process CPU time (all threads; less sensitive to other "
+    "load on the machine); late / early is about 1 when the cost does not grow with the stream; "
+    "with fewer than 18 chunks the two windows overlap, 'comparable' is false and the ratios are NaN",
     "cpu_s": "process CPU time (time.process_time, every thread of the process) spent making a chunk",
     "peak_rss_mib": "peak resident memory of the process that ran this backend (getrusage ru_maxrss)",
     "peak_gpu_mib_at_chunk": "CUDA runs: torch.cuda.max_memory_allocated() after chunk 10 and after chunk 200 "
-                             "(equal when the stream's memory is allocated once)",
+    "(equal when the stream's memory is allocated once)",
     "profile": "--profile, engine runs: per graph over chunks 1..n-1, the calls and wall ms per chunk, MFLOP per "
-               "call (2 x multiply-adds of MatMul / Gemm / Conv / ConvTranspose / Einsum, from the graph's shapes as "
-               "onnxruntime loads it; element-wise ops not counted), achieved GFLOP/s, and its share of the peak of "
-               "the cores its session may use (threads x one core's float32 GEMM rate, measured in the same "
-               "process with onnxruntime's MatMul); for one-thread sessions also the rate by the calling "
-               "thread's CPU time against the peak measured the same way (steadier on a shared machine); "
-               "host ms = chunk wall time outside every graph call",
+    "call (2 x multiply-adds of MatMul / Gemm / Conv / ConvTranspose / Einsum, from the graph's shapes as "
+    "onnxruntime loads it; element-wise ops not counted), achieved GFLOP/s, and its share of the peak of "
+    "the cores its session may use (threads x one core's float32 GEMM rate, measured in the same "
+    "process with onnxruntime's MatMul); for one-thread sessions also the rate by the calling "
+    "thread's CPU time against the peak measured the same way (steadier on a shared machine); "
+    "host ms = chunk wall time outside every graph call",
     "sessions": "--sessions N: N streams of the same prompt (seeds seed..seed+N-1) on one loaded model at once, each "
-                "in its own thread, started together; aggregate_fps = all frames / wall time until the last "
-                "stream ends; per_session_fps = each stream's frames / its own wall time; latency over every "
-                "stream's chunks 1..n-1; cpu_ms_per_frame = process CPU time (all threads) / frames, which stays "
-                "flat with N when the streams do not slow each other down (steadier than wall time on a shared "
-                "machine); onnxruntime sessions get one intra-op thread each unless --threads is given",
+    "in its own thread, started together; aggregate_fps = all frames / wall time until the last "
+    "stream ends; per_session_fps = each stream's frames / its own wall time; latency over every "
+    "stream's chunks 1..n-1; cpu_ms_per_frame = process CPU time (all threads) / frames, which stays "
+    "flat with N when the streams do not slow each other down (steadier than wall time on a shared "
+    "machine); onnxruntime sessions get one intra-op thread each unless --threads is given",
 }
 
 
@@ -95,8 +95,14 @@ def percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, np.float64), q))
 
 
-def summarize(per_chunk: list[tuple[float, float, float, int, float]], *, load_s: float, ttff_s: float,
-              stream_s: float, fps: int) -> dict:
+def summarize(
+    per_chunk: list[tuple[float, float, float, int, float]],
+    *,
+    load_s: float,
+    ttff_s: float,
+    stream_s: float,
+    fps: int,
+) -> dict:
     """Numbers of one run from its per-chunk (seconds, denoise_seconds, decode_seconds, frames, cpu_seconds)."""
     if not per_chunk:
         raise InputError("no chunks were run: pass chunks >= 1")
@@ -119,24 +125,44 @@ def summarize(per_chunk: list[tuple[float, float, float, int, float]], *, load_s
 
     mean, median, cpu_median = cost(seconds, np.mean), cost(seconds, np.median), cost(cpu, np.median)
     return {
-        "chunks": n, "frames": total_frames,
-        "load_s": load_s, "time_to_first_frame_s": ttff_s, "warmup_s": load_s + ttff_s, "stream_s": stream_s,
-        "latency_p50_s": percentile(seconds[steady], 50), "latency_p99_s": percentile(seconds[steady], 99),
+        "chunks": n,
+        "frames": total_frames,
+        "load_s": load_s,
+        "time_to_first_frame_s": ttff_s,
+        "warmup_s": load_s + ttff_s,
+        "stream_s": stream_s,
+        "latency_p50_s": percentile(seconds[steady], 50),
+        "latency_p99_s": percentile(seconds[steady], 99),
         "latency_mean_s": float(seconds[steady].mean()),
-        "denoise_p50_s": percentile(denoise[steady], 50), "decode_p50_s": percentile(decode[steady], 50),
-        "denoise_s": float(denoise.sum()), "decode_s": float(decode.sum()),
+        "denoise_p50_s": percentile(denoise[steady], 50),
+        "decode_p50_s": percentile(decode[steady], 50),
+        "denoise_s": float(denoise.sum()),
+        "decode_s": float(decode.sum()),
         "end_to_end_fps": total_frames / stream_s,
         "steady_fps": float(frames[steady].sum() / seconds[steady].sum()),
         "denoise_fps": total_frames / float(denoise.sum()),
         "realtime_factor": total_frames / stream_s / fps,
-        "flat_cost": {"early_chunks": [early[0], early[-1]], "late_chunks": [late[0], late[-1]],
-                      "comparable": comparable,
-                      "early_mean_s": mean[0], "late_mean_s": mean[1], "late_over_early": mean[2],
-                      "early_median_s": median[0], "late_median_s": median[1], "late_over_early_median": median[2],
-                      "early_cpu_median_s": cpu_median[0], "late_cpu_median_s": cpu_median[1],
-                      "late_over_early_cpu": cpu_median[2]},
-        "per_chunk": {"seconds": seconds.tolist(), "denoise_s": denoise.tolist(), "decode_s": decode.tolist(),
-                      "frames": frames.astype(int).tolist(), "cpu_s": cpu.tolist()},
+        "flat_cost": {
+            "early_chunks": [early[0], early[-1]],
+            "late_chunks": [late[0], late[-1]],
+            "comparable": comparable,
+            "early_mean_s": mean[0],
+            "late_mean_s": mean[1],
+            "late_over_early": mean[2],
+            "early_median_s": median[0],
+            "late_median_s": median[1],
+            "late_over_early_median": median[2],
+            "early_cpu_median_s": cpu_median[0],
+            "late_cpu_median_s": cpu_median[1],
+            "late_over_early_cpu": cpu_median[2],
+        },
+        "per_chunk": {
+            "seconds": seconds.tolist(),
+            "denoise_s": denoise.tolist(),
+            "decode_s": decode.tolist(),
+            "frames": frames.astype(int).tolist(),
+            "cpu_s": cpu.tolist(),
+        },
     }
 
 
@@ -158,8 +184,15 @@ def load(run: BenchRun, concurrent: bool = False):
     if run.kind == "engine":
         return Streamer.from_engine(run.path, device=run.device, threads=run.engine_threads(concurrent))
     if run.static:
-        return Streamer.from_checkpoint(run.path, run.checkpoint, device=run.device, dtype=run.dtype, static=True,
-                                        cuda_graphs=run.cuda_graphs, compile=run.compile)
+        return Streamer.from_checkpoint(
+            run.path,
+            run.checkpoint,
+            device=run.device,
+            dtype=run.dtype,
+            static=True,
+            cuda_graphs=run.cuda_graphs,
+            compile=run.compile,
+        )
     return Streamer.from_checkpoint(run.path, run.checkpoint, device=run.device, dtype=run.dtype)
 
 
@@ -192,9 +225,13 @@ def run_one(run: BenchRun, *, chunks: int, prompt: str, seed: int, profile: bool
     be, info = streamer.backend, streamer.info
     geometry = {k: v for k, v in be.geometry().items() if k != "vae_cache"}
     geometry["frame_hw"] = list(info.frame_hw)
-    result = {"run": dataclasses.asdict(run), **be.describe(), "geometry": geometry,
-              **summarize(per_chunk, load_s=load_s, ttff_s=ttff_s, stream_s=stream_s, fps=info.fps),
-              "peak_rss_mib": peak_rss_mib()}
+    result = {
+        "run": dataclasses.asdict(run),
+        **be.describe(),
+        "geometry": geometry,
+        **summarize(per_chunk, load_s=load_s, ttff_s=ttff_s, stream_s=stream_s, fps=info.fps),
+        "peak_rss_mib": peak_rss_mib(),
+    }
     torch = sys.modules.get("torch")
     if torch is not None and run.device.startswith("cuda"):
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -208,7 +245,9 @@ def _start_profile(backend):
     from rf_runtime.profile import GraphTimer
 
     if not hasattr(backend, "runners"):
-        raise InputError("--profile times the graphs of an engine bundle: give --bundle (the torch run has no graphs)")
+        raise InputError(
+            "--profile times the graphs of an engine bundle: give --bundle (the torch run has no graphs)"
+        )
     return GraphTimer(dict(backend.runners))
 
 
@@ -226,9 +265,17 @@ def _finish_profile(timer, after_first, per_chunk, backend) -> dict:
     threads = {g: getattr(r, "threads", None) for g, r in runners.items()}
     graphs = {g: graph_flops(r.path) for g, r in runners.items() if hasattr(r, "path")}
     peak = sgemm_peak()
-    return profile_report(graphs, chunks=chunks, chunk_seconds=chunk_s, seconds=seconds, calls=calls, cpu=cpu,
-                          threads={g: t.intra_op for g, t in threads.items() if t is not None},
-                          peak_per_core=peak["gflops_per_core"], peak_per_core_cpu=peak["gflops_per_core_cpu"])
+    return profile_report(
+        graphs,
+        chunks=chunks,
+        chunk_seconds=chunk_s,
+        seconds=seconds,
+        calls=calls,
+        cpu=cpu,
+        threads={g: t.intra_op for g, t in threads.items() if t is not None},
+        peak_per_core=peak["gflops_per_core"],
+        peak_per_core_cpu=peak["gflops_per_core_cpu"],
+    )
 
 
 def run_sessions(run: BenchRun, *, sessions: int, chunks: int, prompt: str, seed: int) -> dict:
@@ -271,11 +318,19 @@ def run_sessions(run: BenchRun, *, sessions: int, chunks: int, prompt: str, seed
     latencies = [s for r in results for s, _ in r[2][1:]] or [r[2][0][0] for r in results]
     per_session = [sum(f for _, f in r[2]) / (r[1] - r[0]) for r in results]
     frames = sum(f for r in results for _, f in r[2])
-    return {"sessions": sessions, "chunks_per_session": chunks, "frames": frames, "wall_s": end - start,
-            "aggregate_fps": frames / (end - start), "per_session_fps": per_session,
-            "per_session_fps_mean": float(np.mean(per_session)), "cpu_ms_per_frame": cpu / frames * 1e3,
-            "latency_p50_s": percentile(latencies, 50), "latency_p99_s": percentile(latencies, 99),
-            **streamer.backend.describe()}
+    return {
+        "sessions": sessions,
+        "chunks_per_session": chunks,
+        "frames": frames,
+        "wall_s": end - start,
+        "aggregate_fps": frames / (end - start),
+        "per_session_fps": per_session,
+        "per_session_fps_mean": float(np.mean(per_session)),
+        "cpu_ms_per_frame": cpu / frames * 1e3,
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p99_s": percentile(latencies, 99),
+        **streamer.backend.describe(),
+    }
 
 
 def run_isolated(run: BenchRun, fn=None, **kwargs) -> dict:
@@ -287,9 +342,17 @@ def run_isolated(run: BenchRun, fn=None, **kwargs) -> dict:
         return pool.submit(fn or run_one, run, **kwargs).result()
 
 
-def run_bench(runs: list[BenchRun], *, chunks: int = 200, prompt: str = "a red fox running through fresh snow",
-              seed: int = 0, isolate: bool = True, progress=None, profile: bool = False,
-              sessions: tuple[int, ...] = ()) -> dict:
+def run_bench(
+    runs: list[BenchRun],
+    *,
+    chunks: int = 200,
+    prompt: str = "a red fox running through fresh snow",
+    seed: int = 0,
+    isolate: bool = True,
+    progress=None,
+    profile: bool = False,
+    sessions: tuple[int, ...] = (),
+) -> dict:
     """Benchmark every run on the same prompt and seed; returns the report (see ``DEFINITIONS``).
     profile: add each engine run's per-graph profile (``rf_runtime.profile``). sessions: also run
     each of these numbers of streams at once (``run_sessions``), each count in its own process."""
@@ -300,7 +363,9 @@ def run_bench(runs: list[BenchRun], *, chunks: int = 200, prompt: str = "a red f
         if run.kind not in ("engine", "torch"):
             raise InputError(f"run kind must be 'engine' or 'torch', got {run.kind!r}")
         if run.threads is not None and (run.kind != "torch" or run.threads < 1):
-            raise InputError(f"threads applies to the torch run and must be >= 1, got {run.threads!r} for {run.kind}")
+            raise InputError(
+                f"threads applies to the torch run and must be >= 1, got {run.threads!r} for {run.kind}"
+            )
         if (run.static or run.cuda_graphs is not None or run.compile) and run.kind != "torch":
             raise InputError("--static, --cuda-graphs and --compile apply to the torch run (--model-dir)")
         if (run.cuda_graphs is not None or run.compile) and not run.static:
@@ -326,21 +391,36 @@ def run_bench(runs: list[BenchRun], *, chunks: int = 200, prompt: str = "a red f
             if progress:
                 progress(f"{run.kind}: {n} sessions at once, {chunks} chunks each")
             kwargs = dict(sessions=n, chunks=chunks, prompt=prompt, seed=seed)
-            concurrent.append({"run": dataclasses.asdict(run), **(run_isolated(run, run_sessions, **kwargs)
-                                                                    if isolate else run_sessions(run, **kwargs))})
-    report = {"rf_bench_version": BENCH_VERSION, "chunks": chunks, "prompt": prompt, "seed": seed,
-              "host": host_info(), "definitions": DEFINITIONS, "runs": results}
+            concurrent.append(
+                {
+                    "run": dataclasses.asdict(run),
+                    **(run_isolated(run, run_sessions, **kwargs) if isolate else run_sessions(run, **kwargs)),
+                }
+            )
+    report = {
+        "rf_bench_version": BENCH_VERSION,
+        "chunks": chunks,
+        "prompt": prompt,
+        "seed": seed,
+        "host": host_info(),
+        "definitions": DEFINITIONS,
+        "runs": results,
+    }
     if concurrent:
         report["sessions"] = concurrent
         for run in runs:
             mine = [c for c in concurrent if c["run"] == dataclasses.asdict(run)]
             one = next((c for c in mine if c["sessions"] == 1), None)
             for c in mine:
-                c["aggregate_over_one_session"] = c["aggregate_fps"] / one["aggregate_fps"] if one else float("nan")
+                c["aggregate_over_one_session"] = (
+                    c["aggregate_fps"] / one["aggregate_fps"] if one else float("nan")
+                )
     by_kind = {r["run"]["kind"]: r for r in results}
     if {"engine", "torch"} <= set(by_kind):
         e, t = by_kind["engine"], by_kind["torch"]
-        report["engine_vs_torch"] = {key: e[key] / t[key] for key in ("end_to_end_fps", "steady_fps", "denoise_fps")}
+        report["engine_vs_torch"] = {
+            key: e[key] / t[key] for key in ("end_to_end_fps", "steady_fps", "denoise_fps")
+        }
     return report
 
 
@@ -348,9 +428,16 @@ def host_info() -> dict:
     from rf_runtime.runners.onnxruntime_runner import usable_cores
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "usable_cores": usable_cores(), "python": platform.python_version(),
-            "numpy": np.__version__, "load_average": list(load) if load else None}
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "load_average": list(load) if load else None,
+    }
 
 
 def write_json(report: dict, path: str | os.PathLike) -> str:
@@ -375,35 +462,58 @@ def format_table(report: dict) -> str:
         ("load s", col("{:.3f}", lambda r: r["load_s"])),
         ("time to first frame s", col("{:.3f}", lambda r: r["time_to_first_frame_s"])),
         ("warm-up s (load + first)", col("{:.3f}", lambda r: r["warmup_s"])),
-        ("chunk latency p50 / p99 s", col("{:.4f} / {:.4f}", lambda r: (r["latency_p50_s"], r["latency_p99_s"]))),
-        ("  denoise / decode p50 s", col("{:.4f} / {:.4f}", lambda r: (r["denoise_p50_s"], r["decode_p50_s"]))),
+        (
+            "chunk latency p50 / p99 s",
+            col("{:.4f} / {:.4f}", lambda r: (r["latency_p50_s"], r["latency_p99_s"])),
+        ),
+        (
+            "  denoise / decode p50 s",
+            col("{:.4f} / {:.4f}", lambda r: (r["denoise_p50_s"], r["decode_p50_s"])),
+        ),
         ("denoise-only fps", col("{:.1f}", lambda r: r["denoise_fps"])),
         ("end-to-end fps", col("{:.1f}", lambda r: r["end_to_end_fps"])),
         ("steady-state fps", col("{:.1f}", lambda r: r["steady_fps"])),
         ("realtime factor (16 fps)", col("{:.2f}", lambda r: r["realtime_factor"])),
-        ("chunk s @ early / late", col("{:.4f} / {:.4f}", lambda r: (r["flat_cost"]["early_mean_s"],
-                                                                   r["flat_cost"]["late_mean_s"]))),
-        ("  chunks (early / late)", col("{}-{} / {}-{}", lambda r: (*r["flat_cost"]["early_chunks"],
-                                                                  *r["flat_cost"]["late_chunks"]))),
-        ("  late / early: mean, median", col("{:.3f}, {:.3f}", lambda r: (r["flat_cost"]["late_over_early"],
-                                                                       r["flat_cost"]["late_over_early_median"]))),
+        (
+            "chunk s @ early / late",
+            col("{:.4f} / {:.4f}", lambda r: (r["flat_cost"]["early_mean_s"], r["flat_cost"]["late_mean_s"])),
+        ),
+        (
+            "  chunks (early / late)",
+            col("{}-{} / {}-{}", lambda r: (*r["flat_cost"]["early_chunks"], *r["flat_cost"]["late_chunks"])),
+        ),
+        (
+            "  late / early: mean, median",
+            col(
+                "{:.3f}, {:.3f}",
+                lambda r: (r["flat_cost"]["late_over_early"], r["flat_cost"]["late_over_early_median"]),
+            ),
+        ),
         ("  late / early: CPU time", col("{:.3f}", lambda r: r["flat_cost"]["late_over_early_cpu"])),
         ("peak RSS MiB", col("{:.0f}", lambda r: r["peak_rss_mib"])),
     ]
     if any("peak_gpu_mib" in r for r in runs):
+
         def at(r, c):
             return f"{r.get('peak_gpu_mib_at_chunk', {}).get(c, float('nan')):.0f}"
 
         rows.append(("peak GPU MiB @ chunk 10 / 200", col("{} / {}", lambda r: (at(r, "10"), at(r, "200")))))
     if any(r.get("backend") == "torch-static" for r in runs):
-        rows.append(("CUDA graphs / compile", col("{} / {}", lambda r: (r.get("cuda_graphs", "-"), r.get("compile", "-")))))
+        rows.append(
+            (
+                "CUDA graphs / compile",
+                col("{} / {}", lambda r: (r.get("cuda_graphs", "-"), r.get("compile", "-"))),
+            )
+        )
     g = runs[0]["geometry"]
     width = max(len(name) for name, _ in rows) + 2
     cw = max(14, *(len(v) for _, vals in rows for v in vals)) + 2
     lines = [f"{name:<{width}}" + "".join(f"{v:>{cw}}" for v in vals) for name, vals in rows]
-    lines.append(f"model: video {g['frame_hw'][0]}x{g['frame_hw'][1]}, latent {g['latent_hw']}, KV cache {g['kv']} "
-                 f"(layers, batch, tokens, heads, head_dim), chunk {g['stream']['chunk_frames']} / sink "
-                 f"{g['stream']['sink_frames']} / window {g['stream']['window_frames']} latent frames")
+    lines.append(
+        f"model: video {g['frame_hw'][0]}x{g['frame_hw'][1]}, latent {g['latent_hw']}, KV cache {g['kv']} "
+        f"(layers, batch, tokens, heads, head_dim), chunk {g['stream']['chunk_frames']} / sink "
+        f"{g['stream']['sink_frames']} / window {g['stream']['window_frames']} latent frames"
+    )
     for r in runs:
         if "profile" in r:
             from rf_runtime.profile import format_profile
@@ -411,14 +521,20 @@ def format_table(report: dict) -> str:
             lines.append(f"profile ({r['backend']}):")
             lines.append(format_profile(r["profile"]))
     if report.get("sessions"):
-        lines.append(f"{'sessions':>8}{'aggregate fps':>15}{'x one':>7}{'per-session fps':>17}"
-                     f"{'p50 / p99 chunk s':>20}{'CPU ms/frame':>14}  backend")
+        lines.append(
+            f"{'sessions':>8}{'aggregate fps':>15}{'x one':>7}{'per-session fps':>17}"
+            f"{'p50 / p99 chunk s':>20}{'CPU ms/frame':>14}  backend"
+        )
         for c in report["sessions"]:
-            lines.append(f"{c['sessions']:>8}{c['aggregate_fps']:>15.1f}{c['aggregate_over_one_session']:>7.2f}"
-                         f"{c['per_session_fps_mean']:>17.1f}{c['latency_p50_s']:>10.4f} / {c['latency_p99_s']:.4f}"
-                         f"{c['cpu_ms_per_frame']:>14.2f}  {c['backend']}")
+            lines.append(
+                f"{c['sessions']:>8}{c['aggregate_fps']:>15.1f}{c['aggregate_over_one_session']:>7.2f}"
+                f"{c['per_session_fps_mean']:>17.1f}{c['latency_p50_s']:>10.4f} / {c['latency_p99_s']:.4f}"
+                f"{c['cpu_ms_per_frame']:>14.2f}  {c['backend']}"
+            )
     if "engine_vs_torch" in report:
         r = report["engine_vs_torch"]
-        lines.append(f"onnxruntime / torch: end-to-end {r['end_to_end_fps']:.2f}x, steady {r['steady_fps']:.2f}x, "
-                     f"denoise-only {r['denoise_fps']:.2f}x")
+        lines.append(
+            f"onnxruntime / torch: end-to-end {r['end_to_end_fps']:.2f}x, steady {r['steady_fps']:.2f}x, "
+            f"denoise-only {r['denoise_fps']:.2f}x"
+        )
     return "\n".join(lines)

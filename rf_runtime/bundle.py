@@ -71,8 +71,12 @@ def graph_io_from_onnx(path: str) -> dict:
             t = v.type.tensor_type
             dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
             if any(d is None for d in dims):
-                raise BundleError(f"{path}: {v.name} has a dynamic shape; bundles hold static-shape graphs; {REBUILD}")
-            out.append({"name": v.name, "shape": dims, "dtype": ONNX_DTYPES.get(t.elem_type, str(t.elem_type))})
+                raise BundleError(
+                    f"{path}: {v.name} has a dynamic shape; bundles hold static-shape graphs; {REBUILD}"
+                )
+            out.append(
+                {"name": v.name, "shape": dims, "dtype": ONNX_DTYPES.get(t.elem_type, str(t.elem_type))}
+            )
         return out
 
     initializers = {i.name for i in model.graph.initializer}
@@ -95,8 +99,10 @@ def plan_problem(plan: dict, tensorrt_version: str | None, compute_capability: s
     if built.split(".")[:3] != str(tensorrt_version).split(".")[:3]:
         return f"it was built with TensorRT {built}, this machine has TensorRT {tensorrt_version}"
     if str(plan.get("compute_capability")) != str(compute_capability):
-        return (f"it was built for compute capability {plan.get('compute_capability')} "
-                f"({plan.get('device_name', 'unknown GPU')}), this GPU is {compute_capability}")
+        return (
+            f"it was built for compute capability {plan.get('compute_capability')} "
+            f"({plan.get('device_name', 'unknown GPU')}), this GPU is {compute_capability}"
+        )
     return None
 
 
@@ -186,7 +192,9 @@ class Manifest:
 
 def check_manifest(manifest, where: str) -> None:
     """Every key of a manifest against the schema above: a BundleError naming the bad key and its type."""
-    parse(Manifest, manifest, where=where, error=BundleError, hint=REBUILD)  # the model card: ModelCard.from_dict
+    parse(
+        Manifest, manifest, where=where, error=BundleError, hint=REBUILD
+    )  # the model card: ModelCard.from_dict
 
 
 @dataclass(frozen=True)
@@ -209,12 +217,16 @@ class ModelCard:
     def from_dict(cls, d: dict, where: str) -> "ModelCard":
         card = parse(cls, d, where=where, error=BundleError, hint=REBUILD, prefix="model_card.")
         if card.training_stage not in TRAINING_STAGES:
-            raise BundleError(f"{where}: model_card training_stage {card.training_stage!r} is not one of "
-                              f"{list(TRAINING_STAGES)}; {REBUILD}")
+            raise BundleError(
+                f"{where}: model_card training_stage {card.training_stage!r} is not one of "
+                f"{list(TRAINING_STAGES)}; {REBUILD}"
+            )
         for value in (card.source, card.checkpoint):
             if value and os.path.isabs(value):
-                raise BundleError(f"{where}: model_card names an absolute path ({value}); a bundle must not carry "
-                                  f"paths of the machine that built it; {REBUILD}")
+                raise BundleError(
+                    f"{where}: model_card names an absolute path ({value}); a bundle must not carry "
+                    f"paths of the machine that built it; {REBUILD}"
+                )
         return card
 
     def check_settings(self, settings, frame_hw: tuple[int, int]) -> None:
@@ -222,12 +234,16 @@ class ModelCard:
         for name in ("chunk_frames", "sink_frames", "window_frames"):
             mine, theirs = getattr(self, name), getattr(settings, name)
             if mine != theirs:
-                raise BundleError(f"the bundle's model card says {name}={mine} but the stream settings say "
-                                  f"{name}={theirs}: the graphs and weights are built for {name}={mine}; fix the "
-                                  f"manifest's 'stream' entry or {REBUILD}")
+                raise BundleError(
+                    f"the bundle's model card says {name}={mine} but the stream settings say "
+                    f"{name}={theirs}: the graphs and weights are built for {name}={mine}; fix the "
+                    f"manifest's 'stream' entry or {REBUILD}"
+                )
         if tuple(self.resolution) != tuple(frame_hw):
-            raise BundleError(f"the bundle's model card says resolution {list(self.resolution)} but its graphs make "
-                              f"{list(frame_hw)} frames; {REBUILD}")
+            raise BundleError(
+                f"the bundle's model card says resolution {list(self.resolution)} but its graphs make "
+                f"{list(frame_hw)} frames; {REBUILD}"
+            )
 
     def check_prompt(self, prompt: str) -> list[str]:
         """Warn (rf_runtime logger) when the prompt has words outside the model's vocabulary; returns them."""
@@ -236,9 +252,14 @@ class ModelCard:
         known = set(self.vocabulary)
         unknown = [w for w in dict.fromkeys(re.findall(r"[a-z0-9]+", prompt.lower())) if w not in known]
         if unknown:
-            logger.warning("model %r does not know the words %s of the prompt %r: it was trained on a world of "
-                           "coloured shapes and knows only: %s", self.name, ", ".join(unknown), prompt,
-                           " ".join(self.vocabulary))
+            logger.warning(
+                "model %r does not know the words %s of the prompt %r: it was trained on a world of "
+                "coloured shapes and knows only: %s",
+                self.name,
+                ", ".join(unknown),
+                prompt,
+                " ".join(self.vocabulary),
+            )
         return unknown
 
     def check_length(self, num_frames: int | None) -> None:
@@ -246,8 +267,13 @@ class ModelCard:
         limit = self.longest_tested_frames
         if limit is not None and (num_frames is None or num_frames > limit):
             asked = "an unbounded stream" if num_frames is None else f"{num_frames} frames"
-            logger.warning("%s requested, but bundle %r was tested on streams of at most %d frames: quality "
-                           "beyond that is unverified", asked, self.name, limit)
+            logger.warning(
+                "%s requested, but bundle %r was tested on streams of at most %d frames: quality "
+                "beyond that is unverified",
+                asked,
+                self.name,
+                limit,
+            )
 
 
 @dataclass(frozen=True)
@@ -270,8 +296,11 @@ class Bundle:
 
     def plan_problems(self, tensorrt_version: str | None, compute_capability: str | None) -> dict[str, str]:
         """{plan name: why it cannot run here} for every plan that cannot (empty: all can)."""
-        return {name: problem for name, plan in self.plans.items()
-                if (problem := plan_problem(plan, tensorrt_version, compute_capability)) is not None}
+        return {
+            name: problem
+            for name, plan in self.plans.items()
+            if (problem := plan_problem(plan, tensorrt_version, compute_capability)) is not None
+        }
 
     def check_plans(self, names, tensorrt_version: str | None, compute_capability: str | None) -> None:
         """Refuse when a plan the caller needs is absent or was built for another TensorRT / GPU."""
@@ -280,8 +309,10 @@ class Bundle:
                 raise BundleError(f"{self.path} has no TensorRT plan for graph {name!r}; {REBUILD_TRT}")
             problem = plan_problem(self.plans[name], tensorrt_version, compute_capability)
             if problem:
-                raise BundleError(f"TensorRT plan {self.file(self.plans[name]['file'])} ({name}) cannot run here: "
-                                  f"{problem}; {REBUILD_TRT}")
+                raise BundleError(
+                    f"TensorRT plan {self.file(self.plans[name]['file'])} ({name}) cannot run here: "
+                    f"{problem}; {REBUILD_TRT}"
+                )
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, verify_hashes: bool = True) -> "Bundle":
@@ -298,8 +329,10 @@ class Bundle:
             raise BundleError(f"{mpath} is not a manifest (a JSON object); {REBUILD}")
         version = manifest.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise BundleError(f"{mpath}: schema_version {version!r} is not supported (this runtime reads "
-                              f"{SCHEMA_VERSION}); {REBUILD}")
+            raise BundleError(
+                f"{mpath}: schema_version {version!r} is not supported (this runtime reads "
+                f"{SCHEMA_VERSION}); {REBUILD}"
+            )
         for key in REQUIRED:
             if key not in manifest:
                 raise BundleError(f"{mpath}: required key {key!r} is missing; {REBUILD}")
@@ -320,16 +353,22 @@ def _check_files(path: str, files: dict, verify_hashes: bool) -> None:
         rel = entry.get("path", "")
         fpath = os.path.join(path, rel)
         if os.path.isabs(rel) or not os.path.realpath(fpath).startswith(root + os.sep):
-            raise BundleError(f"bundle file {key!r} has path {rel!r}, which is not inside the bundle; {REBUILD}")
+            raise BundleError(
+                f"bundle file {key!r} has path {rel!r}, which is not inside the bundle; {REBUILD}"
+            )
         if not os.path.isfile(fpath):
             raise BundleError(f"bundle file {fpath} ({key}) is missing; {REBUILD}")
         size = os.path.getsize(fpath)
         if size != entry.get("bytes"):
-            raise BundleError(f"bundle file {fpath} ({key}) has {size} bytes, {MANIFEST} says {entry.get('bytes')}: "
-                              f"it was truncated or altered; {REBUILD}")
+            raise BundleError(
+                f"bundle file {fpath} ({key}) has {size} bytes, {MANIFEST} says {entry.get('bytes')}: "
+                f"it was truncated or altered; {REBUILD}"
+            )
         if verify_hashes and sha256(fpath) != entry.get("sha256"):
-            raise BundleError(f"bundle file {fpath} ({key}) does not match its sha256 in {MANIFEST}: it was "
-                              f"altered; {REBUILD}")
+            raise BundleError(
+                f"bundle file {fpath} ({key}) does not match its sha256 in {MANIFEST}: it was "
+                f"altered; {REBUILD}"
+            )
 
 
 def _check_graphs(path: str, manifest: dict) -> dict[str, GraphSpec]:
@@ -340,7 +379,9 @@ def _check_graphs(path: str, manifest: dict) -> dict[str, GraphSpec]:
             if key not in files:
                 raise BundleError(f"{where} refers to file {key!r}, which is not in 'files'; {REBUILD}")
         if entry.get("precision") not in PRECISIONS:
-            raise BundleError(f"{where}: precision {entry.get('precision')!r} is not one of {list(PRECISIONS)}; {REBUILD}")
+            raise BundleError(
+                f"{where}: precision {entry.get('precision')!r} is not one of {list(PRECISIONS)}; {REBUILD}"
+            )
         try:
             spec = GraphSpec.from_manifest(name, entry)
         except (KeyError, TypeError, ValueError) as exc:
@@ -365,22 +406,32 @@ def _check_external_data(path: str, manifest: dict) -> None:
         try:
             refs = external_refs(gpath)
         except (OnnxWireError, OSError) as exc:
-            raise BundleError(f"graph {name!r}: {gpath} is not a readable ONNX file ({exc}); {REBUILD}") from exc
-        allowed = {os.path.realpath(os.path.join(path, files[k]["path"])): k for k in entry.get("external_data", [])}
+            raise BundleError(
+                f"graph {name!r}: {gpath} is not a readable ONNX file ({exc}); {REBUILD}"
+            ) from exc
+        allowed = {
+            os.path.realpath(os.path.join(path, files[k]["path"])): k for k in entry.get("external_data", [])
+        }
         for ref in refs:
             locations = ref.locations
             if len(locations) != 1:
-                raise BundleError(f"graph {name!r} in {gpath}: tensor {ref.tensor!r} has {len(locations)} external-data "
-                                  f"locations (one is needed); {REBUILD}")
+                raise BundleError(
+                    f"graph {name!r} in {gpath}: tensor {ref.tensor!r} has {len(locations)} external-data "
+                    f"locations (one is needed); {REBUILD}"
+                )
             loc = locations[0]
             target = os.path.realpath(os.path.join(os.path.dirname(gpath), loc))
             if target not in allowed:
-                where = ("a file outside the bundle" if os.path.isabs(loc) or not
-                         target.startswith(os.path.realpath(path) + os.sep) else
-                         f"a file the manifest does not list as external data of {name!r}")
-                raise BundleError(f"graph {name!r} in {gpath}: tensor {ref.tensor!r} reads its data from {loc!r}, "
-                                  f"{where}; a bundle reads only its own listed files: refused before loading; "
-                                  f"{REBUILD}")
+                where = (
+                    "a file outside the bundle"
+                    if os.path.isabs(loc) or not target.startswith(os.path.realpath(path) + os.sep)
+                    else f"a file the manifest does not list as external data of {name!r}"
+                )
+                raise BundleError(
+                    f"graph {name!r} in {gpath}: tensor {ref.tensor!r} reads its data from {loc!r}, "
+                    f"{where}; a bundle reads only its own listed files: refused before loading; "
+                    f"{REBUILD}"
+                )
 
 
 def _check_text_encoder(mpath: str, manifest: dict) -> None:
@@ -402,7 +453,9 @@ def _check_plans(mpath: str, manifest: dict) -> None:
             raise BundleError(f"{mpath}: plan {name!r} names no graph of the bundle; {REBUILD_TRT}")
         missing = [k for k in ("file", "tensorrt_version", "compute_capability") if k not in plan]
         if missing or plan["file"] not in manifest["files"]:
-            raise BundleError(f"{mpath}: plan {name!r} lacks {missing or ['a file listed in files']}; {REBUILD_TRT}")
+            raise BundleError(
+                f"{mpath}: plan {name!r} lacks {missing or ['a file listed in files']}; {REBUILD_TRT}"
+            )
 
 
 def _check_graph_io(path: str, manifest: dict, graphs: dict[str, GraphSpec]) -> bool:
@@ -416,8 +469,11 @@ def _check_graph_io(path: str, manifest: dict, graphs: dict[str, GraphSpec]) -> 
         actual = GraphSpec.from_manifest(name, graph_io_from_onnx(fpath))
         problems = spec.compare(actual)
         if problems:
-            raise BundleError(f"graph {name!r} in {fpath} does not match the IO {MANIFEST} declares: "
-                              + "; ".join(problems) + f"; {REBUILD}")
+            raise BundleError(
+                f"graph {name!r} in {fpath} does not match the IO {MANIFEST} declares: "
+                + "; ".join(problems)
+                + f"; {REBUILD}"
+            )
     return True
 
 
@@ -430,14 +486,18 @@ def default_engine_dir() -> str:
     (``rf_runtime/engines/...``, for wheels that carry it) or at the root of the source checkout
     the package runs from (``pip install -e .``)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [os.path.join(here, "engines", DEFAULT_ENGINE),
-                  os.path.join(os.path.dirname(here), "engines", DEFAULT_ENGINE)]
+    candidates = [
+        os.path.join(here, "engines", DEFAULT_ENGINE),
+        os.path.join(os.path.dirname(here), "engines", DEFAULT_ENGINE),
+    ]
     for path in candidates:
         if os.path.isfile(os.path.join(path, MANIFEST)):
             return path
-    raise BundleError(f"the default engine bundle {DEFAULT_ENGINE!r} is not installed (looked in "
-                      f"{' and '.join(candidates)}): install rf_runtime from a source checkout with `pip install -e .`, "
-                      "or pass a model with --engine BUNDLE or --model-dir DIR")
+    raise BundleError(
+        f"the default engine bundle {DEFAULT_ENGINE!r} is not installed (looked in "
+        f"{' and '.join(candidates)}): install rf_runtime from a source checkout with `pip install -e .`, "
+        "or pass a model with --engine BUNDLE or --model-dir DIR"
+    )
 
 
 def write_manifest(path: str, manifest: dict) -> None:
@@ -451,5 +511,12 @@ def write_manifest(path: str, manifest: dict) -> None:
     atomic_write(os.path.join(path, MANIFEST), lambda f: f.write(text), what="the bundle manifest")
 
 
-__all__ = ["Bundle", "BundleError", "ModelCard", "SCHEMA_VERSION", "graph_io_from_onnx", "plan_problem",
-           "write_manifest"]
+__all__ = [
+    "Bundle",
+    "BundleError",
+    "ModelCard",
+    "SCHEMA_VERSION",
+    "graph_io_from_onnx",
+    "plan_problem",
+    "write_manifest",
+]

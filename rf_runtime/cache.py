@@ -50,16 +50,22 @@ class CacheSpec:
     ema_alpha: float = 0.999
 
     def __post_init__(self):
-        c, s, w = (as_int(getattr(self, k), k, error=ConfigError) for k in ("chunk_frames", "sink_frames", "window_frames"))
+        c, s, w = (
+            as_int(getattr(self, k), k, error=ConfigError)
+            for k in ("chunk_frames", "sink_frames", "window_frames")
+        )
         if c < 1:
             raise ConfigError(f"chunk_frames must be >= 1, got {c}")
         if s not in (0, c):
             raise ConfigError(
                 f"sink_frames must be 0 (no sink) or equal to chunk_frames ({c}), got {s}: the sink is "
-                "the first chunk, and evicted chunks are folded onto it frame by frame")
+                "the first chunk, and evicted chunks are folded onto it frame by frame"
+            )
         if w < c or w % c:
-            raise ConfigError(f"window_frames ({w}) must be a positive multiple of chunk_frames ({c}): "
-                              "the window holds whole chunks, the current one included")
+            raise ConfigError(
+                f"window_frames ({w}) must be a positive multiple of chunk_frames ({c}): "
+                "the window holds whole chunks, the current one included"
+            )
         if not isinstance(self.ema_alpha, (int, float)) or not 0.0 <= float(self.ema_alpha) <= 1.0:
             raise ConfigError(f"ema_alpha must be a number in [0, 1], got {self.ema_alpha!r}")
 
@@ -104,7 +110,7 @@ def plan_commit(spec: CacheSpec, chunks_committed: int) -> CommitPlan:
     c, s = spec.chunk_frames, spec.sink_frames
     if s and chunks_committed == 0:
         return CommitPlan(write_start=0, evict=False, fold=False)  # the first chunk becomes the sink
-    used = (chunks_committed - 1 if s else chunks_committed)
+    used = chunks_committed - 1 if s else chunks_committed
     if used < spec.window_slots:
         return CommitPlan(write_start=s + used * c, evict=False, fold=False)
     return CommitPlan(write_start=s + (spec.window_slots - 1) * c, evict=True, fold=bool(s))

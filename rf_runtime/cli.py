@@ -23,31 +23,49 @@ def add_version(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rf-generate",
-        description="Generate a video from a text prompt with a Reward Forcing model and write it as MP4 (16 fps).")
+        description="Generate a video from a text prompt with a Reward Forcing model and write it as MP4 (16 fps).",
+    )
     add_version(p)
     _add_model_args(p)
     p.add_argument("--prompt", required=True, help="what the video shows")
     p.add_argument("--seconds", type=float, default=5.0, help="video length in seconds (default 5)")
-    p.add_argument("--out", required=True, help="output .mp4 path (written to a temporary name, then renamed)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video (default 0)")
+    p.add_argument(
+        "--out", required=True, help="output .mp4 path (written to a temporary name, then renamed)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="noise seed; the same seed gives the same video (default 0)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model (default: the engine bundle that ships with rf_runtime)")
-    src.add_argument("--bundle", help="engine bundle directory (manifest.json + ONNX graphs), run by onnxruntime")
+    src.add_argument(
+        "--bundle", help="engine bundle directory (manifest.json + ONNX graphs), run by onnxruntime"
+    )
     src.add_argument("--engine", dest="bundle", help=argparse.SUPPRESS)  # the flag's earlier name
-    src.add_argument("--model-dir", help="Wan2.1-style model directory (config.json, DiT weights, VAE, text encoder), "
-                                         "run by PyTorch")
-    src.add_argument("--checkpoint", help="generator checkpoint on top of --model-dir (e.g. rewardforcing.pt); "
-                                          "a directory here is taken as --model-dir")
+    src.add_argument(
+        "--model-dir",
+        help="Wan2.1-style model directory (config.json, DiT weights, VAE, text encoder), run by PyTorch",
+    )
+    src.add_argument(
+        "--checkpoint",
+        help="generator checkpoint on top of --model-dir (e.g. rewardforcing.pt); "
+        "a directory here is taken as --model-dir",
+    )
     src.add_argument("--height", type=int, help="video height (--model-dir only; default: the model's)")
     src.add_argument("--width", type=int, help="video width (--model-dir only; default: the model's)")
     src.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    src.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                     help="--model-dir only (bundles carry their precision)")
-    src.add_argument("--ema-alpha", type=float, help="EMA-Sink rate in [0, 1] (--model-dir only; default: the model's)")
+    src.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="--model-dir only (bundles carry their precision)",
+    )
+    src.add_argument(
+        "--ema-alpha", type=float, help="EMA-Sink rate in [0, 1] (--model-dir only; default: the model's)"
+    )
 
 
 def _load_streamer(args):
@@ -62,19 +80,32 @@ def _load_streamer(args):
         raise RFError("--bundle and --model-dir/--checkpoint name two models: pass one of them")
     if not model_dir:
         if checkpoint:
-            raise RFError("--checkpoint needs --model-dir DIR (the directory with config.json, VAE and text encoder)")
-        torch_only = [name for name, value in (("--height", args.height), ("--width", args.width),
-                                                ("--ema-alpha", args.ema_alpha)) if value is not None]
+            raise RFError(
+                "--checkpoint needs --model-dir DIR (the directory with config.json, VAE and text encoder)"
+            )
+        torch_only = [
+            name
+            for name, value in (
+                ("--height", args.height),
+                ("--width", args.width),
+                ("--ema-alpha", args.ema_alpha),
+            )
+            if value is not None
+        ]
         if args.dtype != "float32":
             torch_only.append("--dtype")
         if torch_only:
-            raise RFError(f"{', '.join(torch_only)} apply to --model-dir models only: an engine bundle has a fixed "
-                          "size, precision and cache; pass --model-dir DIR to change them")
+            raise RFError(
+                f"{', '.join(torch_only)} apply to --model-dir models only: an engine bundle has a fixed "
+                "size, precision and cache; pass --model-dir DIR to change them"
+            )
         from rf_runtime.bundle import default_engine_dir
 
         bundle = args.bundle or default_engine_dir()
         if _is_model_folder(bundle):
-            raise RFError(f"--bundle {bundle} is a model folder, not an engine bundle: pass it as --model-dir")
+            raise RFError(
+                f"--bundle {bundle} is a model folder, not an engine bundle: pass it as --model-dir"
+            )
         logger.info("using the engine bundle %s", bundle)
         return Streamer.from_engine(bundle, device=args.device)
     settings = None
@@ -85,8 +116,15 @@ def _load_streamer(args):
         settings = model_folder.stream_settings(card, ema_alpha=args.ema_alpha)
     if _is_bundle(model_dir):
         raise RFError(f"--model-dir {model_dir} is an engine bundle, not a model folder: pass it as --bundle")
-    return Streamer.from_checkpoint(model_dir, checkpoint, settings=settings, height=args.height, width=args.width,
-                                    device=args.device, dtype=args.dtype)
+    return Streamer.from_checkpoint(
+        model_dir,
+        checkpoint,
+        settings=settings,
+        height=args.height,
+        width=args.width,
+        device=args.device,
+        dtype=args.dtype,
+    )
 
 
 def _is_bundle(path: str) -> bool:
@@ -124,9 +162,14 @@ def run_command(prog: str, body, args, level: int = logging.WARNING) -> int:
     except RFError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a full disk, a quota, a vanished folder while writing logs: one line naming the file
+    except (
+        OSError
+    ) as exc:  # a full disk, a quota, a vanished folder while writing logs: one line naming the file
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"{prog}: error: {exc.strerror or exc}{where}: free some space or pick another folder", file=sys.stderr)
+        print(
+            f"{prog}: error: {exc.strerror or exc}{where}: free some space or pick another folder",
+            file=sys.stderr,
+        )
         return 2
     except ImportError as exc:  # an optional dependency the command needs: one line naming the extra
         err = missing_extra(exc)
@@ -170,16 +213,28 @@ def _generate(args) -> int:
                 except OutputError as exc:  # the encoder died: keep what it finished, say so in one line
                     bar.close()
                     kept = writer.salvage()
-                    raise OutputError(f"{exc}; " + (f"kept the {kept} frames it had encoded in {args.out}" if kept
-                                                    else f"nothing was written to {args.out}")) from None
+                    raise OutputError(
+                        f"{exc}; "
+                        + (
+                            f"kept the {kept} frames it had encoded in {args.out}"
+                            if kept
+                            else f"nothing was written to {args.out}"
+                        )
+                    ) from None
                 bar.update(len(chunk.frames))
-                bar.set_postfix(chunk=chunk.index, latency=f"{chunk.seconds:.2f}s",
-                                fps=f"{len(chunk.frames) / chunk.seconds:.2f}")
+                bar.set_postfix(
+                    chunk=chunk.index,
+                    latency=f"{chunk.seconds:.2f}s",
+                    fps=f"{len(chunk.frames) / chunk.seconds:.2f}",
+                )
         except KeyboardInterrupt:
             bar.close()
             if writer.frames_written:
                 writer.close()
-                print(f"interrupted: saved the {writer.frames_written} frames made so far to {args.out}", file=sys.stderr)
+                print(
+                    f"interrupted: saved the {writer.frames_written} frames made so far to {args.out}",
+                    file=sys.stderr,
+                )
                 return 130
             writer.abort()
             return 130
@@ -190,13 +245,17 @@ def _generate(args) -> int:
         writer.abort()
         raise
     h, w = streamer.info.frame_hw
-    print(f"wrote {args.out}: {writer.frames_written} frames {w}x{h} at {streamer.fps} fps "
-          f"({writer.frames_written / streamer.fps:.2f} s of video) in {elapsed:.1f} s "
-          f"= {writer.frames_written / elapsed:.2f} generated fps (model load {load_s:.1f} s)")
+    print(
+        f"wrote {args.out}: {writer.frames_written} frames {w}x{h} at {streamer.fps} fps "
+        f"({writer.frames_written / streamer.fps:.2f} s of video) in {elapsed:.1f} s "
+        f"= {writer.frames_written / elapsed:.2f} generated fps (model load {load_s:.1f} s)"
+    )
     return 0
 
 
-MAX_SECONDS = 7 * 24 * 3600.0  # a week of video: beyond any stream a model was tested on, and still a finite int
+MAX_SECONDS = (
+    7 * 24 * 3600.0
+)  # a week of video: beyond any stream a model was tested on, and still a finite int
 
 
 def _check_seconds(seconds: float) -> None:
@@ -208,38 +267,82 @@ def _bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rf-bench",
         description="Benchmark streaming: time to first frame, per-chunk latency, fps (denoise-only and end to end), "
-                    "warm-up, peak memory, and whether the per-chunk cost stays flat. With both --bundle and "
-                    "--model-dir, the onnxruntime engine and the PyTorch reference run on the same model, each in "
-                    "its own process. The JSON report says exactly what every number counts.")
+        "warm-up, peak memory, and whether the per-chunk cost stays flat. With both --bundle and "
+        "--model-dir, the onnxruntime engine and the PyTorch reference run on the same model, each in "
+        "its own process. The JSON report says exactly what every number counts.",
+    )
     add_version(p)
     p.add_argument("--bundle", help="engine bundle directory (rf-export onnx): runs onnxruntime")
     p.add_argument("--model-dir", help="model directory: runs the PyTorch reference loop")
     p.add_argument("--checkpoint", help="generator checkpoint on top of --model-dir")
-    p.add_argument("--chunks", type=int, default=200, help="chunks to stream per backend (default 200; 203 puts "
-                                                           "the late flat-cost window at chunks 198-202)")
+    p.add_argument(
+        "--chunks",
+        type=int,
+        default=200,
+        help="chunks to stream per backend (default 200; 203 puts "
+        "the late flat-cost window at chunks 198-202)",
+    )
     p.add_argument("--prompt", default="a red fox running through fresh snow")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="torch precision (the bundle's precision is fixed at export)")
-    p.add_argument("--torch-threads", type=int, help="intra-op threads of the torch run (default: torch's own); "
-                                                     "one thread is steadier on a machine shared with other work")
-    p.add_argument("--static", action="store_true", help="torch run: the fast path (buffers allocated once per "
-                                                         "stream, CUDA graphs on a GPU; rf_runtime.backends.pytorch_static)")
-    p.add_argument("--cuda-graphs", choices=("on", "off"), help="torch --static run: capture and replay CUDA "
-                                                                "graphs (default: on for --device cuda)")
-    p.add_argument("--compile", action="store_true", help="torch --static run: torch.compile the DiT and VAE steps")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads of every session of the engine run "
-                                               "(default: chosen from the machine; 1 with several --sessions)")
-    p.add_argument("--spinning", action="store_true", help="let idle onnxruntime threads spin (default: they sleep)")
-    p.add_argument("--profile", action="store_true", help="per graph: calls and ms per chunk, FLOPs, achieved GFLOP/s "
-                                                          "against this machine's measured GEMM peak, host share")
-    p.add_argument("--sessions", type=_counts, default=(), help="comma-separated numbers of streams to run at once, "
-                   "e.g. 1,2,4: aggregate and per-session fps and p99 chunk latency")
-    p.add_argument("--json", help="report path (default rf-bench.json, rf-soak.json with --soak; written atomically)")
-    p.add_argument("--soak", type=float, metavar="MINUTES",
-                   help="soak test instead: stream --bundle (default: the shipped bundle) without end for MINUTES and "
-                        "report RSS start / end and slope, chunk time early / late, non-finite and constant chunks")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="torch precision (the bundle's precision is fixed at export)",
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        help="intra-op threads of the torch run (default: torch's own); "
+        "one thread is steadier on a machine shared with other work",
+    )
+    p.add_argument(
+        "--static",
+        action="store_true",
+        help="torch run: the fast path (buffers allocated once per "
+        "stream, CUDA graphs on a GPU; rf_runtime.backends.pytorch_static)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        choices=("on", "off"),
+        help="torch --static run: capture and replay CUDA graphs (default: on for --device cuda)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch --static run: torch.compile the DiT and VAE steps"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="onnxruntime intra-op threads of every session of the engine run "
+        "(default: chosen from the machine; 1 with several --sessions)",
+    )
+    p.add_argument(
+        "--spinning", action="store_true", help="let idle onnxruntime threads spin (default: they sleep)"
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="per graph: calls and ms per chunk, FLOPs, achieved GFLOP/s "
+        "against this machine's measured GEMM peak, host share",
+    )
+    p.add_argument(
+        "--sessions",
+        type=_counts,
+        default=(),
+        help="comma-separated numbers of streams to run at once, "
+        "e.g. 1,2,4: aggregate and per-session fps and p99 chunk latency",
+    )
+    p.add_argument(
+        "--json", help="report path (default rf-bench.json, rf-soak.json with --soak; written atomically)"
+    )
+    p.add_argument(
+        "--soak",
+        type=float,
+        metavar="MINUTES",
+        help="soak test instead: stream --bundle (default: the shipped bundle) without end for MINUTES and "
+        "report RSS start / end and slope, chunk time early / late, non-finite and constant chunks",
+    )
     return p
 
 
@@ -267,21 +370,41 @@ def _bench(args) -> int:
 
     runs = []
     if args.bundle:
-        runs.append(BenchRun("engine", args.bundle, device=args.device, cpu_threads=args.threads,
-                             spinning=args.spinning))
+        runs.append(
+            BenchRun(
+                "engine", args.bundle, device=args.device, cpu_threads=args.threads, spinning=args.spinning
+            )
+        )
     elif args.threads is not None or args.spinning:
         raise RFError("--threads and --spinning apply to the engine run: add --bundle")
     if args.model_dir:
-        runs.append(BenchRun("torch", args.model_dir, args.checkpoint, device=args.device, dtype=args.dtype,
-                             threads=args.torch_threads, static=args.static, compile=args.compile,
-                             cuda_graphs=None if args.cuda_graphs is None else args.cuda_graphs == "on"))
+        runs.append(
+            BenchRun(
+                "torch",
+                args.model_dir,
+                args.checkpoint,
+                device=args.device,
+                dtype=args.dtype,
+                threads=args.torch_threads,
+                static=args.static,
+                compile=args.compile,
+                cuda_graphs=None if args.cuda_graphs is None else args.cuda_graphs == "on",
+            )
+        )
     elif args.static or args.cuda_graphs or args.compile:
         raise RFError("--static, --cuda-graphs and --compile apply to the torch run: add --model-dir")
     output_folder(args.json, "the report")  # before the benchmark, not after it
     if args.torch_threads is not None and not args.model_dir:
         raise RFError("--torch-threads applies to the torch run: add --model-dir, or drop --torch-threads")
-    report = run_bench(runs, chunks=args.chunks, prompt=args.prompt, seed=args.seed, profile=args.profile,
-                       sessions=args.sessions, progress=lambda msg: print(f"rf-bench: {msg}", file=sys.stderr))
+    report = run_bench(
+        runs,
+        chunks=args.chunks,
+        prompt=args.prompt,
+        seed=args.seed,
+        profile=args.profile,
+        sessions=args.sessions,
+        progress=lambda msg: print(f"rf-bench: {msg}", file=sys.stderr),
+    )
     write_json(report, args.json)
     print(format_table(report))
     print(f"report: {args.json}")
@@ -295,12 +418,19 @@ def _soak(args) -> int:
     from rf_runtime.soak import format_soak, soak
 
     if args.model_dir or args.checkpoint or args.torch_threads is not None:
-        raise RFError("--soak streams an engine bundle: drop --model-dir / --checkpoint / --torch-threads, "
-                      "and pass --bundle BUNDLE (default: the shipped bundle)")
+        raise RFError(
+            "--soak streams an engine bundle: drop --model-dir / --checkpoint / --torch-threads, "
+            "and pass --bundle BUNDLE (default: the shipped bundle)"
+        )
     path = args.json or "rf-soak.json"
     output_folder(path, "the report")
-    report = soak(args.bundle or default_engine_dir(), args.soak, prompt=args.prompt, seed=args.seed,
-                  progress=lambda msg: print(f"rf-bench: {msg}", file=sys.stderr, flush=True))
+    report = soak(
+        args.bundle or default_engine_dir(),
+        args.soak,
+        prompt=args.prompt,
+        seed=args.seed,
+        progress=lambda msg: print(f"rf-bench: {msg}", file=sys.stderr, flush=True),
+    )
     write_json(report, path)
     print(format_soak(report))
     print(f"report: {path}")
@@ -316,16 +446,26 @@ def _eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rf-eval",
         description="Long-stream metrics of a video: dynamic degree, drift, subject consistency and, for prompts of "
-                    "the procedural world, prompt adherence. Give an MP4, or no video to generate a stream first.")
+        "the procedural world, prompt adherence. Give an MP4, or no video to generate a stream first.",
+    )
     add_version(p)
-    p.add_argument("video", nargs="?", help="MP4 to evaluate; without it a stream of --seconds is generated and evaluated")
+    p.add_argument(
+        "video",
+        nargs="?",
+        help="MP4 to evaluate; without it a stream of --seconds is generated and evaluated",
+    )
     p.add_argument("--prompt", help="the prompt of the video (needed for prompt adherence, and to generate)")
-    p.add_argument("--prompts-file", help="generate and evaluate one stream per line of this file (e.g. "
-                   "configs/world_heldout_prompts.txt) and summarise the prompt-following checks")
+    p.add_argument(
+        "--prompts-file",
+        help="generate and evaluate one stream per line of this file (e.g. "
+        "configs/world_heldout_prompts.txt) and summarise the prompt-following checks",
+    )
     p.add_argument("--seconds", type=float, default=60.0, help="length of the generated stream (default 60)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the generated stream (default 0)")
     p.add_argument("--fps", type=int, default=16, help="frame rate of the MP4 (default 16)")
-    p.add_argument("--segment-seconds", type=float, default=5.0, help="segment length for drift and dynamics (5)")
+    p.add_argument(
+        "--segment-seconds", type=float, default=5.0, help="segment length for drift and dynamics (5)"
+    )
     p.add_argument("--json", help="also write the metrics to this JSON file")
     _add_model_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -340,7 +480,9 @@ def _eval(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from rf_runtime.world.adherence import evaluate  # the metrics, with the procedural world's prompt adherence
+    from rf_runtime.world.adherence import (
+        evaluate,
+    )  # the metrics, with the procedural world's prompt adherence
 
     from rf_runtime.files import atomic_write, output_folder
 
@@ -365,7 +507,10 @@ def _eval(args) -> int:
             parts.append(frames)
             bar.update(len(frames))
         bar.close()
-        frames, what = np.concatenate(parts), f"a {args.seconds:g} s stream of {args.prompt!r} (seed {args.seed})"
+        frames, what = (
+            np.concatenate(parts),
+            f"a {args.seconds:g} s stream of {args.prompt!r} (seed {args.seed})",
+        )
     result = evaluate(frames, args.prompt, fps=fps, segment_seconds=args.segment_seconds)
     print(f"rf-eval: {what}")
     print(result.table())
@@ -402,16 +547,22 @@ def _eval_prompts_file(args) -> int:
         if checks is None:
             raise RFError(f"{prompt!r} in {args.prompts_file} is not a prompt of the procedural world")
         following[prompt] = checks
-        print(f"{prompt:<64} colour {checks['colour']:.2f} (last fifth {checks['colour_last_fifth']:.2f}) background "
-              f"{checks['background']:.2f} shape {checks['shape']:.2f} one object {checks['one_object']:.2f} "
-              f"motion {'ok' if checks['motion_ok'] else 'no'}")
+        print(
+            f"{prompt:<64} colour {checks['colour']:.2f} (last fifth {checks['colour_last_fifth']:.2f}) background "
+            f"{checks['background']:.2f} shape {checks['shape']:.2f} one object {checks['one_object']:.2f} "
+            f"motion {'ok' if checks['motion_ok'] else 'no'}"
+        )
     summary = summarize(following)
     print(f"rf-eval: {len(prompts)} streams of {args.seconds:g} s (seed {args.seed})")
     print(summary_table(summary))
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"summary": summary, "seconds": args.seconds, "seed": args.seed, "streams": results}, f, indent=2)
+            json.dump(
+                {"summary": summary, "seconds": args.seconds, "seed": args.seed, "streams": results},
+                f,
+                indent=2,
+            )
         os.replace(tmp, args.json)
         print(f"wrote {args.json}")
     return 0

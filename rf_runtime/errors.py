@@ -33,10 +33,25 @@ class OutputError(RFError, OSError):
 
 
 # optional module (top-level import name) -> the extra of pyproject.toml that installs it
-EXTRAS = {"torch": "torch", "safetensors": "torch", "onnx": "export", "onnxscript": "export",
-          "onnxruntime": "cpu", "tokenizers": "cpu", "transformers": "text", "sentencepiece": "text",
-          "ftfy": "text", "imageio": "video", "imageio_ffmpeg": "video", "tqdm": "video", "yaml": "train",
-          "cv2": "eval", "matplotlib": "eval", "tensorrt": "gpu", "cuda": "gpu"}
+EXTRAS = {
+    "torch": "torch",
+    "safetensors": "torch",
+    "onnx": "export",
+    "onnxscript": "export",
+    "onnxruntime": "cpu",
+    "tokenizers": "cpu",
+    "transformers": "text",
+    "sentencepiece": "text",
+    "ftfy": "text",
+    "imageio": "video",
+    "imageio_ffmpeg": "video",
+    "tqdm": "video",
+    "yaml": "train",
+    "cv2": "eval",
+    "matplotlib": "eval",
+    "tensorrt": "gpu",
+    "cuda": "gpu",
+}
 
 
 def missing_extra(exc: ImportError) -> MissingDependencyError | None:
@@ -47,8 +62,9 @@ def missing_extra(exc: ImportError) -> MissingDependencyError | None:
     name = (getattr(exc, "name", None) or "").split(".")[0]
     if name not in EXTRAS:
         return None
-    return MissingDependencyError(f"{name!r} is needed for this command but is not installed: "
-                                  f"pip install 'rf_runtime[{EXTRAS[name]}]'")
+    return MissingDependencyError(
+        f"{name!r} is needed for this command but is not installed: pip install 'rf_runtime[{EXTRAS[name]}]'"
+    )
 
 
 def require(module: str, extra: str):
@@ -59,6 +75,5 @@ def require(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependencyError(
-            f"{module!r} is needed for this feature but is not installed: "
-            f"pip install 'rf_runtime[{extra}]'"
+            f"{module!r} is needed for this feature but is not installed: pip install 'rf_runtime[{extra}]'"
         ) from exc

@@ -174,22 +174,38 @@ class EvalResult:
         return json.dumps(asdict(self), indent=2)
 
     def table(self) -> str:
-        rows = [("seconds", self.seconds), ("segments", self.segments), ("dynamic degree %", self.dynamic_degree),
-                ("flow score (px)", self.flow_score), ("drift (stats)", self.drift),
-                ("subject consistency %", self.subject_consistency), ("travel (px)", self.travel),
-                ("centroid speed (px/fr)", self.centroid_speed)]
+        rows = [
+            ("seconds", self.seconds),
+            ("segments", self.segments),
+            ("dynamic degree %", self.dynamic_degree),
+            ("flow score (px)", self.flow_score),
+            ("drift (stats)", self.drift),
+            ("subject consistency %", self.subject_consistency),
+            ("travel (px)", self.travel),
+            ("centroid speed (px/fr)", self.centroid_speed),
+        ]
         if self.prompt_adherence is not None:
-            rows += [("prompt adherence %", self.prompt_adherence), ("  colour score", self.colour_score),
-                     ("  shape score", self.shape_score), ("quality drift (pts)", self.quality_drift)]
+            rows += [
+                ("prompt adherence %", self.prompt_adherence),
+                ("  colour score", self.colour_score),
+                ("  shape score", self.shape_score),
+                ("quality drift (pts)", self.quality_drift),
+            ]
         for scorer, checks in self.prompt_following.items():
-            rows += [(f"{scorer}: {k}", float(v) if isinstance(v, (bool, float)) else v)
-                     for k, v in checks.items() if isinstance(v, (bool, int, float))]
-        return "\n".join(f"{name:<24}{value:>10.3f}" if isinstance(value, float) else f"{name:<24}{value:>10}"
-                         for name, value in rows)
+            rows += [
+                (f"{scorer}: {k}", float(v) if isinstance(v, (bool, float)) else v)
+                for k, v in checks.items()
+                if isinstance(v, (bool, int, float))
+            ]
+        return "\n".join(
+            f"{name:<24}{value:>10.3f}" if isinstance(value, float) else f"{name:<24}{value:>10}"
+            for name, value in rows
+        )
 
 
-def evaluate(frames, prompt: str | None = None, *, fps: int = 16, segment_seconds: float = 5.0,
-             prompt_check=None) -> EvalResult:
+def evaluate(
+    frames, prompt: str | None = None, *, fps: int = 16, segment_seconds: float = 5.0, prompt_check=None
+) -> EvalResult:
     """All metrics of a video (uint8 [T, H, W, 3]).
 
     prompt_check: ``prompt_check(frames, segments, prompt) -> dict | None``, the scorer of a world
@@ -200,7 +216,7 @@ def evaluate(frames, prompt: str | None = None, *, fps: int = 16, segment_second
     """
     frames = _check_video(frames)
     seg = max(2, int(round(segment_seconds * fps)))
-    segments = [frames[i:i + seg] for i in range(0, len(frames), seg)]
+    segments = [frames[i : i + seg] for i in range(0, len(frames), seg)]
     if len(segments) > 1 and len(segments[-1]) < seg // 2:
         segments[-2] = np.concatenate([segments[-2], segments[-1]])
         segments.pop()
@@ -208,15 +224,20 @@ def evaluate(frames, prompt: str | None = None, *, fps: int = 16, segment_second
     dynamic = [is_dynamic(s, frames.shape[1:3]) for s in scores]
     stats = [frame_statistics(s).mean(0) for s in segments]
     consistency = [subject_consistency(s) for s in segments]
-    per_segment = {"dynamic": dynamic, "flow_score": [float(s.mean()) if len(s) else 0.0 for s in scores],
-                   "subject_consistency": consistency}
+    per_segment = {
+        "dynamic": dynamic,
+        "flow_score": [float(s.mean()) if len(s) else 0.0 for s in scores],
+        "subject_consistency": consistency,
+    }
     result = EvalResult(
-        seconds=len(frames) / fps, segments=len(segments),
+        seconds=len(frames) / fps,
+        segments=len(segments),
         dynamic_degree=100.0 * float(np.mean(dynamic)),
         flow_score=float(np.concatenate(scores).mean()) if sum(map(len, scores)) else 0.0,
         drift=float(np.abs(stats[-1] - stats[0]).mean()),
         subject_consistency=subject_consistency(frames),
-        per_segment=per_segment)
+        per_segment=per_segment,
+    )
     result.travel, result.centroid_speed = travel(frames)
     found = prompt_check(frames, segments, prompt) if prompt and prompt_check is not None else None
     if found:

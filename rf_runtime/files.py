@@ -21,18 +21,30 @@ def output_folder(path: str | os.PathLike, what: str = "the output") -> str:
     to be a directory (else an InputError naming the fix), so a bad output path fails before any work is
     done and never with a traceback."""
     if os.path.isdir(os.fspath(path)):
-        raise InputError(f"cannot write {what} to {os.fspath(path)}: it is a directory; give a file name "
-                         "(an existing directory is never replaced by a file)")
+        raise InputError(
+            f"cannot write {what} to {os.fspath(path)}: it is a directory; give a file name "
+            "(an existing directory is never replaced by a file)"
+        )
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(folder):
-        raise InputError(f"cannot write {what} to {os.fspath(path)}: the folder {folder} does not exist; "
-                         "create it first or pick another path")
-    os.close(temp_file(path, what, folder=folder, remove=True)[0])  # the one sure test of writability (root, /proc)
+        raise InputError(
+            f"cannot write {what} to {os.fspath(path)}: the folder {folder} does not exist; "
+            "create it first or pick another path"
+        )
+    os.close(
+        temp_file(path, what, folder=folder, remove=True)[0]
+    )  # the one sure test of writability (root, /proc)
     return folder
 
 
-def temp_file(path: str | os.PathLike, what: str = "the output", *, folder: str | None = None,
-              suffix: str = ".tmp", remove: bool = False) -> tuple[int, str]:
+def temp_file(
+    path: str | os.PathLike,
+    what: str = "the output",
+    *,
+    folder: str | None = None,
+    suffix: str = ".tmp",
+    remove: bool = False,
+) -> tuple[int, str]:
     """(fd, name) of a new hidden temporary file beside ``path`` with ordinary permissions; an InputError
     naming the fix when the folder cannot take it. ``remove``: delete it at once (a writability probe)."""
     path = os.fspath(path)
@@ -40,7 +52,9 @@ def temp_file(path: str | os.PathLike, what: str = "the output", *, folder: str 
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=folder)
     except OSError as exc:
-        raise InputError(f"cannot write {what} to {path} ({exc.strerror}): pick a folder you can write to") from exc
+        raise InputError(
+            f"cannot write {what} to {path} ({exc.strerror}): pick a folder you can write to"
+        ) from exc
     if remove:
         os.remove(tmp)
     else:
@@ -71,8 +85,10 @@ def atomic_path(path: str | os.PathLike, what: str = "the output") -> Iterator[s
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(exc, OSError):  # a full disk, a quota, an I/O error: one line, nothing at ``path``
-            raise OutputError(f"could not write {what} to {path} ({exc.strerror or exc}): free some space or "
-                              f"pick another folder; nothing was written there") from exc
+            raise OutputError(
+                f"could not write {what} to {path} ({exc.strerror or exc}): free some space or "
+                f"pick another folder; nothing was written there"
+            ) from exc
         raise
 
 
@@ -83,7 +99,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], wha
     return os.fspath(path)
 
 
-def output_dir(path: str | os.PathLike, what: str, *, marker: str, force: bool, option: str = "--force") -> str:
+def output_dir(
+    path: str | os.PathLike, what: str, *, marker: str, force: bool, option: str = "--force"
+) -> str:
     """Check, before any work, that a directory output (an engine bundle) may be written to ``path``:
     a new name, or an existing directory of the same kind (it holds ``marker``) with ``force``.
     Anything else (a file, a directory of other files, a non-empty folder without ``marker``) is refused:
@@ -91,17 +109,23 @@ def output_dir(path: str | os.PathLike, what: str, *, marker: str, force: bool, 
     path = os.path.abspath(os.fspath(path))
     if os.path.lexists(path):
         if not os.path.isdir(path) or os.path.islink(path):
-            raise InputError(f"cannot write {what} to {path}: a file (or link) of that name exists; it is never "
-                             "replaced: remove it yourself or pick another path")
+            raise InputError(
+                f"cannot write {what} to {path}: a file (or link) of that name exists; it is never "
+                "replaced: remove it yourself or pick another path"
+            )
         if not os.path.isfile(os.path.join(path, marker)):
             if os.listdir(path):
-                raise InputError(f"cannot write {what} to {path}: the directory exists and is not {what} (no {marker}); "
-                                 "its files are never deleted: pick a new path or empty it yourself")
+                raise InputError(
+                    f"cannot write {what} to {path}: the directory exists and is not {what} (no {marker}); "
+                    "its files are never deleted: pick a new path or empty it yourself"
+                )
         elif not force:
             raise InputError(f"{path} already holds {what}: pass {option} to replace it, or pick a new path")
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
-        raise InputError(f"cannot write {what} to {path}: the folder {folder} does not exist; create it first")
+        raise InputError(
+            f"cannot write {what} to {path}: the folder {folder} does not exist; create it first"
+        )
     os.close(temp_file(path, what, folder=folder, remove=True)[0])  # writability, before the work
     return path
 
@@ -123,8 +147,14 @@ def replace_dir(tmp: str, path: str) -> None:
         raise
     shutil.rmtree(aside, ignore_errors=True)
 
-def atomic_save(write: Callable[[str], None], path: str | os.PathLike, what: str = "the output", *,
-                create_folder: bool = False) -> str:
+
+def atomic_save(
+    write: Callable[[str], None],
+    path: str | os.PathLike,
+    what: str = "the output",
+    *,
+    create_folder: bool = False,
+) -> str:
     """Call ``write(tmp_path)`` (a writer that takes a file name: ``safetensors.save_file``,
     ``savefig``, ...) on a temporary name beside ``path``, then rename it to ``path`` (``atomic_path``).
     ``create_folder``: make the folder of ``path`` first."""
@@ -146,7 +176,9 @@ def json_ready(value):
     return value
 
 
-def atomic_write_json(path: str | os.PathLike, obj, what: str = "the output", *, create_folder: bool = False) -> str:
+def atomic_write_json(
+    path: str | os.PathLike, obj, what: str = "the output", *, create_folder: bool = False
+) -> str:
     """``obj`` (made ``json_ready``) as indented JSON, written atomically."""
     text = json.dumps(json_ready(obj), indent=2)
     return atomic_save(lambda tmp: _write_text(tmp, text), path, what, create_folder=create_folder)

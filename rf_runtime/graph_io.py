@@ -28,8 +28,22 @@ TEXT_ENCODER = "text_encoder"  # umT5 bundles only; run once per prompt like tex
 GRAPHS = (TEXT_KV, DIT_STEP, CACHE_UPDATE, VAE_DECODE_FIRST, VAE_DECODE)
 """The graphs every bundle holds, in the order a chunk runs them."""
 
-DIT_STEP_INPUTS = ("x", "eps", "t_freq", "sigma", "sigma_next", "text_k", "text_v", "ctx_k", "ctx_v", "key_mask",
-                   "cos_ctx", "sin_ctx", "cos_q", "sin_q")
+DIT_STEP_INPUTS = (
+    "x",
+    "eps",
+    "t_freq",
+    "sigma",
+    "sigma_next",
+    "text_k",
+    "text_v",
+    "ctx_k",
+    "ctx_v",
+    "key_mask",
+    "cos_ctx",
+    "sin_ctx",
+    "cos_q",
+    "sin_q",
+)
 DIT_STEP_OUTPUTS = ("x0", "x_next", "new_k", "new_v")
 STATE_TABLES = ("key_mask", "cos_q", "sin_q")  # dit_step inputs that depend on the cache state only
 STEP_TABLES = ("t_freq", "sigma", "sigma_next")  # dit_step inputs that depend on the denoising step only

@@ -70,24 +70,29 @@ def find_vae(path: str | os.PathLike) -> str:
         candidate = os.path.join(path, name)
         if os.path.isfile(candidate):
             return candidate
-    raise CheckpointError(f"no VAE weights in {path}: expected Wan2.1_VAE.pth or vae.safetensors "
-                          "(or pass vae_path=...)")
+    raise CheckpointError(
+        f"no VAE weights in {path}: expected Wan2.1_VAE.pth or vae.safetensors (or pass vae_path=...)"
+    )
 
 
 def latent_hw_for(height: int, width: int, spatial_stride: int, patch_hw: tuple[int, int]) -> tuple[int, int]:
     """Latent size for a video size; both must land on whole patches."""
     unit_h, unit_w = spatial_stride * patch_hw[0], spatial_stride * patch_hw[1]
     if height <= 0 or width <= 0 or height % unit_h or width % unit_w:
-        raise ConfigError(f"height x width = {height}x{width} must be positive multiples of {unit_h}x{unit_w} "
-                          f"(VAE stride {spatial_stride} x patch {patch_hw}); 480x832 is the released size")
+        raise ConfigError(
+            f"height x width = {height}x{width} must be positive multiples of {unit_h}x{unit_w} "
+            f"(VAE stride {spatial_stride} x patch {patch_hw}); 480x832 is the released size"
+        )
     return height // spatial_stride, width // spatial_stride
 
 
 def check_text_encoder(dit_config, text_encoder) -> None:
     """The text encoder's embeddings must have the width the DiT was trained on."""
     if getattr(text_encoder, "text_dim", dit_config.text_dim) != dit_config.text_dim:
-        raise ConfigError(f"the text encoder gives {text_encoder.text_dim}-dim embeddings but the DiT expects "
-                          f"text_dim={dit_config.text_dim}: pair the DiT with the text encoder it was trained with")
+        raise ConfigError(
+            f"the text encoder gives {text_encoder.text_dim}-dim embeddings but the DiT expects "
+            f"text_dim={dit_config.text_dim}: pair the DiT with the text encoder it was trained with"
+        )
 
 
 @dataclass
@@ -102,9 +107,18 @@ class Models:
     card: dict
 
 
-def load(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *, vae_path=None, text_encoder=None,
-         settings: StreamSettings | None = None, use_ema: bool = True, device: str = "cpu",
-         dtype: str = "float32", **text_options) -> Models:
+def load(
+    path: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    vae_path=None,
+    text_encoder=None,
+    settings: StreamSettings | None = None,
+    use_ema: bool = True,
+    device: str = "cpu",
+    dtype: str = "float32",
+    **text_options,
+) -> Models:
     """Load every model of a folder (PyTorch).
 
     checkpoint: generator weights on top of the folder's DiT (``rewardforcing.pt`` or an rf-train
@@ -115,8 +129,10 @@ def load(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise CheckpointError(f"model directory {path} does not exist: pass a Wan2.1-style directory "
-                              "(config.json, diffusion_pytorch_model.safetensors, Wan2.1_VAE.pth, text encoder)")
+        raise CheckpointError(
+            f"model directory {path} does not exist: pass a Wan2.1-style directory "
+            "(config.json, diffusion_pytorch_model.safetensors, Wan2.1_VAE.pth, text encoder)"
+        )
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     from rf_runtime.dtypes import torch_dtype
@@ -128,8 +144,14 @@ def load(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *
         text_encoder = load_text_encoder(path, card, **text_options)
     check_text_encoder(dit.config, text_encoder)
     torch_type = torch_dtype(dtype)
-    return Models(dit.to(device=device, dtype=torch_type), vae.to(device=device, dtype=torch_type), text_encoder,
-                  settings if settings is not None else stream_settings(card), resolution(card), card)
+    return Models(
+        dit.to(device=device, dtype=torch_type),
+        vae.to(device=device, dtype=torch_type),
+        text_encoder,
+        settings if settings is not None else stream_settings(card),
+        resolution(card),
+        card,
+    )
 
 
 def load_dit(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *, use_ema: bool = True):
@@ -143,15 +165,18 @@ def load_vae(path: str | os.PathLike, card: dict, vae_path: str | os.PathLike | 
     """The folder's ``WanVAE``, with the VAE config of its card (Wan2.1's without one)."""
     from rf_runtime.models import VAEConfig, WanVAE
 
-    return WanVAE.from_pretrained(vae_path or find_vae(path), VAEConfig(**card["vae"]) if "vae" in card else VAEConfig())
+    return WanVAE.from_pretrained(
+        vae_path or find_vae(path), VAEConfig(**card["vae"]) if "vae" in card else VAEConfig()
+    )
 
 
 def load_text_encoder(path: str | os.PathLike, card: dict, **options):
     """The text encoder the card names (umT5 from the folder without an entry); ``options`` go to umT5."""
     from rf_runtime.text import text_encoder_from_spec
 
-    return text_encoder_from_spec(card.get("text_encoder"), os.path.join(os.fspath(path), CARD), model_dir=path,
-                                  **options)
+    return text_encoder_from_spec(
+        card.get("text_encoder"), os.path.join(os.fspath(path), CARD), model_dir=path, **options
+    )
 
 
 def save_weights(module, path: str | os.PathLike, *, create_folder: bool = False) -> str:
@@ -162,9 +187,16 @@ def save_weights(module, path: str | os.PathLike, *, create_folder: bool = False
     return atomic_save(lambda tmp: save_file(state, tmp), path, "the weights", create_folder=create_folder)
 
 
-def write(path: str | os.PathLike, dit, vae, *, text_encoder: dict | None = None,
-          stream: StreamSettings | dict | None = None, resolution: tuple[int, int] | None = None,
-          model_card: dict | None = None) -> str:
+def write(
+    path: str | os.PathLike,
+    dit,
+    vae,
+    *,
+    text_encoder: dict | None = None,
+    stream: StreamSettings | dict | None = None,
+    resolution: tuple[int, int] | None = None,
+    model_card: dict | None = None,
+) -> str:
     """Write a model folder that ``load`` (and so ``Streamer.load``, rf-export, rf-train) reads.
 
     dit, vae: the modules (``CausalDiT``, ``WanVAE``); their configs go to ``config.json`` and the card.

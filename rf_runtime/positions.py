@@ -31,18 +31,22 @@ def rope_tables_np(frame_positions, grid_hw: tuple[int, int], head_dim: int) -> 
     h, w = grid_hw
     nt, nh, nw = rope_split(head_dim)
     f = fpos.size
-    angles = np.concatenate([
-        np.broadcast_to(_angles(fpos, nt)[:, None, None, :], (f, h, w, nt)),
-        np.broadcast_to(_angles(np.arange(h), nh)[None, :, None, :], (f, h, w, nh)),
-        np.broadcast_to(_angles(np.arange(w), nw)[None, None, :, :], (f, h, w, nw)),
-    ], axis=-1).reshape(f * h * w, head_dim // 2)
+    angles = np.concatenate(
+        [
+            np.broadcast_to(_angles(fpos, nt)[:, None, None, :], (f, h, w, nt)),
+            np.broadcast_to(_angles(np.arange(h), nh)[None, :, None, :], (f, h, w, nh)),
+            np.broadcast_to(_angles(np.arange(w), nw)[None, None, :, :], (f, h, w, nw)),
+        ],
+        axis=-1,
+    ).reshape(f * h * w, head_dim // 2)
     cos = np.repeat(np.cos(angles), 2, axis=-1).astype(np.float32)
     sin = np.repeat(np.sin(angles), 2, axis=-1).astype(np.float32)
     return cos, sin
 
 
-def chunk_tables(context_frames: int, chunk_frames: int, valid_frames: int, grid_hw: tuple[int, int],
-                 head_dim: int) -> dict[str, np.ndarray]:
+def chunk_tables(
+    context_frames: int, chunk_frames: int, valid_frames: int, grid_hw: tuple[int, int], head_dim: int
+) -> dict[str, np.ndarray]:
     """The position and validity tables of one chunk against a cache whose first ``valid_frames`` of
     ``context_frames`` frames are valid (SPEC section 3), float32, keyed by the ``dit_step`` input names:
 
@@ -51,11 +55,18 @@ def chunk_tables(context_frames: int, chunk_frames: int, valid_frames: int, grid
     cos_q, sin_q [f * T, D]: RoPE of the chunk's queries and keys (positions right after the valid context).
     """
     tpf = grid_hw[0] * grid_hw[1]
-    mask = np.concatenate([np.arange(context_frames * tpf) < valid_frames * tpf, np.ones(chunk_frames * tpf, bool)])
+    mask = np.concatenate(
+        [np.arange(context_frames * tpf) < valid_frames * tpf, np.ones(chunk_frames * tpf, bool)]
+    )
     cos_ctx, sin_ctx = rope_tables_np(range(context_frames), grid_hw, head_dim)
     cos_q, sin_q = rope_tables_np(range(valid_frames, valid_frames + chunk_frames), grid_hw, head_dim)
-    return {"key_mask": mask.astype(np.float32), "cos_ctx": cos_ctx, "sin_ctx": sin_ctx, "cos_q": cos_q,
-            "sin_q": sin_q}
+    return {
+        "key_mask": mask.astype(np.float32),
+        "cos_ctx": cos_ctx,
+        "sin_ctx": sin_ctx,
+        "cos_q": cos_q,
+        "sin_q": sin_q,
+    }
 
 
 def sinusoid_frequencies(freq_dim: int) -> np.ndarray:

@@ -65,6 +65,7 @@ def _einsum_flops(equation: str, operand_shapes) -> int:
 
 def node_flops(node, shapes) -> int | None:
     """2 x multiply-adds of one node; None when its shapes are unknown (counted as uncounted)."""
+
     def shape(name):
         return shapes.get(name)
 
@@ -131,8 +132,12 @@ def graph_flops(path) -> dict:
             uncounted += 1
             continue
         by_op[node.op_type] = by_op.get(node.op_type, 0) + f
-    return {"flops": int(sum(by_op.values())), "by_op": by_op, "nodes": len(model.graph.node),
-            "uncounted": uncounted}
+    return {
+        "flops": int(sum(by_op.values())),
+        "by_op": by_op,
+        "nodes": len(model.graph.node),
+        "uncounted": uncounted,
+    }
 
 
 def sgemm_peak(n: int = 1024, repeats: int = 7) -> dict:
@@ -142,10 +147,15 @@ def sgemm_peak(n: int = 1024, repeats: int = 7) -> dict:
     ort = require("onnxruntime", "cpu")
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "sgemm",
-                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
-                               helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
-                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "sgemm",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n]),
+        ],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     options = ort.SessionOptions()
@@ -153,7 +163,10 @@ def sgemm_peak(n: int = 1024, repeats: int = 7) -> dict:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    feed = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
+    feed = {
+        "a": rng.standard_normal((n, n), dtype=np.float32),
+        "b": rng.standard_normal((n, n), dtype=np.float32),
+    }
     session.run(None, feed)
     best, best_cpu = float("inf"), float("inf")
     for _ in range(repeats):
@@ -162,8 +175,14 @@ def sgemm_peak(n: int = 1024, repeats: int = 7) -> dict:
         best, best_cpu = min(best, time.perf_counter() - start), min(best_cpu, time.thread_time() - cpu)
     del onnx
     flop = 2 * n**3
-    return {"n": n, "seconds": best, "gflops_per_core": flop / best / 1e9, "cpu_seconds": best_cpu,
-            "gflops_per_core_cpu": flop / max(best_cpu, 1e-9) / 1e9, "kernel": "onnxruntime MLAS MatMul"}
+    return {
+        "n": n,
+        "seconds": best,
+        "gflops_per_core": flop / best / 1e9,
+        "cpu_seconds": best_cpu,
+        "gflops_per_core_cpu": flop / max(best_cpu, 1e-9) / 1e9,
+        "kernel": "onnxruntime MLAS MatMul",
+    }
 
 
 class GraphTimer:
@@ -196,9 +215,18 @@ class GraphTimer:
             runner.__dict__.pop("run", None)
 
 
-def profile_report(graphs: dict, *, chunks: int, chunk_seconds: float, seconds: dict, calls: dict,
-                   threads: dict, peak_per_core: float, cpu: dict | None = None,
-                   peak_per_core_cpu: float | None = None) -> dict:
+def profile_report(
+    graphs: dict,
+    *,
+    chunks: int,
+    chunk_seconds: float,
+    seconds: dict,
+    calls: dict,
+    threads: dict,
+    peak_per_core: float,
+    cpu: dict | None = None,
+    peak_per_core_cpu: float | None = None,
+) -> dict:
     """The profile of ``chunks`` timed chunks.
 
     graphs: {graph: graph_flops(...)}; seconds / calls: summed over those chunks, per graph;
@@ -218,29 +246,50 @@ def profile_report(graphs: dict, *, chunks: int, chunk_seconds: float, seconds: 
         c = (cpu or {}).get(name, 0.0) / chunks
         cpu_rate = g["flops"] * n / c / 1e9 if c > 0 and cores == 1 else None
         cpu_share = cpu_rate / peak_per_core_cpu if cpu_rate is not None and peak_per_core_cpu else None
-        rows[name] = {"cpu_ms_per_chunk": c * 1e3, "cpu_gflops": cpu_rate, "share_of_peak_cpu": cpu_share,"calls_per_chunk": n, "ms_per_chunk": s * 1e3, "ms_per_call": s / n * 1e3 if n else 0.0,
-                      "mflop_per_call": g["flops"] / 1e6, "nodes": g["nodes"], "gflops": rate, "threads": cores,
-                      "share_of_peak": rate / (peak_per_core * cores) if peak_per_core > 0 else 0.0,
-                      "uncounted_nodes": g["uncounted"]}
-    return {"graphs": rows, "chunk_ms": chunk_seconds / chunks * 1e3, "graphs_ms": in_graphs * 1e3,
-            "host_ms": max(chunk_seconds / chunks - in_graphs, 0.0) * 1e3,
-            "host_share": max(1.0 - in_graphs / (chunk_seconds / chunks), 0.0),
-            "gflop_per_chunk": flops_chunk / 1e9, "peak_gflops_per_core": peak_per_core,
-            "peak_gflops_per_core_cpu": peak_per_core_cpu,
-            "counted_ops": list(COUNTED_OPS)}
+        rows[name] = {
+            "cpu_ms_per_chunk": c * 1e3,
+            "cpu_gflops": cpu_rate,
+            "share_of_peak_cpu": cpu_share,
+            "calls_per_chunk": n,
+            "ms_per_chunk": s * 1e3,
+            "ms_per_call": s / n * 1e3 if n else 0.0,
+            "mflop_per_call": g["flops"] / 1e6,
+            "nodes": g["nodes"],
+            "gflops": rate,
+            "threads": cores,
+            "share_of_peak": rate / (peak_per_core * cores) if peak_per_core > 0 else 0.0,
+            "uncounted_nodes": g["uncounted"],
+        }
+    return {
+        "graphs": rows,
+        "chunk_ms": chunk_seconds / chunks * 1e3,
+        "graphs_ms": in_graphs * 1e3,
+        "host_ms": max(chunk_seconds / chunks - in_graphs, 0.0) * 1e3,
+        "host_share": max(1.0 - in_graphs / (chunk_seconds / chunks), 0.0),
+        "gflop_per_chunk": flops_chunk / 1e9,
+        "peak_gflops_per_core": peak_per_core,
+        "peak_gflops_per_core_cpu": peak_per_core_cpu,
+        "counted_ops": list(COUNTED_OPS),
+    }
 
 
 def format_profile(profile: dict) -> str:
-    lines = [f"{'graph':<18}{'calls/chunk':>12}{'ms/chunk':>10}{'ms/call':>9}{'MFLOP/call':>12}{'nodes':>7}"
-             f"{'GFLOP/s':>9}{'threads':>8}{'% peak':>8}{'% peak (CPU time)':>19}"]
+    lines = [
+        f"{'graph':<18}{'calls/chunk':>12}{'ms/chunk':>10}{'ms/call':>9}{'MFLOP/call':>12}{'nodes':>7}"
+        f"{'GFLOP/s':>9}{'threads':>8}{'% peak':>8}{'% peak (CPU time)':>19}"
+    ]
     for name, r in profile["graphs"].items():
         by_cpu = r.get("share_of_peak_cpu")
-        lines.append(f"{name:<18}{r['calls_per_chunk']:>12.2f}{r['ms_per_chunk']:>10.2f}{r['ms_per_call']:>9.2f}"
-                     f"{r['mflop_per_call']:>12.1f}{r['nodes']:>7}{r['gflops']:>9.1f}{r['threads']:>8}"
-                     f"{100 * r['share_of_peak']:>7.1f}%" + (f"{100 * by_cpu:>18.1f}%" if by_cpu is not None else
-                                                             f"{'-':>19}"))
-    lines.append(f"chunk {profile['chunk_ms']:.2f} ms = graphs {profile['graphs_ms']:.2f} ms + host "
-                 f"{profile['host_ms']:.2f} ms ({100 * profile['host_share']:.1f}% host); "
-                 f"{profile['gflop_per_chunk']:.3f} GFLOP per chunk; sgemm peak "
-                 f"{profile['peak_gflops_per_core']:.1f} GFLOP/s per core (onnxruntime MLAS, measured now)")
+        lines.append(
+            f"{name:<18}{r['calls_per_chunk']:>12.2f}{r['ms_per_chunk']:>10.2f}{r['ms_per_call']:>9.2f}"
+            f"{r['mflop_per_call']:>12.1f}{r['nodes']:>7}{r['gflops']:>9.1f}{r['threads']:>8}"
+            f"{100 * r['share_of_peak']:>7.1f}%"
+            + (f"{100 * by_cpu:>18.1f}%" if by_cpu is not None else f"{'-':>19}")
+        )
+    lines.append(
+        f"chunk {profile['chunk_ms']:.2f} ms = graphs {profile['graphs_ms']:.2f} ms + host "
+        f"{profile['host_ms']:.2f} ms ({100 * profile['host_share']:.1f}% host); "
+        f"{profile['gflop_per_chunk']:.3f} GFLOP per chunk; sgemm peak "
+        f"{profile['peak_gflops_per_core']:.1f} GFLOP/s per core (onnxruntime MLAS, measured now)"
+    )
     return "\n".join(lines)

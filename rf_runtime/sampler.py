@@ -49,7 +49,9 @@ class StreamSettings:
         if any(not 0 < t <= n for t in self.timesteps):
             raise ConfigError(f"timesteps must lie in (0, {n}], got {self.timesteps}")
         if self.warp and any(float(t) != int(t) for t in self.timesteps):
-            raise ConfigError(f"with warp=True the timesteps index the scheduler table and must be integers, got {self.timesteps}")
+            raise ConfigError(
+                f"with warp=True the timesteps index the scheduler table and must be integers, got {self.timesteps}"
+            )
         if not self.shift > 0:
             raise ConfigError(f"shift must be > 0, got {self.shift}")
         if not 0 <= self.context_t <= n:
@@ -157,8 +159,12 @@ def check_noise(noise, renoise_noise, settings: StreamSettings, channels: int):
     if noise.ndim != 5 or noise.shape[2] != channels:
         raise InputError(f"noise must be [B, F, {channels}, H, W], got {tuple(noise.shape)}")
     if noise.shape[1] == 0 or noise.shape[1] % c:
-        raise InputError(f"the number of latent frames ({noise.shape[1]}) must be a positive multiple of "
-                         f"chunk_frames ({c}): pad or trim the noise to whole chunks")
+        raise InputError(
+            f"the number of latent frames ({noise.shape[1]}) must be a positive multiple of "
+            f"chunk_frames ({c}): pad or trim the noise to whole chunks"
+        )
     want = (s - 1, *noise.shape)
     if tuple(renoise_noise.shape) != want:
-        raise InputError(f"renoise must be [S-1, B, F, C, H, W] = {want} for {s} steps, got {tuple(renoise_noise.shape)}")
+        raise InputError(
+            f"renoise must be [S-1, B, F, C, H, W] = {want} for {s} steps, got {tuple(renoise_noise.shape)}"
+        )

@@ -33,14 +33,23 @@ def is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def as_int(value, name: str, *, minimum: int | None = None, none_ok: bool = False,
-           error: type[RFError] = InputError, hint: str = "") -> int | None:
+def as_int(
+    value,
+    name: str,
+    *,
+    minimum: int | None = None,
+    none_ok: bool = False,
+    error: type[RFError] = InputError,
+    hint: str = "",
+) -> int | None:
     """``value`` as a Python int, checked: an integer (Python or numpy, not a bool) >= ``minimum``;
     None passes when ``none_ok``. Anything else raises ``error`` naming ``name``."""
     if value is None and none_ok:
         return None
     if not is_int(value) or (minimum is not None and value < minimum):
-        want = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (" or None" if none_ok else "")
+        want = (
+            "an integer" + (f" >= {minimum}" if minimum is not None else "") + (" or None" if none_ok else "")
+        )
         kind = "" if type(value) in (int, float, str, type(None)) else f" ({type(value).__name__})"
         raise error(f"{name} must be {want}, got {value!r}{kind}" + (f": {hint}" if hint else ""))
     return int(value)
@@ -113,7 +122,9 @@ def _convert(value, tp, key: str, fail: Callable[[str, str, Any], Exception], ya
         else:
             if len(value) != len(args):
                 raise fail(key, _describe(tp), value)
-            out = [_convert(v, a, f"{key}[{i}]", fail, yaml_numbers) for i, (v, a) in enumerate(zip(value, args))]
+            out = [
+                _convert(v, a, f"{key}[{i}]", fail, yaml_numbers) for i, (v, a) in enumerate(zip(value, args))
+            ]
         return out if origin is list else tuple(out)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
@@ -152,15 +163,30 @@ def _build(cls, raw: dict, prefix: str, fail, yaml_numbers: bool):
     unknown = sorted(set(raw) - set(fields))
     if unknown and not getattr(cls, "_extra_keys", False):
         raise fail(f"{prefix}{unknown[0]}", sorted(fields), None)
-    missing = [n for n, f in fields.items() if n not in raw and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise fail(f"{prefix}{missing[0]}", _describe(hints[missing[0]]), dataclasses.MISSING)
-    return cls(**{k: _convert(v, hints[k], prefix + k, fail, yaml_numbers) for k, v in raw.items() if k in fields})
+    return cls(
+        **{k: _convert(v, hints[k], prefix + k, fail, yaml_numbers) for k, v in raw.items() if k in fields}
+    )
 
 
-def parse(cls, raw, *, where: str, error: type[RFError], hint: str, prefix: str = "", what: str = "key",
-          yaml_numbers: bool = False, valid_keys: Callable[[str], list] | None = None):
+def parse(
+    cls,
+    raw,
+    *,
+    where: str,
+    error: type[RFError],
+    hint: str,
+    prefix: str = "",
+    what: str = "key",
+    yaml_numbers: bool = False,
+    valid_keys: Callable[[str], list] | None = None,
+):
     """Build the dataclass ``cls`` from ``raw`` (a decoded JSON/YAML mapping), or raise ``error``:
     "<where>: <what> '<key>' must be <type>, got <value>: <hint>" (also for a missing or unknown key).
     ``yaml_numbers``: accept strings such as "1e-4" for floats (YAML 1.1 reads them as strings)."""
@@ -169,8 +195,10 @@ def parse(cls, raw, *, where: str, error: type[RFError], hint: str, prefix: str 
     def fail(key: str, want: str | None, got):
         if isinstance(want, list):  # an unknown key; ``want``: the valid ones
             parent = key.rpartition(".")[0]
-            return error(f"{head}unknown {what} '{key}'; valid keys{' under ' + parent if parent else ''} are "
-                         f"{want}: {hint}")
+            return error(
+                f"{head}unknown {what} '{key}'; valid keys{' under ' + parent if parent else ''} are "
+                f"{want}: {hint}"
+            )
         if got is dataclasses.MISSING:
             return error(f"{head}{what} '{key}' is required ({want}) and missing: {hint}")
         shown = repr(got) if len(repr(got)) <= 80 else repr(got)[:77] + "..."
@@ -178,6 +206,8 @@ def parse(cls, raw, *, where: str, error: type[RFError], hint: str, prefix: str 
 
     if not isinstance(raw, dict):
         kind = type(raw).__name__ if raw is not None else "nothing"
-        raise error(f"{head}{'the file' if not prefix else what + ' ' + repr(prefix[:-1])} must be a mapping of keys "
-                    f"to values, got {kind}: {hint}")
+        raise error(
+            f"{head}{'the file' if not prefix else what + ' ' + repr(prefix[:-1])} must be a mapping of keys "
+            f"to values, got {kind}: {hint}"
+        )
     return _build(cls, raw, prefix, fail, yaml_numbers)

@@ -103,11 +103,20 @@ class StreamSnapshot:
     state: StateArrays
 
     def header(self) -> dict:
-        return {"format": FORMAT, "version": FORMAT_VERSION, "prompt": self.prompt,
-                "prompt_history": [list(p) for p in self.prompt_history], "seed": self.seed,
-                "rng_state": self.rng_state, "chunk_index": self.chunk_index, "frames_emitted": self.frames_emitted,
-                "num_frames": self.num_frames, "geometry": self.geometry,
-                "chunks_committed": self.state.chunks_committed, "vae_cache_slots": len(self.state.vae_cache)}
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "prompt": self.prompt,
+            "prompt_history": [list(p) for p in self.prompt_history],
+            "seed": self.seed,
+            "rng_state": self.rng_state,
+            "chunk_index": self.chunk_index,
+            "frames_emitted": self.frames_emitted,
+            "num_frames": self.num_frames,
+            "geometry": self.geometry,
+            "chunks_committed": self.state.chunks_committed,
+            "vae_cache_slots": len(self.state.vae_cache),
+        }
 
     def save(self, path: str | os.PathLike) -> str:
         """Write the snapshot to ``path`` (.npz) atomically: a temporary file beside it, then a rename."""
@@ -125,9 +134,13 @@ class StreamSnapshot:
         """Read a snapshot written by ``save``; a missing, truncated or foreign file raises SnapshotError."""
         path = os.fspath(path)
         if os.path.isdir(path):
-            raise SnapshotError(f"stream snapshot {path} is a directory: pass the .npz file written by StreamSnapshot.save")
+            raise SnapshotError(
+                f"stream snapshot {path} is a directory: pass the .npz file written by StreamSnapshot.save"
+            )
         if not os.path.isfile(path):
-            raise SnapshotError(f"stream snapshot {path} does not exist: pass a file written by StreamSnapshot.save")
+            raise SnapshotError(
+                f"stream snapshot {path} does not exist: pass a file written by StreamSnapshot.save"
+            )
         hint = "it is not a stream snapshot, or it was truncated or altered; save the stream again"
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -139,19 +152,28 @@ class StreamSnapshot:
         except (KeyError, ValueError) as exc:
             raise SnapshotError(f"{path} has no valid snapshot header: {hint}") from exc
         if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise SnapshotError(f"{path} is not a stream snapshot (format {header.get('format')!r}): {hint}"
-                                if isinstance(header, dict) else f"{path}: {hint}")
+            raise SnapshotError(
+                f"{path} is not a stream snapshot (format {header.get('format')!r}): {hint}"
+                if isinstance(header, dict)
+                else f"{path}: {hint}"
+            )
         if header.get("version") != FORMAT_VERSION:
-            raise SnapshotError(f"{path} is a version {header.get('version')!r} snapshot; this runtime reads version "
-                                f"{FORMAT_VERSION}: resume it with the rf_runtime that wrote it")
+            raise SnapshotError(
+                f"{path} is a version {header.get('version')!r} snapshot; this runtime reads version "
+                f"{FORMAT_VERSION}: resume it with the rf_runtime that wrote it"
+            )
         rng = header.get("rng_state")
         if isinstance(rng, dict) and rng.get("bit_generator") != "PCG64":
-            raise SnapshotError(f"{path}: header key 'rng_state.bit_generator' is {rng.get('bit_generator')!r}; "
-                                f"streams draw their noise with PCG64: {hint}")
+            raise SnapshotError(
+                f"{path}: header key 'rng_state.bit_generator' is {rng.get('bit_generator')!r}; "
+                f"streams draw their noise with PCG64: {hint}"
+            )
         h = parse(_Header, header, where=path, error=SnapshotError, hint=hint, what="header key")
         for key in ("chunk_index", "frames_emitted", "chunks_committed", "vae_cache_slots", "seed"):
             if getattr(h, key) < 0:
-                raise SnapshotError(f"{path}: header key {key!r} is {getattr(h, key)}, it must be >= 0: {hint}")
+                raise SnapshotError(
+                    f"{path}: header key {key!r} is {getattr(h, key)}, it must be >= 0: {hint}"
+                )
         names = [*_ARRAYS, *(f"vae_cache_{i}" for i in range(header["vae_cache_slots"]))]
         missing = [n for n in names if n not in files]
         if missing:
@@ -159,31 +181,54 @@ class StreamSnapshot:
         wrong = [n for n in names if files[n].dtype != np.float32]
         if wrong:
             raise SnapshotError(f"{path}: the arrays {wrong} are not float32: {hint}")
-        require_finite({n: files[n] for n in names}, path, SnapshotError,
-                       "a stream state is finite; this file was damaged or made by a diverged stream: save it again "
-                       "from a healthy stream")
-        state = StateArrays(**{n: files[n] for n in _ARRAYS},
-                            vae_cache=tuple(files[f"vae_cache_{i}"] for i in range(header["vae_cache_slots"])),
-                            chunks_committed=header["chunks_committed"])
-        snap = cls(prompt=header["prompt"], prompt_history=tuple((int(i), p) for i, p in header["prompt_history"]),
-                   seed=header["seed"], rng_state=header["rng_state"], chunk_index=header["chunk_index"],
-                   frames_emitted=header["frames_emitted"], num_frames=header["num_frames"],
-                   geometry=header["geometry"], state=state)
+        require_finite(
+            {n: files[n] for n in names},
+            path,
+            SnapshotError,
+            "a stream state is finite; this file was damaged or made by a diverged stream: save it again "
+            "from a healthy stream",
+        )
+        state = StateArrays(
+            **{n: files[n] for n in _ARRAYS},
+            vae_cache=tuple(files[f"vae_cache_{i}"] for i in range(header["vae_cache_slots"])),
+            chunks_committed=header["chunks_committed"],
+        )
+        snap = cls(
+            prompt=header["prompt"],
+            prompt_history=tuple((int(i), p) for i, p in header["prompt_history"]),
+            seed=header["seed"],
+            rng_state=header["rng_state"],
+            chunk_index=header["chunk_index"],
+            frames_emitted=header["frames_emitted"],
+            num_frames=header["num_frames"],
+            geometry=header["geometry"],
+            state=state,
+        )
         snap.check_shapes(path)
         return snap
 
     def check_shapes(self, where: str = "the snapshot") -> None:
         """The arrays have the shapes its geometry says (a consistency check of the file)."""
         g, s = self.geometry, self.state
-        want = {"cache_k": g["kv"], "cache_v": g["kv"], "text_k": g["text_kv"], "text_v": g["text_kv"],
-                "latents": g["latents"]}
-        bad = [f"{n} {list(getattr(s, n).shape)} != {list(w)}" for n, w in want.items()
-               if list(getattr(s, n).shape) != list(w)]
+        want = {
+            "cache_k": g["kv"],
+            "cache_v": g["kv"],
+            "text_k": g["text_kv"],
+            "text_v": g["text_kv"],
+            "latents": g["latents"],
+        }
+        bad = [
+            f"{n} {list(getattr(s, n).shape)} != {list(w)}"
+            for n, w in want.items()
+            if list(getattr(s, n).shape) != list(w)
+        ]
         if s.vae_cache and [list(a.shape) for a in s.vae_cache] != [list(w) for w in g["vae_cache"]]:
             bad.append("vae_cache shapes differ from the geometry")
         if bad:
-            raise SnapshotError(f"{where}: arrays do not match the snapshot's own geometry ({'; '.join(bad)}); "
-                                "it was altered: save the stream again")
+            raise SnapshotError(
+                f"{where}: arrays do not match the snapshot's own geometry ({'; '.join(bad)}); "
+                "it was altered: save the stream again"
+            )
 
 
 def geometry_difference(have: dict, want: dict) -> list[str]:

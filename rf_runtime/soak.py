@@ -45,8 +45,15 @@ def slope_per_hour(t_s: np.ndarray, values: np.ndarray) -> float:
     return float(np.polyfit(t_s, values, 1)[0] * 3600.0)
 
 
-def soak(bundle: str, minutes: float, *, prompt: str = "a red fox running through fresh snow", seed: int = 0,
-         progress=None, clock=time.perf_counter) -> dict:
+def soak(
+    bundle: str,
+    minutes: float,
+    *,
+    prompt: str = "a red fox running through fresh snow",
+    seed: int = 0,
+    progress=None,
+    clock=time.perf_counter,
+) -> dict:
     """Stream ``bundle`` for ``minutes`` and return the report (a dict; ``format_soak`` prints it)."""
     from rf_runtime.streamer import Streamer
 
@@ -80,36 +87,71 @@ def soak(bundle: str, minutes: float, *, prompt: str = "a red fox running throug
             constant.append(index)
         index += 1
         if progress and now >= next_report:
-            progress(f"soak {(now - start) / 60:.1f} min: {len(times)} chunks, RSS {rss[-1]:.1f} MiB, "
-                     f"last chunk {chunk.seconds * 1000:.1f} ms")
+            progress(
+                f"soak {(now - start) / 60:.1f} min: {len(times)} chunks, RSS {rss[-1]:.1f} MiB, "
+                f"last chunk {chunk.seconds * 1000:.1f} ms"
+            )
             next_report += 60.0
     wall = clock() - start
-    return summarize_soak(np.array(times), np.array(guards), np.array(at), np.array(rss), frames=frames,
-                          wall_s=wall, minutes=minutes, non_finite=non_finite, constant=constant,
-                          bundle=os.fspath(bundle), describe=streamer.backend.describe())
+    return summarize_soak(
+        np.array(times),
+        np.array(guards),
+        np.array(at),
+        np.array(rss),
+        frames=frames,
+        wall_s=wall,
+        minutes=minutes,
+        non_finite=non_finite,
+        constant=constant,
+        bundle=os.fspath(bundle),
+        describe=streamer.backend.describe(),
+    )
 
 
-def summarize_soak(times, guards, at, rss, *, frames: int, wall_s: float, minutes: float, non_finite: list,
-                   constant: list, bundle: str, describe: dict) -> dict:
+def summarize_soak(
+    times,
+    guards,
+    at,
+    rss,
+    *,
+    frames: int,
+    wall_s: float,
+    minutes: float,
+    non_finite: list,
+    constant: list,
+    bundle: str,
+    describe: dict,
+) -> dict:
     n = len(times)
     w = max(20, n // 20)
-    early = times[10:10 + w]
-    late = times[n - w:] if n >= 10 + 2 * w else times[:0]  # the two windows never overlap
+    early = times[10 : 10 + w]
+    late = times[n - w :] if n >= 10 + 2 * w else times[:0]  # the two windows never overlap
     fit_from = 60.0 if at.size and at[-1] > 120.0 else (at[-1] / 2 if at.size else 0.0)
     keep = at >= fit_from
     med = lambda a: float(np.median(a)) if len(a) else float("nan")  # noqa: E731
     return {
-        "bundle": bundle, "backend": describe, "minutes_asked": minutes, "wall_s": wall_s,
-        "chunks": n, "frames": frames,
-        "rss_start_mib": float(rss[0]) if n else float("nan"), "rss_end_mib": float(rss[-1]) if n else float("nan"),
+        "bundle": bundle,
+        "backend": describe,
+        "minutes_asked": minutes,
+        "wall_s": wall_s,
+        "chunks": n,
+        "frames": frames,
+        "rss_start_mib": float(rss[0]) if n else float("nan"),
+        "rss_end_mib": float(rss[-1]) if n else float("nan"),
         "rss_max_mib": float(rss.max()) if n else float("nan"),
-        "rss_slope_mib_per_hour": slope_per_hour(at[keep], rss[keep]), "rss_fit_from_s": fit_from,
-        "chunk_window": w, "early_chunks": [10, 10 + len(early) - 1], "late_chunks": [n - len(late), n - 1],
-        "chunk_s_early_median": med(early), "chunk_s_late_median": med(late),
+        "rss_slope_mib_per_hour": slope_per_hour(at[keep], rss[keep]),
+        "rss_fit_from_s": fit_from,
+        "chunk_window": w,
+        "early_chunks": [10, 10 + len(early) - 1],
+        "late_chunks": [n - len(late), n - 1],
+        "chunk_s_early_median": med(early),
+        "chunk_s_late_median": med(late),
         "late_over_early": med(late) / med(early) if len(early) and len(late) else float("nan"),
-        "chunk_s_median": med(times), "guard_s_median": med(guards),
+        "chunk_s_median": med(times),
+        "guard_s_median": med(guards),
         "guard_fraction_of_chunk": med(guards) / med(times) if n else float("nan"),
-        "non_finite_chunks": non_finite, "constant_chunks": constant,
+        "non_finite_chunks": non_finite,
+        "constant_chunks": constant,
     }
 
 

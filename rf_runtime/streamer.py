@@ -68,8 +68,16 @@ class Streamer:
         self.source = source  # "engine bundle", "model folder", or None for a backend passed in
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None, *,
-             backend: str = "auto", device: str = "cpu", threads=None, **options) -> "Streamer":
+    def load(
+        cls,
+        path: str | os.PathLike | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        *,
+        backend: str = "auto",
+        device: str = "cpu",
+        threads=None,
+        **options,
+    ) -> "Streamer":
         """Load what ``path`` is: an engine bundle (``manifest.json``) or a model folder (``config.json``).
 
         path: None loads the bundle that ships with rf_runtime (``engines/procedural-world-64``).
@@ -90,22 +98,32 @@ class Streamer:
         if os.path.isfile(os.path.join(where, MANIFEST)):
             given = sorted(options) + (["checkpoint"] if checkpoint is not None else [])
             if given:
-                raise InputError(f"{where} is an engine bundle: its size, precision and cache are fixed at export, "
-                                 f"so {', '.join(given)} do not apply; pass a model folder to change them")
+                raise InputError(
+                    f"{where} is an engine bundle: its size, precision and cache are fixed at export, "
+                    f"so {', '.join(given)} do not apply; pass a model folder to change them"
+                )
             logger.info("loading the engine bundle %s", where)
             return cls.from_engine(where, backend=backend, device=device, threads=threads)
         if model_dir.is_model_dir(where):
             if backend not in ("auto", "torch"):
-                raise InputError(f"{where} is a model folder, run by the PyTorch backend: backend={backend!r} needs "
-                                 "an engine bundle (rf-export onnx --model-dir DIR --out BUNDLE makes one)")
+                raise InputError(
+                    f"{where} is a model folder, run by the PyTorch backend: backend={backend!r} needs "
+                    "an engine bundle (rf-export onnx --model-dir DIR --out BUNDLE makes one)"
+                )
             if threads is not None:
-                raise InputError(f"{where} is a model folder, run by PyTorch: threads= sets onnxruntime's threads of "
-                                 "an engine bundle; for PyTorch use torch.set_num_threads")
+                raise InputError(
+                    f"{where} is a model folder, run by PyTorch: threads= sets onnxruntime's threads of "
+                    "an engine bundle; for PyTorch use torch.set_num_threads"
+                )
             logger.info("loading the model folder %s with PyTorch", where)
             return cls.from_checkpoint(where, checkpoint, device=device, **options)
-        what = "does not exist" if not os.path.exists(where) else "holds neither manifest.json nor config.json"
-        raise InputError(f"{where} {what}: pass an engine bundle (a folder with {MANIFEST}, from rf-export onnx) "
-                         f"or a model folder (a folder with {model_dir.CONFIG} and the weights)")
+        what = (
+            "does not exist" if not os.path.exists(where) else "holds neither manifest.json nor config.json"
+        )
+        raise InputError(
+            f"{where} {what}: pass an engine bundle (a folder with {MANIFEST}, from rf-export onnx) "
+            f"or a model folder (a folder with {model_dir.CONFIG} and the weights)"
+        )
 
     @property
     def info(self) -> ModelInfo:
@@ -120,11 +138,23 @@ class Streamer:
         return self.backend.info.fps
 
     @classmethod
-    def from_checkpoint(cls, model_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *,
-                        vae_path: str | os.PathLike | None = None, text_encoder=None,
-                        settings: StreamSettings | None = None, height: int | None = None, width: int | None = None,
-                        device: str = "cpu", dtype: str = "float32", use_ema: bool = True, static: bool = False,
-                        cuda_graphs: bool | None = None, compile: bool = False) -> "Streamer":
+    def from_checkpoint(
+        cls,
+        model_dir: str | os.PathLike,
+        checkpoint: str | os.PathLike | None = None,
+        *,
+        vae_path: str | os.PathLike | None = None,
+        text_encoder=None,
+        settings: StreamSettings | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        use_ema: bool = True,
+        static: bool = False,
+        cuda_graphs: bool | None = None,
+        compile: bool = False,
+    ) -> "Streamer":
         """Load the PyTorch reference models from a Wan2.1-style directory.
 
         model_dir: holds ``config.json`` + ``diffusion_pytorch_model*.safetensors`` (the DiT),
@@ -140,20 +170,38 @@ class Streamer:
         """
         from rf_runtime.backends.pytorch import TorchBackend
 
-        options = dict(vae_path=vae_path, text_encoder=text_encoder, settings=settings, height=height, width=width,
-                       device=device, dtype=dtype, use_ema=use_ema)
+        options = dict(
+            vae_path=vae_path,
+            text_encoder=text_encoder,
+            settings=settings,
+            height=height,
+            width=width,
+            device=device,
+            dtype=dtype,
+            use_ema=use_ema,
+        )
         if static:
             from rf_runtime.backends.pytorch_static import StaticTorchBackend
 
-            return cls(StaticTorchBackend.from_dir(model_dir, checkpoint, cuda_graphs=cuda_graphs, compile=compile,
-                                                   **options), "model folder")
+            return cls(
+                StaticTorchBackend.from_dir(
+                    model_dir, checkpoint, cuda_graphs=cuda_graphs, compile=compile, **options
+                ),
+                "model folder",
+            )
         if cuda_graphs or compile:
             raise InputError("cuda_graphs and compile belong to the static path: pass static=True")
         return cls(TorchBackend.from_dir(model_dir, checkpoint, **options), "model folder")
 
     @classmethod
-    def from_engine(cls, path: str | os.PathLike | None = None, backend: str = "auto", device: str = "cpu", *,
-                    threads=None) -> "Streamer":
+    def from_engine(
+        cls,
+        path: str | os.PathLike | None = None,
+        backend: str = "auto",
+        device: str = "cpu",
+        *,
+        threads=None,
+    ) -> "Streamer":
         """Stream from an engine bundle (``rf_runtime.bundle``); no torch needed.
 
         path: the bundle directory; None: the default model shipped with the package
@@ -169,8 +217,15 @@ class Streamer:
         from rf_runtime.backends.engine import EngineBackend
         from rf_runtime.bundle import default_engine_dir
 
-        return cls(EngineBackend.load(default_engine_dir() if path is None else path, backend=backend, device=device,
-                                      threads=threads), "engine bundle")
+        return cls(
+            EngineBackend.load(
+                default_engine_dir() if path is None else path,
+                backend=backend,
+                device=device,
+                threads=threads,
+            ),
+            "engine bundle",
+        )
 
     # ---- streaming ---------------------------------------------------------------------------
 
@@ -180,7 +235,9 @@ class Streamer:
         Each stream has its own state; several streams of one Streamer can be interleaved freely.
         """
         check_prompt(prompt)
-        num_frames = as_int(num_frames, "num_frames", minimum=1, none_ok=True, hint="None streams without end")
+        num_frames = as_int(
+            num_frames, "num_frames", minimum=1, none_ok=True, hint="None streams without end"
+        )
         seed = as_int(seed, "seed", minimum=0)
         if self.backend.model_card is not None:
             self.backend.model_card.check_length(num_frames)
@@ -194,12 +251,16 @@ class Streamer:
         then equal those of the uninterrupted stream bit for bit on the same backend.
         """
         if not isinstance(snapshot, StreamSnapshot):
-            raise InputError(f"resume takes a StreamSnapshot (from Stream.save_state or StreamSnapshot.load), "
-                             f"got {type(snapshot).__name__}")
+            raise InputError(
+                f"resume takes a StreamSnapshot (from Stream.save_state or StreamSnapshot.load), "
+                f"got {type(snapshot).__name__}"
+            )
         diff = geometry_difference(snapshot.geometry, self.backend.geometry())
         if diff:
-            raise SnapshotError("this snapshot was made by a model of another geometry and cannot be resumed on this "
-                                "one (" + "; ".join(diff) + "): resume it on the model that made it")
+            raise SnapshotError(
+                "this snapshot was made by a model of another geometry and cannot be resumed on this "
+                "one (" + "; ".join(diff) + "): resume it on the model that made it"
+            )
         snapshot.check_shapes()
         if self.backend.model_card is not None:
             self.backend.model_card.check_length(snapshot.num_frames)
@@ -232,8 +293,15 @@ class Stream:
     Work happens as the caller iterates; ``set_prompt`` and ``save_state`` act between chunks.
     """
 
-    def __init__(self, streamer: Streamer, prompt: str, seed: int, num_frames: int | None, *,
-                 snapshot: StreamSnapshot | None = None):
+    def __init__(
+        self,
+        streamer: Streamer,
+        prompt: str,
+        seed: int,
+        num_frames: int | None,
+        *,
+        snapshot: StreamSnapshot | None = None,
+    ):
         self._backend = be = streamer.backend
         self.info = be.info
         self.seed, self.num_frames = seed, num_frames
@@ -282,9 +350,11 @@ class Stream:
         # keep the clean latents of the last chunks: a prompt switch re-caches them
         guard = time.perf_counter()
         if not be.all_finite(x0):  # the numeric guard: NaN / Inf latents would decode to black or noise
-            raise StreamError(f"chunk {self.chunk_index} of the stream has non-finite latents (NaN or Inf): the "
-                              "model's weights or the stream's state are damaged; check the model (`rf-export "
-                              "verify BUNDLE --model-dir DIR`), or resume from a snapshot saved before this chunk")
+            raise StreamError(
+                f"chunk {self.chunk_index} of the stream has non-finite latents (NaN or Inf): the "
+                "model's weights or the stream's state are damaged; check the model (`rf-export "
+                "verify BUNDLE --model-dir DIR`), or resume from a snapshot saved before this chunk"
+            )
         guard = time.perf_counter() - guard
         be.store_latents(state, self.chunk_index % self.info.context_chunks, x0)
         # rerun with timestep zero to update the KV cache using clean context
@@ -295,8 +365,15 @@ class Stream:
         if self.num_frames is not None:
             frames = frames[: self.num_frames - self.frames_emitted]
         end = time.perf_counter()
-        chunk = Chunk(self.chunk_index, self.frames_emitted, frames, end - start,
-                      denoise_seconds=denoised - start, decode_seconds=end - denoised, guard_seconds=guard)
+        chunk = Chunk(
+            self.chunk_index,
+            self.frames_emitted,
+            frames,
+            end - start,
+            denoise_seconds=denoised - start,
+            decode_seconds=end - denoised,
+            guard_seconds=guard,
+        )
         self.chunk_index += 1
         self.frames_emitted += len(frames)
         logger.debug("chunk %d: %d frames in %.3f s", chunk.index, len(frames), chunk.seconds)
@@ -337,10 +414,17 @@ class Stream:
         if self._state is None:
             raise InputError("this stream is closed: save its state before closing it")
         be = self._backend
-        return StreamSnapshot(prompt=self.prompt, prompt_history=tuple(self.prompt_history), seed=self.seed,
-                              rng_state=self._rng.bit_generator.state, chunk_index=self.chunk_index,
-                              frames_emitted=self.frames_emitted, num_frames=self.num_frames,
-                              geometry=be.geometry(), state=be.export_state(self._state))
+        return StreamSnapshot(
+            prompt=self.prompt,
+            prompt_history=tuple(self.prompt_history),
+            seed=self.seed,
+            rng_state=self._rng.bit_generator.state,
+            chunk_index=self.chunk_index,
+            frames_emitted=self.frames_emitted,
+            num_frames=self.num_frames,
+            geometry=be.geometry(),
+            state=be.export_state(self._state),
+        )
 
 
 def recache_plan(settings: StreamSettings, chunks_made: int, keep_sink: bool) -> tuple[int, range]:

@@ -26,10 +26,17 @@ except ImportError as _exc:  # no torch: one line naming the extra (as a command
 from rf_runtime.text.hashed import HashedTextEncoder
 
 TEXT = HashedTextEncoder(text_dim=16, text_len=8, seed=3)
-DIT = DiTConfig(dim=32, ffn_dim=48, freq_dim=16, text_dim=TEXT.text_dim, text_len=TEXT.text_len,
-                num_heads=2, num_layers=2)
-VAE = dict(dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1, attn_scales=(),
-           temperal_downsample=(False, True, True))
+DIT = DiTConfig(
+    dim=32, ffn_dim=48, freq_dim=16, text_dim=TEXT.text_dim, text_len=TEXT.text_len, num_heads=2, num_layers=2
+)
+VAE = dict(
+    dim=8,
+    z_dim=16,
+    dim_mult=(1, 2, 2, 2),
+    num_res_blocks=1,
+    attn_scales=(),
+    temperal_downsample=(False, True, True),
+)
 HEIGHT, WIDTH = 32, 48  # latent 4 x 6: non-square, 2 x 3 patches
 
 
@@ -56,8 +63,15 @@ def write_model_dir(path, seed=0, stream=None):
     from rf_runtime import model_dir
 
     dit, vae = tiny_dit(seed), tiny_vae(seed)
-    model_dir.write(path, dit, vae, text_encoder=TEXT.to_dict(), stream=stream, resolution=(HEIGHT, WIDTH),
-                    model_card={"name": "tiny-random", "training_stage": "random"})
+    model_dir.write(
+        path,
+        dit,
+        vae,
+        text_encoder=TEXT.to_dict(),
+        stream=stream,
+        resolution=(HEIGHT, WIDTH),
+        model_card={"name": "tiny-random", "training_stage": "random"},
+    )
     return dit, vae
 
 
@@ -65,8 +79,9 @@ WAN_HW = (480, 832)  # the release's resolution
 WAN_CHECKPOINT = "generator.pt"
 
 
-def write_wan_random_dir(path, *, device="cpu", dtype=torch.bfloat16, seed=0, dit_config=None, vae_config=None,
-                         resolution=WAN_HW):
+def write_wan_random_dir(
+    path, *, device="cpu", dtype=torch.bfloat16, seed=0, dit_config=None, vae_config=None, resolution=WAN_HW
+):
     """A model directory at the real Wan2.1-T2V-1.3B geometry (DiTConfig / VAEConfig defaults: 30 layers,
     dim 1536, the full Wan VAE) with random weights (the modules' default init), for speed measurements:
     speed does not depend on weight values. The text encoder is the hashed one at umT5's output size
@@ -90,8 +105,12 @@ def write_wan_random_dir(path, *, device="cpu", dtype=torch.bfloat16, seed=0, di
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(dict(dit_cfg.to_dict(), _class_name="WanModel"), f)
     vae_card = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(vae.config).items()}
-    card = {"vae": vae_card, "resolution": list(resolution), "text_encoder": text.to_dict(),
-            "model_card": {"name": "wan2.1-1.3b-random", "training_stage": "random"}}
+    card = {
+        "vae": vae_card,
+        "resolution": list(resolution),
+        "text_encoder": text.to_dict(),
+        "model_card": {"name": "wan2.1-1.3b-random", "training_stage": "random"},
+    }
     with open(os.path.join(path, "rf_runtime.json"), "w") as f:
         json.dump(card, f)
     return path
@@ -101,8 +120,10 @@ def main(argv=None):
     """``python -m rf_runtime.testing [--preset tiny|wan2.1-1.3b] [--device D] OUTPUT_DIR``: write a random
     model directory (tiny: seconds, for tests; wan2.1-1.3b: the real geometry at 480x832, for speed)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: python -m rf_runtime.testing [--preset tiny|wan2.1-1.3b] [--device cpu|cuda] OUTPUT_DIR   "
-             "(writes a random model directory there: tiny by default; wan2.1-1.3b is the real 1.3B geometry)")
+    usage = (
+        "usage: python -m rf_runtime.testing [--preset tiny|wan2.1-1.3b] [--device cpu|cuda] OUTPUT_DIR   "
+        "(writes a random model directory there: tiny by default; wan2.1-1.3b is the real 1.3B geometry)"
+    )
     if args in (["-h"], ["--help"]):
         print(usage)
         return 0
@@ -116,7 +137,9 @@ def main(argv=None):
         write_model_dir(args[0])
     else:
         write_wan_random_dir(args[0], device=options["--device"])
-    print(f"wrote a {options['--preset']} random model to {args[0]} (random weights: the video will be noise)")
+    print(
+        f"wrote a {options['--preset']} random model to {args[0]} (random weights: the video will be noise)"
+    )
     return 0
 
 

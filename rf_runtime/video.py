@@ -30,7 +30,9 @@ class Mp4Writer:
             raise InputError(f"output {self.path!r} must end in .mp4")
         output_folder(self.path, "the video")
         self.fps, self.quality = fps, quality
-        fd, self.tmp_path = temp_file(self.path, "the video", suffix=".mp4")  # ffmpeg picks the container from it
+        fd, self.tmp_path = temp_file(
+            self.path, "the video", suffix=".mp4"
+        )  # ffmpeg picks the container from it
         os.close(fd)
         self._proc = None
         self._log = None
@@ -40,14 +42,45 @@ class Mp4Writer:
     def _start(self, w: int, h: int) -> None:
         ffmpeg = require("imageio_ffmpeg", "video")
         crf = int((1 - self.quality / 10.0) * 51)
-        cmd = [ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-vcodec", "rawvideo",
-               "-s", f"{w}x{h}", "-pix_fmt", "rgb24", "-r", str(self.fps), "-i", "-", "-an", "-vcodec", "libx264",
-               "-pix_fmt", "yuv420p", "-crf", str(crf), "-movflags", "+frag_keyframe+empty_moov+default_base_moof",
-               "-frag_duration", "1000000", "-flush_packets", "1", self.tmp_path]
-        self._log = tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(self.path)))  # ffmpeg's messages
+        cmd = [
+            ffmpeg.get_ffmpeg_exe(),
+            "-y",
+            "-loglevel",
+            "error",
+            "-f",
+            "rawvideo",
+            "-vcodec",
+            "rawvideo",
+            "-s",
+            f"{w}x{h}",
+            "-pix_fmt",
+            "rgb24",
+            "-r",
+            str(self.fps),
+            "-i",
+            "-",
+            "-an",
+            "-vcodec",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-crf",
+            str(crf),
+            "-movflags",
+            "+frag_keyframe+empty_moov+default_base_moof",
+            "-frag_duration",
+            "1000000",
+            "-flush_packets",
+            "1",
+            self.tmp_path,
+        ]
+        self._log = tempfile.TemporaryFile(
+            dir=os.path.dirname(os.path.abspath(self.path))
+        )  # ffmpeg's messages
         # its own session: a Ctrl-C meant for us does not kill the encoder, so the frames so far can be saved
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log,
-                                      start_new_session=True)
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True
+        )
         self._size = (h, w)
 
     def write(self, frames: np.ndarray) -> None:
@@ -57,13 +90,17 @@ class Mp4Writer:
         if self._proc is None:
             self._start(frames.shape[2], frames.shape[1])
         elif tuple(frames.shape[1:3]) != self._size:
-            raise InputError(f"frames of size {list(frames.shape[1:3])} after frames of size {list(self._size)}: "
-                             "one video has one size")
+            raise InputError(
+                f"frames of size {list(frames.shape[1:3])} after frames of size {list(self._size)}: "
+                "one video has one size"
+            )
         try:
             self._proc.stdin.write(np.ascontiguousarray(frames).data)
         except OSError as exc:  # BrokenPipeError: ffmpeg is gone
-            raise self._failure(f"the video encoder (ffmpeg) stopped after {self.frames_written} frames "
-                                f"({type(exc).__name__})") from None
+            raise self._failure(
+                f"the video encoder (ffmpeg) stopped after {self.frames_written} frames "
+                f"({type(exc).__name__})"
+            ) from None
         self.frames_written += len(frames)
 
     def _failure(self, what: str) -> OutputError:
@@ -99,8 +136,10 @@ class Mp4Writer:
         got = count_frames(self.tmp_path)
         if got != self.frames_written:
             self.abort()
-            raise OutputError(f"the encoded video reads back with {got} frames, {self.frames_written} were written "
-                              f"(a full disk?): nothing was written to {self.path}")
+            raise OutputError(
+                f"the encoded video reads back with {got} frames, {self.frames_written} were written "
+                f"(a full disk?): nothing was written to {self.path}"
+            )
         os.replace(self.tmp_path, self.path)
         self._close_log()
 
@@ -158,8 +197,9 @@ def read_mp4(path: str | os.PathLike) -> np.ndarray:
     ffmpeg = require("imageio_ffmpeg", "video")
     path = os.fspath(path)
     if os.path.isdir(path) or not os.path.isfile(path):
-        raise InputError(f"video {path} {'is a directory' if os.path.isdir(path) else 'does not exist'}: "
-                         "pass an MP4 file")
+        raise InputError(
+            f"video {path} {'is a directory' if os.path.isdir(path) else 'does not exist'}: pass an MP4 file"
+        )
     try:
         reader = ffmpeg.read_frames(path)
         meta = next(reader)

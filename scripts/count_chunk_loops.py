@@ -56,7 +56,9 @@ def places(path: str):
                 loops.append(sub)
         recipe = bool(body_calls & DENOISE) and "cache_pass" in body_calls
         # a loop that re-commits kept chunks (a prompt switch's re-cache) generates nothing: not counted
-        loop = any({"cache_pass", "rollout.step"} & calls(lp) and "stored_latents" not in calls(lp) for lp in loops)
+        loop = any(
+            {"cache_pass", "rollout.step"} & calls(lp) and "stored_latents" not in calls(lp) for lp in loops
+        )
         if recipe or loop:
             yield node.lineno, node.name, "recipe" if recipe else "loop over chunks"
 

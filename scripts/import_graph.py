@@ -24,11 +24,24 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("rf_runtime", "export")  # "export" only exists in trees before the renovation
 # modules that a product team imports with numpy + onnxruntime only (DESIGN: the runtime path)
-RUNTIME = ("rf_runtime", "rf_runtime.streamer", "rf_runtime.bundle", "rf_runtime.snapshot", "rf_runtime.cache",
-           "rf_runtime.sampler", "rf_runtime.backends.base", "rf_runtime.backends.engine",
-           "rf_runtime.backends.select", "rf_runtime.runners.base", "rf_runtime.runners.onnxruntime_runner",
-           "rf_runtime.text.hashed", "rf_runtime.text.umt5_onnx", "rf_runtime.engine_backend",
-           "rf_runtime.backend", "rf_runtime.text_onnx")
+RUNTIME = (
+    "rf_runtime",
+    "rf_runtime.streamer",
+    "rf_runtime.bundle",
+    "rf_runtime.snapshot",
+    "rf_runtime.cache",
+    "rf_runtime.sampler",
+    "rf_runtime.backends.base",
+    "rf_runtime.backends.engine",
+    "rf_runtime.backends.select",
+    "rf_runtime.runners.base",
+    "rf_runtime.runners.onnxruntime_runner",
+    "rf_runtime.text.hashed",
+    "rf_runtime.text.umt5_onnx",
+    "rf_runtime.engine_backend",
+    "rf_runtime.backend",
+    "rf_runtime.text_onnx",
+)
 
 
 # the layers on top: only they (and the CLIs / test helpers, which sit above everything) may import them
@@ -48,15 +61,20 @@ def _read(path: str) -> str:
         with open(path) as f:
             return f.read()
     rel = os.path.relpath(path, ROOT)
-    return subprocess.run(["git", "-C", ROOT, "show", f"{_REV}:{rel}"], check=True, capture_output=True,
-                          text=True).stdout
+    return subprocess.run(
+        ["git", "-C", ROOT, "show", f"{_REV}:{rel}"], check=True, capture_output=True, text=True
+    ).stdout
 
 
 def modules() -> dict[str, str]:
     found = {}
     if _REV is not None:
-        listing = subprocess.run(["git", "-C", ROOT, "ls-tree", "-r", "--name-only", _REV], check=True,
-                                 capture_output=True, text=True).stdout.split()
+        listing = subprocess.run(
+            ["git", "-C", ROOT, "ls-tree", "-r", "--name-only", _REV],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         for rel in sorted(listing):
             parts = rel[:-3].split("/")
             if rel.endswith(".py") and parts[0] in PACKAGES:
@@ -130,7 +148,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                found.append(stack[stack.index(nxt):] + [nxt])
+                found.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 walk(nxt, stack)
         stack.pop()
@@ -186,7 +204,9 @@ def main(argv=None) -> int:
     for line in problems:
         print(line)
     if not problems and args.check:
-        print("import graph: no cycles, one top-level package, no torch on the runtime path, no upward imports")
+        print(
+            "import graph: no cycles, one top-level package, no torch on the runtime path, no upward imports"
+        )
     return 1 if problems and args.check else 0
 
 

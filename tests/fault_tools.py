@@ -39,8 +39,12 @@ def _hook(event, args):
         return
     mode = args[1] if len(args) > 1 else "r"
     flags = args[2] if len(args) > 2 else 0
-    writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & _WRITE_FLAGS)
-    _RECORD.append((os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path), bool(writing)))
+    writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+        isinstance(flags, int) and flags & _WRITE_FLAGS
+    )
+    _RECORD.append(
+        (os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path), bool(writing))
+    )
 
 
 sys.addaudithook(_hook)
@@ -70,8 +74,10 @@ class Sandbox:
         self._watch.start()
 
     def _state(self):
-        return {p.name: (p.stat().st_mtime_ns, p.stat().st_size, p.read_bytes() if p.is_file() else None)
-                for p in self.outside.iterdir()}
+        return {
+            p.name: (p.stat().st_mtime_ns, p.stat().st_size, p.read_bytes() if p.is_file() else None)
+            for p in self.outside.iterdir()
+        }
 
     def _watch_fifo(self):
         """A reader that opens the FIFO is seen here: O_WRONLY | O_NONBLOCK succeeds only when one exists."""
@@ -88,13 +94,18 @@ class Sandbox:
     def check(self, records):
         self._stop.set()
         self._watch.join(timeout=2)
-        assert not self._fifo_opened.is_set(), "something opened the FIFO outside the test's folder for reading"
+        assert not self._fifo_opened.is_set(), (
+            "something opened the FIFO outside the test's folder for reading"
+        )
         assert self._state() == self._stamp, "a file outside the test's folder was changed"
         outside = os.path.realpath(str(self.outside))
         touched = [p for p, _ in records if _within(p, [outside])]
         assert not touched, f"opened outside the test's folder: {touched[:5]}"
-        written = [p for p, w in records if w and not _within(p, self._allowed_writes)
-                   and not p.startswith("/dev/") and p != "/dev/null"]
+        written = [
+            p
+            for p, w in records
+            if w and not _within(p, self._allowed_writes) and not p.startswith("/dev/") and p != "/dev/null"
+        ]
         written = [p for p in written if os.path.realpath(p) != os.path.realpath(tempfile.gettempdir())]
         assert not written, f"written outside the test's folder: {written[:5]}"
 
@@ -129,8 +140,11 @@ def assert_one_line_error(code, err, prog, *needles, status=2):
     """Exit ``status``, no traceback, and one line 'PROG: error: ...' naming every needle."""
     assert code == status, (code, err)
     assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("WARNING ", "INFO "))
-             and "\r" not in ln and "%|" not in ln]
+    lines = [
+        ln
+        for ln in err.splitlines()
+        if ln.strip() and not ln.startswith(("WARNING ", "INFO ")) and "\r" not in ln and "%|" not in ln
+    ]
     errors = [ln for ln in lines if ln.startswith(f"{prog}: error:")]
     assert len(errors) == 1, err
     for needle in needles:
@@ -153,9 +167,13 @@ def tmpfs(path, size: str = "1m", ro: bool = False):
     """A small tmpfs at ``path`` (created), unmounted afterwards; skips where mounting is not permitted."""
     os.makedirs(path, exist_ok=True)
     opts = f"size={size}" + (",ro" if ro else "")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", os.fspath(path)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", os.fspath(path)], capture_output=True, text=True
+    )
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): needs root and CAP_SYS_ADMIN")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): needs root and CAP_SYS_ADMIN"
+        )
     try:
         yield path
     finally:

@@ -32,9 +32,12 @@ def backends(engine_dirs):
     from rf_runtime.backends.pytorch_static import StaticTorchBackend
 
     model, bundle = engine_dirs
-    return {"torch": lambda: TorchBackend.from_dir(model), "torch-static": lambda: StaticTorchBackend.from_dir(model),
-            "onnxruntime": lambda: EngineBackend.load(bundle),
-            "tensorrt": lambda: EngineBackend.load(bundle, backend="tensorrt", device="cuda")}
+    return {
+        "torch": lambda: TorchBackend.from_dir(model),
+        "torch-static": lambda: StaticTorchBackend.from_dir(model),
+        "onnxruntime": lambda: EngineBackend.load(bundle),
+        "tensorrt": lambda: EngineBackend.load(bundle, backend="tensorrt", device="cuda"),
+    }
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -72,7 +75,12 @@ def test_steps_and_frames(backend):
     rng = np.random.Generator(np.random.PCG64(0))
     for index in range(3):
         frames, outs = one_chunk(backend, state, rng)
-        assert frames.dtype == np.uint8 and frames.shape == (backend.info.frames_of_chunk(index), HEIGHT, WIDTH, 3)
+        assert frames.dtype == np.uint8 and frames.shape == (
+            backend.info.frames_of_chunk(index),
+            HEIGHT,
+            WIDTH,
+            3,
+        )
         assert outs[-1] is None and all(o is not None for o in outs[:-1])
 
 
@@ -106,7 +114,10 @@ def test_backends_agree_on_the_first_chunk(backends):
     frames = []
     for name in ("torch", "torch-static", "onnxruntime"):
         be = backends[name]()
-        frames.append(one_chunk(be, be.new_stream(be.encode_prompt("a red circle")),
-                                np.random.Generator(np.random.PCG64(11)))[0].astype(int))
+        frames.append(
+            one_chunk(
+                be, be.new_stream(be.encode_prompt("a red circle")), np.random.Generator(np.random.PCG64(11))
+            )[0].astype(int)
+        )
     assert np.array_equal(frames[0], frames[1])  # the static path runs the same ops: bit-identical
     assert np.abs(frames[0] - frames[2]).max() <= 1

@@ -51,12 +51,21 @@ def test_manifest_is_schema_2(engine_dirs):
         assert g["precision"] == "fp32" and m["files"][g["file"]]["path"] == f"{name}.onnx"
         sess = ort.InferenceSession(str(bundle / f"{name}.onnx"), providers=["CPUExecutionProvider"])
         for declared, actual in ((g["inputs"], sess.get_inputs()), (g["outputs"], sess.get_outputs())):
-            assert [(d["name"], d["shape"], d["dtype"]) for d in declared] == \
-                [(a.name, a.shape, ONNX_TYPES[a.type]) for a in actual]
+            assert [(d["name"], d["shape"], d["dtype"]) for d in declared] == [
+                (a.name, a.shape, ONNX_TYPES[a.type]) for a in actual
+            ]
     card = m["model_card"]
-    assert card == {"name": "tiny-random", "source": "model", "checkpoint": None, "training_stage": "random",
-                    "chunk_frames": 3, "sink_frames": 3, "window_frames": 6, "resolution": [32, 48],
-                    "longest_tested_frames": None}
+    assert card == {
+        "name": "tiny-random",
+        "source": "model",
+        "checkpoint": None,
+        "training_stage": "random",
+        "chunk_frames": 3,
+        "sink_frames": 3,
+        "window_frames": 6,
+        "resolution": [32, 48],
+        "longest_tested_frames": None,
+    }
     assert str(model.parent) not in (bundle / "manifest.json").read_text()  # no path of this machine
     assert set(m["producer"]) == {"rf_runtime", "torch", "onnx", "opset"}
 
@@ -97,7 +106,9 @@ def test_missing_file_and_unknown_schema_are_refused(engine_dirs, tmp_path):
         m = read_manifest(b2)
         m["schema_version"] = version
         write_raw_manifest(b2, m)
-        with pytest.raises(BundleError, match=rf"schema_version {version!r} is not supported.*reads 2.*rf-export"):
+        with pytest.raises(
+            BundleError, match=rf"schema_version {version!r} is not supported.*reads 2.*rf-export"
+        ):
             Streamer.from_engine(b2)
     with pytest.raises(BundleError, match="not an engine bundle"):
         Streamer.from_engine(tmp_path)
@@ -111,7 +122,9 @@ def test_edited_graph_io_is_refused(engine_dirs, tmp_path):
     m = read_manifest(b)
     m["graphs"]["dit_step"]["inputs"][0]["shape"][1] = 6  # x: 6 frames instead of 3
     write_raw_manifest(b, m)
-    with pytest.raises(BundleError, match=r"dit_step.*input 'x': declared \[1, 6, 16, 4, 6\].*\[1, 3, 16, 4, 6\]"):
+    with pytest.raises(
+        BundleError, match=r"dit_step.*input 'x': declared \[1, 6, 16, 4, 6\].*\[1, 3, 16, 4, 6\]"
+    ):
         Bundle.load(b)
 
 
@@ -133,7 +146,9 @@ def test_edited_stream_settings_are_refused_by_the_model_card(engine_dirs, tmp_p
     m = read_manifest(b)
     m["stream"]["window_frames"] = 9
     write_raw_manifest(b, m)
-    with pytest.raises(BundleError, match=r"model card says window_frames=6 but the stream settings say window_frames=9"):
+    with pytest.raises(
+        BundleError, match=r"model card says window_frames=6 but the stream settings say window_frames=9"
+    ):
         Streamer.from_engine(b)
 
 
@@ -165,15 +180,24 @@ def test_longer_stream_than_tested_warns(engine_dirs, tmp_path, caplog):
     assert "33 frames requested" in caplog.text and "at most 21 frames" in caplog.text
 
 
-PLAN = {"file": "dit_plan", "tensorrt_version": "10.8.0", "compute_capability": "9.0",
-        "device_name": "NVIDIA H100 80GB HBM3", "precision": "fp16"}
+PLAN = {
+    "file": "dit_plan",
+    "tensorrt_version": "10.8.0",
+    "compute_capability": "9.0",
+    "device_name": "NVIDIA H100 80GB HBM3",
+    "precision": "fp16",
+}
 
 
 def test_plan_compatibility():
     assert plan_problem(PLAN, "10.8.0", "9.0") is None
     assert plan_problem(PLAN, "10.8.0.43", "9.0") is None  # the build number does not matter
-    assert "built with TensorRT 10.8.0, this machine has TensorRT 10.9.0" in plan_problem(PLAN, "10.9.0", "9.0")
-    assert "compute capability 9.0 (NVIDIA H100 80GB HBM3), this GPU is 8.9" in plan_problem(PLAN, "10.8.0", "8.9")
+    assert "built with TensorRT 10.8.0, this machine has TensorRT 10.9.0" in plan_problem(
+        PLAN, "10.9.0", "9.0"
+    )
+    assert "compute capability 9.0 (NVIDIA H100 80GB HBM3), this GPU is 8.9" in plan_problem(
+        PLAN, "10.8.0", "8.9"
+    )
     assert "not installed" in plan_problem(PLAN, None, None)
     assert "no CUDA GPU" in plan_problem(PLAN, "10.8.0", None)
 
@@ -196,10 +220,15 @@ def test_plan_for_another_gpu_or_tensorrt_is_refused(engine_dirs, tmp_path):
     assert bundle.plans["text_kv"] == {**PLAN, "file": "plan:text_kv"}  # as `rf-export trt` records it
     assert bundle.file("plan:text_kv") == os.path.join(bundle.path, "text_kv.plan")
     bundle.check_plans(GRAPHS, "10.8.0", "9.0")
-    with pytest.raises(BundleError, match=r"text_kv.plan \(text_kv\) cannot run here: .*compute capability 9.0.*"
-                                          r"this GPU is 8.6; rebuild the engines with `rf-export trt BUNDLE`"):
+    with pytest.raises(
+        BundleError,
+        match=r"text_kv.plan \(text_kv\) cannot run here: .*compute capability 9.0.*"
+        r"this GPU is 8.6; rebuild the engines with `rf-export trt BUNDLE`",
+    ):
         bundle.check_plans(GRAPHS, "10.8.0", "8.6")
-    with pytest.raises(BundleError, match=r"TensorRT 10.8.0, this machine has TensorRT 11.0.0.*rf-export trt"):
+    with pytest.raises(
+        BundleError, match=r"TensorRT 10.8.0, this machine has TensorRT 11.0.0.*rf-export trt"
+    ):
         bundle.check_plans(GRAPHS, "11.0.0", "9.0")
     # the explicit choice refuses; "auto" runs the ONNX graphs instead, and says why in the log
     with pytest.raises(BundleError, match="rf-export trt"):
@@ -221,8 +250,22 @@ def test_plan_entries_are_validated(engine_dirs, tmp_path):
 def test_rf_export_cli(engine_dirs, tmp_path, capsys):
     from rf_runtime.export.cli import main
 
-    assert main(["onnx", "--model-dir", str(engine_dirs[0]), "--out", str(tmp_path / "b"),
-                 "--longest-tested-frames", "93", "--name", "tiny"]) == 0
+    assert (
+        main(
+            [
+                "onnx",
+                "--model-dir",
+                str(engine_dirs[0]),
+                "--out",
+                str(tmp_path / "b"),
+                "--longest-tested-frames",
+                "93",
+                "--name",
+                "tiny",
+            ]
+        )
+        == 0
+    )
     card = read_manifest(tmp_path / "b")["model_card"]
     assert (card["longest_tested_frames"], card["name"], card["training_stage"]) == (93, "tiny", "random")
     assert main(["onnx", "--model-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2

@@ -75,7 +75,13 @@ def test_longer_window_shifts_oldest_first():
 
 def test_relative_positions():
     spec = CacheSpec()
-    assert [list(spec.query_positions(n)) for n in range(5)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [6, 7, 8], [6, 7, 8]]
+    assert [list(spec.query_positions(n)) for n in range(5)] == [
+        [0, 1, 2],
+        [3, 4, 5],
+        [6, 7, 8],
+        [6, 7, 8],
+        [6, 7, 8],
+    ]
     assert [spec.valid_frames(n) for n in range(4)] == [0, 3, 6, 6]
     assert spec.context_frames == 6 and spec.attention_frames == 9
     nosink = CacheSpec(sink_frames=0, window_frames=9)
@@ -89,18 +95,34 @@ def test_plan_commit_evicts_once_per_chunk_after_full():
     assert all(p.fold for p in plans[2:])
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(ema_alpha=1.5), dict(ema_alpha=-0.1), dict(ema_alpha="0.9"),
-    dict(sink_frames=2), dict(window_frames=4), dict(chunk_frames=0),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(ema_alpha=1.5),
+        dict(ema_alpha=-0.1),
+        dict(ema_alpha="0.9"),
+        dict(sink_frames=2),
+        dict(window_frames=4),
+        dict(chunk_frames=0),
+    ],
+)
 def test_bad_cache_settings(kwargs):
     with pytest.raises(ConfigError) as err:
         CacheSpec(**kwargs)
-    assert any(word in str(err.value) for word in ("ema_alpha", "sink_frames", "window_frames", "chunk_frames"))
+    assert any(
+        word in str(err.value) for word in ("ema_alpha", "sink_frames", "window_frames", "chunk_frames")
+    )
 
 
-@pytest.mark.parametrize("spec", [CacheSpec(ema_alpha=0.37), CacheSpec(sink_frames=0, window_frames=9),
-                                  CacheSpec(window_frames=12, ema_alpha=0.5), CacheSpec(window_frames=3, ema_alpha=0.8)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        CacheSpec(ema_alpha=0.37),
+        CacheSpec(sink_frames=0, window_frames=9),
+        CacheSpec(window_frames=12, ema_alpha=0.5),
+        CacheSpec(window_frames=3, ema_alpha=0.8),
+    ],
+)
 def test_commit_matrix_equals_in_place_commit(spec):
     from rf_runtime.cache import commit_matrix
 

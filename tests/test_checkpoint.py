@@ -15,7 +15,14 @@ TINY = DiTConfig(dim=32, ffn_dim=48, freq_dim=16, text_dim=8, text_len=8, num_he
 def test_release_1p3b_state_dict_loads_on_meta():
     """A state dict shaped like Wan2.1-T2V-1.3B / rewardforcing.pt (keys wrapped with ``model.``)."""
     cfg = DiTConfig()
-    assert (cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers, cfg.text_dim, cfg.text_len) == (1536, 8960, 12, 30, 4096, 512)
+    assert (cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers, cfg.text_dim, cfg.text_len) == (
+        1536,
+        8960,
+        12,
+        30,
+        4096,
+        512,
+    )
     with torch.device("meta"):
         ref = CausalDiT(cfg)
     sd = {"model." + k: v for k, v in ref.state_dict().items()}
@@ -32,12 +39,18 @@ def tiny_state():
     return CausalDiT(TINY).state_dict()
 
 
-@pytest.mark.parametrize("wrap", [
-    lambda sd: sd,
-    lambda sd: {"model." + k: v for k, v in sd.items()},
-    lambda sd: {"generator_ema": {"model._fsdp_wrapped_module." + k: v for k, v in sd.items()}, "generator": {}},
-    lambda sd: {"generator_ema." + k: v for k, v in sd.items()},
-])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: sd,
+        lambda sd: {"model." + k: v for k, v in sd.items()},
+        lambda sd: {
+            "generator_ema": {"model._fsdp_wrapped_module." + k: v for k, v in sd.items()},
+            "generator": {},
+        },
+        lambda sd: {"generator_ema." + k: v for k, v in sd.items()},
+    ],
+)
 def test_prefixes_are_stripped(wrap):
     sd = tiny_state()
     model = CausalDiT.from_state_dict(wrap(sd), TINY)
@@ -48,7 +61,9 @@ def test_use_ema_picks_the_nested_generator():
     ema, raw = tiny_state(), {k: v + 1 for k, v in tiny_state().items()}
     both = {"generator": raw, "generator_ema": ema}
     assert torch.equal(CausalDiT.from_state_dict(both, TINY).head.modulation, ema["head.modulation"])
-    assert torch.equal(CausalDiT.from_state_dict(both, TINY, use_ema=False).head.modulation, raw["head.modulation"])
+    assert torch.equal(
+        CausalDiT.from_state_dict(both, TINY, use_ema=False).head.modulation, raw["head.modulation"]
+    )
     assert set(normalize_state_dict(both)) == set(ema)
 
 

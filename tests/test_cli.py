@@ -17,8 +17,19 @@ def model_dir(tiny_model_dir):
 
 def test_generate_writes_mp4(model_dir, tmp_path, capsys):
     out = tmp_path / "clip.mp4"
-    rc = generate_main(["--model-dir", model_dir, "--prompt", "a red circle bouncing", "--seconds", "2",
-                        "--out", str(out), "--quiet"])
+    rc = generate_main(
+        [
+            "--model-dir",
+            model_dir,
+            "--prompt",
+            "a red circle bouncing",
+            "--seconds",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     frames = read_mp4(out)
     assert frames.shape == (32, HEIGHT, WIDTH, 3)  # 2 s at 16 fps
@@ -28,18 +39,35 @@ def test_generate_writes_mp4(model_dir, tmp_path, capsys):
 
 def test_checkpoint_dir_is_taken_as_model_dir(model_dir, tmp_path):
     out = tmp_path / "clip.mp4"
-    assert generate_main(["--checkpoint", model_dir, "--prompt", "a cube", "--seconds", "0.5", "--out", str(out),
-                          "--quiet"]) == 0
+    assert (
+        generate_main(
+            [
+                "--checkpoint",
+                model_dir,
+                "--prompt",
+                "a cube",
+                "--seconds",
+                "0.5",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert read_mp4(out).shape[0] == 8
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--prompt", "  "], "prompt is empty"),
-    (["--prompt", "a cube", "--seconds", "0"], "--seconds"),
-    (["--prompt", "a cube", "--out", "/nonexistent-dir/x.mp4"], "does not exist"),
-    (["--prompt", "a cube", "--out", "clip.avi"], "must end in .mp4"),
-    (["--prompt", "a cube", "--height", "0"], "must be positive multiples"),  # was taken as 'the default'
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--prompt", "  "], "prompt is empty"),
+        (["--prompt", "a cube", "--seconds", "0"], "--seconds"),
+        (["--prompt", "a cube", "--out", "/nonexistent-dir/x.mp4"], "does not exist"),
+        (["--prompt", "a cube", "--out", "clip.avi"], "must end in .mp4"),
+        (["--prompt", "a cube", "--height", "0"], "must be positive multiples"),  # was taken as 'the default'
+    ],
+)
 def test_bad_arguments_exit_2_with_message(model_dir, tmp_path, capsys, args, message):
     argv = ["--model-dir", model_dir, "--out", str(tmp_path / "c.mp4"), "--quiet"] + args
     assert generate_main(argv) == 2
@@ -48,8 +76,20 @@ def test_bad_arguments_exit_2_with_message(model_dir, tmp_path, capsys, args, me
 
 
 def test_missing_model_dir(tmp_path, capsys):
-    assert generate_main(["--model-dir", str(tmp_path / "nope"), "--prompt", "a cube", "--out",
-                          str(tmp_path / "c.mp4"), "--quiet"]) == 2
+    assert (
+        generate_main(
+            [
+                "--model-dir",
+                str(tmp_path / "nope"),
+                "--prompt",
+                "a cube",
+                "--out",
+                str(tmp_path / "c.mp4"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -80,7 +120,11 @@ def test_tiny_model_command_takes_help_and_refuses_option_like_dirs(tmp_path, mo
     assert main(["--out"]) == 2 and main([]) == 2 and main(["a", "b"]) == 2
     assert os.listdir(tmp_path) == []
     assert main(["tiny"]) == 0 and sorted(os.listdir(tmp_path / "tiny")) == [
-        "config.json", "diffusion_pytorch_model.safetensors", "rf_runtime.json", "vae.safetensors"]
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "rf_runtime.json",
+        "vae.safetensors",
+    ]
 
 
 def test_sigterm_is_handled_like_ctrl_c(model_dir, tmp_path, monkeypatch, capsys):
@@ -97,8 +141,12 @@ def test_sigterm_is_handled_like_ctrl_c(model_dir, tmp_path, monkeypatch, capsys
     monkeypatch.setattr(Mp4Writer, "write", write_then_terminated)
     before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "clip.mp4"
-    assert generate_main(["--model-dir", model_dir, "--prompt", "a cube", "--seconds", "3", "--out", str(out),
-                          "--quiet"]) == 130
+    assert (
+        generate_main(
+            ["--model-dir", model_dir, "--prompt", "a cube", "--seconds", "3", "--out", str(out), "--quiet"]
+        )
+        == 130
+    )
     assert read_mp4(out).shape[0] == 9  # chunk 0's frames
     assert os.listdir(tmp_path) == ["clip.mp4"]
     assert "interrupted: saved the 9 frames" in capsys.readouterr().err

@@ -14,8 +14,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_device_check_smoke_run_writes_its_reports(tmp_path):
     pytest.importorskip("torch")
     env = dict(os.environ, RF_DEVICE_CHECK_SMOKE="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "device_check.sh"), str(tmp_path / "out")],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        ["bash", os.path.join(ROOT, "scripts", "device_check.sh"), str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "out"
     assert sorted(os.listdir(out)) == ["graphs-off.json", "graphs-on.json", "summary.json"]
@@ -27,7 +32,9 @@ def test_device_check_smoke_run_writes_its_reports(tmp_path):
         assert s["end_to_end_fps"] == report["end_to_end_fps"] > 0
         assert 0 < s["latency_p50_s"] <= s["latency_p99_s"] and s["time_to_first_frame_s"] > 0
     ratio = summary["graphs_on_over_off"]["end_to_end_fps"]
-    assert ratio == pytest.approx(summary["graphs-on"]["end_to_end_fps"] / summary["graphs-off"]["end_to_end_fps"])
+    assert ratio == pytest.approx(
+        summary["graphs-on"]["end_to_end_fps"] / summary["graphs-off"]["end_to_end_fps"]
+    )
 
 
 def test_device_check_refuses_a_machine_without_a_gpu(tmp_path):
@@ -35,8 +42,13 @@ def test_device_check_refuses_a_machine_without_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     env = dict(os.environ, PYTHON=sys.executable)
-    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "device_check.sh"), str(tmp_path / "out")],
-                          env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        ["bash", os.path.join(ROOT, "scripts", "device_check.sh"), str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr
     assert os.listdir(tmp_path / "out") == []
 
@@ -50,8 +62,13 @@ def test_the_random_wan_folder_loads_and_streams(tmp_path):
 
     import torch
 
-    path = write_wan_random_dir(tmp_path / "wan", dtype=torch.float32, dit_config=DiTConfig(**{**DIT.to_dict(),
-                                "text_dim": 16, "text_len": 8}), vae_config=VAEConfig(**VAE), resolution=(32, 48))
+    path = write_wan_random_dir(
+        tmp_path / "wan",
+        dtype=torch.float32,
+        dit_config=DiTConfig(**{**DIT.to_dict(), "text_dim": 16, "text_len": 8}),
+        vae_config=VAEConfig(**VAE),
+        resolution=(32, 48),
+    )
     assert sorted(os.listdir(path)) == ["config.json", WAN_CHECKPOINT, "rf_runtime.json", "vae.pth"]
     streamer = Streamer.from_checkpoint(path, os.path.join(path, WAN_CHECKPOINT), static=True)
     assert streamer.info.frame_hw == (32, 48)

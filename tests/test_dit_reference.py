@@ -38,17 +38,26 @@ def golden():
 
 def model_from(golden, prefix, cfg):
     # the release wraps keys with "model." (rewardforcing.pt); the loader strips it
-    sd = {"model." + k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)}
+    sd = {"model." + k[len(prefix) :]: v for k, v in golden.items() if k.startswith(prefix)}
     return CausalDiT.from_state_dict(sd, cfg).eval()
 
 
 @pytest.mark.parametrize("tag,alpha", [("a0999", 0.999), ("a05", 0.5)])
 def test_stream_matches_reward_forcing(golden, tag, alpha):
     model = model_from(golden, "sd.", CFG1)
-    settings = StreamSettings(chunk_frames=3, sink_frames=3, window_frames=6, ema_alpha=alpha,
-                              timesteps=(1000, 750, 500, 250), shift=5.0, warp=True)
+    settings = StreamSettings(
+        chunk_frames=3,
+        sink_frames=3,
+        window_frames=6,
+        ema_alpha=alpha,
+        timesteps=(1000, 750, 500, 250),
+        shift=5.0,
+        warp=True,
+    )
     ref = golden[f"{tag}.x0"]
-    x0 = generate_latents(model, golden[f"{tag}.text"], golden[f"{tag}.noise"], golden[f"{tag}.renoise"], settings)
+    x0 = generate_latents(
+        model, golden[f"{tag}.text"], golden[f"{tag}.noise"], golden[f"{tag}.renoise"], settings
+    )
     assert x0.shape == ref.shape == (1, 24, 16, 6, 8)
     for i in range(8):  # every chunk, not only the total
         sl = slice(3 * i, 3 * i + 3)
@@ -57,14 +66,18 @@ def test_stream_matches_reward_forcing(golden, tag, alpha):
 
 def test_stream_batch2_other_geometry(golden):
     model = model_from(golden, "sd2.", CFG2)
-    x0 = generate_latents(model, golden["b2.text"], golden["b2.noise"], golden["b2.renoise"], StreamSettings(ema_alpha=0.9))
+    x0 = generate_latents(
+        model, golden["b2.text"], golden["b2.noise"], golden["b2.renoise"], StreamSettings(ema_alpha=0.9)
+    )
     assert rel(x0, golden["b2.x0"]) < TOL
 
 
 def test_parity_is_sensitive_to_alpha(golden):
     """The golden data distinguishes EMA rates: a model with the wrong alpha fails the tolerance."""
     model = model_from(golden, "sd.", CFG1)
-    x0 = generate_latents(model, golden["a05.text"], golden["a05.noise"], golden["a05.renoise"], StreamSettings(ema_alpha=0.999))
+    x0 = generate_latents(
+        model, golden["a05.text"], golden["a05.noise"], golden["a05.renoise"], StreamSettings(ema_alpha=0.999)
+    )
     assert rel(x0, golden["a05.x0"]) > 10 * TOL
 
 

@@ -22,18 +22,26 @@ from rf_runtime.sampler import chunk_noise  # noqa: E402
 def test_engine_frames_equal_checkpoint_frames(engine_dirs):
     model, bundle = engine_dirs
     n = 9 + 12 * 7  # 8 chunks: through evictions and EMA folds
-    ref = np.concatenate(list(Streamer.from_checkpoint(model).stream("a red circle bouncing", seed=3, num_frames=n)))
-    got = np.concatenate(list(Streamer.from_engine(bundle).stream("a red circle bouncing", seed=3, num_frames=n)))
+    ref = np.concatenate(
+        list(Streamer.from_checkpoint(model).stream("a red circle bouncing", seed=3, num_frames=n))
+    )
+    got = np.concatenate(
+        list(Streamer.from_engine(bundle).stream("a red circle bouncing", seed=3, num_frames=n))
+    )
     assert got.shape == ref.shape == (n, 32, 48, 3)
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1  # uint8 frames may differ by one level
 
 
 def test_engine_stream_does_not_import_torch(engine_dirs):
     _, bundle = engine_dirs
-    code = ("import sys; from rf_runtime import Streamer; s = Streamer.from_engine(sys.argv[1]); "
-            "f = [len(x) for x in s.stream('a cube', num_frames=21)]; assert f == [9, 12], f; "
-            "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=300)
+    code = (
+        "import sys; from rf_runtime import Streamer; s = Streamer.from_engine(sys.argv[1]); "
+        "f = [len(x) for x in s.stream('a cube', num_frames=21)]; assert f == [9, 12], f; "
+        "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
@@ -47,7 +55,9 @@ class ChunkLoop:
         self.state = backend.new_stream(backend.encode_prompt(prompt))
         info = backend.info
         rng = np.random.Generator(np.random.PCG64(seed))
-        self.noise = [chunk_noise(rng, info.settings, (1, info.latent_channels, *info.latent_hw)) for _ in range(chunks)]
+        self.noise = [
+            chunk_noise(rng, info.settings, (1, info.latent_channels, *info.latent_hw)) for _ in range(chunks)
+        ]
         self.steps = info.settings.num_steps
         self.next = 0
 
@@ -65,10 +75,18 @@ class ChunkLoop:
 def stream_buffers(state) -> dict:
     """Every buffer a stream's bindings point at, and its latent ring: {(binding, tensor): data address}."""
     s = state.device
-    bindings = {"dit": s.dit, "update0": s.updates[0], "update1": s.updates[1], "vae_first": s.vae_first,
-                "vae0": s.vae[0], "vae1": s.vae[1]}
+    bindings = {
+        "dit": s.dit,
+        "update0": s.updates[0],
+        "update1": s.updates[1],
+        "vae_first": s.vae_first,
+        "vae0": s.vae[0],
+        "vae1": s.vae[1],
+    }
     ring = {("ring", str(i)): buf.ptr for i, buf in enumerate(s.latents)}
-    return {(b, name): buf.ptr for b, binding in bindings.items() for name, buf in binding.buffers.items()} | ring
+    return {
+        (b, name): buf.ptr for b, binding in bindings.items() for name, buf in binding.buffers.items()
+    } | ring
 
 
 SLACK = 3 * 1024  # bytes of short-lived Python objects (views, small dicts, the Chunk) a chunk may touch
@@ -97,7 +115,9 @@ def test_steady_state_allocates_nothing_but_the_frames(engine_dirs):
             current, peak = tracemalloc.get_traced_memory()
             kept.append(frames)
             assert frames.shape == (12, 32, 48, 3)
-            assert peak - before <= frames.nbytes + SLACK, f"a chunk allocated {peak - before - frames.nbytes} B"
+            assert peak - before <= frames.nbytes + SLACK, (
+                f"a chunk allocated {peak - before - frames.nbytes} B"
+            )
             assert current - before <= frames.nbytes + SLACK
         growth = tracemalloc.get_traced_memory()[0] - start
     finally:
@@ -123,7 +143,9 @@ def test_outputs_land_in_the_bound_buffers(engine_dirs):
     init, fresh = loop.noise[1]
     x = backend.upload(init)
     for k in range(loop.steps):
-        x0, x = backend.denoise_step(loop.state, x, k, backend.upload(fresh[k]) if k + 1 < loop.steps else None)
+        x0, x = backend.denoise_step(
+            loop.state, x, k, backend.upload(fresh[k]) if k + 1 < loop.steps else None
+        )
         assert isinstance(x0, Buffer) and x0 is s.x0 and x0.ptr == x0_ptr
         seen.append(x0.host.copy())
     assert not np.array_equal(seen[0], seen[-1])  # each step wrote new values into the same memory

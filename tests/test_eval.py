@@ -10,7 +10,9 @@ from rf_runtime.world import procedural as P
 
 
 def scene(shape="square", colour="red", velocity=(2.0, 0.0), background="black", size="big"):
-    return P.Scene(shape, colour, size, "fast", "moving right", background, start=(24.0, 30.0), velocity=velocity)
+    return P.Scene(
+        shape, colour, size, "fast", "moving right", background, start=(24.0, 30.0), velocity=velocity
+    )
 
 
 @pytest.mark.parametrize("shape", P.SHAPES)
@@ -56,7 +58,7 @@ def test_travel_tells_a_crossing_shape_from_one_standing_still():
 
 def test_drift_is_the_change_of_frame_statistics_first_to_last_segment():
     frames = np.full((16 * 10, 16, 16, 3), 100, np.uint8)
-    frames[16 * 5:] = 130  # the second 5 s segment is brighter, still uniform
+    frames[16 * 5 :] = 130  # the second 5 s segment is brighter, still uniform
     r = E.evaluate(frames, segment_seconds=5)
     assert r.segments == 2
     assert r.drift == pytest.approx(3 * 30 / 7)  # mean R, G, B move by 30; stds and gradient stay 0

@@ -15,8 +15,13 @@ pytest.importorskip("onnxruntime")
 
 
 def run(name: str, *args: str, cwd) -> str:
-    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, name), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, name), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 
@@ -66,14 +71,19 @@ def test_prompt_switch_changes_the_prompt_every_few_chunks(tmp_path):
 
     out = run("prompt_switch.py", "--every", "2", "--out", "switch.mp4", cwd=tmp_path)
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("from chunk")] == [
-        "from chunk 0", "from chunk 2", "from chunk 4"]
+        "from chunk 0",
+        "from chunk 2",
+        "from chunk 4",
+    ]
     streamer = shipped()
     sizes = [streamer.info.frames_of_chunk(i) for i in range(6)]
     frames = read_mp4(tmp_path / "switch.mp4").astype(np.float64)
     assert len(frames) == sum(sizes)
     # against the same stream without a switch: the same before the first switch (up to the MP4's
     # lossy coding), different after the second
-    straight = np.concatenate([c.frames for _, c in zip(range(6), streamer.open("a red circle bouncing", seed=0))])
+    straight = np.concatenate(
+        [c.frames for _, c in zip(range(6), streamer.open("a red circle bouncing", seed=0))]
+    )
     before, after = sum(sizes[:2]), sum(sizes[:4])
     d_before = np.abs(frames[:before] - straight[:before]).mean()
     d_after = np.abs(frames[after:] - straight[after:]).mean()

@@ -52,7 +52,7 @@ def test_invalid_context_is_ignored(exported):
     feeds = example_inputs(model, LATENT_HW, CONTEXT, CHUNK, valid_frames=3)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     a = sess.run(["x0"], feeds)[0]
-    feeds["ctx_k"][:, :, 3 * 6:] = 1e3  # garbage in the frames the mask marks invalid
+    feeds["ctx_k"][:, :, 3 * 6 :] = 1e3  # garbage in the frames the mask marks invalid
     b = sess.run(["x0"], feeds)[0]
     assert np.array_equal(a, b)
 
@@ -82,15 +82,22 @@ def test_cache_update_graph_equals_commit(tmp_path):
     spec, tpf = CacheSpec(ema_alpha=0.9), 6
     rng = np.random.default_rng(0)
     shape = lambda frames: (2, 1, frames * tpf, 2, 4)  # noqa: E731
-    feeds = {"ctx_k": np.zeros(shape(6), np.float32), "ctx_v": np.zeros(shape(6), np.float32),
-             "new_k": np.zeros(shape(3), np.float32), "new_v": np.zeros(shape(3), np.float32),
-             "mix": commit_matrix(spec, 0).astype(np.float32)}
+    feeds = {
+        "ctx_k": np.zeros(shape(6), np.float32),
+        "ctx_v": np.zeros(shape(6), np.float32),
+        "new_k": np.zeros(shape(3), np.float32),
+        "new_v": np.zeros(shape(3), np.float32),
+        "mix": commit_matrix(spec, 0).astype(np.float32),
+    }
     path = str(tmp_path / "cache_update.onnx")
     export_cache_update(tpf, path, feeds)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     ref_k, ref_v = feeds["ctx_k"].copy(), feeds["ctx_v"].copy()
     for n in range(5):  # write sink, write window, then evict + fold every chunk
-        feeds["new_k"], feeds["new_v"] = rng.standard_normal(shape(3), dtype=np.float32), rng.standard_normal(shape(3), dtype=np.float32)
+        feeds["new_k"], feeds["new_v"] = (
+            rng.standard_normal(shape(3), dtype=np.float32),
+            rng.standard_normal(shape(3), dtype=np.float32),
+        )
         feeds["mix"] = commit_matrix(spec, n).astype(np.float32)
         feeds["ctx_k"], feeds["ctx_v"] = sess.run(None, feeds)
         commit_chunk(spec, n, ref_k, feeds["new_k"], tpf)
@@ -106,7 +113,9 @@ def test_text_kv_graph(exported, tmp_path):
     model, _ = exported
     path = str(tmp_path / "text_kv.onnx")
     export_text_kv(model, path)
-    embeds = np.random.default_rng(1).standard_normal((1, model.config.text_len, model.config.text_dim), dtype=np.float32)
+    embeds = np.random.default_rng(1).standard_normal(
+        (1, model.config.text_len, model.config.text_dim), dtype=np.float32
+    )
     k, v = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"text_embeds": embeds})
     with torch.no_grad():
         rk, rv = model.text_kv(torch.from_numpy(embeds))

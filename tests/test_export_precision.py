@@ -34,10 +34,26 @@ TRT_OPS = os.path.join(os.path.dirname(__file__), "data", "tensorrt10_onnx_opera
 LOW = {"fp16": (TensorProto.FLOAT16, np.float16), "bf16": (TensorProto.BFLOAT16, ml_dtypes.bfloat16)}
 GRAPHS = ("dit_step", "cache_update", "text_kv", "vae_decode_first", "vae_decode")
 # float32 at the graph boundary: the small tensors whose arithmetic is float32 (everything else is low)
-FP32_IO = {"dit_step": {"x", "eps", "t_freq", "sigma", "sigma_next", "key_mask", "cos_ctx", "sin_ctx", "cos_q",
-                        "sin_q", "x0", "x_next"},
-           "cache_update": {"mix"}, "text_kv": {"text_embeds"}, "vae_decode_first": {"z", "frames"},
-           "vae_decode": {"z", "frames"}}
+FP32_IO = {
+    "dit_step": {
+        "x",
+        "eps",
+        "t_freq",
+        "sigma",
+        "sigma_next",
+        "key_mask",
+        "cos_ctx",
+        "sin_ctx",
+        "cos_q",
+        "sin_q",
+        "x0",
+        "x_next",
+    },
+    "cache_update": {"mix"},
+    "text_kv": {"text_embeds"},
+    "vae_decode_first": {"z", "frames"},
+    "vae_decode": {"z", "frames"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +81,12 @@ def run(path, feeds, precision):
     """Run a graph with its low-precision inputs rounded; onnxruntime for fp16, onnx.reference for bf16."""
     model = onnx.load(path)
     dtype = LOW[precision][1]
-    typed = {v.name: feeds[v.name].astype(dtype) if v.type.tensor_type.elem_type == LOW[precision][0]
-             else feeds[v.name] for v in model.graph.input}
+    typed = {
+        v.name: feeds[v.name].astype(dtype)
+        if v.type.tensor_type.elem_type == LOW[precision][0]
+        else feeds[v.name]
+        for v in model.graph.input
+    }
     if precision == "fp16":
         return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, typed)
     from onnx.reference import ReferenceEvaluator
@@ -91,8 +111,9 @@ def test_dit_step_matches_fp32_reference(dirs, models, precision):
         got = dict(zip(OUTPUTS, run(path, feeds, precision)))
         T = lambda n: torch.from_numpy(feeds[n])  # noqa: E731
         with torch.no_grad():
-            flow, k, v = dit.forward_chunk(T("x"), torch.full((1, 3), 937.5), T("text_k"), T("text_v"),
-                                           T("ctx_k"), T("ctx_v"), valid)
+            flow, k, v = dit.forward_chunk(
+                T("x"), torch.full((1, 3), 937.5), T("text_k"), T("text_v"), T("ctx_k"), T("ctx_v"), valid
+            )
         x0 = x0_from_flow(T("x"), flow, 0.9375)
         expect = {"x0": x0, "x_next": renoise(x0, T("eps"), 0.8333), "new_k": k, "new_v": v}
         for name in OUTPUTS:
@@ -116,9 +137,13 @@ def test_text_kv_and_cache_update_match_reference(dirs, models, precision):
     path = str(dirs[1] / f"cache_update.{precision}.onnx")
     spec, tpf = CacheSpec(ema_alpha=0.9), 6
     shape = lambda frames: (2, 1, frames * tpf, 2, 16)  # noqa: E731
-    feeds = {"ctx_k": rng.standard_normal(shape(6), dtype=np.float32), "ctx_v": rng.standard_normal(shape(6), dtype=np.float32),
-             "new_k": rng.standard_normal(shape(3), dtype=np.float32), "new_v": rng.standard_normal(shape(3), dtype=np.float32),
-             "mix": commit_matrix(spec, 4).astype(np.float32)}  # window full: write, evict and fold
+    feeds = {
+        "ctx_k": rng.standard_normal(shape(6), dtype=np.float32),
+        "ctx_v": rng.standard_normal(shape(6), dtype=np.float32),
+        "new_k": rng.standard_normal(shape(3), dtype=np.float32),
+        "new_v": rng.standard_normal(shape(3), dtype=np.float32),
+        "mix": commit_matrix(spec, 4).astype(np.float32),
+    }  # window full: write, evict and fold
     feeds = rounded(feeds, path, precision)
     got_k, got_v = run(path, feeds, precision)
     for got, ctx, new in ((got_k, "ctx_k", "new_k"), (got_v, "ctx_v", "new_v")):
@@ -141,7 +166,7 @@ def test_vae_decoder_fp16_matches_full_decode(dirs, models):
     frames, *cache = s_first.run(None, {"z": zn[:, :, :1]})
     parts = [frames]
     for i in range(1, 4):  # the fp16 cache is carried from call to call, as the runtime does
-        frames, *cache = s_step.run(None, {"z": zn[:, :, i:i + 1], **dict(zip(names, cache))})
+        frames, *cache = s_step.run(None, {"z": zn[:, :, i : i + 1], **dict(zip(names, cache))})
         parts.append(frames)
     assert all(c.dtype == np.float16 for c in cache)
     assert rel(np.concatenate(parts, axis=2), expect) < FP16_TOL
@@ -169,7 +194,9 @@ def test_low_precision_graph_is_strongly_typed(dirs, name, precision):
         # normalization statistics and softmax in float32, through explicit Casts
         if node.op_type in ("Softmax", "LayerNormalization", "ReduceMean", "ReduceL2", "Sqrt"):
             assert types[node.input[0]] == TensorProto.FLOAT, node.name
-        if node.op_type != "Cast" and node.name.startswith(("/time_embedding/", "/time_projection/", "/sampler_update/")):
+        if node.op_type != "Cast" and node.name.startswith(
+            ("/time_embedding/", "/time_projection/", "/sampler_update/")
+        ):
             assert all(types[o] == TensorProto.FLOAT for o in node.output), node.name
     if name == "cache_update":  # the EMA fold: computed in float32
         assert all(types[n.output[0]] == TensorProto.FLOAT for n in g.node if n.op_type == "Einsum")
@@ -187,8 +214,15 @@ def test_strong_typing_check_finds_mixed_inputs():
     assert len(problems) == 1 and "mixed" in problems[0] and "fp16" in problems[0] and "fp32" in problems[0]
 
 
-CSV_TYPES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16",
-             TensorProto.INT32: "INT32", TensorProto.INT64: "INT64", TensorProto.BOOL: "BOOL", TensorProto.UINT8: "UINT8"}
+CSV_TYPES = {
+    TensorProto.FLOAT: "FP32",
+    TensorProto.FLOAT16: "FP16",
+    TensorProto.BFLOAT16: "BF16",
+    TensorProto.INT32: "INT32",
+    TensorProto.INT64: "INT64",
+    TensorProto.BOOL: "BOOL",
+    TensorProto.UINT8: "UINT8",
+}
 
 
 def assert_ops_supported(model, label):
@@ -233,8 +267,9 @@ def test_verify_passes_on_a_tiny_bundle(dirs, capsys):
         assert by[(f"{name}@fp16", "onnxruntime-cpu")].status == "PASS"
         assert by[(f"{name}@bf16", "onnxruntime-cpu")].status == "SKIP"  # no bf16 kernels on CPU
     # the bf16 VAE graphs (not covered above) through onnx's numpy evaluator, which runs bf16
-    vae_bf16 = verify_bundle(dirs[1], dirs[0], backends=["onnx-reference"],
-                             graphs=["vae_decode_first@bf16", "vae_decode@bf16"])
+    vae_bf16 = verify_bundle(
+        dirs[1], dirs[0], backends=["onnx-reference"], graphs=["vae_decode_first@bf16", "vae_decode@bf16"]
+    )
     assert [r.status for r in vae_bf16] == ["PASS", "PASS"] and all(r.rel < BF16_TOL for r in vae_bf16)
     assert main(["verify", str(dirs[1]), "--model-dir", str(dirs[0]), "--backends", "onnxruntime-cpu"]) == 0
     out = capsys.readouterr().out
@@ -296,7 +331,9 @@ def test_graphs_over_the_protobuf_limit_go_to_external_data(dirs, models, tmp_pa
 
     monkeypatch.setattr(precision, "PROTOBUF_LIMIT", 1024)
     policy = precision.graph_policies(*models)["text_kv"]
-    data = precision.lower_file(str(dirs[1] / "text_kv.onnx"), str(tmp_path / "text_kv.fp16.onnx"), "fp16", policy)
+    data = precision.lower_file(
+        str(dirs[1] / "text_kv.onnx"), str(tmp_path / "text_kv.fp16.onnx"), "fp16", policy
+    )
     assert data == ["text_kv.fp16.onnx.data"] and (tmp_path / data[0]).stat().st_size > 1024
     size = (tmp_path / data[0]).stat().st_size
     precision.lower_file(str(dirs[1] / "text_kv.onnx"), str(tmp_path / "text_kv.fp16.onnx"), "fp16", policy)

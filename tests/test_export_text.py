@@ -63,8 +63,13 @@ def test_graph_with_external_data_and_tokenizer(exported):
     params = sum(p.numel() for p in encoder.model.parameters())
     assert os.path.getsize(bundle / DATA_FILE) >= 4 * params * 0.9  # the fp32 weights live in the data file
     assert os.path.getsize(bundle / GRAPH_FILE) < os.path.getsize(bundle / DATA_FILE) / 4
-    assert result["spec"] == {"kind": "umt5", "graph": "text_encoder", "tokenizer": "tokenizer",
-                              "text_len": TEXT_LEN, "text_dim": 32}
+    assert result["spec"] == {
+        "kind": "umt5",
+        "graph": "text_encoder",
+        "tokenizer": "tokenizer",
+        "text_len": TEXT_LEN,
+        "text_dim": 32,
+    }
     model = onnx.load(str(bundle / GRAPH_FILE))
     assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
     assert_ops_supported(model, GRAPH_FILE)
@@ -88,12 +93,18 @@ def test_onnx_encoder_matches_torch(exported):
 
 def test_onnx_encoder_does_not_import_torch(exported):
     _, bundle, result = exported
-    code = ("import sys, json; from rf_runtime.text.umt5_onnx import OnnxTextEncoder; "
-            "e = OnnxTextEncoder(sys.argv[1], sys.argv[2], 512); out = e.encode(['a red cat']); "
-            "assert out.shape == (1, 512, 32), out.shape; "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code, str(bundle / GRAPH_FILE), str(bundle / "tokenizer")],
-                         capture_output=True, text=True, timeout=300)
+    code = (
+        "import sys, json; from rf_runtime.text.umt5_onnx import OnnxTextEncoder; "
+        "e = OnnxTextEncoder(sys.argv[1], sys.argv[2], 512); out = e.encode(['a red cat']); "
+        "assert out.shape == (1, 512, 32), out.shape; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; print('ok')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(bundle / GRAPH_FILE), str(bundle / "tokenizer")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
@@ -153,7 +164,9 @@ def test_umt5_bundle_streams_like_the_checkpoint(exported, tmp_path):
     graph = manifest["graphs"]["text_encoder"]
     assert graph["file"] == "text_encoder" and graph["external_data"] == ["text_encoder_data"]
     assert graph["precision"] == "fp32"
-    assert graph["inputs"] == [{"name": n, "shape": [1, TEXT_LEN], "dtype": "int64"} for n in ("input_ids", "attention_mask")]
+    assert graph["inputs"] == [
+        {"name": n, "shape": [1, TEXT_LEN], "dtype": "int64"} for n in ("input_ids", "attention_mask")
+    ]
     assert graph["outputs"] == [{"name": "text_embeds", "shape": [1, TEXT_LEN, 32], "dtype": "float32"}]
     on_disk = {str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file()}
     assert {f["path"] for f in manifest["files"].values()} == on_disk - {"manifest.json"}
@@ -164,7 +177,9 @@ def test_umt5_bundle_streams_like_the_checkpoint(exported, tmp_path):
     prompt = "a red cat jumps over the dog"
     ref = np.concatenate(list(Streamer.from_checkpoint(model).stream(prompt, seed=1, num_frames=21)))
     engine = Streamer.from_engine(out)
-    assert isinstance(engine.backend.text_encoder.runner, OnnxRuntimeRunner)  # the same runners as every graph
+    assert isinstance(
+        engine.backend.text_encoder.runner, OnnxRuntimeRunner
+    )  # the same runners as every graph
     got = np.concatenate(list(engine.stream(prompt, seed=1, num_frames=21)))
     assert got.shape == ref.shape == (21, 32, 48, 3)
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
@@ -172,17 +187,21 @@ def test_umt5_bundle_streams_like_the_checkpoint(exported, tmp_path):
     assert [(r.graph, r.status) for r in rows] == [("text_encoder", "PASS")] and rows[0].rel < TOL
 
     # the engine runs a umT5 bundle without torch: tokenizers + the text graph through the runner
-    code = ("import sys; from rf_runtime.backends.engine import EngineBackend; "
-            "be = EngineBackend.load(sys.argv[1]); k, v = be.encode_prompt('a red cat'); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; print('ok')")
+    code = (
+        "import sys; from rf_runtime.backends.engine import EngineBackend; "
+        "be = EngineBackend.load(sys.argv[1]); k, v = be.encode_prompt('a red cat'); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; print('ok')"
+    )
     run = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "ok"
 
     # the text encoder section must name a graph and a listed tokenizer
     broken = tmp_path / "broken"
-    for edit, message in ((lambda m: m["text_encoder"].update(graph="umt5"), "text_encoder graph 'umt5' is not in"),
-                          (lambda m: m["files"].pop("tokenizer/tokenizer.json"), "tokenizer/tokenizer.json is not in")):
+    for edit, message in (
+        (lambda m: m["text_encoder"].update(graph="umt5"), "text_encoder graph 'umt5' is not in"),
+        (lambda m: m["files"].pop("tokenizer/tokenizer.json"), "tokenizer/tokenizer.json is not in"),
+    ):
         shutil.copytree(out, broken)
         m = json.loads((broken / "manifest.json").read_text())
         edit(m)

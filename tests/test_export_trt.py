@@ -61,10 +61,17 @@ def test_build_fp16_plans_and_verify(dirs, tmp_path):
     assert main(["trt", str(bundle), "--precision", "fp16", "--workspace-mib", "1024"]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
     major, minor = torch.cuda.get_device_capability(0)
-    assert set(manifest["plans"]) == {"dit_step@fp16", "cache_update@fp16", "text_kv@fp16", "vae_decode_first@fp16",
-                                      "vae_decode@fp16"}
+    assert set(manifest["plans"]) == {
+        "dit_step@fp16",
+        "cache_update@fp16",
+        "text_kv@fp16",
+        "vae_decode_first@fp16",
+        "vae_decode@fp16",
+    }
     for entry in manifest["plans"].values():
-        assert entry["tensorrt_version"] == trt.__version__ and entry["compute_capability"] == f"{major}.{minor}"
+        assert (
+            entry["tensorrt_version"] == trt.__version__ and entry["compute_capability"] == f"{major}.{minor}"
+        )
         assert (bundle / manifest["files"][entry["file"]]["path"]).is_file()
     assert len(list(tmp_path.glob(f"tensorrt-timing-{trt.__version__}-sm{major}{minor}-*.cache"))) == 1
     rows = verify_bundle(bundle, dirs[0], backends=["tensorrt"])

@@ -27,7 +27,7 @@ def test_streamed_graphs_equal_full_decode(tmp_path):
     parts = [frames]
     ins, _ = cache_names(n)
     for i in range(1, 5):
-        frames, *cache = s_step.run(None, {"z": zn[:, :, i:i + 1], **dict(zip(ins, cache))})
+        frames, *cache = s_step.run(None, {"z": zn[:, :, i : i + 1], **dict(zip(ins, cache))})
         parts.append(frames)
     assert [p.shape[2] for p in parts] == [1, 4, 4, 4, 4]
     assert rel(np.concatenate(parts, axis=2), expect) < TOL
@@ -43,9 +43,15 @@ def test_lowered_convs_equal_the_reference_conv3d():
     from rf_runtime.models.vae import CausalConv3d
 
     torch.manual_seed(1)
-    cases = [((5, 7, 3), dict(padding=1), 1, 2), ((5, 7, 3), dict(padding=1), 4, 2), ((5, 7, 3), dict(padding=1), 3, None),
-             ((5, 7, 1), {}, 4, None), ((5, 10, (3, 1, 1)), dict(padding=(1, 0, 0)), 2, 2),
-             ((5, 5, (3, 1, 1)), dict(stride=(2, 1, 1)), 4, 1), ((5, 6, 3), dict(padding=1, stride=(1, 2, 2)), 1, 2)]
+    cases = [
+        ((5, 7, 3), dict(padding=1), 1, 2),
+        ((5, 7, 3), dict(padding=1), 4, 2),
+        ((5, 7, 3), dict(padding=1), 3, None),
+        ((5, 7, 1), {}, 4, None),
+        ((5, 10, (3, 1, 1)), dict(padding=(1, 0, 0)), 2, 2),
+        ((5, 5, (3, 1, 1)), dict(stride=(2, 1, 1)), 4, 1),
+        ((5, 6, 3), dict(padding=1, stride=(1, 2, 2)), 1, 2),
+    ]
     for (cin, cout, k), kw, frames, past_frames in cases:
         ref = CausalConv3d(cin, cout, k, **kw).eval()
         low = CausalConvAs2d.from_conv(ref)

@@ -41,8 +41,9 @@ def externalize(b, graph="dit_step", data="dit_step.onnx.data", location=None, l
     tensor at ``location`` (default: the data file) and rehash the manifest, as an attacker would."""
     path = b / f"{graph}.onnx"
     model = onnx.load(str(path))
-    external_data_helper.convert_model_to_external_data(model, all_tensors_to_one_file=True, location=data,
-                                                        size_threshold=0)
+    external_data_helper.convert_model_to_external_data(
+        model, all_tensors_to_one_file=True, location=data, size_threshold=0
+    )
     onnx.save(model, str(path))
     if location is not None:
         model = onnx.load(str(path), load_external_data=False)
@@ -65,7 +66,9 @@ def externalize(b, graph="dit_step", data="dit_step.onnx.data", location=None, l
 def test_external_data_outside_the_bundle_is_refused_before_onnxruntime(bundle, sandbox):
     rel = os.path.relpath(sandbox.fifo, bundle)
     externalize(bundle, location=rel)
-    with pytest.raises(BundleError, match=r"graph 'dit_step'.*reads its data from .*weights.fifo.*outside the bundle"):
+    with pytest.raises(
+        BundleError, match=r"graph 'dit_step'.*reads its data from .*weights.fifo.*outside the bundle"
+    ):
         Streamer.from_engine(bundle)  # the sandbox checks that onnxruntime never opened the FIFO
 
 
@@ -76,8 +79,12 @@ def test_an_absolute_external_data_location_is_refused(bundle, sandbox):
 
 
 def test_external_data_inside_but_not_listed_is_refused(bundle):
-    externalize(bundle, list_it=False)  # the data file sits in the bundle, unhashed: it could be altered unnoticed
-    with pytest.raises(BundleError, match=r"dit_step.onnx.data'?, a file the manifest does not list as external data"):
+    externalize(
+        bundle, list_it=False
+    )  # the data file sits in the bundle, unhashed: it could be altered unnoticed
+    with pytest.raises(
+        BundleError, match=r"dit_step.onnx.data'?, a file the manifest does not list as external data"
+    ):
         Bundle.load(bundle)
 
 
@@ -137,7 +144,9 @@ def test_a_graph_onnxruntime_cannot_load_is_a_bundle_error_naming_it(bundle):
     model.graph.node[0].op_type = "NoSuchOperator"  # well-formed protobuf, same IO, not a runnable graph
     onnx.save(model, str(bundle / "cache_update.onnx"))
     write_manifest(str(bundle), manifest(bundle))
-    with pytest.raises(BundleError, match=r"graph 'cache_update' of bundle .* cannot be loaded .*rf-export onnx"):
+    with pytest.raises(
+        BundleError, match=r"graph 'cache_update' of bundle .* cannot be loaded .*rf-export onnx"
+    ):
         Streamer.from_engine(bundle)
 
 
@@ -156,38 +165,72 @@ def test_the_walker_reads_what_onnx_reads(tmp_path):
 
     from rf_runtime import onnx_external as ox
 
-    fields = [("model", pb.ModelProto, {"graph": 7, "training_info": 20, "functions": 25}),
-              ("graph", pb.GraphProto, {"node": 1, "initializer": 5, "sparse_initializer": 15}),
-              ("node", pb.NodeProto, {"attribute": 5}), ("function", pb.FunctionProto, {"node": 7}),
-              ("attribute", pb.AttributeProto, {"t": 5, "g": 6, "tensors": 10, "graphs": 11, "sparse_tensor": 22,
-                                                "sparse_tensors": 23}),
-              ("sparse", pb.SparseTensorProto, {"values": 1, "indices": 2}),
-              ("training", pb.TrainingInfoProto, {"initialization": 1, "algorithm": 2})]
+    fields = [
+        ("model", pb.ModelProto, {"graph": 7, "training_info": 20, "functions": 25}),
+        ("graph", pb.GraphProto, {"node": 1, "initializer": 5, "sparse_initializer": 15}),
+        ("node", pb.NodeProto, {"attribute": 5}),
+        ("function", pb.FunctionProto, {"node": 7}),
+        (
+            "attribute",
+            pb.AttributeProto,
+            {"t": 5, "g": 6, "tensors": 10, "graphs": 11, "sparse_tensor": 22, "sparse_tensors": 23},
+        ),
+        ("sparse", pb.SparseTensorProto, {"values": 1, "indices": 2}),
+        ("training", pb.TrainingInfoProto, {"initialization": 1, "algorithm": 2}),
+    ]
     for kind, proto, names in fields:
         for name, number in names.items():
             assert proto.DESCRIPTOR.fields_by_name[name].number == number
             assert number in ox._CHILDREN[kind]
     assert pb.TensorProto.DESCRIPTOR.fields_by_name["external_data"].number == 13
     w = numpy_helper.from_array(np.arange(600, dtype=np.float32).reshape(20, 30), "w")
-    const = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones((20, 30), np.float32), "cv"))
-    then = helper.make_graph([helper.make_node("Constant", [], ["t"], value=numpy_helper.from_array(
-        np.full((20, 30), 2.0, np.float32), "tv"))], "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, [20, 30])])
-    other = helper.make_graph([helper.make_node("Identity", ["c"], ["e"])], "else", [],
-                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [20, 30])])
-    nodes = [const, helper.make_node("Add", ["x", "w"], ["s"]),
-             helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other),
-             helper.make_node("Add", ["s", "y"], ["out"])]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [20, 30]),
-                                       helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [20, 30])], [w])
+    const = helper.make_node(
+        "Constant", [], ["c"], value=numpy_helper.from_array(np.ones((20, 30), np.float32), "cv")
+    )
+    then = helper.make_graph(
+        [
+            helper.make_node(
+                "Constant", [], ["t"], value=numpy_helper.from_array(np.full((20, 30), 2.0, np.float32), "tv")
+            )
+        ],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [20, 30])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["c"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [20, 30])],
+    )
+    nodes = [
+        const,
+        helper.make_node("Add", ["x", "w"], ["s"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other),
+        helper.make_node("Add", ["s", "y"], ["out"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [20, 30]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [20, 30])],
+        [w],
+    )
     model = helper.make_model(g)
-    external_data_helper.convert_model_to_external_data(model, all_tensors_to_one_file=True, location="m.data",
-                                                        size_threshold=0, convert_attribute=True)
+    external_data_helper.convert_model_to_external_data(
+        model, all_tensors_to_one_file=True, location="m.data", size_threshold=0, convert_attribute=True
+    )
     onnx.save(model, str(tmp_path / "m.onnx"))
-    theirs = sorted((t.name, tuple((e.key, e.value) for e in t.external_data))
-                    for t in external_data_helper._get_all_tensors(onnx.load(str(tmp_path / "m.onnx"),
-                                                                             load_external_data=False))
-                    if t.external_data)
+    theirs = sorted(
+        (t.name, tuple((e.key, e.value) for e in t.external_data))
+        for t in external_data_helper._get_all_tensors(
+            onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+        )
+        if t.external_data
+    )
     mine = sorted((r.tensor, r.entries) for r in external_refs(tmp_path / "m.onnx"))
     assert mine == theirs and {n for n, _ in mine} == {"w", "cv", "tv"}
 
@@ -201,6 +244,7 @@ def _drop(path):
         for k in path[:-1]:
             node = node[k]
         del node[path[-1]]
+
     return edit
 
 
@@ -210,29 +254,63 @@ def _set(path, value):
         for k in path[:-1]:
             node = node[k]
         node[path[-1]] = value
+
     return edit
 
 
 MANIFEST_FAULTS = [
     ("missing model.latent_hw", _drop(["model", "latent_hw"]), r"'model.latent_hw' is required"),
-    ("unknown key under stream", _set(["stream", "bogus"], 1), r"unknown key 'stream.bogus'.*valid keys under stream"),
+    (
+        "unknown key under stream",
+        _set(["stream", "bogus"], 1),
+        r"unknown key 'stream.bogus'.*valid keys under stream",
+    ),
     ("files as a list", _set(["files"], ["a.onnx"]), r"key 'files' must be a mapping"),
-    ("bytes as a string", _set(["files", "dit_step", "bytes"], "2626017"), r"'files.dit_step.bytes' must be an integer"),
-    ("a shape of strings", _set(["graphs", "dit_step", "inputs", 0, "shape"], ["a"]),
-     r"'graphs.dit_step.inputs\[0\].shape\[0\]' must be an integer"),
+    (
+        "bytes as a string",
+        _set(["files", "dit_step", "bytes"], "2626017"),
+        r"'files.dit_step.bytes' must be an integer",
+    ),
+    (
+        "a shape of strings",
+        _set(["graphs", "dit_step", "inputs", 0, "shape"], ["a"]),
+        r"'graphs.dit_step.inputs\[0\].shape\[0\]' must be an integer",
+    ),
     ("fps as a bool", _set(["model", "fps"], True), r"'model.fps' must be an integer, got True"),
     ("a DiT size missing", _drop(["model", "dit", "num_heads"]), r"'model.dit.num_heads' is required"),
-    ("resolution of one number", _set(["model_card", "resolution"], [64]), r"'model_card.resolution' must be a list of 2"),
-    ("chunk_frames as text", _set(["model_card", "chunk_frames"], "3"), r"'model_card.chunk_frames' must be an integer"),
+    (
+        "resolution of one number",
+        _set(["model_card", "resolution"], [64]),
+        r"'model_card.resolution' must be a list of 2",
+    ),
+    (
+        "chunk_frames as text",
+        _set(["model_card", "chunk_frames"], "3"),
+        r"'model_card.chunk_frames' must be an integer",
+    ),
     ("ema_alpha as text", _set(["stream", "ema_alpha"], "high"), r"'stream.ema_alpha' must be a number"),
-    ("timesteps not a list", _set(["stream", "timesteps"], 1000), r"'stream.timesteps' must be a list of numbers"),
-    ("a plan without a file", _set(["plans"], {"dit_step": {"tensorrt_version": "10", "compute_capability": "9.0"}}),
-     r"'plans.dit_step.file' is required"),
+    (
+        "timesteps not a list",
+        _set(["stream", "timesteps"], 1000),
+        r"'stream.timesteps' must be a list of numbers",
+    ),
+    (
+        "a plan without a file",
+        _set(["plans"], {"dit_step": {"tensorrt_version": "10", "compute_capability": "9.0"}}),
+        r"'plans.dit_step.file' is required",
+    ),
     ("an unknown top-level key", _set(["extra"], {}), r"unknown key 'extra'"),
     ("text_encoder as a list", _set(["text_encoder"], []), r"'text_encoder' must be a mapping"),
-    ("external_data as a string", _set(["graphs", "dit_step", "external_data"], "x.data"),
-     r"'graphs.dit_step.external_data' must be a list of strings"),
-    ("vae_cache_shapes flat", _set(["model", "vae_cache_shapes"], [1, 2]), r"'model.vae_cache_shapes\[0\]' must be a list"),
+    (
+        "external_data as a string",
+        _set(["graphs", "dit_step", "external_data"], "x.data"),
+        r"'graphs.dit_step.external_data' must be a list of strings",
+    ),
+    (
+        "vae_cache_shapes flat",
+        _set(["model", "vae_cache_shapes"], [1, 2]),
+        r"'model.vae_cache_shapes\[0\]' must be a list",
+    ),
     ("a card path of the build machine", _set(["model_card", "source"], "/home/me/model"), r"absolute path"),
     ("schema_version as text", _set(["schema_version"], "2"), r"schema_version '2' is not supported"),
 ]
@@ -254,7 +332,9 @@ def test_a_bad_manifest_is_one_line_from_the_cli(bundle, capsys):
     m = manifest(bundle)
     del m["model"]["latent_hw"]
     rewrite(bundle, m)
-    code, _, err = run_cli(generate_main, ["--bundle", bundle, "--prompt", "a cat", "--out", "v.mp4", "--quiet"], capsys)
+    code, _, err = run_cli(
+        generate_main, ["--bundle", bundle, "--prompt", "a cat", "--out", "v.mp4", "--quiet"], capsys
+    )
     assert_one_line_error(code, err, "rf-generate", "model.latent_hw", "required")
     assert not os.path.exists("v.mp4")
 
@@ -276,7 +356,9 @@ def no_export_work(monkeypatch):
 def _export(capsys, model, out, *extra):
     from rf_runtime.export.cli import main
 
-    return run_cli(main, ["onnx", "--model-dir", model, "--out", out, "--training-stage", "random", *extra], capsys)
+    return run_cli(
+        main, ["onnx", "--model-dir", model, "--out", out, "--training-stage", "random", *extra], capsys
+    )
 
 
 def test_export_over_a_folder_of_user_files_is_refused(engine_dirs, sandbox, capsys, no_export_work):

@@ -19,8 +19,22 @@ from rf_runtime.video import Mp4Writer, read_mp4  # noqa: E402
 
 
 def generate(capsys, engine_dirs, out, *extra, seconds="1"):
-    return run_cli(generate_main, ["--bundle", engine_dirs[1], "--prompt", "a red circle", "--seconds", seconds,
-                                   "--out", out, "--quiet", *extra], capsys)
+    return run_cli(
+        generate_main,
+        [
+            "--bundle",
+            engine_dirs[1],
+            "--prompt",
+            "a red circle",
+            "--seconds",
+            seconds,
+            "--out",
+            out,
+            "--quiet",
+            *extra,
+        ],
+        capsys,
+    )
 
 
 def test_a_good_video_is_checked_and_renamed(engine_dirs, sandbox, capsys):
@@ -59,7 +73,9 @@ def test_seconds_must_be_a_sane_number(engine_dirs, sandbox, capsys, seconds):
 def test_a_read_only_disk_is_refused_before_the_model_loads(engine_dirs, sandbox, capsys, monkeypatch):
     from rf_runtime import cli
 
-    monkeypatch.setattr(cli, "_load_streamer", lambda args: pytest.fail("the model loaded before the path check"))
+    monkeypatch.setattr(
+        cli, "_load_streamer", lambda args: pytest.fail("the model loaded before the path check")
+    )
     with tmpfs(sandbox.work / "ro", ro=True) as ro:
         code, _, err = generate(capsys, engine_dirs, ro / "v.mp4")
         assert_one_line_error(code, err, "rf-generate", "read-only file system")
@@ -110,7 +126,9 @@ def test_eval_of_a_file_that_is_not_a_video(sandbox, capsys):
     assert_one_line_error(code, err, "rf-eval", "notes.mp4", "not a readable video")
 
 
-@pytest.mark.parametrize("make, needle", [(lambda: os.mkdir("clip.mp4"), "is a directory"), (lambda: None, "does not exist")])
+@pytest.mark.parametrize(
+    "make, needle", [(lambda: os.mkdir("clip.mp4"), "is a directory"), (lambda: None, "does not exist")]
+)
 def test_eval_of_a_directory_or_nothing(sandbox, capsys, make, needle):
     make()
     code, _, err = run_cli(eval_main, ["clip.mp4", "--quiet"], capsys)
@@ -120,7 +138,9 @@ def test_eval_of_a_directory_or_nothing(sandbox, capsys, make, needle):
 def test_eval_json_into_a_directory_is_refused_before_work(sandbox, capsys, monkeypatch):
     from rf_runtime import video
 
-    monkeypatch.setattr(video, "read_mp4", lambda path: pytest.fail("the video was read before the --json check"))
+    monkeypatch.setattr(
+        video, "read_mp4", lambda path: pytest.fail("the video was read before the --json check")
+    )
     os.mkdir("m.json")
     code, _, err = run_cli(eval_main, ["clip.mp4", "--json", "m.json", "--quiet"], capsys)
     assert_one_line_error(code, err, "rf-eval", "m.json", "is a directory")
@@ -129,15 +149,25 @@ def test_eval_json_into_a_directory_is_refused_before_work(sandbox, capsys, monk
 def test_bench_json_into_a_directory_is_refused_before_work(engine_dirs, sandbox, capsys, monkeypatch):
     from rf_runtime import bench
 
-    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("the benchmark ran before the --json check"))
+    monkeypatch.setattr(
+        bench, "run_bench", lambda *a, **k: pytest.fail("the benchmark ran before the --json check")
+    )
     os.mkdir("r.json")
-    code, _, err = run_cli(bench_main, ["--bundle", engine_dirs[1], "--chunks", "3", "--json", "r.json"], capsys)
+    code, _, err = run_cli(
+        bench_main, ["--bundle", engine_dirs[1], "--chunks", "3", "--json", "r.json"], capsys
+    )
     assert_one_line_error(code, err, "rf-bench", "r.json", "is a directory")
 
 
-@pytest.mark.parametrize("argv, needle", [(["--soak", "0"], "--soak takes minutes"), (["--soak", "-5"], "--soak takes minutes"),
-                                          (["--soak", "nan"], "--soak takes minutes"),
-                                          (["--soak", "1", "--model-dir", "m"], "--soak streams an engine bundle")])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--soak", "0"], "--soak takes minutes"),
+        (["--soak", "-5"], "--soak takes minutes"),
+        (["--soak", "nan"], "--soak takes minutes"),
+        (["--soak", "1", "--model-dir", "m"], "--soak streams an engine bundle"),
+    ],
+)
 def test_soak_arguments(engine_dirs, sandbox, capsys, argv, needle):
     code, _, err = run_cli(bench_main, ["--bundle", engine_dirs[1], *argv, "--json", "s.json"], capsys)
     assert_one_line_error(code, err, "rf-bench", needle)
@@ -149,11 +179,18 @@ def test_soak_reports_what_it_promises(engine_dirs, sandbox, capsys):
     agrees with the printed table."""
     import json
 
-    code, out, err = run_cli(bench_main, ["--bundle", engine_dirs[1], "--soak", "0.15", "--json", "s.json"], capsys)
+    code, out, err = run_cli(
+        bench_main, ["--bundle", engine_dirs[1], "--soak", "0.15", "--json", "s.json"], capsys
+    )
     assert code == 0, err
     r = json.loads(open("s.json").read())
     assert r["chunks"] >= 1 and r["frames"] == 9 + 12 * (r["chunks"] - 1)
-    assert r["rss_start_mib"] > 0 and r["rss_end_mib"] > 0 and r["non_finite_chunks"] == [] and r["constant_chunks"] == []
+    assert (
+        r["rss_start_mib"] > 0
+        and r["rss_end_mib"] > 0
+        and r["non_finite_chunks"] == []
+        and r["constant_chunks"] == []
+    )
     assert 0 < r["guard_s_median"] < r["chunk_s_median"]
     assert f"{r['chunks']} chunks" in out and "RSS slope MiB per hour" in out
 
@@ -167,10 +204,27 @@ def test_soak_summary_by_hand():
     at = np.arange(n) * 2.0  # one chunk every 2 s: 198 s
     rss = 100 + at / 60 * 2  # 2 MiB per minute
     times = np.where(np.arange(n) < 50, 0.1, 0.2)
-    r = summarize_soak(times, times / 100, at, rss, frames=1197, wall_s=198, minutes=3.3,
-                       non_finite=[{"chunk": 7, "error": "x"}], constant=[3], bundle="b", describe={"backend": "x"})
+    r = summarize_soak(
+        times,
+        times / 100,
+        at,
+        rss,
+        frames=1197,
+        wall_s=198,
+        minutes=3.3,
+        non_finite=[{"chunk": 7, "error": "x"}],
+        constant=[3],
+        bundle="b",
+        describe={"backend": "x"},
+    )
     assert r["rss_slope_mib_per_hour"] == pytest.approx(120.0)
     assert r["early_chunks"] == [10, 29] and r["late_chunks"] == [80, 99]
-    assert r["chunk_s_early_median"] == 0.1 and r["chunk_s_late_median"] == 0.2 and r["late_over_early"] == 2.0
+    assert (
+        r["chunk_s_early_median"] == 0.1 and r["chunk_s_late_median"] == 0.2 and r["late_over_early"] == 2.0
+    )
     assert r["guard_fraction_of_chunk"] == pytest.approx(0.01)
-    assert r["rss_fit_from_s"] == 60.0 and r["constant_chunks"] == [3] and r["non_finite_chunks"][0]["chunk"] == 7
+    assert (
+        r["rss_fit_from_s"] == 60.0
+        and r["constant_chunks"] == [3]
+        and r["non_finite_chunks"][0]["chunk"] == 7
+    )

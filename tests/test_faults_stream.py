@@ -46,8 +46,15 @@ def test_numpy_integers_are_integers(streamer, sandbox):
     assert a.shape[0] == 5 and np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("prompt, match", [("", "prompt is empty"), ("   ", "prompt is empty"),
-                                           (None, "must be a string"), (5, "must be a string")])
+@pytest.mark.parametrize(
+    "prompt, match",
+    [
+        ("", "prompt is empty"),
+        ("   ", "prompt is empty"),
+        (None, "must be a string"),
+        (5, "must be a string"),
+    ],
+)
 def test_bad_prompts(streamer, sandbox, prompt, match):
     with pytest.raises(InputError, match=match):
         streamer.open(prompt)
@@ -86,8 +93,11 @@ def test_non_finite_latents_stop_the_stream_naming_the_chunk(nan_bundle, sandbox
 def test_the_guard_from_the_cli_is_one_line_and_no_video(nan_bundle, sandbox, capsys):
     from rf_runtime.cli import generate_main
 
-    code, _, err = run_cli(generate_main, ["--bundle", nan_bundle, "--prompt", "a cat", "--seconds", "1",
-                                           "--out", "v.mp4", "--quiet"], capsys)
+    code, _, err = run_cli(
+        generate_main,
+        ["--bundle", nan_bundle, "--prompt", "a cat", "--seconds", "1", "--out", "v.mp4", "--quiet"],
+        capsys,
+    )
     assert_one_line_error(code, err, "rf-generate", "chunk 0", "non-finite")
     assert_no_output(sandbox.work / "v.mp4")
 
@@ -135,26 +145,54 @@ def _nan(name):
     def edit(files):
         files[name] = files[name].copy()
         files[name].flat[3] = np.nan
+
     return edit
 
 
 SNAPSHOT_FAULTS = [
     ("geometry missing", dict(header=lambda h: h.pop("geometry")), r"header key 'geometry' is required"),
-    ("another bit generator", dict(header=lambda h: h.update(
-        rng_state=np.random.MT19937(0).state | {"state": {"key": [1, 2], "pos": 1}})),
-     r"'rng_state.bit_generator' is 'MT19937'.*PCG64"),
+    (
+        "another bit generator",
+        dict(
+            header=lambda h: h.update(
+                rng_state=np.random.MT19937(0).state | {"state": {"key": [1, 2], "pos": 1}}
+            )
+        ),
+        r"'rng_state.bit_generator' is 'MT19937'.*PCG64",
+    ),
     ("seed as text", dict(header=lambda h: h.update(seed="1")), r"header key 'seed' must be an integer"),
-    ("chunk_index a bool", dict(header=lambda h: h.update(chunk_index=True)), r"'chunk_index' must be an integer, got True"),
-    ("negative frames", dict(header=lambda h: h.update(frames_emitted=-9)), r"'frames_emitted' is -9, it must be >= 0"),
-    ("prompt_history malformed", dict(header=lambda h: h.update(prompt_history=[[0]])),
-     r"'prompt_history\[0\]' must be a list of 2 values"),
-    ("geometry with an unknown key", dict(header=lambda h: h["geometry"].update(colour=1)),
-     r"unknown header key 'geometry.colour'"),
-    ("a stream setting of the wrong type", dict(header=lambda h: h["geometry"]["stream"].update(window_frames="6")),
-     r"'geometry.stream.window_frames' must be an integer"),
+    (
+        "chunk_index a bool",
+        dict(header=lambda h: h.update(chunk_index=True)),
+        r"'chunk_index' must be an integer, got True",
+    ),
+    (
+        "negative frames",
+        dict(header=lambda h: h.update(frames_emitted=-9)),
+        r"'frames_emitted' is -9, it must be >= 0",
+    ),
+    (
+        "prompt_history malformed",
+        dict(header=lambda h: h.update(prompt_history=[[0]])),
+        r"'prompt_history\[0\]' must be a list of 2 values",
+    ),
+    (
+        "geometry with an unknown key",
+        dict(header=lambda h: h["geometry"].update(colour=1)),
+        r"unknown header key 'geometry.colour'",
+    ),
+    (
+        "a stream setting of the wrong type",
+        dict(header=lambda h: h["geometry"]["stream"].update(window_frames="6")),
+        r"'geometry.stream.window_frames' must be an integer",
+    ),
     ("NaN in the KV cache", dict(arrays=_nan("cache_k")), r"cache_k holds NaN or infinite values"),
     ("NaN in the latents", dict(arrays=_nan("latents")), r"latents holds NaN or infinite values"),
-    ("integer arrays", dict(arrays=lambda f: f.update(text_k=f["text_k"].astype(np.int32))), r"\['text_k'\] are not float32"),
+    (
+        "integer arrays",
+        dict(arrays=lambda f: f.update(text_k=f["text_k"].astype(np.int32))),
+        r"\['text_k'\] are not float32",
+    ),
 ]
 
 

@@ -26,10 +26,20 @@ def prompts(tmp_path_factory):
 
 
 def write_config(folder, model_dir, prompts, out, **over):
-    raw = dict(teacher=str(model_dir), prompts=str(prompts), output_dir=str(out), negative_prompt="static",
-               reward=dict(kind="motion", beta=0.5, normalize=True, motion=dict(mean=0.05, std=0.02)),
-               num_frames=6, batch_size=2, steps=5, seed=0, checkpoint_every=100, cpu_threads=1,
-               optim=dict(lr=1e-4, critic_lr=1e-3, critic_updates_per_generator=2, ema_start_step=0))
+    raw = dict(
+        teacher=str(model_dir),
+        prompts=str(prompts),
+        output_dir=str(out),
+        negative_prompt="static",
+        reward=dict(kind="motion", beta=0.5, normalize=True, motion=dict(mean=0.05, std=0.02)),
+        num_frames=6,
+        batch_size=2,
+        steps=5,
+        seed=0,
+        checkpoint_every=100,
+        cpu_threads=1,
+        optim=dict(lr=1e-4, critic_lr=1e-3, critic_updates_per_generator=2, ema_start_step=0),
+    )
     raw.update(over)
     path = folder / f"config-{len(os.listdir(folder))}.json"
     path.write_text(json.dumps(raw))
@@ -61,22 +71,28 @@ def _after(method, when):
         if when(self, *args):
             os.kill(os.getpid(), signal.SIGTERM)
         return result
+
     return method, wrapped
 
 
 PHASES = {
     # right after the generator's AdamW step, before its EMA and the step counter (where a raw interrupt
     # used to save a state whose update a resume then applied a second time)
-    "generator update": _after("_clip_and_step", lambda self, params, opt: self.step == STEP and opt is self.gen_opt),
+    "generator update": _after(
+        "_clip_and_step", lambda self, params, opt: self.step == STEP and opt is self.gen_opt
+    ),
     "EMA": _after("_update_ema", lambda self: self.step == STEP),
-    "critic update": _after("_clip_and_step", lambda self, params, opt: self.step == STEP and opt is self.critic_opt),
+    "critic update": _after(
+        "_clip_and_step", lambda self, params, opt: self.step == STEP and opt is self.critic_opt
+    ),
     "logging": _after("train_step", lambda self: self.step == STEP + 1),  # counter moved, log not yet written
 }
 
 
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_a_signal_in_any_phase_stops_at_the_step_boundary_and_resumes_bit_exactly(
-        phase, reference, tiny_model_dir, prompts, sandbox, monkeypatch, capsys):
+    phase, reference, tiny_model_dir, prompts, sandbox, monkeypatch, capsys
+):
     cfg = write_config(sandbox.work, tiny_model_dir, prompts, sandbox.work / "out")
     method, wrapped = PHASES[phase]
     with monkeypatch.context() as m:
@@ -91,10 +107,14 @@ def test_a_signal_in_any_phase_stops_at_the_step_boundary_and_resumes_bit_exactl
     got = final_state(sandbox.work / "out")
     assert sorted(got) == sorted(reference)
     differ = [k for k in reference if not torch.equal(got[k], reference[k])]
-    assert not differ, f"{len(differ)} of {len(reference)} tensors differ from the uninterrupted run: {differ[:3]}"
+    assert not differ, (
+        f"{len(differ)} of {len(reference)} tensors differ from the uninterrupted run: {differ[:3]}"
+    )
 
 
-def test_a_signal_during_a_checkpoint_save_waits_for_it(reference, tiny_model_dir, prompts, sandbox, monkeypatch, capsys):
+def test_a_signal_during_a_checkpoint_save_waits_for_it(
+    reference, tiny_model_dir, prompts, sandbox, monkeypatch, capsys
+):
     cfg = write_config(sandbox.work, tiny_model_dir, prompts, sandbox.work / "out", checkpoint_every=3)
     real = Trainer.save_checkpoint
 
@@ -113,7 +133,9 @@ def test_a_signal_during_a_checkpoint_save_waits_for_it(reference, tiny_model_di
     assert all(torch.equal(got[k], reference[k]) for k in reference)
 
 
-def test_a_second_signal_interrupts_without_saving_half_a_step(tiny_model_dir, prompts, sandbox, monkeypatch, capsys):
+def test_a_second_signal_interrupts_without_saving_half_a_step(
+    tiny_model_dir, prompts, sandbox, monkeypatch, capsys
+):
     cfg = write_config(sandbox.work, tiny_model_dir, prompts, sandbox.work / "out", checkpoint_every=2)
     real = Trainer.critic_step
 
@@ -130,8 +152,14 @@ def test_a_second_signal_interrupts_without_saving_half_a_step(tiny_model_dir, p
     assert os.path.basename(latest_checkpoint(str(sandbox.work / "out"))) == "checkpoint_000002.safetensors"
 
 
-@pytest.mark.parametrize("text, needle", [("- teacher: a\n- prompts: b\n", "holds a list"),
-                                          ("just words\n", "holds a str"), ("[1, 2]\n", "holds a list")])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("- teacher: a\n- prompts: b\n", "holds a list"),
+        ("just words\n", "holds a str"),
+        ("[1, 2]\n", "holds a list"),
+    ],
+)
 def test_a_config_that_is_not_a_mapping(sandbox, capsys, text, needle):
     (sandbox.work / "c.yaml").write_text(text)
     code, _, err = run_cli(train_main, ["--config", "c.yaml"], capsys)
@@ -164,7 +192,11 @@ def nan_checkpoint(reference, sandbox):
     key = next(k for k in bad if k.startswith("generator_ema.") and bad[k].is_floating_point())
     bad[key].view(-1)[0] = float("nan")
     path = sandbox.work / "nan.safetensors"
-    save_file(bad, str(path), metadata={"format": "rf_runtime.train/1", "step": "5", "config": "{}", "world_size": "1"})
+    save_file(
+        bad,
+        str(path),
+        metadata={"format": "rf_runtime.train/1", "step": "5", "config": "{}", "world_size": "1"},
+    )
     return path, key
 
 
@@ -187,8 +219,21 @@ def test_generate_refuses_nan_weights_in_one_line(nan_checkpoint, tiny_model_dir
     from rf_runtime.cli import generate_main
 
     path, key = nan_checkpoint
-    code, _, err = run_cli(generate_main, ["--model-dir", tiny_model_dir, "--checkpoint", path, "--prompt", "a cat",
-                                           "--out", "v.mp4", "--quiet"], capsys)
+    code, _, err = run_cli(
+        generate_main,
+        [
+            "--model-dir",
+            tiny_model_dir,
+            "--checkpoint",
+            path,
+            "--prompt",
+            "a cat",
+            "--out",
+            "v.mp4",
+            "--quiet",
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, "rf-generate", "NaN or infinite")
     assert not os.path.exists("v.mp4")
 
@@ -197,8 +242,21 @@ def test_generate_with_a_checkpoint_directory_that_is_not_a_model(tiny_model_dir
     os.mkdir("weights")
     from rf_runtime.cli import generate_main
 
-    code, _, err = run_cli(generate_main, ["--model-dir", tiny_model_dir, "--checkpoint", "weights",
-                                              "--prompt", "a cat", "--out", "v.mp4", "--quiet"], capsys)
+    code, _, err = run_cli(
+        generate_main,
+        [
+            "--model-dir",
+            tiny_model_dir,
+            "--checkpoint",
+            "weights",
+            "--prompt",
+            "a cat",
+            "--out",
+            "v.mp4",
+            "--quiet",
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, "rf-generate", "weights is a directory")
 
 

@@ -23,18 +23,28 @@ def test_bundles_hold_the_contracts_graphs_and_names(engine_dirs, which):
     slots = manifest["model"]["vae_cache_slots"]
     for name, g in fp32.items():
         ins, outs = graph_io.io_names(name, slots)
-        assert [t["name"] for t in g["inputs"]] == list(ins), name  # export writes them in the contract's order
+        assert [t["name"] for t in g["inputs"]] == list(ins), (
+            name
+        )  # export writes them in the contract's order
         assert [t["name"] for t in g["outputs"]] == list(outs), name
 
 
 def test_names_and_variants():
     assert graph_io.vae_cache_names(2) == (["cache_0", "cache_1"], ["cache_0_out", "cache_1_out"])
-    assert graph_io.variant("dit_step", "fp16") == "dit_step@fp16" and graph_io.variant("dit_step", "fp32") == "dit_step"
+    assert (
+        graph_io.variant("dit_step", "fp16") == "dit_step@fp16"
+        and graph_io.variant("dit_step", "fp32") == "dit_step"
+    )
     assert graph_io.base_graph("vae_decode@bf16") == "vae_decode"
-    assert graph_io.mismatch("cache_update", ["ctx_v", "ctx_k", "new_k", "new_v", "mix"],
-                             ["ctx_k_out", "ctx_v_out"]) is None  # bound by name: order is free
-    assert "mixing" in graph_io.mismatch("cache_update", ["ctx_k", "ctx_v", "new_k", "new_v", "mixing"],
-                                         ["ctx_k_out", "ctx_v_out"])
+    assert (
+        graph_io.mismatch(
+            "cache_update", ["ctx_v", "ctx_k", "new_k", "new_v", "mix"], ["ctx_k_out", "ctx_v_out"]
+        )
+        is None
+    )  # bound by name: order is free
+    assert "mixing" in graph_io.mismatch(
+        "cache_update", ["ctx_k", "ctx_v", "new_k", "new_v", "mixing"], ["ctx_k_out", "ctx_v_out"]
+    )
     with pytest.raises(KeyError, match="not a graph of the bundle contract"):
         graph_io.io_names("unet")
 
@@ -59,5 +69,7 @@ def test_engine_refuses_a_graph_with_other_tensor_names(engine_dirs, tmp_path):
         if t["name"] == "mix":
             t["name"] = "mixing"
     write_manifest(str(bundle), manifest)
-    with pytest.raises(BundleError, match="graph cache_update.*'mixing'.*the runtime expects.*'mix'.*rf-export onnx"):
+    with pytest.raises(
+        BundleError, match="graph cache_update.*'mixing'.*the runtime expects.*'mix'.*rf-export onnx"
+    ):
         EngineBackend.load(bundle)

@@ -19,8 +19,15 @@ def test_write_then_load_round_trips_every_part(tmp_path):
     dit, vae = tiny_dit(4), tiny_vae(4)
     settings = StreamSettings(ema_alpha=0.5, window_frames=9, timesteps=(1000, 500))
     card = {"name": "round trip", "training_stage": "random"}
-    model_dir.write(tmp_path / "m", dit, vae, text_encoder=TEXT.to_dict(), stream=settings, resolution=(16, 48),
-                    model_card=card)
+    model_dir.write(
+        tmp_path / "m",
+        dit,
+        vae,
+        text_encoder=TEXT.to_dict(),
+        stream=settings,
+        resolution=(16, 48),
+        model_card=card,
+    )
     assert model_dir.is_model_dir(tmp_path / "m") and not model_dir.is_model_dir(tmp_path)
     m = model_dir.load(tmp_path / "m")
     assert m.settings == settings and m.resolution == (16, 48) and m.card["model_card"] == card
@@ -34,8 +41,9 @@ def test_write_then_load_round_trips_every_part(tmp_path):
     with open(tmp_path / "m" / model_dir.CARD) as f:
         raw = json.load(f)
     assert raw["stream"]["timesteps"] == [1000, 500] and raw["resolution"] == [16, 48]
-    assert sorted(os.listdir(tmp_path / "m")) == sorted([model_dir.CONFIG, model_dir.CARD, model_dir.DIT_WEIGHTS,
-                                                         "vae.safetensors"])  # no temporary file left
+    assert sorted(os.listdir(tmp_path / "m")) == sorted(
+        [model_dir.CONFIG, model_dir.CARD, model_dir.DIT_WEIGHTS, "vae.safetensors"]
+    )  # no temporary file left
 
 
 def test_a_card_with_partial_stream_settings_takes_the_defaults(tmp_path):

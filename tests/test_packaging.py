@@ -34,8 +34,23 @@ def test_every_cli_has_version(name, capsys):
 
 
 def test_the_wheel_holds_one_package_with_export_inside(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), ROOT], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            ROOT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
     names = zipfile.ZipFile(tmp_path / wheel).namelist()
@@ -43,15 +58,22 @@ def test_the_wheel_holds_one_package_with_export_inside(tmp_path):
     assert tops == {"rf_runtime"}  # no generic top-level "export" in site-packages
     assert "rf_runtime/export/cli.py" in names and "rf_runtime/py.typed" in names
     assert any(re.match(r"rf_runtime-[^/]+\.dist-info/licenses/LICENSE$", n) for n in names)
-    entry_points = zipfile.ZipFile(tmp_path / wheel).read(
-        next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    entry_points = (
+        zipfile.ZipFile(tmp_path / wheel)
+        .read(next(n for n in names if n.endswith(".dist-info/entry_points.txt")))
+        .decode()
+    )
     assert "rf-export = rf_runtime.export.cli:main" in entry_points
 
 
 def test_license_is_the_apache_license():
     with open(os.path.join(ROOT, "LICENSE")) as f:
         text = f.read()
-    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    assert (
+        "Apache License" in text
+        and "Version 2.0, January 2004" in text
+        and "END OF TERMS AND CONDITIONS" in text
+    )
 
 
 def readme_outputs() -> set[str]:
@@ -70,6 +92,8 @@ def test_what_the_readme_writes_is_ignored_by_git():
     outputs = readme_outputs()
     assert {"ball.mp4", "tiny-model", "tiny-bundle", "fox.npz"} <= outputs  # the parse finds them
     for path in sorted(outputs):  # a file, or a folder (then what it holds is ignored)
-        ignored = [subprocess.run(["git", "-C", ROOT, "check-ignore", "-q", "--no-index", p]).returncode == 0
-                   for p in (path, f"{path}/anything")]
+        ignored = [
+            subprocess.run(["git", "-C", ROOT, "check-ignore", "-q", "--no-index", p]).returncode == 0
+            for p in (path, f"{path}/anything")
+        ]
         assert any(ignored), f"{path} (written by a README command) is not ignored by git"

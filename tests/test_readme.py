@@ -31,7 +31,9 @@ def test_every_python_block_of_the_readme_runs(tmp_path, monkeypatch, capsys):
         try:
             exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
         except Exception as exc:  # name the block that failed
-            raise AssertionError(f"README python block {i + 1} fails: {type(exc).__name__}: {exc}\n{block}") from exc
+            raise AssertionError(
+                f"README python block {i + 1} fails: {type(exc).__name__}: {exc}\n{block}"
+            ) from exc
     # show() prints each chunk's frames: 45 frames in chunks of 3 (block 1), then 41 chunks (block 2),
     # all of the shape the README states for the shipped model
     shapes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("(")]

@@ -14,13 +14,23 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
 from rf_runtime.errors import MissingDependencyError, RFError  # noqa: E402
-from rf_runtime.runners import (GraphSpec, OnnxRuntimeRunner, Runner, RunnerError, TensorRTRunner,  # noqa: E402
-                                TensorSpec, TorchRunner)
+from rf_runtime.runners import (  # noqa: E402
+    GraphSpec,
+    OnnxRuntimeRunner,
+    Runner,
+    RunnerError,
+    TensorRTRunner,
+    TensorSpec,
+    TorchRunner,
+)
 from rf_runtime.runners.tensorrt_runner import check_cuda  # noqa: E402
 
 TOL = 1e-5  # relative error of every runner against the torch module, fp32
-GRAPH = GraphSpec("tiny", (TensorSpec("x", (2, 3, 4), "float32"), TensorSpec("scale", (1,), "float32")),
-                  (TensorSpec("y", (2, 3, 5), "float32"), TensorSpec("total", (2, 3), "float32")))
+GRAPH = GraphSpec(
+    "tiny",
+    (TensorSpec("x", (2, 3, 4), "float32"), TensorSpec("scale", (1,), "float32")),
+    (TensorSpec("y", (2, 3, 5), "float32"), TensorSpec("total", (2, 3), "float32")),
+)
 
 
 class Tiny(torch.nn.Module):
@@ -36,8 +46,15 @@ class Tiny(torch.nn.Module):
 def onnx_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("runners") / "tiny.onnx"
     args = (torch.zeros(2, 3, 4), torch.ones(1))
-    torch.onnx.export(Tiny(), args, str(path), input_names=["x", "scale"], output_names=["y", "total"],
-                      opset_version=17, dynamo=False)
+    torch.onnx.export(
+        Tiny(),
+        args,
+        str(path),
+        input_names=["x", "scale"],
+        output_names=["y", "total"],
+        opset_version=17,
+        dynamo=False,
+    )
     return path
 
 
@@ -71,8 +88,12 @@ def make_tensorrt(onnx_path, tmp_path):
     return TensorRTRunner(build_plan(onnx_path, tmp_path / "tiny.plan"), GRAPH)
 
 
-FACTORIES = {"torch": make_torch, "onnxruntime-cpu": make_ort_cpu, "onnxruntime-cuda": make_ort_cuda,
-             "tensorrt": make_tensorrt}
+FACTORIES = {
+    "torch": make_torch,
+    "onnxruntime-cpu": make_ort_cpu,
+    "onnxruntime-cuda": make_ort_cuda,
+    "tensorrt": make_tensorrt,
+}
 COVERED = {TorchRunner: "torch", OnnxRuntimeRunner: "onnxruntime-cpu", TensorRTRunner: "tensorrt"}
 
 
@@ -93,7 +114,10 @@ def runner(request, onnx_path, tmp_path):
 
 def feed(seed=0):
     rng = np.random.default_rng(seed)
-    return {"x": rng.standard_normal((2, 3, 4), dtype=np.float32), "scale": np.array([1.5 + seed], np.float32)}
+    return {
+        "x": rng.standard_normal((2, 3, 4), dtype=np.float32),
+        "scale": np.array([1.5 + seed], np.float32),
+    }
 
 
 def reference(f):
@@ -190,7 +214,9 @@ def _foreign_binding():
 
 def test_declared_io_must_match_the_onnx_graph(onnx_path):
     wrong = GraphSpec("tiny", GRAPH.inputs, (TensorSpec("y", (2, 3, 6), "float32"), GRAPH.outputs[1]))
-    with pytest.raises(RunnerError, match=r"output 'y': declared \[2, 3, 6\] float32, the graph has \[2, 3, 5\]"):
+    with pytest.raises(
+        RunnerError, match=r"output 'y': declared \[2, 3, 6\] float32, the graph has \[2, 3, 5\]"
+    ):
         OnnxRuntimeRunner(onnx_path, wrong).activate()
     inferred = OnnxRuntimeRunner(onnx_path).activate()  # no declared IO: taken from the session
     assert inferred.graph.compare(GRAPH) == []

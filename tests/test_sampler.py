@@ -56,7 +56,9 @@ def test_cache_memory_constant_over_50_chunks():
         for _ in range(50):
             _chunk(roll, torch.randn(1, 3, 16, 4, 4), torch.zeros(0, 1, 3, 16, 4, 4))
     assert roll.chunks_committed == 50
-    assert roll.cache_k.shape == shape and roll.cache_k.data_ptr() == ptr_k and roll.cache_v.data_ptr() == ptr_v
+    assert (
+        roll.cache_k.shape == shape and roll.cache_k.data_ptr() == ptr_k and roll.cache_v.data_ptr() == ptr_v
+    )
     # 2 layers x (3 sink + 3 window) frames x 4 tokens x 2 heads x 16 dims
     assert roll.cache_k.numel() == 2 * 6 * 4 * 2 * 16
     assert torch.isfinite(roll.cache_k).all()
@@ -76,7 +78,7 @@ def test_ema_alpha_one_equals_static_sink_and_differs_from_ema():
         first = _chunk(roll, noise[:, :3], ren[:, :, :3])
         sink = roll.cache_k[:, :, : 3 * 4].clone()
         for i in range(1, 5):
-            _chunk(roll, noise[:, 3 * i: 3 * i + 3], ren[:, :, 3 * i: 3 * i + 3])
+            _chunk(roll, noise[:, 3 * i : 3 * i + 3], ren[:, :, 3 * i : 3 * i + 3])
     assert torch.equal(roll.cache_k[:, :, : 3 * 4], sink)
     assert torch.allclose(first, static[:, :3])
     ema = generate_latents(model, text, noise, ren, StreamSettings(ema_alpha=0.5))
@@ -92,7 +94,12 @@ def test_bad_inputs():
     with pytest.raises(InputError, match="renoise"):
         generate_latents(model, text, torch.randn(1, 3, 16, 4, 4), torch.randn(2, 1, 3, 16, 4, 4))
     with pytest.raises(InputError, match="text_len"):
-        generate_latents(model, torch.randn(1, 9, TINY.text_dim), torch.randn(1, 3, 16, 4, 4), torch.randn(3, 1, 3, 16, 4, 4))
+        generate_latents(
+            model,
+            torch.randn(1, 9, TINY.text_dim),
+            torch.randn(1, 3, 16, 4, 4),
+            torch.randn(3, 1, 3, 16, 4, 4),
+        )
     with pytest.raises(InputError, match="noise must be"):
         generate_latents(model, text, torch.randn(1, 3, 8, 4, 4), torch.randn(3, 1, 3, 8, 4, 4))
     with pytest.raises(ConfigError, match="ema_alpha"):

@@ -65,7 +65,9 @@ def recv_until(ws, kind: str, timeout=TIMEOUT):
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AssertionError(f"no {kind!r} event within {timeout} s; got {[m for m in out if isinstance(m, dict)]}")
+            raise AssertionError(
+                f"no {kind!r} event within {timeout} s; got {[m for m in out if isinstance(m, dict)]}"
+            )
         m = recv(ws, left)
         out.append(m)
         if isinstance(m, dict) and m["type"] == kind:
@@ -117,8 +119,12 @@ def rejected(server) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(server.url + "/metrics", timeout=10).text
-    return {sample.labels["reason"]: sample.value for family in text_string_to_metric_families(text)
-            for sample in family.samples if sample.name == "rf_serve_sessions_rejected_total"}
+    return {
+        sample.labels["reason"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "rf_serve_sessions_rejected_total"
+    }
 
 
 def metric(server, name, **headers):
@@ -148,7 +154,12 @@ def test_stream_frames_equal_the_model_and_headers_count_up(server, streamer):
     assert sorted({h.chunk for h, _ in got}) == chunks
     assert all(h.made <= h.sent <= time.time() for h, _ in got)
     assert [j for _, j in got] == reference_jpegs(streamer, "a red circle bouncing", 3, 10)
-    assert events(msgs, "ended")[0] == {"type": "ended", "reason": "finished", "frames_sent": 10, "dropped_frames": 0}
+    assert events(msgs, "ended")[0] == {
+        "type": "ended",
+        "reason": "finished",
+        "frames_sent": 10,
+        "dropped_frames": 0,
+    }
 
 
 def test_prompt_switch_takes_effect_at_the_reported_chunk(server, streamer):
@@ -159,8 +170,14 @@ def test_prompt_switch_takes_effect_at_the_reported_chunk(server, streamer):
         msgs += recv_until(ws, "ended")
     (changed,) = events(msgs, "prompt_changed")
     assert changed["prompt"] == "a blue square sliding" and changed["chunk"] >= 1
-    ref = reference_jpegs(streamer, "a red circle bouncing", 1, 15, switch_at=changed["chunk"],
-                          new_prompt="a blue square sliding")
+    ref = reference_jpegs(
+        streamer,
+        "a red circle bouncing",
+        1,
+        15,
+        switch_at=changed["chunk"],
+        new_prompt="a blue square sliding",
+    )
     plain = reference_jpegs(streamer, "a red circle bouncing", 1, 15)
     got = [j for _, j in frames(msgs)]
     assert got == ref
@@ -219,8 +236,12 @@ def raw_client(server, start_fields: dict, rcvbuf: int | None = None) -> socket.
     raw.settimeout(10)
     raw.connect((server.host, server.port))
     key = base64.b64encode(os.urandom(16)).decode()
-    raw.sendall((f"GET /v1/stream HTTP/1.1\r\nHost: {server.host}:{server.port}\r\nUpgrade: websocket\r\n"
-                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    raw.sendall(
+        (
+            f"GET /v1/stream HTTP/1.1\r\nHost: {server.host}:{server.port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     response = b""
     while b"\r\n\r\n" not in response:
         response += raw.recv(1)
@@ -228,7 +249,9 @@ def raw_client(server, start_fields: dict, rcvbuf: int | None = None) -> socket.
     payload = json.dumps({"type": "start", "prompt": "a red circle", **start_fields}).encode()
     assert len(payload) < 126
     mask = os.urandom(4)
-    raw.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+    raw.sendall(
+        bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    )
     return raw
 
 
@@ -241,8 +264,13 @@ def vanish(raw: socket.socket) -> None:
 def test_slow_client_drops_frames_and_does_not_stall_another(streamer):
     # small kernel buffers on both ends, so that a client that reads nothing blocks the server's sends
     # within seconds (the frames are ~1 KB; loopback buffers would otherwise hold minutes of them)
-    with ServerThread(ServeApp(LocalEngine(streamer, workers=2, jpeg_quality=QUALITY),
-                               ServeConfig(max_sessions=2, queue_frames=6)), send_buffer_bytes=4096) as s:
+    with ServerThread(
+        ServeApp(
+            LocalEngine(streamer, workers=2, jpeg_quality=QUALITY),
+            ServeConfig(max_sessions=2, queue_frames=6),
+        ),
+        send_buffer_bytes=4096,
+    ) as s:
         slow = raw_client(s, {"paced": False}, rcvbuf=4096)  # never reads
         deadline = time.monotonic() + 60
         while metric(s, "rf_serve_frames_dropped_total") == 0:
@@ -430,7 +458,9 @@ def test_page_is_served_from_package_data_without_external_urls(server):
 def test_mp4_job_makes_the_video(server, streamer):
     from rf_runtime.video import read_mp4
 
-    r = httpx.post(server.url + "/v1/videos", json={"prompt": "a red circle bouncing", "seconds": 0.5, "seed": 2})
+    r = httpx.post(
+        server.url + "/v1/videos", json={"prompt": "a red circle bouncing", "seconds": 0.5, "seed": 2}
+    )
     assert r.status_code == 202
     job = r.json()
     assert job["status"] in ("queued", "running") and job["frames_total"] == 8
@@ -451,15 +481,18 @@ def test_mp4_job_makes_the_video(server, streamer):
     assert np.abs(got.astype(float) - ref).mean() < 6
 
 
-@pytest.mark.parametrize("body,code", [
-    ({"seconds": 1}, "bad_prompt"),
-    ({"prompt": "a", "seconds": 0}, "bad_field"),
-    ({"prompt": "a", "seconds": 10_000}, "bad_field"),
-    ({"prompt": "a", "seconds": "5"}, "bad_field"),
-    ({"prompt": "a", "seed": -3}, "bad_field"),
-    ({"prompt": "a", "fps": 30}, "bad_field"),
-    ([1, 2], "bad_message"),
-])
+@pytest.mark.parametrize(
+    "body,code",
+    [
+        ({"seconds": 1}, "bad_prompt"),
+        ({"prompt": "a", "seconds": 0}, "bad_field"),
+        ({"prompt": "a", "seconds": 10_000}, "bad_field"),
+        ({"prompt": "a", "seconds": "5"}, "bad_field"),
+        ({"prompt": "a", "seed": -3}, "bad_field"),
+        ({"prompt": "a", "fps": 30}, "bad_field"),
+        ([1, 2], "bad_message"),
+    ],
+)
 def test_bad_job_request_is_400_with_the_reason(server, body, code):
     r = httpx.post(server.url + "/v1/videos", json=body)
     assert r.status_code == 400 and r.json()["code"] == code and r.json()["error"]
@@ -483,8 +516,12 @@ def _free_port() -> int:
 
 def test_sigterm_sends_ended_to_every_session_and_exits(tmp_path):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "rf_runtime.serve.cli", "--port", str(port), "--log-level",
-                             "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rf_runtime.serve.cli", "--port", str(port), "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + TIMEOUT
@@ -496,7 +533,10 @@ def test_sigterm_sends_ended_to_every_session_and_exits(tmp_path):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "rf-serve did not start"
             time.sleep(0.1)
-        with connect(f"ws://127.0.0.1:{port}/v1/stream") as a, connect(f"ws://127.0.0.1:{port}/v1/stream") as b:
+        with (
+            connect(f"ws://127.0.0.1:{port}/v1/stream") as a,
+            connect(f"ws://127.0.0.1:{port}/v1/stream") as b,
+        ):
             start(a)
             recv_until(a, "chunk")
             proc.send_signal(signal.SIGTERM)
@@ -517,8 +557,12 @@ def test_sigterm_sends_ended_to_every_session_and_exits(tmp_path):
 def test_cli_refuses_two_models_with_a_clear_error():
     from rf_runtime.serve.cli import main
 
-    r = subprocess.run([sys.executable, "-m", "rf_runtime.serve.cli", "--engine", "a", "--model-dir", "b"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "rf_runtime.serve.cli", "--engine", "a", "--model-dir", "b"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "two models" in r.stderr and "Traceback" not in r.stderr
     assert main.__module__ == "rf_runtime.serve.cli"
 

@@ -15,8 +15,10 @@ import pytest
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-    pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)",
-                allow_module_level=True)
+    pytest.skip(
+        "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)",
+        allow_module_level=True,
+    )
 webdriver = pytest.importorskip("selenium.webdriver")
 pytest.importorskip("starlette")
 pytest.importorskip("onnxruntime")
@@ -42,9 +44,18 @@ def streamer():
 def browser(tmp_path):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=640,1000"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=640,1000",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(WAIT)
@@ -69,7 +80,9 @@ def canvas_mean(driver) -> float:
 
 
 def test_page_streams_switches_prompt_and_stops(browser, streamer, tmp_path):
-    with ServerThread(ServeApp(LocalEngine(streamer, workers=2, jpeg_quality=85), ServeConfig(max_sessions=2))) as s:
+    with ServerThread(
+        ServeApp(LocalEngine(streamer, workers=2, jpeg_quality=85), ServeConfig(max_sessions=2))
+    ) as s:
         browser.get(s.url + "/")
         wait_for(browser, lambda d: "64x64" in d.find_element(By.ID, "model").text, "model info shown")
         assert viewer(browser, "state") == "idle"
@@ -81,7 +94,9 @@ def test_page_streams_switches_prompt_and_stops(browser, streamer, tmp_path):
         wait_for(browser, lambda d: viewer(d, "framesDrawn") >= 6, "frames drawn")
         assert viewer(browser, "state") == "streaming"
         assert browser.find_element(By.ID, "status").text == "streaming"
-        assert canvas_mean(browser) > 1  # the model's frames (an orange-red object on black) are on the canvas
+        assert (
+            canvas_mean(browser) > 1
+        )  # the model's frames (an orange-red object on black) are on the canvas
         assert browser.find_element(By.ID, "start").get_attribute("disabled") is not None
         drawn = viewer(browser, "framesDrawn")
         wait_for(browser, lambda d: viewer(d, "framesDrawn") >= drawn + 3, "frames keep arriving")
@@ -111,7 +126,9 @@ def test_page_streams_switches_prompt_and_stops(browser, streamer, tmp_path):
 
 
 def test_page_shows_server_full(browser, streamer):
-    with ServerThread(ServeApp(LocalEngine(streamer, workers=1, jpeg_quality=85), ServeConfig(max_sessions=1))) as s:
+    with ServerThread(
+        ServeApp(LocalEngine(streamer, workers=1, jpeg_quality=85), ServeConfig(max_sessions=1))
+    ) as s:
         with connect(s.ws_url):  # holds the only slot
             deadline = time.monotonic() + 10
             while s.serve_app.active != 1:
@@ -126,8 +143,9 @@ def test_page_shows_server_full(browser, streamer):
 
 
 def test_page_needs_the_token_and_works_with_it(browser, streamer):
-    with ServerThread(ServeApp(LocalEngine(streamer, workers=1, jpeg_quality=85),
-                               ServeConfig(token="letmein"))) as s:
+    with ServerThread(
+        ServeApp(LocalEngine(streamer, workers=1, jpeg_quality=85), ServeConfig(token="letmein"))
+    ) as s:
         browser.get(s.url + "/")
         assert "unauthorized" in browser.find_element(By.TAG_NAME, "body").text
         browser.get(s.url + "/?token=letmein")  # sets the cookie the script and the WebSocket then carry

@@ -29,8 +29,9 @@ SNAPSHOT_EVERY = 3
 
 @pytest.fixture(scope="module")
 def cluster():
-    engine = RayEngine.start(replicas=2, snapshot_every=SNAPSHOT_EVERY, jpeg_quality=QUALITY,
-                             cpus_per_replica=0.25)  # a 1-CPU cluster that fits 4 replicas
+    engine = RayEngine.start(
+        replicas=2, snapshot_every=SNAPSHOT_EVERY, jpeg_quality=QUALITY, cpus_per_replica=0.25
+    )  # a 1-CPU cluster that fits 4 replicas
     app = ServeApp(engine, ServeConfig(max_sessions=4, snapshot_every=SNAPSHOT_EVERY))
     with ServerThread(app) as server:
         yield server, engine
@@ -64,8 +65,17 @@ def test_a_dead_replica_s_session_resumes_bit_exactly_on_the_other(cluster):
     total, switch_prompt = 30, "a blue square sliding"
     msgs = []
     with connect(server.ws_url) as ws:
-        ws.send(json.dumps({"type": "start", "prompt": "a red circle bouncing", "seed": 4, "num_frames": total,
-                            "paced": False}))
+        ws.send(
+            json.dumps(
+                {
+                    "type": "start",
+                    "prompt": "a red circle bouncing",
+                    "seed": 4,
+                    "num_frames": total,
+                    "paced": False,
+                }
+            )
+        )
         killed = False
         deadline = time.monotonic() + 90
         while not (msgs and isinstance(msgs[-1], dict) and msgs[-1]["type"] == "ended"):

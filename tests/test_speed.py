@@ -20,7 +20,11 @@ from rf_runtime.streamer import Streamer  # noqa: E402
 
 
 def test_default_threads_split_by_graph_and_overrides():
-    assert cpu_threads("vae_decode", None, cores=2) == CpuThreads(2) == cpu_threads("vae_decode_first", None, cores=2)
+    assert (
+        cpu_threads("vae_decode", None, cores=2)
+        == CpuThreads(2)
+        == cpu_threads("vae_decode_first", None, cores=2)
+    )
     for graph in ("dit_step", "cache_update", "text_kv", "text_encoder"):
         assert cpu_threads(graph, None, cores=8) == CpuThreads(1)
     assert cpu_threads("vae_decode", 1) == CpuThreads(1, spinning=False)
@@ -41,7 +45,10 @@ def test_sessions_get_the_threads_asked_for(engine_dirs):
     one = EngineBackend.load(bundle, threads=CpuThreads(1, spinning=True))
     for r in one.runners.values():
         o = r.session.get_session_options()
-        assert o.intra_op_num_threads == 1 and o.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+        assert (
+            o.intra_op_num_threads == 1
+            and o.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+        )
 
 
 def test_concurrent_streams_on_shared_sessions_give_their_own_frames(engine_dirs):
@@ -49,8 +56,10 @@ def test_concurrent_streams_on_shared_sessions_give_their_own_frames(engine_dirs
     --sessions and a server do) give exactly the frames each gives alone."""
     _, bundle = engine_dirs
     streamer = Streamer.from_engine(bundle, threads=1)
-    alone = {seed: np.concatenate(list(streamer.stream("a red circle", seed=seed, num_frames=9 + 12 * 5)))
-             for seed in (3, 4)}
+    alone = {
+        seed: np.concatenate(list(streamer.stream("a red circle", seed=seed, num_frames=9 + 12 * 5)))
+        for seed in (3, 4)
+    }
     import threading
 
     got = {}
@@ -82,21 +91,36 @@ def _f(name, shape):
 def test_flops_of_each_counted_op(tmp_path):
     w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.zeros(108, np.float32))
     g = helper.make_tensor("g", TensorProto.FLOAT, [5, 6], np.zeros(30, np.float32))
-    nodes = [helper.make_node("MatMul", ["a", "b"], ["ab"]),                      # [2, 7, 3] x [3, 5]
-             helper.make_node("Gemm", ["ab2", "g"], ["gm"]),                      # [14, 5] x [5, 6]
-             helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),      # [1, 3, 8, 8] -> [1, 4, 8, 8]
-             helper.make_node("Einsum", ["m", "n"], ["e"], equation="ij,jk->ik"),  # [2, 3] x [3, 4]
-             helper.make_node("Einsum", ["m"], ["mt"], equation="ij->ji"),         # a transpose: 0
-             helper.make_node("Relu", ["y"], ["r"])]                             # not counted
-    model = _model(nodes, [_f("a", [2, 7, 3]), _f("b", [3, 5]), _f("ab2", [14, 5]), _f("x", [1, 3, 8, 8]),
-                           _f("m", [2, 3]), _f("n", [3, 4])],
-                   [_f("ab", [2, 7, 5]), _f("gm", [14, 6]), _f("r", [1, 4, 8, 8]), _f("e", [2, 4]), _f("mt", [3, 2])],
-                   [w, g])
+    nodes = [
+        helper.make_node("MatMul", ["a", "b"], ["ab"]),  # [2, 7, 3] x [3, 5]
+        helper.make_node("Gemm", ["ab2", "g"], ["gm"]),  # [14, 5] x [5, 6]
+        helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),  # [1, 3, 8, 8] -> [1, 4, 8, 8]
+        helper.make_node("Einsum", ["m", "n"], ["e"], equation="ij,jk->ik"),  # [2, 3] x [3, 4]
+        helper.make_node("Einsum", ["m"], ["mt"], equation="ij->ji"),  # a transpose: 0
+        helper.make_node("Relu", ["y"], ["r"]),
+    ]  # not counted
+    model = _model(
+        nodes,
+        [
+            _f("a", [2, 7, 3]),
+            _f("b", [3, 5]),
+            _f("ab2", [14, 5]),
+            _f("x", [1, 3, 8, 8]),
+            _f("m", [2, 3]),
+            _f("n", [3, 4]),
+        ],
+        [_f("ab", [2, 7, 5]), _f("gm", [14, 6]), _f("r", [1, 4, 8, 8]), _f("e", [2, 4]), _f("mt", [3, 2])],
+        [w, g],
+    )
     path = tmp_path / "g.onnx"
     onnx.save(model, path)
     f = graph_flops(path)
-    assert f["by_op"] == {"MatMul": 2 * 2 * 7 * 5 * 3, "Gemm": 2 * 14 * 6 * 5, "Conv": 2 * (4 * 8 * 8) * (3 * 3 * 3),
-                          "Einsum": 2 * 2 * 4 * 3}
+    assert f["by_op"] == {
+        "MatMul": 2 * 2 * 7 * 5 * 3,
+        "Gemm": 2 * 14 * 6 * 5,
+        "Conv": 2 * (4 * 8 * 8) * (3 * 3 * 3),
+        "Einsum": 2 * 2 * 4 * 3,
+    }
     assert f["flops"] == sum(f["by_op"].values()) and f["uncounted"] == 0
 
 
@@ -105,11 +129,13 @@ def dit_step_flops(dit: dict, grid_hw, chunk_frames: int, context_frames: int, l
     d, L = dit["dim"], chunk_frames * grid_hw[0] * grid_hw[1]
     keys = (context_frames + chunk_frames) * grid_hw[0] * grid_hw[1]
     patch = dit["patch_size"][1] * dit["patch_size"][2]
-    per_layer = (4 * 2 * L * d * d            # self-attention q, k, v, o
-                 + 2 * 2 * L * d * d          # cross-attention q, o (text K/V come precomputed)
-                 + 2 * 2 * L * keys * d       # self-attention scores and values
-                 + 2 * 2 * L * dit["text_len"] * d
-                 + 2 * 2 * L * d * dit["ffn_dim"])
+    per_layer = (
+        4 * 2 * L * d * d  # self-attention q, k, v, o
+        + 2 * 2 * L * d * d  # cross-attention q, o (text K/V come precomputed)
+        + 2 * 2 * L * keys * d  # self-attention scores and values
+        + 2 * 2 * L * dit["text_len"] * d
+        + 2 * 2 * L * d * dit["ffn_dim"]
+    )
     embed = 2 * L * d * latent_channels * patch + 2 * L * d * patch * dit["out_dim"]  # patch embedding, head
     time = 2 * chunk_frames * (dit["freq_dim"] * d + d * d + d * 6 * d)
     return dit["num_layers"] * per_layer + embed + time
@@ -132,13 +158,17 @@ def test_rf_bench_profile(engine_dirs, tmp_path, capsys):
     assert rows["vae_decode"]["calls_per_chunk"] == stream["chunk_frames"]
     assert rows["vae_decode_first"]["calls_per_chunk"] == 0 and rows["text_kv"]["calls_per_chunk"] == 0
     context = stream["sink_frames"] + stream["window_frames"] - stream["chunk_frames"]
-    want = dit_step_flops(model["dit"], model["grid_hw"], stream["chunk_frames"], context, model["latent_channels"])
+    want = dit_step_flops(
+        model["dit"], model["grid_hw"], stream["chunk_frames"], context, model["latent_channels"]
+    )
     assert rows["dit_step"]["mflop_per_call"] * 1e6 == pytest.approx(want, rel=1e-9)
     assert all(r["uncounted_nodes"] == 0 for r in rows.values())
     chunk_ms = np.mean(report["runs"][0]["per_chunk"]["seconds"][1:]) * 1e3
     assert p["chunk_ms"] == pytest.approx(chunk_ms)
     assert p["graphs_ms"] == pytest.approx(sum(r["ms_per_chunk"] for r in rows.values()))
-    assert 0 < p["graphs_ms"] <= p["chunk_ms"] and p["host_ms"] == pytest.approx(p["chunk_ms"] - p["graphs_ms"])
+    assert 0 < p["graphs_ms"] <= p["chunk_ms"] and p["host_ms"] == pytest.approx(
+        p["chunk_ms"] - p["graphs_ms"]
+    )
     assert p["peak_gflops_per_core"] > 0.5 and p["peak_gflops_per_core_cpu"] > 0.5
     dit = rows["dit_step"]  # a one-thread session: its CPU time is the calling thread's
     assert 0 < dit["cpu_ms_per_chunk"] <= dit["ms_per_chunk"] * 1.05
@@ -146,15 +176,39 @@ def test_rf_bench_profile(engine_dirs, tmp_path, capsys):
 
 
 def test_profile_report_arithmetic():
-    graphs = {"a": {"flops": 2_000_000, "nodes": 10, "uncounted": 0}, "b": {"flops": 0, "nodes": 3, "uncounted": 0}}
-    r = profile_report(graphs, chunks=4, chunk_seconds=0.4, seconds={"a": 0.2, "b": 0.04}, calls={"a": 20, "b": 4},
-                       threads={"a": 2}, peak_per_core=10.0, cpu={"a": 0.3, "b": 0.02}, peak_per_core_cpu=20.0)
+    graphs = {
+        "a": {"flops": 2_000_000, "nodes": 10, "uncounted": 0},
+        "b": {"flops": 0, "nodes": 3, "uncounted": 0},
+    }
+    r = profile_report(
+        graphs,
+        chunks=4,
+        chunk_seconds=0.4,
+        seconds={"a": 0.2, "b": 0.04},
+        calls={"a": 20, "b": 4},
+        threads={"a": 2},
+        peak_per_core=10.0,
+        cpu={"a": 0.3, "b": 0.02},
+        peak_per_core_cpu=20.0,
+    )
     a = r["graphs"]["a"]
-    assert a["calls_per_chunk"] == 5 and a["ms_per_chunk"] == pytest.approx(50) and a["ms_per_call"] == pytest.approx(10)
-    assert a["gflops"] == pytest.approx(2e6 * 5 / 0.05 / 1e9) and a["share_of_peak"] == pytest.approx(0.2 / 20)
-    assert r["chunk_ms"] == pytest.approx(100) and r["host_ms"] == pytest.approx(40) and r["host_share"] == pytest.approx(0.4)
+    assert (
+        a["calls_per_chunk"] == 5
+        and a["ms_per_chunk"] == pytest.approx(50)
+        and a["ms_per_call"] == pytest.approx(10)
+    )
+    assert a["gflops"] == pytest.approx(2e6 * 5 / 0.05 / 1e9) and a["share_of_peak"] == pytest.approx(
+        0.2 / 20
+    )
+    assert (
+        r["chunk_ms"] == pytest.approx(100)
+        and r["host_ms"] == pytest.approx(40)
+        and r["host_share"] == pytest.approx(0.4)
+    )
     assert r["gflop_per_chunk"] == pytest.approx(0.01)
-    assert a["cpu_gflops"] is None and a["share_of_peak_cpu"] is None  # two threads: the caller's CPU is not all
+    assert (
+        a["cpu_gflops"] is None and a["share_of_peak_cpu"] is None
+    )  # two threads: the caller's CPU is not all
     assert r["graphs"]["b"]["cpu_ms_per_chunk"] == pytest.approx(5) and r["graphs"]["b"]["cpu_gflops"] == 0.0
 
 
@@ -173,8 +227,23 @@ def test_sessions_count_every_stream(engine_dirs):
 def test_rf_bench_sessions_and_thread_errors(engine_dirs, tmp_path, capsys):
     model, bundle = engine_dirs
     out = tmp_path / "s.json"
-    assert bench_main(["--bundle", str(bundle), "--chunks", "3", "--sessions", "1,2", "--threads", "1",
-                       "--json", str(out)]) == 0
+    assert (
+        bench_main(
+            [
+                "--bundle",
+                str(bundle),
+                "--chunks",
+                "3",
+                "--sessions",
+                "1,2",
+                "--threads",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert [c["sessions"] for c in report["sessions"]] == [1, 2]
     assert report["sessions"][0]["aggregate_over_one_session"] == 1.0
@@ -183,9 +252,11 @@ def test_rf_bench_sessions_and_thread_errors(engine_dirs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse refuses it
         bench_main(["--bundle", str(bundle), "--sessions", "0,2"])
     assert exit_.value.code == 2 and "positive integers" in capsys.readouterr().err
-    for argv, message in ((["--model-dir", str(model), "--threads", "2"], "apply to the engine run"),
-                          (["--model-dir", str(model), "--profile"], "graphs of an engine bundle"),
-                          (["--bundle", str(bundle), "--threads", "0"], "must be >= 1")):
+    for argv, message in (
+        (["--model-dir", str(model), "--threads", "2"], "apply to the engine run"),
+        (["--model-dir", str(model), "--profile"], "graphs of an engine bundle"),
+        (["--bundle", str(bundle), "--threads", "0"], "must be >= 1"),
+    ):
         assert bench_main([*argv, "--chunks", "2", "--json", str(tmp_path / "x.json")]) == 2
         assert message in capsys.readouterr().err
 

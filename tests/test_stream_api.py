@@ -74,7 +74,10 @@ def test_recache_plan_follows_longlive():
     s = StreamSettings()  # sink 3 + window 6 frames: the cache holds 2 chunks (sink + 1 window slot)
     assert recache_plan(s, 0, keep_sink=False) == (0, range(0, 0))  # nothing made yet: only the text changes
     assert recache_plan(s, 1, keep_sink=False) == (0, range(0, 1))
-    assert recache_plan(s, 7, keep_sink=False) == (0, range(5, 7))  # the last two chunks, the older one -> sink
+    assert recache_plan(s, 7, keep_sink=False) == (
+        0,
+        range(5, 7),
+    )  # the last two chunks, the older one -> sink
     assert recache_plan(s, 7, keep_sink=True) == (1, range(6, 7))  # the sink stays, the window is re-run
     assert recache_plan(s, 1, keep_sink=True) == (1, range(1, 1))
     wide = StreamSettings(window_frames=12)  # 3 window slots: the cache holds 4 chunks
@@ -90,9 +93,13 @@ def reference_latents(streamer, prompt, seed, chunks):
     settings, (h, w) = streamer.settings, streamer.info.latent_hw
     rng = np.random.Generator(np.random.PCG64(seed))
     noise, ren = zip(*(chunk_noise(rng, settings, (1, 16, h, w)) for _ in range(chunks)))
-    x0 = generate_latents(be.dit, torch.from_numpy(TEXT.encode([prompt])),
-                          torch.from_numpy(np.concatenate(noise, axis=1)),
-                          torch.from_numpy(np.concatenate(ren, axis=2)), settings)
+    x0 = generate_latents(
+        be.dit,
+        torch.from_numpy(TEXT.encode([prompt])),
+        torch.from_numpy(np.concatenate(noise, axis=1)),
+        torch.from_numpy(np.concatenate(ren, axis=2)),
+        settings,
+    )
     return x0.split(settings.chunk_frames, dim=1)
 
 
@@ -111,22 +118,26 @@ def test_prompt_switch_recaches_like_hand_built_longlive(torch_streamer, keep_si
         text_k, text_v = dit.text_kv(torch.from_numpy(TEXT.encode([B])))
         ctx_k, ctx_v = torch.zeros(before.cache_k.shape), torch.zeros(before.cache_v.shape)
         t0 = torch.zeros(1, 3)  # context_t = 0
-        if keep_sink:  # LongLive global_sink: the sink keeps its keys/values, the last chunk is re-run after it
-            ctx_k[:, :, :3 * tpf] = torch.from_numpy(before.cache_k[:, :, :3 * tpf])
-            ctx_v[:, :, :3 * tpf] = torch.from_numpy(before.cache_v[:, :, :3 * tpf])
+        if (
+            keep_sink
+        ):  # LongLive global_sink: the sink keeps its keys/values, the last chunk is re-run after it
+            ctx_k[:, :, : 3 * tpf] = torch.from_numpy(before.cache_k[:, :, : 3 * tpf])
+            ctx_v[:, :, : 3 * tpf] = torch.from_numpy(before.cache_v[:, :, : 3 * tpf])
             _, k, v = dit.forward_chunk(x0[n - 1], t0, text_k, text_v, ctx_k, ctx_v, 3)
         else:  # the last two chunks re-run block-causally: the older one alone (-> sink), then the newer
             _, k, v = dit.forward_chunk(x0[n - 2], t0, text_k, text_v, ctx_k, ctx_v, 0)
-            ctx_k[:, :, :3 * tpf], ctx_v[:, :, :3 * tpf] = k, v
+            ctx_k[:, :, : 3 * tpf], ctx_v[:, :, : 3 * tpf] = k, v
             _, k, v = dit.forward_chunk(x0[n - 1], t0, text_k, text_v, ctx_k, ctx_v, 3)
-        ctx_k[:, :, 3 * tpf:], ctx_v[:, :, 3 * tpf:] = k, v
+        ctx_k[:, :, 3 * tpf :], ctx_v[:, :, 3 * tpf :] = k, v
     assert rel_err(after.cache_k, ctx_k.numpy()) < 1e-5 and rel_err(after.cache_v, ctx_v.numpy()) < 1e-5
     assert np.array_equal(after.text_k, text_k.numpy())
     assert after.chunks_committed == 2
     if keep_sink:
-        assert np.array_equal(after.cache_k[:, :, :3 * tpf], before.cache_k[:, :, :3 * tpf])
+        assert np.array_equal(after.cache_k[:, :, : 3 * tpf], before.cache_k[:, :, : 3 * tpf])
     else:
-        assert rel_err(after.cache_k[:, :, :3 * tpf], before.cache_k[:, :, :3 * tpf]) > 1e-2  # the sink changed
+        assert (
+            rel_err(after.cache_k[:, :, : 3 * tpf], before.cache_k[:, :, : 3 * tpf]) > 1e-2
+        )  # the sink changed
 
 
 @pytest.mark.parametrize("keep_sink", [False, True])
@@ -138,8 +149,12 @@ def test_prompt_switch_engine_equals_torch(torch_streamer, engine_streamer, keep
         stream.set_prompt(B, keep_sink=keep_sink)
         runs[name] = (stream.save_state().state, frames_of(take(stream, 1)))
     (t_state, t_after), (e_state, e_after) = runs["torch"], runs["engine"]
-    assert rel_err(e_state.cache_k, t_state.cache_k) < 1e-4 and rel_err(e_state.cache_v, t_state.cache_v) < 1e-4
-    assert np.abs(e_after.astype(int) - t_after.astype(int)).max() <= 1  # uint8 frames may differ by one level
+    assert (
+        rel_err(e_state.cache_k, t_state.cache_k) < 1e-4 and rel_err(e_state.cache_v, t_state.cache_v) < 1e-4
+    )
+    assert (
+        np.abs(e_after.astype(int) - t_after.astype(int)).max() <= 1
+    )  # uint8 frames may differ by one level
 
 
 @pytest.mark.parametrize("keep_sink", [False, True])
@@ -156,7 +171,10 @@ def test_prompt_switch_changes_the_scene_without_a_cut(engine_streamer, keep_sin
         return np.abs(x.frames.astype(int) - y.frames.astype(int))
 
     # no cut: the first chunk after the switch stays close to the old scene (closer than prompt B from scratch)...
-    assert 1 < change(after[0], plain[3]).max() and change(after[0], plain[3]).mean() < change(fresh[3], plain[3]).mean()
+    assert (
+        1 < change(after[0], plain[3]).max()
+        and change(after[0], plain[3]).mean() < change(fresh[3], plain[3]).mean()
+    )
     # ... and the new prompt takes over: two chunks later the video has moved at least half-way to prompt B's
     assert change(after[2], plain[5]).mean() > 0.5 * change(fresh[5], plain[5]).mean()
 
@@ -191,6 +209,7 @@ def test_resume_is_bit_exact(streamer, tmp_path):
 
 def _switching_stream(streamer):
     """A stream that switches to prompt B before its second chunk."""
+
     class Switching:
         def __init__(self):
             self.stream = streamer.open(A, seed=9)
@@ -245,7 +264,9 @@ def test_bad_snapshots_are_refused(engine_streamer, tmp_path):
 def test_snapshot_of_another_geometry_is_refused(torch_streamer, tmp_path):
     write_model_dir(tmp_path / "wide", seed=5, stream={"ema_alpha": 0.9, "window_frames": 9})
     snap = Streamer.from_checkpoint(tmp_path / "wide").open(A, seed=1).save_state()
-    with pytest.raises(SnapshotError, match="another geometry.*window_frames.*resume it on the model that made it"):
+    with pytest.raises(
+        SnapshotError, match="another geometry.*window_frames.*resume it on the model that made it"
+    ):
         torch_streamer.resume(snap)
 
 

@@ -45,8 +45,10 @@ from rf_runtime.text.umt5 import (  # noqa: E402
 TOL = 1e-4
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "t5_tiny.safetensors")
 
-WORDS = ("a an the cat dog red blue ball runs jumps over under green field river sky city night rain "
-         "at in of on with slowly camera pan").split()
+WORDS = (
+    "a an the cat dog red blue ball runs jumps over under green field river sky city night rain "
+    "at in of on with slowly camera pan"
+).split()
 
 
 def make_tokenizer(path):
@@ -70,9 +72,19 @@ def valid(mask):
 def tiny_config():
     from transformers import UMT5Config
 
-    return UMT5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                      relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                      feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6)
+    return UMT5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+    )
 
 
 @pytest.fixture(scope="module")

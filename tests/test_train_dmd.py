@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from rf_runtime.errors import ConfigError
-from rf_runtime.train.dmd import (DMDSettings, add_noise, critic_loss, dmd_gradient, generator_loss, reward_weights,
-                                  sample_timesteps, shift_timestep, sigma_of)
+from rf_runtime.train.dmd import (
+    DMDSettings,
+    add_noise,
+    critic_loss,
+    dmd_gradient,
+    generator_loss,
+    reward_weights,
+    sample_timesteps,
+    shift_timestep,
+    sigma_of,
+)
 
 SHAPE = (3, 6, 4, 2, 2)  # B, F, C, H, W
 
@@ -39,7 +48,9 @@ def test_dmd_gradient_closed_form():
     cond, uncond = torch.ones(3, 2, 8), torch.zeros(3, 2, 8)
 
     def teacher(x_t, tf, text):  # one batched call: conditional samples first, then unconditional
-        assert x_t.shape[0] == 6 and torch.equal(tf[:3, 0], t) and torch.equal(tf[3:, -1], t)  # one t for all frames
+        assert (
+            x_t.shape[0] == 6 and torch.equal(tf[:3, 0], t) and torch.equal(tf[3:, -1], t)
+        )  # one t for all frames
         flow = torch.where(text.sum(dim=(1, 2)) > 0, c, u)
         return flow.view(-1, 1, 1, 1, 1).expand_as(x_t)
 
@@ -60,8 +71,17 @@ def test_dmd_gradient_zeroes_nans():
     # x0 = real and fake = real: 0 / 0 -> NaN -> 0
     x0 = torch.zeros(SHAPE)
     zero_flow = lambda x_t, tf, text: x_t / 0.5  # x0 prediction = x_t - 0.5 * x_t / 0.5 = 0
-    grad, _ = dmd_gradient(x0, torch.full((3,), 500.0), torch.full((3,), 0.5), torch.randn(SHAPE),
-                           zero_flow, zero_flow, torch.ones(3, 2, 8), torch.zeros(3, 2, 8), 3.0)
+    grad, _ = dmd_gradient(
+        x0,
+        torch.full((3,), 500.0),
+        torch.full((3,), 0.5),
+        torch.randn(SHAPE),
+        zero_flow,
+        zero_flow,
+        torch.ones(3, 2, 8),
+        torch.zeros(3, 2, 8),
+        3.0,
+    )
     assert torch.equal(grad, torch.zeros(SHAPE))
 
 
@@ -86,7 +106,7 @@ def test_weighted_generator_gradient_is_w_times_dmd_gradient():
     expected = torch.zeros_like(theta)
     for b in range(3):
         theta_b = theta.detach().clone().requires_grad_(True)
-        loss_b, _ = generator_loss((theta_b * base[b:b + 1]), grad[b:b + 1])
+        loss_b, _ = generator_loss((theta_b * base[b : b + 1]), grad[b : b + 1])
         loss_b.backward()
         expected += w[b] * theta_b.grad / 3
     assert torch.allclose(theta.grad, expected, rtol=1e-5)

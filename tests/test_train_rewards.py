@@ -43,7 +43,9 @@ def test_qwen2vl_patch_layout():
     assert grid == (2, 2, 4) and patches.shape == (16, 3 * 2 * 14 * 14)  # 3 frames padded to 4
     # row 1 = frame pair 0, patch (row 0, col 1): channel 0 of frame 0 first, then frame 1
     cell = patches[1].reshape(3, 2, 14, 14)
-    assert torch.equal(cell[0, 0], video[0, 0, 0:14, 14:28]) and torch.equal(cell[2, 1], video[1, 2, 0:14, 14:28])
+    assert torch.equal(cell[0, 0], video[0, 0, 0:14, 14:28]) and torch.equal(
+        cell[2, 1], video[1, 2, 0:14, 14:28]
+    )
     # row 2 = patch (row 1, col 0) (second row of the first 2x2 merge window)
     assert torch.equal(patches[2].reshape(3, 2, 14, 14)[1, 0], video[0, 1, 14:28, 0:14])
     # the last frame pair repeats frame 2
@@ -74,29 +76,73 @@ def write_tiny_videoalign(path, mq_mean=0.5, mq_std=2.0):
     tokenizers = pytest.importorskip("tokenizers")
     from safetensors.torch import save_file
 
-    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>",
-                "<|image_pad|>", "<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>", "<|endoftext|>"]
-    words = ["[UNK]"] + "system you are a helpful assistant user rate the generated video prompt visual quality " \
-        "motion text alignment red ball bouncing blue".split() + [":", "."]
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    specials = [
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|video_pad|>",
+        "<|image_pad|>",
+        "<|VQ_reward|>",
+        "<|MQ_reward|>",
+        "<|TA_reward|>",
+        "<|endoftext|>",
+    ]
+    words = (
+        ["[UNK]"]
+        + "system you are a helpful assistant user rate the generated video prompt visual quality "
+        "motion text alignment red ball bouncing blue".split()
+        + [":", "."]
+    )
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]")
+    )
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<|endoftext|>",
-                                                additional_special_tokens=specials)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="<|endoftext|>", additional_special_tokens=specials
+    )
     fast.save_pretrained(path)
     ids = {s: fast.convert_tokens_to_ids(s) for s in specials}
     cfg = transformers.Qwen2VLConfig(
-        text_config=dict(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        video_token_id=ids["<|video_pad|>"], image_token_id=ids["<|image_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        text_config=dict(
+            vocab_size=len(fast),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=32,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        ),
+        video_token_id=ids["<|video_pad|>"],
+        image_token_id=ids["<|image_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
     torch.manual_seed(0)
     transformers.Qwen2VLForConditionalGeneration(cfg).save_pretrained(path)
     save_file({"weight": torch.randn(3, 32)}, str(path / "rm_head.safetensors"))
-    card = {"VQ_mean": 0.0, "VQ_std": 1.0, "MQ_mean": mq_mean, "MQ_std": mq_std, "TA_mean": 0.0, "TA_std": 1.0}
+    card = {
+        "VQ_mean": 0.0,
+        "VQ_std": 1.0,
+        "MQ_mean": mq_mean,
+        "MQ_std": mq_std,
+        "TA_mean": 0.0,
+        "TA_std": 1.0,
+    }
     (path / "videoalign.json").write_text(json.dumps(card))
     return path
 
@@ -124,11 +170,18 @@ def test_videoalign_mq_is_normalised_head_output_at_the_mq_token(videoalign_dir)
     video = reward.preprocess(frames[0])
     assert video.shape == (5, 3, 56, 84)
     patches, grid = qwen2vl_video_patches(video, 14, 2, 2)
-    ids = reward.tokenizer(reward.chat_text(prompts[0], grid[0] * grid[1] * grid[2] // 4), return_tensors="pt")["input_ids"]
+    ids = reward.tokenizer(
+        reward.chat_text(prompts[0], grid[0] * grid[1] * grid[2] // 4), return_tensors="pt"
+    )["input_ids"]
     assert int((ids == full.config.video_token_id).sum()) == 3 * 4 * 6 // 4
     with torch.no_grad():
-        out = full(input_ids=ids, pixel_values_videos=patches, video_grid_thw=torch.tensor([grid]),
-                   mm_token_type_ids=(ids == full.config.video_token_id).int() * 2, output_hidden_states=True)
+        out = full(
+            input_ids=ids,
+            pixel_values_videos=patches,
+            video_grid_thw=torch.tensor([grid]),
+            mm_token_type_ids=(ids == full.config.video_token_id).int() * 2,
+            output_hidden_states=True,
+        )
     pos = int((ids[0] == reward.tokenizer.convert_tokens_to_ids("<|MQ_reward|>")).nonzero()[0, 0])
     assert torch.allclose(out.hidden_states[-1][0, pos] @ head[1], raw[0, 1], rtol=1e-4, atol=1e-5)
     # the video matters: a different video gives a different score
@@ -151,10 +204,17 @@ def test_trainer_with_the_videoalign_reward(videoalign_dir, tmp_path):
 
     write_model_dir(tmp_path / "model")
     (tmp_path / "p.txt").write_text("a red ball bouncing\n")
-    cfg = config_from_dict(dict(
-        teacher=str(tmp_path / "model"), prompts=str(tmp_path / "p.txt"), output_dir=str(tmp_path / "out"),
-        reward=dict(kind="videoalign", beta=0.5, videoalign=dict(model_dir=str(videoalign_dir))),
-        num_frames=3, batch_size=1, steps=1))
+    cfg = config_from_dict(
+        dict(
+            teacher=str(tmp_path / "model"),
+            prompts=str(tmp_path / "p.txt"),
+            output_dir=str(tmp_path / "out"),
+            reward=dict(kind="videoalign", beta=0.5, videoalign=dict(model_dir=str(videoalign_dir))),
+            num_frames=3,
+            batch_size=1,
+            steps=1,
+        )
+    )
     trainer = Trainer(cfg)
     assert isinstance(trainer.reward_model, VideoAlignReward) and trainer.reward_model.output == "MQ"
     scored = []
@@ -168,4 +228,6 @@ def test_trainer_with_the_videoalign_reward(videoalign_dir, tmp_path):
     values = next(iter(trainer.train())).values
     assert len(scored) == 1 and values["reward_mean"] == pytest.approx(float(scored[0][0]))
     # Z = 1: the loss is exp(2 r) times the DMD loss
-    assert values["generator_loss"] == pytest.approx(math.exp(2 * values["reward_mean"]) * values["dmd_loss"], rel=1e-5)
+    assert values["generator_loss"] == pytest.approx(
+        math.exp(2 * values["reward_mean"]) * values["dmd_loss"], rel=1e-5
+    )

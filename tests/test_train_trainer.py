@@ -24,11 +24,20 @@ def prompts(tmp_path_factory):
 
 
 def raw_config(model_dir, prompt_file, out, /, **over):
-    raw = dict(teacher=str(model_dir), prompts=str(prompt_file), output_dir=str(out), negative_prompt="static blurry",
-               reward=dict(kind="motion", beta=0.5, normalize=True, motion=dict(mean=0.05, std=0.02)),
-               num_frames=6, batch_size=2, steps=4, seed=0, checkpoint_every=100,
-               optim=dict(lr=1e-4, critic_lr=1e-3, critic_updates_per_generator=2, ema_start_step=0),
-               fold_in_training=True)
+    raw = dict(
+        teacher=str(model_dir),
+        prompts=str(prompt_file),
+        output_dir=str(out),
+        negative_prompt="static blurry",
+        reward=dict(kind="motion", beta=0.5, normalize=True, motion=dict(mean=0.05, std=0.02)),
+        num_frames=6,
+        batch_size=2,
+        steps=4,
+        seed=0,
+        checkpoint_every=100,
+        optim=dict(lr=1e-4, critic_lr=1e-3, critic_updates_per_generator=2, ema_start_step=0),
+        fold_in_training=True,
+    )
     raw.update(over)
     return raw
 
@@ -40,19 +49,28 @@ def make(model_dir, prompt_file, out, /, **over):
 # ---- config errors ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(learning_rate=1e-3), "unknown config key 'learning_rate'.*valid keys"),
-    (dict(reward=dict(kind="motion", bta=1.0)), "unknown config key 'reward.bta'.*valid keys under reward"),
-    (dict(steps="ten"), "'steps' must be an integer, got 'ten'"),
-    (dict(optim=dict(lr="fast")), "'optim.lr' must be a number, got 'fast'"),
-    (dict(batch_size=2.5), "'batch_size' must be an integer"),
-    (dict(fold_in_training="yes"), "'fold_in_training' must be true or false"),
-    (dict(optim=dict(betas=[0.9])), "'optim.betas' must be a list of 2 values"),
-    (dict(teacher="/nonexistent/teacher"), "'teacher'.*not a model directory.*rf_runtime.testing"),
-    (dict(reward=dict(kind="clip")), "'reward.kind' is invalid: it must be 'videoalign', 'motion' or 'none'"),
-    (dict(reward=dict(kind="videoalign")), "reward.videoalign.model_dir is not set"),
-    (dict(prompts="/nonexistent/prompts.txt"), "'prompts'.*does not exist"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(learning_rate=1e-3), "unknown config key 'learning_rate'.*valid keys"),
+        (
+            dict(reward=dict(kind="motion", bta=1.0)),
+            "unknown config key 'reward.bta'.*valid keys under reward",
+        ),
+        (dict(steps="ten"), "'steps' must be an integer, got 'ten'"),
+        (dict(optim=dict(lr="fast")), "'optim.lr' must be a number, got 'fast'"),
+        (dict(batch_size=2.5), "'batch_size' must be an integer"),
+        (dict(fold_in_training="yes"), "'fold_in_training' must be true or false"),
+        (dict(optim=dict(betas=[0.9])), "'optim.betas' must be a list of 2 values"),
+        (dict(teacher="/nonexistent/teacher"), "'teacher'.*not a model directory.*rf_runtime.testing"),
+        (
+            dict(reward=dict(kind="clip")),
+            "'reward.kind' is invalid: it must be 'videoalign', 'motion' or 'none'",
+        ),
+        (dict(reward=dict(kind="videoalign")), "reward.videoalign.model_dir is not set"),
+        (dict(prompts="/nonexistent/prompts.txt"), "'prompts'.*does not exist"),
+    ],
+)
 def test_bad_configs_name_the_key_and_the_fix(model_dir, prompts, tmp_path, change, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict(raw_config(model_dir, prompts, tmp_path, **change))
@@ -83,16 +101,33 @@ def test_missing_teacher_key_and_cli_errors(model_dir, prompts, tmp_path, capsys
 def test_yaml_paths_are_relative_to_the_file(model_dir, prompts, tmp_path):
     os.symlink(model_dir, tmp_path / "teacher")
     (tmp_path / "p.txt").write_text(prompts.read_text())
-    (tmp_path / "c.yaml").write_text("teacher: teacher\nprompts: p.txt\noutput_dir: runs/x\nreward: {kind: none}\n")
+    (tmp_path / "c.yaml").write_text(
+        "teacher: teacher\nprompts: p.txt\noutput_dir: runs/x\nreward: {kind: none}\n"
+    )
     cfg = load_config(tmp_path / "c.yaml")
-    (tmp_path / "d.yaml").write_text("teacher: teacher\nprompts: p.txt\noutput_dir: o\noptim: {lr: 1e-4}\n"
-                                     "reward: {kind: none}\n")
+    (tmp_path / "d.yaml").write_text(
+        "teacher: teacher\nprompts: p.txt\noutput_dir: o\noptim: {lr: 1e-4}\nreward: {kind: none}\n"
+    )
     assert load_config(tmp_path / "d.yaml").optim.lr == 1e-4  # YAML gives the string '1e-4' here
     assert cfg.teacher == str(tmp_path / "teacher") and cfg.output_dir == str(tmp_path / "runs" / "x")
-    assert (cfg.optim.lr, cfg.optim.critic_lr, cfg.optim.betas, cfg.optim.weight_decay) == (2e-6, 4e-7, (0.0, 0.999), 0.01)
-    assert (cfg.optim.grad_clip, cfg.optim.critic_updates_per_generator, cfg.optim.ema_weight) == (10.0, 5, 0.99)
+    assert (cfg.optim.lr, cfg.optim.critic_lr, cfg.optim.betas, cfg.optim.weight_decay) == (
+        2e-6,
+        4e-7,
+        (0.0, 0.999),
+        0.01,
+    )
+    assert (cfg.optim.grad_clip, cfg.optim.critic_updates_per_generator, cfg.optim.ema_weight) == (
+        10.0,
+        5,
+        0.99,
+    )
     assert (cfg.optim.ema_start_step, cfg.batch_size, cfg.num_frames, cfg.reward.beta) == (200, 1, 21, 0.5)
-    assert (cfg.dmd.guidance_scale, cfg.dmd.timestep_shift, cfg.dmd.min_timestep, cfg.dmd.max_timestep) == (3.0, 5.0, 20.0, 980.0)
+    assert (cfg.dmd.guidance_scale, cfg.dmd.timestep_shift, cfg.dmd.min_timestep, cfg.dmd.max_timestep) == (
+        3.0,
+        5.0,
+        20.0,
+        980.0,
+    )
 
 
 # ---- training --------------------------------------------------------------------------------
@@ -101,7 +136,13 @@ def test_yaml_paths_are_relative_to_the_file(model_dir, prompts, tmp_path):
 def test_a_few_steps_lower_the_critic_loss(model_dir, prompts, tmp_path):
     # a high critic learning rate so that 8 updates show; the critic loss has a floor well above 0
     # (flow matching against random noise), measured here: 2.74 -> 2.30
-    trainer = make(model_dir, prompts, tmp_path, steps=8, optim=dict(lr=1e-4, critic_lr=1e-2, critic_updates_per_generator=2))
+    trainer = make(
+        model_dir,
+        prompts,
+        tmp_path,
+        steps=8,
+        optim=dict(lr=1e-4, critic_lr=1e-2, critic_updates_per_generator=2),
+    )
     before = trainer.evaluate_critic()
     logs = [rec.values for rec in trainer.train()]
     after = trainer.evaluate_critic()
@@ -116,8 +157,13 @@ def test_a_few_steps_lower_the_critic_loss(model_dir, prompts, tmp_path):
 
 
 def test_generator_ema_follows_the_update_rule(model_dir, prompts, tmp_path):
-    trainer = make(model_dir, prompts, tmp_path, steps=1,
-                   optim=dict(ema_weight=0.9, ema_start_step=0, critic_updates_per_generator=1))
+    trainer = make(
+        model_dir,
+        prompts,
+        tmp_path,
+        steps=1,
+        optim=dict(ema_weight=0.9, ema_start_step=0, critic_updates_per_generator=1),
+    )
     before = [p.detach().clone() for _, p in trainer.gen_params]
     list(trainer.train())
     for e, b, (n, p) in zip(trainer.ema, before, trainer.gen_params):
@@ -169,7 +215,11 @@ def test_only_the_newest_checkpoints_are_kept(model_dir, prompts, tmp_path):
     written = []
     list(trainer.train(on_checkpoint=written.append))
     assert [os.path.basename(p) for p in written] == [f"checkpoint_00000{i}.safetensors" for i in (1, 2, 3)]
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint_000002.safetensors", "checkpoint_000003.safetensors", "log.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "checkpoint_000002.safetensors",
+        "checkpoint_000003.safetensors",
+        "log.jsonl",
+    ]
 
 
 def test_resume_after_interruption_is_bit_exact(model_dir, prompts, tmp_path):
@@ -206,8 +256,11 @@ def test_reward_none_is_plain_dmd_and_a_custom_reward_plugs_in(model_dir, prompt
         def score(self, frames, prompts):
             return frames.mean(dim=(1, 2, 3, 4))
 
-    cfg = config_from_dict(raw_config(model_dir, prompts, tmp_path / "b", steps=1,
-                                      reward=dict(kind="none", beta=0.5, normalize=False)))
+    cfg = config_from_dict(
+        raw_config(
+            model_dir, prompts, tmp_path / "b", steps=1, reward=dict(kind="none", beta=0.5, normalize=False)
+        )
+    )
     custom = Trainer(cfg, reward_model=Brightness())
     values = next(iter(custom.train())).values
     # Z = 1: the generator loss is the DMD loss weighted by exp(2 r) per sample, r in [0, 1]
@@ -361,7 +414,9 @@ def test_two_gloo_processes_match_one_process(model_dir, prompts, tmp_path):
     import torch.multiprocessing as mp
 
     raw = raw_config(model_dir, prompts, tmp_path / "two", steps=3)
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), raw, str(tmp_path / "two.pt")), nprocs=2, join=True)
+    mp.spawn(
+        _worker, args=(2, str(tmp_path / "rendezvous"), raw, str(tmp_path / "two.pt")), nprocs=2, join=True
+    )
     two = torch.load(tmp_path / "two.pt")
     one = make(model_dir, prompts, tmp_path / "one", steps=3)
     list(one.train())

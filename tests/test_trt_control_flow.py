@@ -33,7 +33,10 @@ def _reset_polygraphy():
         if not name.startswith("polygraphy"):
             continue
         for value in list(vars(module).values()):
-            if type(value).__name__ == "LazyModule" and getattr(vars(value).get("module"), "__name__", "") == "tensorrt":
+            if (
+                type(value).__name__ == "LazyModule"
+                and getattr(vars(value).get("module"), "__name__", "") == "tensorrt"
+            ):
                 vars(value)["module"] = None
         if hasattr(module, "TRT_LOGGER"):
             module.TRT_LOGGER = None
@@ -46,8 +49,12 @@ def fake(monkeypatch):
     cuda = types.ModuleType("cuda")
     bindings = types.ModuleType("cuda.bindings")
     cuda.bindings, bindings.runtime = bindings, S.CUDART
-    for name, module in (("tensorrt", S.TRT), ("cuda", cuda), ("cuda.bindings", bindings),
-                         ("cuda.bindings.runtime", S.CUDART)):
+    for name, module in (
+        ("tensorrt", S.TRT),
+        ("cuda", cuda),
+        ("cuda.bindings", bindings),
+        ("cuda.bindings.runtime", S.CUDART),
+    ):
         monkeypatch.setitem(sys.modules, name, module)
     _reset_polygraphy()
     yield S
@@ -55,6 +62,7 @@ def fake(monkeypatch):
 
 
 # ---- the runner ------------------------------------------------------------------------------
+
 
 def plan(tmp_path, dtype="float32", out_dtype=None, shape=(4,), name="p.plan"):
     path = tmp_path / name
@@ -122,7 +130,9 @@ def test_staging_is_keyed_by_address_dtype_and_shape(fake, tmp_path):
         b = r.allocate((4,), "float16")  # 8 bytes at the address the 16-byte buffer had
         assert b.ptr == address
         values = np.array([0.5, 1, 2, 3], np.float16)
-        r.write(b, values)  # a float32 staging array here would copy 16 bytes into 8: refused by the bounds check
+        r.write(
+            b, values
+        )  # a float32 staging array here would copy 16 bytes into 8: refused by the bounds check
         np.testing.assert_array_equal(r.read(b), values)
         assert r.read(b).dtype == np.float16
 
@@ -218,6 +228,7 @@ def test_a_failed_capture_leaves_the_stream_usable(fake, tmp_path):
 def test_two_threads_on_one_runner(fake, tmp_path):
     errors = []
     with TensorRTRunner(plan(tmp_path), SPEC) as r:
+
         def work(seed):
             try:
                 b = r.bind()
@@ -230,6 +241,7 @@ def test_two_threads_on_one_runner(fake, tmp_path):
                         errors.append((seed, i, got))
             except Exception as exc:  # reported below
                 errors.append(exc)
+
         threads = [threading.Thread(target=work, args=(s,)) for s in (1, 2)]
         for t in threads:
             t.start()
@@ -239,6 +251,7 @@ def test_two_threads_on_one_runner(fake, tmp_path):
 
 
 # ---- the build -------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def bundle_src(tmp_path_factory):
@@ -264,9 +277,11 @@ def bundle(bundle_src, tmp_path):
 def snapshot(folder):
     """Every file a user sees under ``folder`` (the bundle's parent: bundle + timing cache) with its
     hash; not the hidden temporary files a plan is written to before the rename, nor the lock file."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")
-            and not p.name.endswith(".lock")}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".lock")
+    }
 
 
 def temporaries(folder):
@@ -281,13 +296,18 @@ def test_build_clears_tf32_sets_the_device_and_writes_everything_at_the_end(fake
     plans = build_plans(bundle, precision="fp32", workspace_mib=64, device=1)
     builds = fake.TRT.builds
     assert len(builds) == 5
-    assert all(b["strongly_typed"] and not b["tf32"] and b["workspace"] == 64 << 20 and b["device"] == 1
-               for b in builds)
+    assert all(
+        b["strongly_typed"] and not b["tf32"] and b["workspace"] == 64 << 20 and b["device"] == 1
+        for b in builds
+    )
     assert len({id(b["cache"]) for b in builds}) == 1  # one timing cache shared by every graph
     assert all(s == seen[0] for s in seen)  # nothing written during the builds
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert set(plans) == set(manifest["plans"]) == {"dit_step", "cache_update", "text_kv", "vae_decode_first",
-                                                    "vae_decode"}
+    assert (
+        set(plans)
+        == set(manifest["plans"])
+        == {"dit_step", "cache_update", "text_kv", "vae_decode_first", "vae_decode"}
+    )
     for graph, entry in manifest["plans"].items():
         assert entry["compute_capability"] == "9.0" and entry["device_name"] == "Stand-in GPU one"
         data = (bundle / manifest["files"][entry["file"]]["path"]).read_bytes()
@@ -306,7 +326,10 @@ def test_rf_export_trt_builds_on_the_device_asked_for(fake, bundle, capsys):
 
     assert main(["trt", str(bundle), "--precision", "fp32", "--device", "1", "--graphs", "cache_update"]) == 0
     out = capsys.readouterr().out
-    assert "built cache_update: plan:cache_update (TensorRT 10.13.0.35, compute capability 9.0, Stand-in GPU one)" in out
+    assert (
+        "built cache_update: plan:cache_update (TensorRT 10.13.0.35, compute capability 9.0, Stand-in GPU one)"
+        in out
+    )
     assert [b["device"] for b in fake.TRT.builds] == [1]
     assert main(["trt", str(bundle), "--precision", "fp32", "--device", "7"]) == 2  # no such device
     assert "no usable CUDA device 7" in capsys.readouterr().err

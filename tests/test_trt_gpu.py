@@ -48,8 +48,18 @@ def built(tmp_path_factory):
 def test_fp32_plans_match_pytorch_within_1e5(built):
     from rf_runtime.export.verify import verify_bundle
 
-    rows = [r for r in verify_bundle(built["fp32"], built["model"], backends=["tensorrt"]) if r.precision == "fp32"]
-    assert {r.graph for r in rows} == {"dit_step", "cache_update", "text_kv", "vae_decode_first", "vae_decode"}
+    rows = [
+        r
+        for r in verify_bundle(built["fp32"], built["model"], backends=["tensorrt"])
+        if r.precision == "fp32"
+    ]
+    assert {r.graph for r in rows} == {
+        "dit_step",
+        "cache_update",
+        "text_kv",
+        "vae_decode_first",
+        "vae_decode",
+    }
     assert all(r.status == "PASS" and r.rel <= FP32_TOL for r in rows), rows
 
 
@@ -57,8 +67,11 @@ def test_low_precision_plans_pass_verify(built):
     from rf_runtime.export.verify import verify_bundle
 
     for precision in ("fp16", "bf16"):
-        rows = [r for r in verify_bundle(built[precision], built["model"], backends=["tensorrt"])
-                if r.precision == precision]
+        rows = [
+            r
+            for r in verify_bundle(built[precision], built["model"], backends=["tensorrt"])
+            if r.precision == precision
+        ]
         assert len(rows) == 5 and all(r.status == "PASS" for r in rows), rows
 
 

@@ -17,7 +17,9 @@ from rf_runtime.errors import CheckpointError, InputError
 from rf_runtime.models import VAEConfig, WanVAE
 
 TOL = 1e-4  # relative error against the fp32 reference
-CFG = VAEConfig(dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1, temperal_downsample=(False, True, True))
+CFG = VAEConfig(
+    dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1, temperal_downsample=(False, True, True)
+)
 
 
 def rel(a, b):
@@ -59,7 +61,7 @@ def test_streaming_decode_equals_full(vae, chunks):
         dec = vae.stream_decoder(1)
         parts, start = [], 0
         for n in chunks:
-            parts.append(dec.decode_chunk(z[:, :, start:start + n]))
+            parts.append(dec.decode_chunk(z[:, :, start : start + n]))
             start += n
     assert [p.shape[2] for p in parts] == [1 + 4 * (chunks[0] - 1)] + [4 * n for n in chunks[1:]]
     assert torch.allclose(torch.cat(parts, dim=2), full, atol=1e-5)
@@ -76,7 +78,12 @@ def test_release_state_dict_shapes_on_meta():
     assert sum(p.numel() for p in vae.parameters()) == 126_892_531
     assert VAEConfig().stride == (4, 8, 8)
     keys = vae.state_dict().keys()
-    assert {"conv1.weight", "conv2.bias", "decoder.upsamples.3.time_conv.weight", "encoder.head.2.weight"} <= set(keys)
+    assert {
+        "conv1.weight",
+        "conv2.bias",
+        "decoder.upsamples.3.time_conv.weight",
+        "encoder.head.2.weight",
+    } <= set(keys)
 
 
 def test_wrong_keys_raise(golden):

@@ -13,7 +13,9 @@ from rf_runtime.world import procedural as P
 
 
 def scene(shape="square", colour="red", velocity=(2.0, 0.0), background="black", size="big"):
-    return P.Scene(shape, colour, size, "fast", "moving right", background, start=(24.0, 30.0), velocity=velocity)
+    return P.Scene(
+        shape, colour, size, "fast", "moving right", background, start=(24.0, 30.0), velocity=velocity
+    )
 
 
 def test_the_right_colour_and_shape_score_higher_than_wrong_ones():
@@ -33,7 +35,7 @@ def test_the_right_colour_and_shape_score_higher_than_wrong_ones():
 def test_quality_drift_sees_a_shape_dissolving_into_noise():
     video = P.render(scene(), 16 * 4)
     rng = np.random.default_rng(0)
-    video[16 * 2:] = rng.integers(0, 256, size=video[16 * 2:].shape, dtype=np.uint8)
+    video[16 * 2 :] = rng.integers(0, 256, size=video[16 * 2 :].shape, dtype=np.uint8)
     r = A.evaluate(video, "a red square", segment_seconds=2)
     assert r.per_segment["palette_quality"][0] == pytest.approx(100.0, abs=1.0)
     assert r.quality_drift > 50.0

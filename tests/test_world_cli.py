@@ -27,12 +27,16 @@ def bundle(model_dir, tmp_path_factory):
 
 
 def test_rf_eval_scores_an_mp4_of_a_procedural_video(tmp_path, capsys):
-    scene = P.Scene("circle", "red", "small", "fast", "moving right", "black", start=(20.0, 30.0), velocity=(2.2, 0.0))
+    scene = P.Scene(
+        "circle", "red", "small", "fast", "moving right", "black", start=(20.0, 30.0), velocity=(2.2, 0.0)
+    )
     path = str(tmp_path / "v.mp4")
     with Mp4Writer(path) as w:
         w.write(P.render(scene, 16 * 4))
     out = str(tmp_path / "m.json")
-    assert eval_main([path, "--prompt", "a red circle bouncing", "--json", out, "--segment-seconds", "2"]) == 0
+    assert (
+        eval_main([path, "--prompt", "a red circle bouncing", "--json", out, "--segment-seconds", "2"]) == 0
+    )
     printed = capsys.readouterr().out
     assert "dynamic degree %" in printed and "prompt adherence %" in printed
     m = json.load(open(out))
@@ -46,18 +50,37 @@ def test_rf_eval_scores_an_mp4_of_a_procedural_video(tmp_path, capsys):
 
 def test_rf_eval_generates_and_scores_a_stream(model_dir, tmp_path):
     out = str(tmp_path / "m.json")
-    assert eval_main(["--model-dir", model_dir, "--prompt", "a red circle bouncing", "--seconds", "2",
-                      "--segment-seconds", "1", "--json", out, "--quiet"]) == 0
+    assert (
+        eval_main(
+            [
+                "--model-dir",
+                model_dir,
+                "--prompt",
+                "a red circle bouncing",
+                "--seconds",
+                "2",
+                "--segment-seconds",
+                "1",
+                "--json",
+                out,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     m = json.load(open(out))
     assert m["seconds"] == pytest.approx(2.0) and m["segments"] == 2
 
 
-@pytest.mark.parametrize("args,message", [
-    (["missing.mp4"], "does not exist"),
-    ([], "give a video"),
-    (["--prompt", "a cube", "--seconds", "-1"], "--seconds"),
-    (["--prompt", "a cube", "--json", "/nonexistent-dir/m.json"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["missing.mp4"], "does not exist"),
+        ([], "give a video"),
+        (["--prompt", "a cube", "--seconds", "-1"], "--seconds"),
+        (["--prompt", "a cube", "--json", "/nonexistent-dir/m.json"], "does not exist"),
+    ],
+)
 def test_rf_eval_bad_arguments(args, message, capsys):
     assert eval_main(args) == 2
     assert message in capsys.readouterr().err
@@ -67,18 +90,43 @@ def test_rf_generate_runs_an_engine_bundle(bundle, tmp_path):
     from rf_runtime.video import read_mp4
 
     out = tmp_path / "e.mp4"
-    assert generate_main(["--engine", str(bundle), "--prompt", "a red circle", "--seconds", "1", "--out", str(out),
-                          "--quiet"]) == 0
+    assert (
+        generate_main(
+            [
+                "--engine",
+                str(bundle),
+                "--prompt",
+                "a red circle",
+                "--seconds",
+                "1",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert read_mp4(out).shape == (16, HEIGHT, WIDTH, 3)
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--model-dir", "x"], "two models"),
-    (["--height", "64"], "--model-dir models only"),
-    (["--ema-alpha", "0.9"], "--model-dir models only"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--model-dir", "x"], "two models"),
+        (["--height", "64"], "--model-dir models only"),
+        (["--ema-alpha", "0.9"], "--model-dir models only"),
+    ],
+)
 def test_rf_generate_engine_conflicts(bundle, tmp_path, capsys, extra, message):
-    argv = ["--engine", str(bundle), "--prompt", "a cube", "--out", str(tmp_path / "c.mp4"), "--quiet"] + extra
+    argv = [
+        "--engine",
+        str(bundle),
+        "--prompt",
+        "a cube",
+        "--out",
+        str(tmp_path / "c.mp4"),
+        "--quiet",
+    ] + extra
     if "--model-dir" not in extra:
         argv = argv[2:]  # the default bundle is meant: no --engine either
     assert generate_main(argv) == 2
@@ -96,8 +144,15 @@ def test_ablation_summary_is_mean_and_standard_error():
     from rf_runtime.world.ablation import Run, markdown_table, summarize
 
     def run(variant, dd):
-        metrics = {"dynamic_degree": dd, "flow_score": 1.0, "travel": 2.0, "drift": 0.5, "quality_drift": None,
-                   "subject_consistency": 90.0, "prompt_adherence": 50.0}
+        metrics = {
+            "dynamic_degree": dd,
+            "flow_score": 1.0,
+            "travel": 2.0,
+            "drift": 0.5,
+            "quality_drift": None,
+            "subject_consistency": 90.0,
+            "prompt_adherence": 50.0,
+        }
         return Run("m", variant, "p", 0, metrics, [1.0], 1.0)
 
     rows = summarize([run("a", 10.0), run("a", 20.0), run("a", 60.0), run("b", 5.0)])
@@ -117,8 +172,15 @@ def test_paired_differences_by_hand():
         return Run("m", variant, prompt, seed, metrics, [flow], 1.0)
 
     # prompt p1 is easy (flow ~10), p2 hard (~1): b is +1, +2, +3 over a on the same (prompt, seed)
-    runs = [run("a", "p1", 0, 10.0), run("a", "p2", 0, 1.0), run("a", "p2", 1, 2.0),
-            run("b", "p1", 0, 11.0), run("b", "p2", 0, 3.0), run("b", "p2", 1, 5.0), run("b", "p3", 0, 99.0)]
+    runs = [
+        run("a", "p1", 0, 10.0),
+        run("a", "p2", 0, 1.0),
+        run("a", "p2", 1, 2.0),
+        run("b", "p1", 0, 11.0),
+        run("b", "p2", 0, 3.0),
+        run("b", "p2", 1, 5.0),
+        run("b", "p3", 0, 99.0),
+    ]
     (row,) = paired_differences(runs)
     assert (row["variant"], row["against"], row["pairs"]) == ("b", "m / a", 3)  # p3 has no partner in a
     assert row["flow_score"] == pytest.approx(2.0)
@@ -132,17 +194,42 @@ def test_ablation_command_writes_table_and_plots(model_dir, tmp_path, capsys):
     from rf_runtime.world.cli import main
 
     out = tmp_path / "abl"
-    assert main(["--quiet", "ablate", "--model", f"tiny={model_dir}", "--variants", "no sink,EMA-Sink a=0.99",
-                 "--prompt", "a red circle bouncing", "--seeds", "1", "--seconds", "2", "--out", str(out)]) == 0
-    assert sorted(os.listdir(out)) == ["ablation.json", "ablation.md", "ablation_metrics.png",
-                                       "ablation_motion_over_time.png"]
+    assert (
+        main(
+            [
+                "--quiet",
+                "ablate",
+                "--model",
+                f"tiny={model_dir}",
+                "--variants",
+                "no sink,EMA-Sink a=0.99",
+                "--prompt",
+                "a red circle bouncing",
+                "--seeds",
+                "1",
+                "--seconds",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert sorted(os.listdir(out)) == [
+        "ablation.json",
+        "ablation.md",
+        "ablation_metrics.png",
+        "ablation_motion_over_time.png",
+    ]
     data = json.load(open(out / "ablation.json"))
     assert [r["variant"] for r in data["summary"]] == ["no sink", "EMA-Sink a=0.99"]
     assert data["command"].startswith("rf-world --quiet ablate")
     assert [r["variant"] for r in data["paired"]] == ["EMA-Sink a=0.99"] and data["paired"][0]["pairs"] == 1
     assert "paired by prompt and seed" in open(out / "ablation.md").read()
     assert main(["ablate", "--model", "nodir", "--out", str(out)]) == 2
-    assert main(["ablate", "--model", f"x={model_dir}@{tmp_path}/missing.safetensors", "--out", str(out)]) == 2
+    assert (
+        main(["ablate", "--model", f"x={model_dir}@{tmp_path}/missing.safetensors", "--out", str(out)]) == 2
+    )
     assert "missing.safetensors does not exist" in capsys.readouterr().err
     assert main(["ablate", "--model", f"x={model_dir}", "--variants", "huge sink", "--out", str(out)]) == 2
     assert "unknown cache variants" in capsys.readouterr().err
@@ -151,8 +238,13 @@ def test_ablation_command_writes_table_and_plots(model_dir, tmp_path, capsys):
 def test_ablation_in_worker_processes_gives_the_same_runs(model_dir):
     from rf_runtime.world.ablation import CACHE_VARIANTS, run_ablation
 
-    args = ({"tiny": model_dir}, {v: CACHE_VARIANTS[v] for v in ("no sink", "static sink")},
-            ["a red circle bouncing"], [0], 3.0)  # 4+ chunks: past the sink and window, where they differ
+    args = (
+        {"tiny": model_dir},
+        {v: CACHE_VARIANTS[v] for v in ("no sink", "static sink")},
+        ["a red circle bouncing"],
+        [0],
+        3.0,
+    )  # 4+ chunks: past the sink and window, where they differ
     here, workers = run_ablation(*args), run_ablation(*args, jobs=2)
     # equal up to float summation order (the workers run one torch thread, this process may run more)
     assert [r.variant for r in workers] == [r.variant for r in here]
@@ -174,6 +266,7 @@ def test_rf_generate_without_a_model_runs_the_shipped_bundle_and_the_shape_moves
     bundle = Bundle.load(path)  # hashes verified
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     assert size < 50 * 2**20  # a few MB, shipped in git
+
     def strings(x):
         if isinstance(x, dict):
             return [s for v in x.values() for s in strings(v)]
@@ -181,11 +274,16 @@ def test_rf_generate_without_a_model_runs_the_shipped_bundle_and_the_shape_moves
             return [s for v in x for s in strings(v)]
         return [x] if isinstance(x, str) else []
 
-    assert not [s for s in strings(bundle.manifest) if os.path.isabs(s)]  # no path of the machine that built it
+    assert not [
+        s for s in strings(bundle.manifest) if os.path.isabs(s)
+    ]  # no path of the machine that built it
     assert bundle.manifest["text_encoder"]["kind"] == "hashed"
 
     out = tmp_path / "ball.mp4"
-    assert generate_main(["--prompt", "a red circle bouncing", "--seconds", "4", "--out", str(out), "--quiet"]) == 0
+    assert (
+        generate_main(["--prompt", "a red circle bouncing", "--seconds", "4", "--out", str(out), "--quiet"])
+        == 0
+    )
     frames = read_mp4(out)
     assert frames.shape == (64, 64, 64, 3)
     result = evaluate(frames, "a red circle bouncing", segment_seconds=2)
@@ -199,8 +297,10 @@ def test_rf_generate_without_a_model_runs_the_shipped_bundle_and_the_shape_moves
     assert result.colour_score > 0.25
 
 
-@pytest.mark.parametrize("prompt, colour_at_least", [("a red circle bouncing", 0.2),
-                                                     ("a big yellow triangle moving down quickly", 0.6)])
+@pytest.mark.parametrize(
+    "prompt, colour_at_least",
+    [("a red circle bouncing", 0.2), ("a big yellow triangle moving down quickly", 0.6)],
+)
 def test_the_shipped_bundle_follows_two_prompts_as_far_as_measured(prompt, colour_at_least):
     # Issue 16's prompt-following checks (rf_runtime.world.follow) on 4 s of the default model, as a
     # regression guard at the levels it reaches (docs/notes/world.md): a black background and one object
@@ -224,8 +324,26 @@ def test_rf_world_sheet_writes_one_row_per_prompt(bundle, tmp_path):
     from rf_runtime.world.cli import main
 
     out = str(tmp_path / "sheet.png")
-    assert main(["sheet", "--engine", str(bundle), "--prompt", "a red circle bouncing", "--prompt",
-                 "a blue square moving left", "--seconds", "1", "--columns", "3", "--out", out]) == 0
+    assert (
+        main(
+            [
+                "sheet",
+                "--engine",
+                str(bundle),
+                "--prompt",
+                "a red circle bouncing",
+                "--prompt",
+                "a blue square moving left",
+                "--seconds",
+                "1",
+                "--columns",
+                "3",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     image = matplotlib.image.imread(out)
     assert image.shape[0] > 100 and image.shape[1] > image.shape[0]  # 2 rows of 3 frames: wider than tall
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary file left

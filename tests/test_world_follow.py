@@ -33,8 +33,16 @@ def test_the_worlds_own_30s_renders_pass_every_check(prompt):
 
 
 def _scene(**kw):
-    base = dict(shape="circle", colour="red", size="small", speed="fast", motion="moving left", background="black",
-                start=(40.0, 30.0), velocity=(-2.2, 0.0))
+    base = dict(
+        shape="circle",
+        colour="red",
+        size="small",
+        speed="fast",
+        motion="moving left",
+        background="black",
+        start=(40.0, 30.0),
+        velocity=(-2.2, 0.0),
+    )
     return P.Scene(**{**base, **kw})
 
 
@@ -59,8 +67,11 @@ def test_a_coloured_wash_is_not_the_background():
     base = rng.uniform(60, 200, size=(t, 1, 1, 3))
     ramp = np.linspace(0, 60, w)[None, None, :, None]
     wash = np.clip(base + ramp + rng.normal(0, 10, (t, h, w, 3)), 0, 255).astype(np.uint8)
-    for prompt in ("a red circle bouncing on a gray background", "a red circle bouncing on a white background",
-                   "a red circle bouncing"):
+    for prompt in (
+        "a red circle bouncing on a gray background",
+        "a red circle bouncing on a white background",
+        "a red circle bouncing",
+    ):
         f = score_prompt(wash, prompt)
         assert f.background == 0.0 and f.colour < 0.1
 

@@ -23,10 +23,13 @@ def made(tmp_path_factory):
     dit = CausalDiT(CFG.dit).eval()
     for p in dit.parameters():  # random everywhere (zero-initialised heads would hide a wrong mapping)
         p.data.normal_(0.0, 0.2)
-    vae_cfg = type(CFG.vae)(**{**CFG.vae.__dict__, "latents_mean": (0.1, -0.2, 0.3, 0.0),
-                               "latents_std": (0.5, 2.0, 1.0, 1.5)})
+    vae_cfg = type(CFG.vae)(
+        **{**CFG.vae.__dict__, "latents_mean": (0.1, -0.2, 0.3, 0.0), "latents_std": (0.5, 2.0, 1.0, 1.5)}
+    )
     vae = WanVAE(vae_cfg).eval()
-    for p in vae.parameters():  # trained weights differ (the exporter merges equal tensors, e.g. unit norm gains)
+    for (
+        p
+    ) in vae.parameters():  # trained weights differ (the exporter merges equal tensors, e.g. unit norm gains)
         p.data.add_(torch.randn_like(p) * 0.01)
     root = tmp_path_factory.mktemp("fb")
     T.write_model_dir(str(root / "model"), CFG, dit, vae, {"training_stage": "random"})
@@ -72,8 +75,12 @@ def test_the_shipped_bundles_decoder_comes_back_and_decodes_as_the_bundle_does()
 
     with tempfile.TemporaryDirectory() as d:
         T.write_model_dir(d, cfg, dit, vae)
-        a = np.concatenate(list(Streamer.from_checkpoint(d).stream("a red circle bouncing", seed=0, num_frames=12)))
-    b = np.concatenate(list(Streamer.from_engine(bundle).stream("a red circle bouncing", seed=0, num_frames=12)))
+        a = np.concatenate(
+            list(Streamer.from_checkpoint(d).stream("a red circle bouncing", seed=0, num_frames=12))
+        )
+    b = np.concatenate(
+        list(Streamer.from_engine(bundle).stream("a red circle bouncing", seed=0, num_frames=12))
+    )
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 2  # uint8 levels: fp32 PyTorch vs onnxruntime
 
 

@@ -42,7 +42,9 @@ def test_training_backgrounds_are_balanced_and_deterministic():
     counts = {b: sum(s.background == b for s in scenes) for b in procedural.BACKGROUNDS}
     assert counts == {"black": 100, "gray": 100, "white": 100}
     unbalanced = training_scenes(300, 7, balance_backgrounds=False)
-    assert sum(s.background == "black" for s in unbalanced) > 150  # sample_scene alone: about two thirds black
+    assert (
+        sum(s.background == "black" for s in unbalanced) > 150
+    )  # sample_scene alone: about two thirds black
     assert [s.prompt for s in training_scenes(300, 7)] == [s.prompt for s in scenes]
 
 

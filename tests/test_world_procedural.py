@@ -29,13 +29,21 @@ def test_prompt_names_the_true_attributes(seed):
 
 def test_parse_prompt_of_the_readme_prompt():
     assert P.parse_prompt("a red circle bouncing") == {
-        "shape": "circle", "colour": "red", "motion": "bouncing", "size": None, "speed": None, "background": "black"}
+        "shape": "circle",
+        "colour": "red",
+        "motion": "bouncing",
+        "size": None,
+        "speed": None,
+        "background": "black",
+    }
     said = P.parse_prompt("a small white square moving left on a gray background")
     assert (said["colour"], said["background"], said["size"]) == ("white", "gray", "small")
 
 
 def test_first_frame_pixels_are_the_colours_of_the_scene():
-    scene = P.Scene("square", "red", "big", "slow", "moving left", "gray", start=(32.0, 32.0), velocity=(-1.0, 0.0))
+    scene = P.Scene(
+        "square", "red", "big", "slow", "moving left", "gray", start=(32.0, 32.0), velocity=(-1.0, 0.0)
+    )
     frame = P.render(scene, 1)[0]
     np.testing.assert_array_equal(frame[32, 32], P.COLOURS["red"])  # the centre
     np.testing.assert_array_equal(frame[0, 0], P.BACKGROUNDS["gray"])  # a corner
@@ -45,7 +53,9 @@ def test_first_frame_pixels_are_the_colours_of_the_scene():
 
 
 def test_the_shape_moves_at_the_scene_velocity():
-    scene = P.Scene("circle", "blue", "small", "fast", "moving right", "black", start=(20.0, 30.0), velocity=(2.0, 0.0))
+    scene = P.Scene(
+        "circle", "blue", "small", "fast", "moving right", "black", start=(20.0, 30.0), velocity=(2.0, 0.0)
+    )
     video = P.render(scene, 8).astype(np.float64)
     weight = video[..., 2]  # blue channel: the shape's mass
     ys, xs = np.mgrid[0:64, 0:64] + 0.5

@@ -82,7 +82,9 @@ def test_student_chunk0_loss_equals_the_bidirectional_forward_on_that_chunk(data
 
     rollout = ChunkRollout.for_prompt(model, text, x.shape, CFG.stream)
     with torch.no_grad():
-        chunk, _, _ = model.forward_chunk(x, t, rollout.text_k, rollout.text_v, rollout.cache_k, rollout.cache_v, 0)
+        chunk, _, _ = model.forward_chunk(
+            x, t, rollout.text_k, rollout.text_v, rollout.cache_k, rollout.cache_v, 0
+        )
         full = model.forward_full(x, t, text)
     torch.testing.assert_close(chunk, full, rtol=1e-4, atol=1e-5)
 
@@ -139,21 +141,101 @@ def test_cli_runs_every_stage(tmp_path, capsys):
     from rf_runtime.world.cli import main
 
     w = str(tmp_path)
-    assert main(["--quiet", "vae", "--tiny", "--steps", "2", "--batch", "2", "--out", f"{w}/v.safetensors"]) == 0
-    assert main(["--quiet", "encode", "--tiny", "--vae", f"{w}/v.safetensors", "--videos", "3",
-                 "--out", f"{w}/d.safetensors"]) == 0
-    assert main(["--quiet", "teacher", "--tiny", "--data", f"{w}/d.safetensors", "--steps", "2",
-                 "--out", f"{w}/t.safetensors"]) == 0
-    assert main(["--quiet", "student", "--tiny", "--data", f"{w}/d.safetensors", "--teacher", f"{w}/t.safetensors",
-                 "--steps", "2", "--batch", "2", "--out", f"{w}/s.safetensors"]) == 0
-    assert main(["--quiet", "model-dir", "--tiny", "--vae", f"{w}/v.safetensors", "--dit", f"{w}/s.safetensors",
-                 "--out", f"{w}/model"]) == 0
+    assert (
+        main(["--quiet", "vae", "--tiny", "--steps", "2", "--batch", "2", "--out", f"{w}/v.safetensors"]) == 0
+    )
+    assert (
+        main(
+            [
+                "--quiet",
+                "encode",
+                "--tiny",
+                "--vae",
+                f"{w}/v.safetensors",
+                "--videos",
+                "3",
+                "--out",
+                f"{w}/d.safetensors",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "--quiet",
+                "teacher",
+                "--tiny",
+                "--data",
+                f"{w}/d.safetensors",
+                "--steps",
+                "2",
+                "--out",
+                f"{w}/t.safetensors",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "--quiet",
+                "student",
+                "--tiny",
+                "--data",
+                f"{w}/d.safetensors",
+                "--teacher",
+                f"{w}/t.safetensors",
+                "--steps",
+                "2",
+                "--batch",
+                "2",
+                "--out",
+                f"{w}/s.safetensors",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "--quiet",
+                "model-dir",
+                "--tiny",
+                "--vae",
+                f"{w}/v.safetensors",
+                "--dit",
+                f"{w}/s.safetensors",
+                "--out",
+                f"{w}/model",
+            ]
+        )
+        == 0
+    )
     log = json.load(open(f"{w}/t.safetensors.log.json"))
     assert [h["step"] for h in log] == [0, 1]
-    assert sorted(os.listdir(f"{w}/model")) == ["config.json", "diffusion_pytorch_model.safetensors",
-                                                 "rf_runtime.json", "vae.safetensors"]
-    assert main(["--quiet", "teacher", "--tiny", "--data", f"{w}/missing.safetensors", "--steps", "1",
-                 "--out", f"{w}/x.safetensors"]) == 2
+    assert sorted(os.listdir(f"{w}/model")) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "rf_runtime.json",
+        "vae.safetensors",
+    ]
+    assert (
+        main(
+            [
+                "--quiet",
+                "teacher",
+                "--tiny",
+                "--data",
+                f"{w}/missing.safetensors",
+                "--steps",
+                "1",
+                "--out",
+                f"{w}/x.safetensors",
+            ]
+        )
+        == 2
+    )
     assert "missing.safetensors" in capsys.readouterr().err
 
 
@@ -205,8 +287,9 @@ def test_the_teacher_loss_weight_is_a_function_of_the_model_input_not_of_the_tar
     x0[..., 1:3, 1:3] += 3.0  # a bright "shape" of 4 cells per frame
     model = _Recorder()
     torch.manual_seed(1)
-    loss, _ = T.teacher_loss(model, x0, torch.zeros(2, 16, 8), np.random.Generator(np.random.PCG64(3)), 5.0,
-                             fg_weight=4.0)
+    loss, _ = T.teacher_loss(
+        model, x0, torch.zeros(2, 16, 8), np.random.Generator(np.random.PCG64(3)), 5.0, fg_weight=4.0
+    )
     (grad,) = torch.autograd.grad(loss, model.out)
     s = (model.t[:, 0] / 1000).view(2, 1, 1, 1, 1)
     w = -grad * s / (model.x_t - x0)  # proportional to the weight, per cell and channel
@@ -214,7 +297,9 @@ def test_the_teacher_loss_weight_is_a_function_of_the_model_input_not_of_the_tar
     seen = T.foreground_weight(model.x_t, 4.0).expand_as(w)
     from_target = T.foreground_weight(x0, 4.0).expand_as(w)
     torch.testing.assert_close(w, seen, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(seen, from_target)  # the noise makes the two differ: the test can tell them apart
+    assert not torch.allclose(
+        seen, from_target
+    )  # the noise makes the two differ: the test can tell them apart
     assert 0.05 < float(s.min()) and float(s.max()) < 0.999  # noisy inputs, not the clean target
 
 
@@ -224,7 +309,9 @@ def test_weighted_flow_loss_by_hand():
     assert float(T.flow_loss(pred, x0, eps)) == 5.0
     weight = torch.tensor([1.0, 3.0]).view(1, 1, 1, 1, 2)
     assert float(T.flow_loss(pred, x0, eps, weight)) == (1 * 1 + 9 * 3) / 2 / 2  # mean(err w) / mean(w) = 7
-    torch.testing.assert_close(T.flow_loss(pred, x0, eps, torch.ones(1, 1, 1, 1, 1)), T.flow_loss(pred, x0, eps))
+    torch.testing.assert_close(
+        T.flow_loss(pred, x0, eps, torch.ones(1, 1, 1, 1, 1)), T.flow_loss(pred, x0, eps)
+    )
 
 
 def test_text_dropout_zeroes_whole_prompts_at_the_given_rate():
@@ -260,9 +347,30 @@ def test_cli_sample_writes_one_row_per_prompt(vae, tmp_path):
     T.save_vae(vae, str(tmp_path / "v.safetensors"))
     T.save_dit(T.CausalDiT(CFG.dit).eval(), str(tmp_path / "d.safetensors"))
     out = str(tmp_path / "s.png")
-    assert main(["--quiet", "sample", "--tiny", "--dit", str(tmp_path / "d.safetensors"), "--vae",
-                 str(tmp_path / "v.safetensors"), "--prompt", "a red circle bouncing", "--prompt", "a blue square",
-                 "--steps", "2", "--guidance", "3", "--out", out]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "sample",
+                "--tiny",
+                "--dit",
+                str(tmp_path / "d.safetensors"),
+                "--vae",
+                str(tmp_path / "v.safetensors"),
+                "--prompt",
+                "a red circle bouncing",
+                "--prompt",
+                "a blue square",
+                "--steps",
+                "2",
+                "--guidance",
+                "3",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     image = matplotlib.image.imread(out)
     pixel_frames = 1 + CFG.vae.stride[0] * (CFG.latent_frames - 1)
     assert image.shape[:2] == (2 * CFG.height, len(range(0, pixel_frames, 2)) * CFG.width)
@@ -279,7 +387,9 @@ def test_the_world_training_configs_are_valid_and_differ_only_where_the_ablation
         os.makedirs(tmp_path / "world-work" / name)
         (tmp_path / "world-work" / name / "config.json").write_text("{}")
     root = str(tmp_path / "configs")
-    redmd, dmd, beta2 = (load_config(os.path.join(root, f"world_{n}.yaml")) for n in ("redmd", "dmd", "redmd_beta2"))
+    redmd, dmd, beta2 = (
+        load_config(os.path.join(root, f"world_{n}.yaml")) for n in ("redmd", "dmd", "redmd_beta2")
+    )
     assert (redmd.reward.kind, redmd.reward.beta) == ("motion", 0.5)
     assert dmd.reward.kind == "none" and (beta2.reward.kind, beta2.reward.beta) == ("motion", 2.0)
     assert redmd.dmd.guidance_scale == 3.0  # the world teacher is trained with text dropout, so CFG applies
@@ -297,13 +407,30 @@ def test_cli_generator_takes_the_ema_generator_out_of_a_training_checkpoint(tmp_
 
     torch.manual_seed(0)
     ema, raw, critic = (CausalDiT(CFG.dit).state_dict() for _ in range(3))
-    state = {**{f"generator_ema.{k}": v for k, v in ema.items()}, **{f"generator.{k}": v for k, v in raw.items()},
-             **{f"critic.{k}": v for k, v in critic.items()}, "optim.generator.x.step": torch.zeros(1)}
+    state = {
+        **{f"generator_ema.{k}": v for k, v in ema.items()},
+        **{f"generator.{k}": v for k, v in raw.items()},
+        **{f"critic.{k}": v for k, v in critic.items()},
+        "optim.generator.x.step": torch.zeros(1),
+    }
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "ck.safetensors"))
     for flag, expected in (([], ema), (["--raw"], raw)):
         out = str(tmp_path / f"g{len(flag)}.safetensors")
-        assert main(["--quiet", "generator", "--tiny", "--checkpoint", str(tmp_path / "ck.safetensors"),
-                     "--out", out, *flag]) == 0
+        assert (
+            main(
+                [
+                    "--quiet",
+                    "generator",
+                    "--tiny",
+                    "--checkpoint",
+                    str(tmp_path / "ck.safetensors"),
+                    "--out",
+                    out,
+                    *flag,
+                ]
+            )
+            == 0
+        )
         got = T.load_dit(out).state_dict()
         assert got.keys() == expected.keys()
         for k, v in expected.items():

@@ -140,7 +140,10 @@ class FakeCudart(types.ModuleType):
             return (err or cudaError_t.cudaErrorInvalidDevice, None)
         cc, name = self.devices[device]
         major, minor = (int(x) for x in cc.split("."))
-        return (cudaError_t.cudaSuccess, types.SimpleNamespace(name=name + b"\x00\x00", major=major, minor=minor))
+        return (
+            cudaError_t.cudaSuccess,
+            types.SimpleNamespace(name=name + b"\x00\x00", major=major, minor=minor),
+        )
 
     def cudaMalloc(self, nbytes):
         err = self._call("cudaMalloc", nbytes)
@@ -242,6 +245,7 @@ class FakeCudart(types.ModuleType):
 
 # ---- tensorrt ------------------------------------------------------------------------------------
 
+
 class DataType(enum.IntEnum):
     FLOAT = 0
     HALF = 1
@@ -256,8 +260,12 @@ class DataType(enum.IntEnum):
     FP4 = 10
 
 
-DTYPE_NAMES = {DataType.FLOAT: "float32", DataType.HALF: "float16", DataType.BF16: "bfloat16",
-               DataType.INT64: "int64"}
+DTYPE_NAMES = {
+    DataType.FLOAT: "float32",
+    DataType.HALF: "float16",
+    DataType.BF16: "bfloat16",
+    DataType.INT64: "int64",
+}
 
 
 class TensorIOMode(enum.IntEnum):
@@ -454,9 +462,16 @@ class Builder:
         return OptimizationProfile()
 
     def build_serialized_network(self, network, config):
-        TRT.builds.append({"onnx": network.parsed, "strongly_typed": network.get_flag(1),
-                           "tf32": config.get_flag(BuilderFlag.TF32), "workspace": config.pools.get(0),
-                           "device": CUDART.current_device(), "cache": config.cache})
+        TRT.builds.append(
+            {
+                "onnx": network.parsed,
+                "strongly_typed": network.get_flag(1),
+                "tf32": config.get_flag(BuilderFlag.TF32),
+                "workspace": config.pools.get(0),
+                "device": CUDART.current_device(),
+                "cache": config.cache,
+            }
+        )
         if TRT.on_build:
             TRT.on_build(len(TRT.builds))
         if network.parsed in TRT.unbuildable:
@@ -467,6 +482,7 @@ class Builder:
 
 
 # engines: a plan file is JSON {"inputs": [[name, shape, dtype]], "outputs": [...], "scratch": bytes}
+
 
 def make_plan(inputs, outputs, scratch=4096) -> bytes:
     return json.dumps({"inputs": inputs, "outputs": outputs, "scratch": scratch}).encode()
@@ -576,8 +592,17 @@ class Runtime:
 
 class FakeTensorRT(types.ModuleType):
     __version__ = "10.13.0.35"
-    DataType, TensorIOMode, NetworkDefinitionCreationFlag = DataType, TensorIOMode, NetworkDefinitionCreationFlag
-    BuilderFlag, MemoryPoolType, ProfilingVerbosity, DeviceType = BuilderFlag, MemoryPoolType, ProfilingVerbosity, DeviceType
+    DataType, TensorIOMode, NetworkDefinitionCreationFlag = (
+        DataType,
+        TensorIOMode,
+        NetworkDefinitionCreationFlag,
+    )
+    BuilderFlag, MemoryPoolType, ProfilingVerbosity, DeviceType = (
+        BuilderFlag,
+        MemoryPoolType,
+        ProfilingVerbosity,
+        DeviceType,
+    )
     ExecutionContextAllocationStrategy, LayerType = ExecutionContextAllocationStrategy, LayerType
     Logger, ILogger, Builder, OnnxParser, Runtime = Logger, ILogger, Builder, OnnxParser, Runtime
 

@@ -155,15 +155,27 @@ class Backend(ABC):
         """Everything a stream's state depends on; a snapshot resumes only where this is equal."""
         info = self.info
         settings = info.settings.to_dict()
-        shapes = {k: [list(s) for s in v] if k == "vae_cache" else list(v) for k, v in self.state_shapes().items()}
-        return {"latent_channels": info.latent_channels, "latent_hw": list(info.latent_hw),
-                "vae_stride": list(info.vae_stride), "fps": info.fps, "stream": settings, **shapes}
+        shapes = {
+            k: [list(s) for s in v] if k == "vae_cache" else list(v) for k, v in self.state_shapes().items()
+        }
+        return {
+            "latent_channels": info.latent_channels,
+            "latent_hw": list(info.latent_hw),
+            "vae_stride": list(info.vae_stride),
+            "fps": info.fps,
+            "stream": settings,
+            **shapes,
+        }
 
     def _unsupported(self, what: str) -> ConfigError:
-        return ConfigError(f"the {self.name} backend does not support {what}: use the torch or onnxruntime backend")
+        return ConfigError(
+            f"the {self.name} backend does not support {what}: use the torch or onnxruntime backend"
+        )
 
 
-def to_uint8_frames(pixels: np.ndarray, out: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
+def to_uint8_frames(
+    pixels: np.ndarray, out: np.ndarray | None = None, scratch: np.ndarray | None = None
+) -> np.ndarray:
     """VAE output [3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]: clamp(x * 0.5 + 0.5, 0, 1), rounded.
 
     out (uint8 [T, H, W, 3]) and scratch (like ``pixels``): preallocated memory to compute in, so that a

@@ -31,7 +31,15 @@ from rf_runtime.backends.select import choose_backend, plan_names
 from rf_runtime.bundle import MANIFEST, Bundle, BundleError
 from rf_runtime.cache import commit_matrix
 from rf_runtime.errors import InputError, RFError
-from rf_runtime.graph_io import CACHE_UPDATE, DIT_STEP, GRAPHS, TEXT_ENCODER, TEXT_KV, VAE_DECODE, VAE_DECODE_FIRST
+from rf_runtime.graph_io import (
+    CACHE_UPDATE,
+    DIT_STEP,
+    GRAPHS,
+    TEXT_ENCODER,
+    TEXT_KV,
+    VAE_DECODE,
+    VAE_DECODE_FIRST,
+)
 from rf_runtime.positions import chunk_tables, timestep_sinusoid_np
 from rf_runtime.runners import Binding, Buffer, OnnxRuntimeRunner, Runner, TensorRTRunner
 from rf_runtime.runners.onnxruntime_runner import CpuThreads, usable_cores
@@ -80,14 +88,26 @@ class _Stream:
 
 
 class EngineBackend(Backend):
-    def __init__(self, bundle: Bundle, backend: str = "onnxruntime", device: str = "cpu", *,
-                 cuda_graph: bool = False, threads: CpuThreads | int | None = None):
+    def __init__(
+        self,
+        bundle: Bundle,
+        backend: str = "onnxruntime",
+        device: str = "cpu",
+        *,
+        cuda_graph: bool = False,
+        threads: CpuThreads | int | None = None,
+    ):
         m = bundle.manifest
         self.bundle, self.name, self.device = bundle, backend, device
         self.model = m["model"]
         settings = StreamSettings.from_dict(m["stream"], f"{bundle.path}/{MANIFEST}")
-        self.info = ModelInfo(latent_channels=self.model["latent_channels"], latent_hw=tuple(self.model["latent_hw"]),
-                              vae_stride=tuple(self.model["vae_stride"]), settings=settings, fps=self.model["fps"])
+        self.info = ModelInfo(
+            latent_channels=self.model["latent_channels"],
+            latent_hw=tuple(self.model["latent_hw"]),
+            vae_stride=tuple(self.model["vae_stride"]),
+            settings=settings,
+            fps=self.model["fps"],
+        )
         self.model_card = bundle.model_card
         self.model_card.check_settings(settings, self.info.frame_hw)
         self.spec = settings.cache_spec
@@ -95,8 +115,12 @@ class EngineBackend(Backend):
         self.runners = self._make_runners(backend, device, cuda_graph, threads)
         for graph, runner in self.runners.items():
             _activate(runner, graph, bundle.path)
-        self.text_encoder = text_encoder_from_spec(m["text_encoder"], f"{bundle.path}/{MANIFEST}",
-                                                   bundle_dir=bundle.path, runner=self.runners.get(TEXT_ENCODER))
+        self.text_encoder = text_encoder_from_spec(
+            m["text_encoder"],
+            f"{bundle.path}/{MANIFEST}",
+            bundle_dir=bundle.path,
+            runner=self.runners.get(TEXT_ENCODER),
+        )
         self._check_geometry()
         self._tables()
 
@@ -112,24 +136,48 @@ class EngineBackend(Backend):
             raise BundleError(f"{b.path} lacks the graphs {missing}; rebuild it with `rf-export onnx`")
         if backend == "tensorrt":
             plans = plan_names(b)
-            runners = {g: TensorRTRunner(b.file(b.plans[plans[g]]["file"]), b.graphs[plans[g]], cuda_graph=cuda_graph,
-                                         name=plans[g]) for g in GRAPHS}
+            runners = {
+                g: TensorRTRunner(
+                    b.file(b.plans[plans[g]]["file"]),
+                    b.graphs[plans[g]],
+                    cuda_graph=cuda_graph,
+                    name=plans[g],
+                )
+                for g in GRAPHS
+            }
         else:
-            runners = {g: OnnxRuntimeRunner(b.graph_file(g), b.graphs[g], device=device,
-                                            threads=cpu_threads(g, threads) if device == "cpu" else None)
-                       for g in GRAPHS}
+            runners = {
+                g: OnnxRuntimeRunner(
+                    b.graph_file(g),
+                    b.graphs[g],
+                    device=device,
+                    threads=cpu_threads(g, threads) if device == "cpu" else None,
+                )
+                for g in GRAPHS
+            }
         if b.manifest["text_encoder"].get("kind") == "umt5":  # the umT5 graph: once per prompt
             graph = b.manifest["text_encoder"]["graph"]  # Bundle.load checked that it is one of the graphs
             if backend == "tensorrt" and graph in b.plans:
-                runners[TEXT_ENCODER] = TensorRTRunner(b.file(b.plans[graph]["file"]), b.graphs[graph], name=graph)
+                runners[TEXT_ENCODER] = TensorRTRunner(
+                    b.file(b.plans[graph]["file"]), b.graphs[graph], name=graph
+                )
             else:
                 if backend == "tensorrt":
-                    logger.info("bundle %s has no TensorRT plan for %s: the text encoder runs on onnxruntime (%s); "
-                                "`rf-export trt BUNDLE --precision fp32 --graphs %s` builds one", b.path, graph,
-                                device, graph)
+                    logger.info(
+                        "bundle %s has no TensorRT plan for %s: the text encoder runs on onnxruntime (%s); "
+                        "`rf-export trt BUNDLE --precision fp32 --graphs %s` builds one",
+                        b.path,
+                        graph,
+                        device,
+                        graph,
+                    )
                 runners[TEXT_ENCODER] = OnnxRuntimeRunner(
-                    b.graph_file(graph), b.graphs[graph], device=device, name=graph,
-                    threads=cpu_threads(TEXT_ENCODER, threads) if device == "cpu" else None)
+                    b.graph_file(graph),
+                    b.graphs[graph],
+                    device=device,
+                    name=graph,
+                    threads=cpu_threads(TEXT_ENCODER, threads) if device == "cpu" else None,
+                )
         return runners
 
     def _check_geometry(self) -> None:
@@ -140,21 +188,30 @@ class EngineBackend(Backend):
         for name, runner in r.items():
             problem = graph_io.mismatch(name, runner.graph.input_names(), runner.graph.output_names(), slots)
             if problem:
-                raise BundleError(f"graph {runner.name} of {self.bundle.path}: {problem}; rebuild the bundle with "
-                                  "`rf-export onnx`")
+                raise BundleError(
+                    f"graph {runner.name} of {self.bundle.path}: {problem}; rebuild the bundle with "
+                    "`rf-export onnx`"
+                )
         grid = tuple(self.model["grid_hw"])
         self.tokens_per_frame = tpf = grid[0] * grid[1]
         c, m = self.spec.chunk_frames, self.spec.context_frames
         head_dim = dit["dim"] // dit["num_heads"]
         kv = (dit["num_layers"], 1, m * tpf, dit["num_heads"], head_dim)
         lat = (1, c, self.info.latent_channels, *self.info.latent_hw)
-        expect = {(DIT_STEP, "x"): lat, (DIT_STEP, "ctx_k"): kv, (CACHE_UPDATE, "ctx_k"): kv,
-                  (CACHE_UPDATE, "mix"): (m, m + c), (TEXT_KV, "text_embeds"): (1, dit["text_len"], dit["text_dim"])}
+        expect = {
+            (DIT_STEP, "x"): lat,
+            (DIT_STEP, "ctx_k"): kv,
+            (CACHE_UPDATE, "ctx_k"): kv,
+            (CACHE_UPDATE, "mix"): (m, m + c),
+            (TEXT_KV, "text_embeds"): (1, dit["text_len"], dit["text_dim"]),
+        }
         for (graph, tensor), shape in expect.items():
             actual = r[graph].graph.tensors[tensor].shape
             if actual != shape:
-                raise BundleError(f"graph {graph}: {tensor} is {list(actual)}, but the manifest's model and stream "
-                                  f"settings need {list(shape)}; rebuild it with `rf-export onnx`")
+                raise BundleError(
+                    f"graph {graph}: {tensor} is {list(actual)}, but the manifest's model and stream "
+                    f"settings need {list(shape)}; rebuild it with `rf-export onnx`"
+                )
         self._kv_shape, self._grid, self._head_dim = kv, grid, head_dim
 
     def _tables(self) -> None:
@@ -172,10 +229,14 @@ class EngineBackend(Backend):
         t_all = (*sched.t, self.info.settings.context_t)
         sig = (*sched.sigma, 0.0)
         sig_next = (*sched.sigma[1:], 0.0, 0.0)
-        self._steps = [{"t_freq": const(dit, "t_freq", timestep_sinusoid_np(np.full((1, c), t), freq_dim)),
-                        "sigma": const(dit, "sigma", np.array([s], np.float32)),
-                        "sigma_next": const(dit, "sigma_next", np.array([sn], np.float32))}
-                       for t, s, sn in zip(t_all, sig, sig_next)]
+        self._steps = [
+            {
+                "t_freq": const(dit, "t_freq", timestep_sinusoid_np(np.full((1, c), t), freq_dim)),
+                "sigma": const(dit, "sigma", np.array([s], np.float32)),
+                "sigma_next": const(dit, "sigma_next", np.array([sn], np.float32)),
+            }
+            for t, s, sn in zip(t_all, sig, sig_next)
+        ]
         # cache states: chunks committed 0, 1, ..., then every later count behaves like the last
         self._last_state = self.spec.window_slots + 1
         self._states, self._mixes = [], []
@@ -199,23 +260,54 @@ class EngineBackend(Backend):
     def new_stream(self, text) -> StreamState:
         r = self.runners
         dit, upd = r[DIT_STEP], r[CACHE_UPDATE]
-        kv = tuple((dit.allocate(self._kv_shape, _dtype(dit, "ctx_k")), dit.allocate(self._kv_shape, _dtype(dit, "ctx_v")))
-                   for _ in range(2))
+        kv = tuple(
+            (
+                dit.allocate(self._kv_shape, _dtype(dit, "ctx_k")),
+                dit.allocate(self._kv_shape, _dtype(dit, "ctx_v")),
+            )
+            for _ in range(2)
+        )
         x_spec = dit.graph.tensors["x"]
         x = (dit.allocate(x_spec.shape, x_spec.dtype), dit.allocate(x_spec.shape, x_spec.dtype))
-        b_dit = dit.bind({"x": x[0], "x_next": x[1], "text_k": text[0], "text_v": text[1], "ctx_k": kv[0][0],
-                          "ctx_v": kv[0][1], **self._steps[0], **self._ctx_tables, **self._states[0]})
-        updates = tuple(upd.bind({"ctx_k": kv[i][0], "ctx_v": kv[i][1], "ctx_k_out": kv[1 - i][0],
-                                  "ctx_v_out": kv[1 - i][1], "new_k": b_dit["new_k"], "new_v": b_dit["new_v"],
-                                  "mix": self._mixes[0]}) for i in range(2))
+        b_dit = dit.bind(
+            {
+                "x": x[0],
+                "x_next": x[1],
+                "text_k": text[0],
+                "text_v": text[1],
+                "ctx_k": kv[0][0],
+                "ctx_v": kv[0][1],
+                **self._steps[0],
+                **self._ctx_tables,
+                **self._states[0],
+            }
+        )
+        updates = tuple(
+            upd.bind(
+                {
+                    "ctx_k": kv[i][0],
+                    "ctx_v": kv[i][1],
+                    "ctx_k_out": kv[1 - i][0],
+                    "ctx_v_out": kv[1 - i][1],
+                    "new_k": b_dit["new_k"],
+                    "new_v": b_dit["new_v"],
+                    "mix": self._mixes[0],
+                }
+            )
+            for i in range(2)
+        )
         z = self._latent_frames(b_dit["x0"])
         first, step = r[VAE_DECODE_FIRST], r[VAE_DECODE]
         caches = self._vae_cache_names()
-        copies = tuple({n: step.allocate(step.graph.tensors[n].shape, step.graph.tensors[n].dtype) for n in caches}
-                       for _ in range(2))
+        copies = tuple(
+            {n: step.allocate(step.graph.tensors[n].shape, step.graph.tensors[n].dtype) for n in caches}
+            for _ in range(2)
+        )
         vae_first = first.bind({"z": z[0], **{f"{n}_out": copies[0][n] for n in caches}})
-        vae = tuple(step.bind({"z": z[0], **copies[i], **{f"{n}_out": copies[1 - i][n] for n in caches}})
-                    for i in range(2))
+        vae = tuple(
+            step.bind({"z": z[0], **copies[i], **{f"{n}_out": copies[1 - i][n] for n in caches}})
+            for i in range(2)
+        )
         frames = step.graph.tensors["frames"].shape  # [1, 3, t, H, W]
         scratch = np.zeros(frames[1:], np.float32)
         latents = tuple(dit.allocate(x_spec.shape, x_spec.dtype) for _ in range(self.info.context_chunks))
@@ -247,7 +339,9 @@ class EngineBackend(Backend):
             if value is b:
                 return i
         if isinstance(value, Buffer):
-            raise InputError(f"{what} must come from this stream (upload() or the previous step), not another one")
+            raise InputError(
+                f"{what} must come from this stream (upload() or the previous step), not another one"
+            )
         self.runners[DIT_STEP].write(buffers[0], value)
         return 0
 
@@ -258,8 +352,15 @@ class EngineBackend(Backend):
         if eps is not None:
             dit.write(s.dit["eps"], eps)
         b = s.dit
-        b.update({"x": s.x[cur], "x_next": s.x[1 - cur], "x0": s.x0, "ctx_k": s.kv[s.kv_cur][0],
-                  "ctx_v": s.kv[s.kv_cur][1]})
+        b.update(
+            {
+                "x": s.x[cur],
+                "x_next": s.x[1 - cur],
+                "x0": s.x0,
+                "ctx_k": s.kv[s.kv_cur][0],
+                "ctx_v": s.kv[s.kv_cur][1],
+            }
+        )
         b.update(self._steps[step])
         b.update(self._state_tables(state))
         dit.run(b)
@@ -278,8 +379,15 @@ class EngineBackend(Backend):
             self.runners[DIT_STEP].write(x0_buf, x0)
         b = s.dit
         # rerun with timestep zero to write the chunk's clean K/V; x0 / x_next land in scratch buffers
-        b.update({"x": x0_buf, "x0": s.x[0], "x_next": s.x[1], "ctx_k": s.kv[s.kv_cur][0],
-                  "ctx_v": s.kv[s.kv_cur][1]})
+        b.update(
+            {
+                "x": x0_buf,
+                "x0": s.x[0],
+                "x_next": s.x[1],
+                "ctx_k": s.kv[s.kv_cur][0],
+                "ctx_v": s.kv[s.kv_cur][1],
+            }
+        )
         b.update(self._steps[-1])
         b.update(self._state_tables(state))
         self.runners[DIT_STEP].run(b)
@@ -313,7 +421,7 @@ class EngineBackend(Backend):
             runner.run(b)
             pixels = runner.read(b["frames"])[0]  # [3, t, H, W]
             t = pixels.shape[1]
-            to_uint8_frames(pixels, out[done:done + t], s.scratch[:, :t])
+            to_uint8_frames(pixels, out[done : done + t], s.scratch[:, :t])
             done += t
         return out
 
@@ -357,10 +465,15 @@ class EngineBackend(Backend):
 
         k, v = s.kv[s.kv_cur]
         vae = s.vae[s.vae_cur]
-        return StateArrays(cache_k=host(k), cache_v=host(v), text_k=host(s.dit["text_k"]),
-                           text_v=host(s.dit["text_v"]), latents=np.stack([host(b) for b in s.latents]),
-                           vae_cache=tuple(host(vae[n]) for n in self._vae_cache_names()) if s.vae_started else (),
-                           chunks_committed=s.chunks_committed)
+        return StateArrays(
+            cache_k=host(k),
+            cache_v=host(v),
+            text_k=host(s.dit["text_k"]),
+            text_v=host(s.dit["text_v"]),
+            latents=np.stack([host(b) for b in s.latents]),
+            vae_cache=tuple(host(vae[n]) for n in self._vae_cache_names()) if s.vae_started else (),
+            chunks_committed=s.chunks_committed,
+        )
 
     def import_state(self, arrays: StateArrays, latent_frames_decoded: int) -> StreamState:
         """A new stream (its own buffers) holding copies of ``arrays``, current copies 0."""
@@ -371,8 +484,11 @@ class EngineBackend(Backend):
             dit.write(text[-1], array)
         state = self.new_stream(tuple(text))
         s: _Stream = state.device
-        for buffer, array in ((s.kv[0][0], arrays.cache_k), (s.kv[0][1], arrays.cache_v),
-                              *zip(s.latents, arrays.latents)):
+        for buffer, array in (
+            (s.kv[0][0], arrays.cache_k),
+            (s.kv[0][1], arrays.cache_v),
+            *zip(s.latents, arrays.latents),
+        ):
             dit.write(buffer, array)
         if latent_frames_decoded:
             for name, array in zip(self._vae_cache_names(), arrays.vae_cache):
@@ -383,16 +499,25 @@ class EngineBackend(Backend):
 
     def state_shapes(self) -> dict:
         step = self.runners[VAE_DECODE].graph.tensors
-        return {"kv": self._kv_shape, TEXT_KV: self.runners[DIT_STEP].graph.tensors["text_k"].shape,
-                "latents": (self.info.context_chunks, *self.info.chunk_latent_shape),
-                "vae_cache": [step[n].shape for n in self._vae_cache_names()]}
+        return {
+            "kv": self._kv_shape,
+            TEXT_KV: self.runners[DIT_STEP].graph.tensors["text_k"].shape,
+            "latents": (self.info.context_chunks, *self.info.chunk_latent_shape),
+            "vae_cache": [step[n].shape for n in self._vae_cache_names()],
+        }
 
     def describe(self) -> dict:
-        out = {"backend": self.name, "device": self.device, "precision": _dtype(self.runners[DIT_STEP], "ctx_k"),
-               "graphs": {g: r.name for g, r in self.runners.items()}}
+        out = {
+            "backend": self.name,
+            "device": self.device,
+            "precision": _dtype(self.runners[DIT_STEP], "ctx_k"),
+            "graphs": {g: r.name for g, r in self.runners.items()},
+        }
         threads = {g: r.threads for g, r in self.runners.items() if getattr(r, "threads", None) is not None}
         if threads:
-            out["cpu_threads"] = {g: {"intra_op": t.intra_op, "spinning": t.spinning} for g, t in threads.items()}
+            out["cpu_threads"] = {
+                g: {"intra_op": t.intra_op, "spinning": t.spinning} for g, t in threads.items()
+            }
         return out
 
 
@@ -403,10 +528,14 @@ def _activate(runner: Runner, graph: str, bundle: str) -> None:
         runner.activate()
     except RFError:
         raise
-    except Exception as exc:  # onnxruntime and TensorRT raise their own types (Fail, InvalidGraph, RuntimeError)
+    except (
+        Exception
+    ) as exc:  # onnxruntime and TensorRT raise their own types (Fail, InvalidGraph, RuntimeError)
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise BundleError(f"graph {graph!r} of bundle {bundle} cannot be loaded ({type(exc).__name__}: {reason}); "
-                          "rebuild it with `rf-export onnx --model-dir MODEL_DIR --out BUNDLE`") from exc
+        raise BundleError(
+            f"graph {graph!r} of bundle {bundle} cannot be loaded ({type(exc).__name__}: {reason}); "
+            "rebuild it with `rf-export onnx --model-dir MODEL_DIR --out BUNDLE`"
+        ) from exc
 
 
 def _dtype(runner: Runner, name: str) -> str:

@@ -29,28 +29,63 @@ class _TorchStream:
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, dit, vae, text_encoder, settings: StreamSettings | None = None,
-                 height: int = DEFAULT_HW[0], width: int = DEFAULT_HW[1]):
+    def __init__(
+        self,
+        dit,
+        vae,
+        text_encoder,
+        settings: StreamSettings | None = None,
+        height: int = DEFAULT_HW[0],
+        width: int = DEFAULT_HW[1],
+    ):
         self.dit, self.vae, self.text_encoder = dit.eval(), vae.eval(), text_encoder
         settings = settings or StreamSettings()
         cfg = dit.config
         check_text_encoder(cfg, text_encoder)
         stride = vae.config.stride
         latent_hw = latent_hw_for(height, width, stride[1], cfg.patch_size[1:])
-        self.info = ModelInfo(latent_channels=cfg.in_dim, latent_hw=latent_hw, vae_stride=stride, settings=settings)
+        self.info = ModelInfo(
+            latent_channels=cfg.in_dim, latent_hw=latent_hw, vae_stride=stride, settings=settings
+        )
         self.device = dit.patch_embedding.weight.device
         self.dtype = dit.patch_embedding.weight.dtype
         self._vae_cache_shapes = None  # found on first use by decoding one frame
 
     @classmethod
-    def from_dir(cls, path, checkpoint=None, *, vae_path=None, text_encoder=None, settings=None,
-                 height=None, width=None, device="cpu", dtype="float32", use_ema=True) -> "TorchBackend":
+    def from_dir(
+        cls,
+        path,
+        checkpoint=None,
+        *,
+        vae_path=None,
+        text_encoder=None,
+        settings=None,
+        height=None,
+        width=None,
+        device="cpu",
+        dtype="float32",
+        use_ema=True,
+    ) -> "TorchBackend":
         """The models of a model folder (``rf_runtime.model_dir``) on ``device`` in ``dtype``."""
-        m = model_dir.load(path, checkpoint, vae_path=vae_path, text_encoder=text_encoder, settings=settings,
-                           use_ema=use_ema, device=device, dtype=dtype)
+        m = model_dir.load(
+            path,
+            checkpoint,
+            vae_path=vae_path,
+            text_encoder=text_encoder,
+            settings=settings,
+            use_ema=use_ema,
+            device=device,
+            dtype=dtype,
+        )
         hw = m.resolution
-        return cls(m.dit, m.vae, m.text_encoder, m.settings, hw[0] if height is None else height,  # 0 is refused
-                   hw[1] if width is None else width)
+        return cls(
+            m.dit,
+            m.vae,
+            m.text_encoder,
+            m.settings,
+            hw[0] if height is None else height,  # 0 is refused
+            hw[1] if width is None else width,
+        )
 
     # ---- Backend ---------------------------------------------------------------------------
 
@@ -61,8 +96,9 @@ class TorchBackend(Backend):
 
     def new_stream(self, text) -> StreamState:
         rollout = ChunkRollout(self.dit, text, 1, self.info.latent_hw, self.info.settings)
-        latents = torch.zeros((self.info.context_chunks, *self.info.chunk_latent_shape), device=self.device,
-                              dtype=self.dtype)
+        latents = torch.zeros(
+            (self.info.context_chunks, *self.info.chunk_latent_shape), device=self.device, dtype=self.dtype
+        )
         return StreamState(_TorchStream(rollout, self.vae.stream_decoder(batch_size=1), latents))
 
     def upload(self, array: np.ndarray):
@@ -101,10 +137,15 @@ class TorchBackend(Backend):
         def host(t):
             return t.detach().float().cpu().numpy().copy()
 
-        return StateArrays(cache_k=host(dev.rollout.cache_k), cache_v=host(dev.rollout.cache_v),
-                           text_k=host(dev.rollout.text_k), text_v=host(dev.rollout.text_v),
-                           latents=host(dev.latents), vae_cache=tuple(host(s) for s in dev.decoder.slots),
-                           chunks_committed=dev.rollout.chunks_committed)
+        return StateArrays(
+            cache_k=host(dev.rollout.cache_k),
+            cache_v=host(dev.rollout.cache_v),
+            text_k=host(dev.rollout.text_k),
+            text_v=host(dev.rollout.text_v),
+            latents=host(dev.latents),
+            vae_cache=tuple(host(s) for s in dev.decoder.slots),
+            chunks_committed=dev.rollout.chunks_committed,
+        )
 
     def import_state(self, arrays: StateArrays, latent_frames_decoded: int) -> StreamState:
         def device(a):  # a copy: the stream must not write into the caller's arrays
@@ -125,14 +166,18 @@ class TorchBackend(Backend):
         if self._vae_cache_shapes is None:
             slots: list = []
             with torch.no_grad():
-                z = torch.zeros(1, info.latent_channels, 1, *info.latent_hw, device=self.device, dtype=self.dtype)
+                z = torch.zeros(
+                    1, info.latent_channels, 1, *info.latent_hw, device=self.device, dtype=self.dtype
+                )
                 self.vae.decode_step(z, slots, first=True)
             self._vae_cache_shapes = [tuple(s.shape) for s in slots]
         tokens = info.settings.cache_spec.context_frames * self.dit.tokens_per_frame(info.latent_hw)
-        return {"kv": (cfg.num_layers, 1, tokens, cfg.num_heads, cfg.head_dim),
-                "text_kv": (cfg.num_layers, 1, cfg.text_len, cfg.num_heads, cfg.head_dim),
-                "latents": (info.context_chunks, *info.chunk_latent_shape),
-                "vae_cache": list(self._vae_cache_shapes)}
+        return {
+            "kv": (cfg.num_layers, 1, tokens, cfg.num_heads, cfg.head_dim),
+            "text_kv": (cfg.num_layers, 1, cfg.text_len, cfg.num_heads, cfg.head_dim),
+            "latents": (info.context_chunks, *info.chunk_latent_shape),
+            "vae_cache": list(self._vae_cache_shapes),
+        }
 
     def all_finite(self, x) -> bool:
         return bool(torch.isfinite(x).all())
@@ -142,5 +187,10 @@ class TorchBackend(Backend):
             torch.cuda.synchronize(self.device)
 
     def describe(self) -> dict:
-        return {"backend": self.name, "device": str(self.device), "precision": str(self.dtype).replace("torch.", ""),
-                "threads": torch.get_num_threads(), "torch": torch.__version__}
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "precision": str(self.dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }

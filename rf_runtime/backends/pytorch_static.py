@@ -54,7 +54,9 @@ class _StaticStream:
     pixels: object  # [1, 3, t, H, W]
     frames: object  # uint8 [T, H, W, 3] of a whole chunk, on the device
     host_frames: object  # the same, pinned host memory
-    stage: object  # pinned host staging of the noise: [S, 1, f, C, H, W] (init, then re-noise of steps 0..S-2)
+    stage: (
+        object  # pinned host staging of the noise: [S, 1, f, C, H, W] (init, then re-noise of steps 0..S-2)
+    )
     latents: object  # ring [K, 1, f, C, H, W] of clean latents (prompt switch)
     decoded: int = 0  # latent frames decoded so far
     chunks_committed: int = 0  # chunks written into the KV cache since it was last (re)filled
@@ -63,8 +65,20 @@ class _StaticStream:
 
 
 def _buffers_key(s: _StaticStream) -> tuple:
-    tensors = [s.text_k, s.text_v, s.cache_k, s.cache_v, *s.x, s.x0, s.eps, *s.slots, s.z, s.pixels_first, s.pixels,
-               s.frames]
+    tensors = [
+        s.text_k,
+        s.text_v,
+        s.cache_k,
+        s.cache_v,
+        *s.x,
+        s.x0,
+        s.eps,
+        *s.slots,
+        s.z,
+        s.pixels_first,
+        s.pixels,
+        s.frames,
+    ]
     return tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
 
 
@@ -79,15 +93,33 @@ class StaticTorchBackend(TorchBackend):
 
     name = "torch-static"
 
-    def __init__(self, dit, vae, text_encoder, settings=None, height=None, width=None, *,
-                 cuda_graphs: bool | None = None, compile: bool | str = False):
+    def __init__(
+        self,
+        dit,
+        vae,
+        text_encoder,
+        settings=None,
+        height=None,
+        width=None,
+        *,
+        cuda_graphs: bool | None = None,
+        compile: bool | str = False,
+    ):
         from rf_runtime.backends.pytorch import DEFAULT_HW
 
-        super().__init__(dit, vae, text_encoder, settings, DEFAULT_HW[0] if height is None else height,
-                         DEFAULT_HW[1] if width is None else width)  # 0 is refused there, not replaced
+        super().__init__(
+            dit,
+            vae,
+            text_encoder,
+            settings,
+            DEFAULT_HW[0] if height is None else height,
+            DEFAULT_HW[1] if width is None else width,
+        )  # 0 is refused there, not replaced
         is_cuda = self.device.type == "cuda"
         if cuda_graphs and not is_cuda:
-            raise ConfigError("CUDA graphs need the model on a CUDA device: use device='cuda', or cuda_graphs=False")
+            raise ConfigError(
+                "CUDA graphs need the model on a CUDA device: use device='cuda', or cuda_graphs=False"
+            )
         self.cuda_graphs = is_cuda if cuda_graphs is None else bool(cuda_graphs)
         self.compile = compile
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
@@ -103,8 +135,16 @@ class StaticTorchBackend(TorchBackend):
     def from_dir(cls, model_dir, checkpoint=None, *, cuda_graphs=None, compile=False, **kwargs):
         plain = TorchBackend.from_dir(model_dir, checkpoint, **kwargs)
         h, w = plain.info.frame_hw
-        return cls(plain.dit, plain.vae, plain.text_encoder, plain.info.settings, h, w,
-                   cuda_graphs=cuda_graphs, compile=compile)
+        return cls(
+            plain.dit,
+            plain.vae,
+            plain.text_encoder,
+            plain.info.settings,
+            h,
+            w,
+            cuda_graphs=cuda_graphs,
+            compile=compile,
+        )
 
     # ---- tables shared by every stream ------------------------------------------------------
 
@@ -120,16 +160,23 @@ class StaticTorchBackend(TorchBackend):
         self._steps = len(sched.t)
         with torch.no_grad():
             times = (*sched.t, info.settings.context_t)
-            self._time = [dit.time_embeddings(torch.full((1, f), float(t), dtype=torch.float32, device=dev))
-                          for t in times]
-            self._sigma = [*sched.sigma, 0.0]  # Python floats, as the reference uses; fixed per step (graph key)
+            self._time = [
+                dit.time_embeddings(torch.full((1, f), float(t), dtype=torch.float32, device=dev))
+                for t in times
+            ]
+            self._sigma = [
+                *sched.sigma,
+                0.0,
+            ]  # Python floats, as the reference uses; fixed per step (graph key)
         self._last_state = spec.window_slots + 1
         cos_ctx, sin_ctx = rope_tables(torch.arange(m), grid, dit.config.head_dim)
         self._ctx_rope = (cos_ctx.to(dev), sin_ctx.to(dev))
         self._state_tables = []
         for committed in range(self._last_state + 1):
             valid = spec.valid_frames(committed)
-            mask = torch.cat([torch.arange(m * tpf) < valid * tpf, torch.ones(f * tpf, dtype=torch.bool)]).to(dev)
+            mask = torch.cat([torch.arange(m * tpf) < valid * tpf, torch.ones(f * tpf, dtype=torch.bool)]).to(
+                dev
+            )
             cos_q, sin_q = rope_tables(torch.arange(valid, valid + f), grid, dit.config.head_dim)
             self._state_tables.append((mask, cos_q.to(dev), sin_q.to(dev)))
         self._tpf, self._spec = tpf, spec
@@ -159,14 +206,22 @@ class StaticTorchBackend(TorchBackend):
         t_first, t_next = 1, stride
         chunk_frames = t_next * f
         s = _StaticStream(
-            text_k=text_k, text_v=text_v, cache_k=zeros(shapes["kv"]), cache_v=zeros(shapes["kv"]),
-            x=(zeros(lat), zeros(lat)), x0=zeros(lat), eps=zeros((max(self._steps - 1, 1), *lat)),
-            slots=slots, z=zeros((1, cfg.in_dim, 1, *info.latent_hw)),
-            pixels_first=zeros((1, 3, t_first, *hw)), pixels=zeros((1, 3, t_next, *hw)),
+            text_k=text_k,
+            text_v=text_v,
+            cache_k=zeros(shapes["kv"]),
+            cache_v=zeros(shapes["kv"]),
+            x=(zeros(lat), zeros(lat)),
+            x0=zeros(lat),
+            eps=zeros((max(self._steps - 1, 1), *lat)),
+            slots=slots,
+            z=zeros((1, cfg.in_dim, 1, *info.latent_hw)),
+            pixels_first=zeros((1, 3, t_first, *hw)),
+            pixels=zeros((1, 3, t_next, *hw)),
             frames=zeros((chunk_frames, *hw, 3), torch.uint8),
             host_frames=torch.zeros((chunk_frames, *hw, 3), dtype=torch.uint8, pin_memory=pin),
             stage=torch.zeros((self._steps, *lat), dtype=torch.float32, pin_memory=pin),
-            latents=zeros((info.context_chunks, *lat)))
+            latents=zeros((info.context_chunks, *lat)),
+        )
         return StreamState(s)
 
     def upload(self, array: np.ndarray):
@@ -227,8 +282,19 @@ class StaticTorchBackend(TorchBackend):
         renoise = eps is not None and not last
 
         def run():
-            flow, _, _ = self._dit_call(x_in, None, s.text_k, s.text_v, s.cache_k, s.cache_v, mask,
-                                        *self._ctx_rope, cos_q, sin_q, time_emb=(e, e0))
+            flow, _, _ = self._dit_call(
+                x_in,
+                None,
+                s.text_k,
+                s.text_v,
+                s.cache_k,
+                s.cache_v,
+                mask,
+                *self._ctx_rope,
+                cos_q,
+                sin_q,
+                time_emb=(e, e0),
+            )
             s.x0.copy_(x0_from_flow(x_in, flow, sigma))
             if renoise:
                 x_out.copy_(renoise_fn(s.x0, s.eps[step], sigma_next))
@@ -252,8 +318,19 @@ class StaticTorchBackend(TorchBackend):
         e, e0 = self._time[-1]
 
         def run():
-            _, k, v = self._dit_call(s.x0, None, s.text_k, s.text_v, s.cache_k, s.cache_v, mask,
-                                     *self._ctx_rope, cos_q, sin_q, time_emb=(e, e0))
+            _, k, v = self._dit_call(
+                s.x0,
+                None,
+                s.text_k,
+                s.text_v,
+                s.cache_k,
+                s.cache_v,
+                mask,
+                *self._ctx_rope,
+                cos_q,
+                sin_q,
+                time_emb=(e, e0),
+            )
             commit_chunk(self._spec, st, s.cache_k, k, self._tpf)  # states past the last behave like it
             commit_chunk(self._spec, st, s.cache_v, v, self._tpf)
 
@@ -282,7 +359,7 @@ class StaticTorchBackend(TorchBackend):
                     out.copy_(pixels.clamp(-1, 1))
                     # to_uint8_frames on the device: clamp(x * 0.5 + 0.5, 0, 1) * 255 + 0.5, truncated
                     y = out[0].float().mul(0.5).add(0.5).clamp(0.0, 1.0).mul(255.0).add(0.5)
-                    s.frames[start:start + t].copy_(y.permute(1, 2, 3, 0))
+                    s.frames[start : start + t].copy_(y.permute(1, 2, 3, 0))
 
                 self._call(s, ("vae", first, i, done), run)
                 s.decoded += 1
@@ -309,10 +386,15 @@ class StaticTorchBackend(TorchBackend):
         def host(t):
             return t.detach().float().cpu().numpy().copy()
 
-        return StateArrays(cache_k=host(s.cache_k), cache_v=host(s.cache_v), text_k=host(s.text_k),
-                           text_v=host(s.text_v), latents=host(s.latents),
-                           vae_cache=tuple(host(t) for t in s.slots) if s.decoded else (),
-                           chunks_committed=state.device.chunks_committed)
+        return StateArrays(
+            cache_k=host(s.cache_k),
+            cache_v=host(s.cache_v),
+            text_k=host(s.text_k),
+            text_v=host(s.text_v),
+            latents=host(s.latents),
+            vae_cache=tuple(host(t) for t in s.slots) if s.decoded else (),
+            chunks_committed=state.device.chunks_committed,
+        )
 
     def import_state(self, arrays: StateArrays, latent_frames_decoded: int) -> StreamState:
         def device(a):
@@ -330,4 +412,9 @@ class StaticTorchBackend(TorchBackend):
         return state
 
     def describe(self) -> dict:
-        return {**super().describe(), "backend": self.name, "cuda_graphs": self.cuda_graphs, "compile": self.compile}
+        return {
+            **super().describe(),
+            "backend": self.name,
+            "cuda_graphs": self.cuda_graphs,
+            "compile": self.compile,
+        }

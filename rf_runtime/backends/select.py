@@ -42,7 +42,7 @@ def tensorrt_here() -> tuple[str | None, str | None]:
 
 
 def choose_backend(bundle: Bundle, backend: str, device: str, here=tensorrt_here) -> str:
-    """"onnxruntime" or "tensorrt" for this bundle on this machine; never a silent fallback from
+    """ "onnxruntime" or "tensorrt" for this bundle on this machine; never a silent fallback from
     an explicit choice. ``here`` gives (TensorRT version, compute capability)."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
@@ -52,8 +52,10 @@ def choose_backend(bundle: Bundle, backend: str, device: str, here=tensorrt_here
         return backend
     if device != "cuda":
         if backend == "tensorrt":
-            raise ConfigError("TensorRT runs on a CUDA GPU: use device='cuda' with backend='tensorrt', or "
-                              "backend='onnxruntime' for the CPU")
+            raise ConfigError(
+                "TensorRT runs on a CUDA GPU: use device='cuda' with backend='tensorrt', or "
+                "backend='onnxruntime' for the CPU"
+            )
         return "onnxruntime"
     plans = plan_names(bundle)
     if backend == "tensorrt":
@@ -67,12 +69,16 @@ def choose_backend(bundle: Bundle, backend: str, device: str, here=tensorrt_here
         bundle.check_plans([plans.get(g, g) for g in GRAPHS], version, capability)
         return "tensorrt"
     if len(plans) < len(GRAPHS):
-        logger.info("bundle %s has no TensorRT plans for every graph: running it with onnxruntime", bundle.path)
+        logger.info(
+            "bundle %s has no TensorRT plans for every graph: running it with onnxruntime", bundle.path
+        )
         return "onnxruntime"
     version, capability = here()
     problems = {n: p for n, p in bundle.plan_problems(version, capability).items() if n in plans.values()}
     if problems:
-        logger.info("not using the bundle's TensorRT plans (%s): running it with onnxruntime",
-                    "; ".join(f"{n}: {p}" for n, p in problems.items()))
+        logger.info(
+            "not using the bundle's TensorRT plans (%s): running it with onnxruntime",
+            "; ".join(f"{n}: {p}" for n, p in problems.items()),
+        )
         return "onnxruntime"
     return "tensorrt"

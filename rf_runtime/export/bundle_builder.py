@@ -22,8 +22,15 @@ from rf_runtime.graph_io import GRAPHS
 OPSET = 17
 
 
-def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None = None,
-                 precisions=("fp32",), force: bool = False) -> str:
+def build_bundle(
+    model_dir,
+    out_dir,
+    *,
+    checkpoint=None,
+    model_card: dict | None = None,
+    precisions=("fp32",),
+    force: bool = False,
+) -> str:
     """Export every graph of the model in ``model_dir`` into the bundle directory ``out_dir``.
 
     model_card: overrides of the manifest's model card (``name``, ``training_stage``,
@@ -49,17 +56,27 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
     models = model_folder.load(model_dir, checkpoint)
     card = {**models.card.get("model_card", {}), **(model_card or {})}
     if card.get("training_stage") not in TRAINING_STAGES:
-        raise ConfigError(f"the model card needs a training_stage, one of {list(TRAINING_STAGES)} (got "
-                          f"{card.get('training_stage')!r}): put it in {os.fspath(model_dir)}/rf_runtime.json under "
-                          "'model_card', or pass --training-stage")
+        raise ConfigError(
+            f"the model card needs a training_stage, one of {list(TRAINING_STAGES)} (got "
+            f"{card.get('training_stage')!r}): put it in {os.fspath(model_dir)}/rf_runtime.json under "
+            "'model_card', or pass --training-stage"
+        )
     text_spec = getattr(models.text_encoder, "to_dict", None)
     if text_spec is None and not isinstance(models.text_encoder, UMT5TextEncoder):
-        raise ConfigError(f"the text encoder {type(models.text_encoder).__name__} cannot be bundled: bundles take "
-                          "Wan's umT5 encoder or the hashed encoder (rf_runtime.json text_encoder kind 'umt5' or 'hashed')")
+        raise ConfigError(
+            f"the text encoder {type(models.text_encoder).__name__} cannot be bundled: bundles take "
+            "Wan's umT5 encoder or the hashed encoder (rf_runtime.json text_encoder kind 'umt5' or 'hashed')"
+        )
     dit, vae = models.dit.eval(), models.vae.eval()
-    latent_hw = model_folder.latent_hw_for(*models.resolution, vae.config.stride[1], dit.config.patch_size[1:])
-    info = ModelInfo(latent_channels=dit.config.in_dim, latent_hw=latent_hw, vae_stride=vae.config.stride,
-                     settings=models.settings)
+    latent_hw = model_folder.latent_hw_for(
+        *models.resolution, vae.config.stride[1], dit.config.patch_size[1:]
+    )
+    info = ModelInfo(
+        latent_channels=dit.config.in_dim,
+        latent_hw=latent_hw,
+        vae_stride=vae.config.stride,
+        settings=models.settings,
+    )
     cfg, settings = dit.config, info.settings
     spec = settings.cache_spec
     grid = dit.grid(info.latent_hw)
@@ -67,15 +84,30 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
     try:
         give_default_permissions(tmp, directory=True)  # not mkdtemp's owner-only 0700
-        feeds = example_inputs(dit, info.latent_hw, spec.context_frames, spec.chunk_frames, spec.context_frames)
+        feeds = example_inputs(
+            dit, info.latent_hw, spec.context_frames, spec.chunk_frames, spec.context_frames
+        )
         dit_data = export_dit_step(dit, os.path.join(tmp, "dit_step.onnx"), feeds)
         export_text_kv(dit, os.path.join(tmp, "text_kv.onnx"))
         kv = feeds["ctx_k"]
         new = np.zeros((*kv.shape[:2], spec.chunk_frames * tpf, *kv.shape[3:]), np.float32)
-        export_cache_update(tpf, os.path.join(tmp, "cache_update.onnx"), {
-            "ctx_k": kv, "ctx_v": kv, "new_k": new, "new_v": new, "mix": commit_matrix(spec, 0).astype(np.float32)})
-        n_slots = export_vae_decoder(vae, info.latent_hw, os.path.join(tmp, "vae_decode_first.onnx"),
-                                     os.path.join(tmp, "vae_decode.onnx"))
+        export_cache_update(
+            tpf,
+            os.path.join(tmp, "cache_update.onnx"),
+            {
+                "ctx_k": kv,
+                "ctx_v": kv,
+                "new_k": new,
+                "new_v": new,
+                "mix": commit_matrix(spec, 0).astype(np.float32),
+            },
+        )
+        n_slots = export_vae_decoder(
+            vae,
+            info.latent_hw,
+            os.path.join(tmp, "vae_decode_first.onnx"),
+            os.path.join(tmp, "vae_decode.onnx"),
+        )
         slot_shapes = [list(s.shape) for s in initial_cache(vae, info.latent_hw)]
         files = {name: {"path": f"{name}.onnx"} for name in GRAPHS}
         files.update({"dit_step_data": {"path": d} for d in dit_data})  # > 2 GB graphs: their weights
@@ -96,22 +128,37 @@ def build_bundle(model_dir, out_dir, *, checkpoint=None, model_card: dict | None
         manifest = {
             "files": files,
             "graphs": graph_entries(tmp, files),
-            "model": {"dit": cfg.to_dict(), "latent_channels": info.latent_channels,
-                      "latent_hw": list(info.latent_hw), "grid_hw": list(grid), "vae_stride": list(info.vae_stride),
-                      "fps": info.fps, "vae_cache_slots": n_slots, "vae_cache_shapes": slot_shapes,
-                      "precision": "fp32"},
+            "model": {
+                "dit": cfg.to_dict(),
+                "latent_channels": info.latent_channels,
+                "latent_hw": list(info.latent_hw),
+                "grid_hw": list(grid),
+                "vae_stride": list(info.vae_stride),
+                "fps": info.fps,
+                "vae_cache_slots": n_slots,
+                "vae_cache_shapes": slot_shapes,
+                "precision": "fp32",
+            },
             "stream": dataclasses.asdict(settings),
             "text_encoder": text_section,
             "model_card": {
-                "name": card.get("name", source), "source": source,
+                "name": card.get("name", source),
+                "source": source,
                 "checkpoint": os.path.basename(os.fspath(checkpoint)) if checkpoint else None,
                 "training_stage": card["training_stage"],
-                "chunk_frames": settings.chunk_frames, "sink_frames": settings.sink_frames,
-                "window_frames": settings.window_frames, "resolution": list(info.frame_hw),
+                "chunk_frames": settings.chunk_frames,
+                "sink_frames": settings.sink_frames,
+                "window_frames": settings.window_frames,
+                "resolution": list(info.frame_hw),
                 "longest_tested_frames": card.get("longest_tested_frames"),
-                **{k: card[k] for k in ("note", "vocabulary") if k in card}},
-            "producer": {"rf_runtime": rf_runtime.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                         "opset": OPSET},
+                **{k: card[k] for k in ("note", "vocabulary") if k in card},
+            },
+            "producer": {
+                "rf_runtime": rf_runtime.__version__,
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "opset": OPSET,
+            },
         }
         write_manifest(tmp, manifest)
         replace_dir(tmp, out_dir)
@@ -130,8 +177,11 @@ def graph_entries(bundle_dir: str, files: dict) -> dict:
     for key, entry in files.items():
         if not entry["path"].endswith(".onnx"):
             continue
-        graph = {"file": key, "precision": key.partition("@")[2] or "fp32",
-                 **graph_io_from_onnx(os.path.join(bundle_dir, entry["path"]))}
+        graph = {
+            "file": key,
+            "precision": key.partition("@")[2] or "fp32",
+            **graph_io_from_onnx(os.path.join(bundle_dir, entry["path"])),
+        }
         if f"{key}_data" in files:
             graph["external_data"] = [f"{key}_data"]
         graphs[key] = graph

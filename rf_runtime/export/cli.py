@@ -10,7 +10,9 @@ from rf_runtime.bundle import TRAINING_STAGES
 
 
 def _precisions(text: str) -> tuple[str, ...]:
-    from rf_runtime.bundle import PRECISIONS  # not rf_runtime.export.precision: parsing must not need onnx / torch
+    from rf_runtime.bundle import (
+        PRECISIONS,
+    )  # not rf_runtime.export.precision: parsing must not need onnx / torch
 
     items = tuple(p.strip() for p in text.split(",") if p.strip())
     bad = [p for p in items if p not in PRECISIONS]
@@ -49,37 +51,77 @@ def parser() -> argparse.ArgumentParser:
     onnx = sub.add_parser("onnx", help="ONNX bundle: fp32 for onnxruntime, optional fp16/bf16 for TensorRT")
     onnx.add_argument("--model-dir", required=True, help="model directory (as for rf-generate --model-dir)")
     onnx.add_argument("--checkpoint", help="generator checkpoint on top of --model-dir")
-    onnx.add_argument("--out", required=True, help="bundle directory to write (a new path, or an existing bundle "
-                                                   "with --force)")
-    onnx.add_argument("--force", action="store_true", help="replace the bundle at --out (only a bundle: a directory "
-                                                            "without manifest.json is never deleted)")
-    onnx.add_argument("--precision", type=_precisions, default=("fp32",),
-                      help="comma-separated precisions, e.g. fp32,fp16 (fp32 is always written; fp16/bf16 add "
-                           "strongly typed <graph>@<precision> variants for TensorRT)")
-    onnx.add_argument("--training-stage", choices=TRAINING_STAGES,
-                      help="model card: how the weights were made (default: from the model directory's rf_runtime.json)")
+    onnx.add_argument(
+        "--out",
+        required=True,
+        help="bundle directory to write (a new path, or an existing bundle with --force)",
+    )
+    onnx.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the bundle at --out (only a bundle: a directory "
+        "without manifest.json is never deleted)",
+    )
+    onnx.add_argument(
+        "--precision",
+        type=_precisions,
+        default=("fp32",),
+        help="comma-separated precisions, e.g. fp32,fp16 (fp32 is always written; fp16/bf16 add "
+        "strongly typed <graph>@<precision> variants for TensorRT)",
+    )
+    onnx.add_argument(
+        "--training-stage",
+        choices=TRAINING_STAGES,
+        help="model card: how the weights were made (default: from the model directory's rf_runtime.json)",
+    )
     onnx.add_argument("--name", help="model card: a name for the model (default: the model directory's name)")
-    onnx.add_argument("--longest-tested-frames", type=int,
-                      help="model card: the longest stream (video frames) this model was checked on")
+    onnx.add_argument(
+        "--longest-tested-frames",
+        type=int,
+        help="model card: the longest stream (video frames) this model was checked on",
+    )
 
-    trt = sub.add_parser("trt", help="build TensorRT plans from a bundle's ONNX graphs (NVIDIA GPU + TensorRT)")
+    trt = sub.add_parser(
+        "trt", help="build TensorRT plans from a bundle's ONNX graphs (NVIDIA GPU + TensorRT)"
+    )
     trt.add_argument("bundle", help="bundle directory written by `rf-export onnx`")
-    trt.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16",
-                     help="which graph variants to build (default fp16; the bundle must hold them)")
-    trt.add_argument("--workspace-mib", type=_positive_mib, default=4096,
-                     help="TensorRT workspace memory pool limit in MiB (default 4096)")
-    trt.add_argument("--timing-cache", help="timing cache file to load and update (default: "
-                     "tensorrt-timing-<TensorRT version>-sm<capability>-<GPU>.cache beside BUNDLE)")
-    trt.add_argument("--device", type=int, default=0, help="CUDA device to build on, the one the plans will run on "
-                     "(default 0)")
-    trt.add_argument("--graphs", help="comma-separated graph names to build (default: every graph of that precision)")
+    trt.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp16",
+        help="which graph variants to build (default fp16; the bundle must hold them)",
+    )
+    trt.add_argument(
+        "--workspace-mib",
+        type=_positive_mib,
+        default=4096,
+        help="TensorRT workspace memory pool limit in MiB (default 4096)",
+    )
+    trt.add_argument(
+        "--timing-cache",
+        help="timing cache file to load and update (default: "
+        "tensorrt-timing-<TensorRT version>-sm<capability>-<GPU>.cache beside BUNDLE)",
+    )
+    trt.add_argument(
+        "--device",
+        type=int,
+        default=0,
+        help="CUDA device to build on, the one the plans will run on (default 0)",
+    )
+    trt.add_argument(
+        "--graphs", help="comma-separated graph names to build (default: every graph of that precision)"
+    )
 
     verify = sub.add_parser("verify", help="run every graph of a bundle against the PyTorch reference")
     verify.add_argument("bundle", help="bundle directory")
     verify.add_argument("--model-dir", required=True, help="the model directory the bundle was exported from")
     verify.add_argument("--checkpoint", help="generator checkpoint on top of --model-dir")
-    verify.add_argument("--backends", type=_backends, help="comma-separated backends (default: every available one "
-                        "of onnxruntime-cpu, onnxruntime-cuda, tensorrt; onnx-reference runs bf16 on CPU, slowly)")
+    verify.add_argument(
+        "--backends",
+        type=_backends,
+        help="comma-separated backends (default: every available one "
+        "of onnxruntime-cpu, onnxruntime-cuda, tensorrt; onnx-reference runs bf16 on CPU, slowly)",
+    )
     verify.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     return p
 
@@ -94,24 +136,47 @@ def _run(args) -> int:
     if args.command == "onnx":
         from rf_runtime.export.bundle_builder import build_bundle
 
-        card = {k: v for k, v in (("training_stage", args.training_stage), ("name", args.name),
-                                  ("longest_tested_frames", args.longest_tested_frames)) if v is not None}
-        path = build_bundle(args.model_dir, args.out, checkpoint=args.checkpoint, model_card=card,
-                            precisions=args.precision, force=args.force)
+        card = {
+            k: v
+            for k, v in (
+                ("training_stage", args.training_stage),
+                ("name", args.name),
+                ("longest_tested_frames", args.longest_tested_frames),
+            )
+            if v is not None
+        }
+        path = build_bundle(
+            args.model_dir,
+            args.out,
+            checkpoint=args.checkpoint,
+            model_card=card,
+            precisions=args.precision,
+            force=args.force,
+        )
         print(f"wrote bundle {path}")
     elif args.command == "trt":
         from rf_runtime.export.trt_build import build_plans
 
         graphs = [g.strip() for g in args.graphs.split(",")] if args.graphs else None
-        plans = build_plans(args.bundle, precision=args.precision, workspace_mib=args.workspace_mib,
-                            timing_cache=args.timing_cache, graphs=graphs, device=args.device)
+        plans = build_plans(
+            args.bundle,
+            precision=args.precision,
+            workspace_mib=args.workspace_mib,
+            timing_cache=args.timing_cache,
+            graphs=graphs,
+            device=args.device,
+        )
         for name, entry in plans.items():
-            print(f"built {name}: {entry['file']} (TensorRT {entry['tensorrt_version']}, "
-                  f"compute capability {entry['compute_capability']}, {entry['device_name']})")
+            print(
+                f"built {name}: {entry['file']} (TensorRT {entry['tensorrt_version']}, "
+                f"compute capability {entry['compute_capability']}, {entry['device_name']})"
+            )
     else:
         from rf_runtime.export.verify import format_table, verify_bundle
 
-        rows = verify_bundle(args.bundle, args.model_dir, args.checkpoint, backends=args.backends, seed=args.seed)
+        rows = verify_bundle(
+            args.bundle, args.model_dir, args.checkpoint, backends=args.backends, seed=args.seed
+        )
         print(format_table(rows))
         failed = [r for r in rows if r.status == "FAIL"]
         if failed:

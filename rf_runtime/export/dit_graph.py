@@ -45,18 +45,47 @@ class DiTStep(nn.Module):
         self.model = model
         self.sampler_update = SamplerUpdate()
 
-    def forward(self, x, eps, t_freq, sigma, sigma_next, text_k, text_v, ctx_k, ctx_v, key_mask,
-                cos_ctx, sin_ctx, cos_q, sin_q):
+    def forward(
+        self,
+        x,
+        eps,
+        t_freq,
+        sigma,
+        sigma_next,
+        text_k,
+        text_v,
+        ctx_k,
+        ctx_v,
+        key_mask,
+        cos_ctx,
+        sin_ctx,
+        cos_q,
+        sin_q,
+    ):
         m = self.model
         e = m.time_embedding(t_freq)
         e0 = m.time_projection(e).unflatten(-1, (6, m.config.dim))
         flow, new_k, new_v = m.forward_chunk_tables(
-            x, None, text_k, text_v, ctx_k, ctx_v, key_mask > 0.5, cos_ctx, sin_ctx, cos_q, sin_q, time_emb=(e, e0))
+            x,
+            None,
+            text_k,
+            text_v,
+            ctx_k,
+            ctx_v,
+            key_mask > 0.5,
+            cos_ctx,
+            sin_ctx,
+            cos_q,
+            sin_q,
+            time_emb=(e, e0),
+        )
         x0, x_next = self.sampler_update(x, flow.to(x.dtype), sigma, sigma_next, eps)
         return x0, x_next, new_k, new_v
 
 
-def example_inputs(model: CausalDiT, latent_hw, context_frames: int, chunk_frames: int, valid_frames: int, seed=0):
+def example_inputs(
+    model: CausalDiT, latent_hw, context_frames: int, chunk_frames: int, valid_frames: int, seed=0
+):
     """Random but well-formed inputs of the step graph (numpy float32), for tracing and tests."""
     cfg = model.config
     rng = np.random.default_rng(seed)
@@ -68,11 +97,15 @@ def example_inputs(model: CausalDiT, latent_hw, context_frames: int, chunk_frame
     t = np.full((1, chunk_frames), 937.5)
     f32 = np.float32
     return {
-        "x": rng.standard_normal(lat, dtype=f32), "eps": rng.standard_normal(lat, dtype=f32),
+        "x": rng.standard_normal(lat, dtype=f32),
+        "eps": rng.standard_normal(lat, dtype=f32),
         "t_freq": timestep_sinusoid_np(t, cfg.freq_dim).astype(f32),
-        "sigma": np.array([0.9375], f32), "sigma_next": np.array([0.8333], f32),
-        "text_k": rng.standard_normal(text, dtype=f32), "text_v": rng.standard_normal(text, dtype=f32),
-        "ctx_k": rng.standard_normal(kv, dtype=f32), "ctx_v": rng.standard_normal(kv, dtype=f32),
+        "sigma": np.array([0.9375], f32),
+        "sigma_next": np.array([0.8333], f32),
+        "text_k": rng.standard_normal(text, dtype=f32),
+        "text_v": rng.standard_normal(text, dtype=f32),
+        "ctx_k": rng.standard_normal(kv, dtype=f32),
+        "ctx_v": rng.standard_normal(kv, dtype=f32),
         **chunk_tables(context_frames, chunk_frames, valid_frames, (h, w), cfg.head_dim),
     }
 
@@ -93,11 +126,21 @@ def export_dit_step(model: CausalDiT, path: str, feeds: dict, opset: int = 17) -
     step = DiTStep(model.eval())
     args = tuple(torch.from_numpy(feeds[name]) for name in INPUTS)
     # torch writes a > 2 GB graph with one file per tensor: export apart, then save with one data file
-    with tempfile.TemporaryDirectory(prefix=".rf-dit-", dir=os.path.dirname(os.path.abspath(path))) as scratch:
+    with tempfile.TemporaryDirectory(
+        prefix=".rf-dit-", dir=os.path.dirname(os.path.abspath(path))
+    ) as scratch:
         raw = os.path.join(scratch, os.path.basename(path))
         with torch.no_grad():
-            torch.onnx.export(step, args, raw, input_names=INPUTS, output_names=OUTPUTS, opset_version=opset,
-                              dynamo=False, do_constant_folding=True)
+            torch.onnx.export(
+                step,
+                args,
+                raw,
+                input_names=INPUTS,
+                output_names=OUTPUTS,
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=True,
+            )
         return save_onnx(onnx.load(raw), path)
 
 
@@ -114,7 +157,9 @@ class CacheUpdate(nn.Module):
 
     def forward(self, ctx_k, ctx_v, new_k, new_v, mix):
         def update(ctx, new):
-            frames = torch.cat([ctx, new], dim=2).unflatten(2, (-1, self.tokens_per_frame))  # [L, B, M+f, T, N, D]
+            frames = torch.cat([ctx, new], dim=2).unflatten(
+                2, (-1, self.tokens_per_frame)
+            )  # [L, B, M+f, T, N, D]
             return torch.einsum("ij,lbjtnd->lbitnd", mix, frames).flatten(2, 3)
 
         return update(ctx_k, new_k), update(ctx_v, new_v)
@@ -135,13 +180,27 @@ def export_cache_update(tokens_per_frame: int, path: str, feeds: dict, opset: in
     names = list(graph_io.CACHE_UPDATE_INPUTS)
     args = tuple(torch.from_numpy(feeds[n]) for n in names)
     with torch.no_grad():
-        torch.onnx.export(CacheUpdate(tokens_per_frame), args, path, input_names=names,
-                          output_names=list(graph_io.CACHE_UPDATE_OUTPUTS), opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            CacheUpdate(tokens_per_frame),
+            args,
+            path,
+            input_names=names,
+            output_names=list(graph_io.CACHE_UPDATE_OUTPUTS),
+            opset_version=opset,
+            dynamo=False,
+        )
 
 
 def export_text_kv(model: CausalDiT, path: str, opset: int = 17) -> None:
     cfg = model.config
     embeds = torch.zeros(1, cfg.text_len, cfg.text_dim)
     with torch.no_grad():
-        torch.onnx.export(TextKV(model.eval()), (embeds,), path, input_names=list(graph_io.TEXT_KV_INPUTS),
-                          output_names=list(graph_io.TEXT_KV_OUTPUTS), opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            TextKV(model.eval()),
+            (embeds,),
+            path,
+            input_names=list(graph_io.TEXT_KV_INPUTS),
+            output_names=list(graph_io.TEXT_KV_OUTPUTS),
+            opset_version=opset,
+            dynamo=False,
+        )

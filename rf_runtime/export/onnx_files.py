@@ -32,6 +32,11 @@ def save_onnx(model: onnx.ModelProto, path: str, external: bool | None = None) -
     if os.path.exists(data_path):  # onnx appends to an existing data file
         os.remove(data_path)
     onnx.external_data_helper.convert_model_to_external_data(
-        model, all_tensors_to_one_file=True, location=data, size_threshold=EXTERNAL_THRESHOLD, convert_attribute=True)
+        model,
+        all_tensors_to_one_file=True,
+        location=data,
+        size_threshold=EXTERNAL_THRESHOLD,
+        convert_attribute=True,
+    )
     onnx.save(model, path)
     return [data]

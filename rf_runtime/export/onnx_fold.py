@@ -45,7 +45,9 @@ def _outputs_from_nodes(g: onnx.GraphProto) -> None:
         if out.name not in inits:
             raise ConfigError(f"graph output {out.name!r} has no producer after constant folding")
         inits[out.name].name = f"{out.name}_value"
-        g.node.append(onnx.helper.make_node("Identity", [f"{out.name}_value"], [out.name], name=f"{out.name}/Identity"))
+        g.node.append(
+            onnx.helper.make_node("Identity", [f"{out.name}_value"], [out.name], name=f"{out.name}/Identity")
+        )
 
 
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -56,13 +58,16 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         from polygraphy.backend.onnx import fold_constants as polygraphy_fold
         from polygraphy.logger import G_LOGGER
     except ImportError as exc:
-        raise MissingDependencyError("constant folding needs polygraphy and onnx-graphsurgeon: pip install "
-                                     "'rf_runtime[export]'") from exc
+        raise MissingDependencyError(
+            "constant folding needs polygraphy and onnx-graphsurgeon: pip install 'rf_runtime[export]'"
+        ) from exc
     try:
         import onnxruntime  # Polygraphy folds through onnxruntime (without it, silently less)
     except ImportError as exc:
-        raise MissingDependencyError("constant folding runs the constant part of a graph through onnxruntime: pip "
-                                     "install 'rf_runtime[cpu]' (or [gpu] on a GPU machine)") from exc
+        raise MissingDependencyError(
+            "constant folding runs the constant part of a graph through onnxruntime: pip "
+            "install 'rf_runtime[cpu]' (or [gpu] on a GPU machine)"
+        ) from exc
     G_LOGGER.use_python_logging_system = True  # library code never prints
     G_LOGGER.python_logger = logging.getLogger("rf_runtime.polygraphy")
     # the folding sessions' graph-optimizer warnings (e.g. "UnsqueezeElimination cannot remove node")
@@ -76,11 +81,15 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     _outputs_from_nodes(g)
     for node in g.node:
         if _has_subgraph(node):
-            raise ConfigError(f"node {node.name} ({node.op_type}) still has a subgraph after constant folding: "
-                              "its condition depends on data, which the precision lowering cannot type")
+            raise ConfigError(
+                f"node {node.name} ({node.op_type}) still has a subgraph after constant folding: "
+                "its condition depends on data, which the precision lowering cannot type"
+            )
     typed = {v.name for v in (*g.value_info, *g.input, *g.output)} | {t.name for t in g.initializer}
     untyped = [o for n in g.node for o in n.output if o and o not in typed]
     if untyped:
-        raise ConfigError(f"after constant folding {len(untyped)} values have no type (first: {untyped[:3]}): ONNX "
-                          "shape inference could not type them, and the precision lowering needs every type")
+        raise ConfigError(
+            f"after constant folding {len(untyped)} values have no type (first: {untyped[:3]}): ONNX "
+            "shape inference could not type them, and the precision lowering needs every type"
+        )
     return folded

@@ -74,7 +74,9 @@ class GraphPolicy:
 def lower_graph(model: onnx.ModelProto, precision: str, policy: GraphPolicy) -> onnx.ModelProto:
     """The strongly typed ``precision`` ("fp16" or "bf16") variant of the fp32 graph ``model``."""
     if precision not in LOW_TYPES:
-        raise ConfigError(f"precision must be one of {sorted(LOW_TYPES)} for a lowered graph, got {precision!r}")
+        raise ConfigError(
+            f"precision must be one of {sorted(LOW_TYPES)} for a lowered graph, got {precision!r}"
+        )
     low = LOW_TYPES[precision]
     model = fold_constants(model)
     g = model.graph
@@ -108,7 +110,9 @@ def lower_graph(model: onnx.ModelProto, precision: str, policy: GraphPolicy) -> 
         key = (name, t)
         if key not in casts:
             casts[key] = f"{name}_{TYPE_NAMES[t]}"
-            nodes.append(helper.make_node("Cast", [name], [casts[key]], to=t, name=f"{name}/Cast_{TYPE_NAMES[t]}"))
+            nodes.append(
+                helper.make_node("Cast", [name], [casts[key]], to=t, name=f"{name}/Cast_{TYPE_NAMES[t]}")
+            )
             types[casts[key]] = t
         return casts[key]
 
@@ -143,14 +147,17 @@ def lower_graph(model: onnx.ModelProto, precision: str, policy: GraphPolicy) -> 
                     if a.name == "value" and a.t.data_type == FLOAT:
                         a.t.CopyFrom(_convert(numpy_helper.to_array(a.t), t, a.t.name))
         if any(a.name == "dtype" for a in node.attribute):  # EyeLike, Random*: not in our graphs
-            raise ConfigError(f"node {node.name} ({node.op_type}) sets its output type by attribute, which the "
-                              "precision lowering does not handle")
+            raise ConfigError(
+                f"node {node.name} ({node.op_type}) sets its output type by attribute, which the "
+                "precision lowering does not handle"
+            )
         for o in float_out:
             types[o] = t
         nodes.append(new)
 
-    wanted_outputs = {v.name: FLOAT if v.name in policy.fp32_io else low for v in g.output
-                      if old_types[v.name] == FLOAT}
+    wanted_outputs = {
+        v.name: FLOAT if v.name in policy.fp32_io else low for v in g.output if old_types[v.name] == FLOAT
+    }
     nodes += _cast_outputs(nodes, types, wanted_outputs)
     initializers = _typed_initializers(inits, init_requests, nodes)
 
@@ -163,8 +170,12 @@ def lower_graph(model: onnx.ModelProto, precision: str, policy: GraphPolicy) -> 
         return out
 
     graph = helper.make_graph(nodes, f"{g.name}_{precision}", io(g.input), io(g.output), initializers)
-    lowered = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
-                                producer_name="rf_runtime rf_runtime.export.precision")
+    lowered = helper.make_model(
+        graph,
+        opset_imports=list(model.opset_import),
+        ir_version=model.ir_version,
+        producer_name="rf_runtime rf_runtime.export.precision",
+    )
     if lowered.ByteSize() < PROTOBUF_LIMIT:  # larger graphs are checked from their file (lower_file)
         _check(lowered, precision)
     return lowered
@@ -186,8 +197,10 @@ def _cast_outputs(nodes: list, types: dict, wanted: dict[str, int]) -> list:
         for k, o in enumerate(n.output):
             if o in renames:
                 n.output[k] = renames[o]
-    return [helper.make_node("Cast", [inner], [name], to=types[name], name=f"{name}/Cast_out")
-            for name, inner in renames.items()]
+    return [
+        helper.make_node("Cast", [inner], [name], to=types[name], name=f"{name}/Cast_out")
+        for name, inner in renames.items()
+    ]
 
 
 def _typed_initializers(inits: dict, requests: dict, nodes: list) -> list:
@@ -214,7 +227,9 @@ def _check(model: onnx.ModelProto | str, precision: str) -> None:
     onnx.checker.check_model(model, full_check=True)
     problems = check_strongly_typed(model)
     if problems:
-        raise ConfigError(f"the {precision} lowering produced a graph that is not strongly typed: {problems[:5]}")
+        raise ConfigError(
+            f"the {precision} lowering produced a graph that is not strongly typed: {problems[:5]}"
+        )
 
 
 def op_allows(op_type: str, opset: int, elem_type: int, index: int = 0) -> bool:
@@ -289,9 +304,13 @@ def check_strongly_typed(model: onnx.ModelProto | str) -> list[str]:
             if o and not types.get(o):
                 problems.append(f"{n.name}: output {o} has no element type")
         free = TYPE_FREE_INPUTS.get(n.op_type, set())
-        found = {types.get(i) for k, i in enumerate(n.input) if i and k not in free and types.get(i) in FLOAT_TYPES}
+        found = {
+            types.get(i) for k, i in enumerate(n.input) if i and k not in free and types.get(i) in FLOAT_TYPES
+        }
         if len(found) > 1:
-            problems.append(f"{n.name} ({n.op_type}) mixes input types {sorted(TYPE_NAMES.get(t, t) for t in found)}")
+            problems.append(
+                f"{n.name} ({n.op_type}) mixes input types {sorted(TYPE_NAMES.get(t, t) for t in found)}"
+            )
     return problems
 
 
@@ -310,8 +329,14 @@ def module_path(root, scope: str) -> list:
         found = None
         # a module reached twice through a method call gets a "_1", "_2"... suffix in later scopes
         for candidate in (part, re.sub(r"_\d+$", "", part)):
-            found = next((mod for name, mod in cur.named_modules()
-                          if name and (name == candidate or name.endswith("." + candidate))), None)
+            found = next(
+                (
+                    mod
+                    for name, mod in cur.named_modules()
+                    if name and (name == candidate or name.endswith("." + candidate))
+                ),
+                None,
+            )
             if found is not None:
                 break
         if found is None:
@@ -321,7 +346,9 @@ def module_path(root, scope: str) -> list:
     return path
 
 
-def module_policy(root, fp32_io, fp32_kinds: tuple = (), fp32_modules: tuple = (), all_fp32: bool = False) -> GraphPolicy:
+def module_policy(
+    root, fp32_io, fp32_kinds: tuple = (), fp32_modules: tuple = (), all_fp32: bool = False
+) -> GraphPolicy:
     """A GraphPolicy where a node computes in float32 if any module on its scope path is an
     instance of ``fp32_kinds`` or one of ``fp32_modules`` (or every node, with ``all_fp32``)."""
     ids = {id(m) for m in fp32_modules}
@@ -351,9 +378,25 @@ def graph_policies(dit, vae) -> dict:
     step = DiTStep(dit)
     vae_io = {"z", "frames"}
     return {
-        "dit_step": module_policy(step, {"x", "eps", "t_freq", "sigma", "sigma_next", "key_mask", "cos_ctx",
-                                         "sin_ctx", "cos_q", "sin_q", "x0", "x_next"}, norms,
-                                  (dit.time_embedding, dit.time_projection, step.sampler_update)),
+        "dit_step": module_policy(
+            step,
+            {
+                "x",
+                "eps",
+                "t_freq",
+                "sigma",
+                "sigma_next",
+                "key_mask",
+                "cos_ctx",
+                "sin_ctx",
+                "cos_q",
+                "sin_q",
+                "x0",
+                "x_next",
+            },
+            norms,
+            (dit.time_embedding, dit.time_projection, step.sampler_update),
+        ),
         "cache_update": module_policy(CacheUpdate(1), {"mix"}, all_fp32=True),
         "text_kv": module_policy(TextKV(dit), {"text_embeds"}, norms),
         "vae_decode_first": module_policy(DecodeFirst(vae), vae_io, norms),
@@ -376,7 +419,9 @@ def add_precision_variants(bundle_dir: str, dit, vae, precisions) -> dict:
     low precision asked for; returns the new ``files`` entries, keyed ``<name>@<precision>``."""
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
-        raise ConfigError(f"unknown precision(s) {bad}: choose from {', '.join(PRECISIONS)} (e.g. --precision fp32,fp16)")
+        raise ConfigError(
+            f"unknown precision(s) {bad}: choose from {', '.join(PRECISIONS)} (e.g. --precision fp32,fp16)"
+        )
     policies = graph_policies(dit, vae)
     files = {}
     for precision in precisions:
@@ -384,7 +429,9 @@ def add_precision_variants(bundle_dir: str, dit, vae, precisions) -> dict:
             continue
         for name, policy in policies.items():
             path = f"{name}.{precision}.onnx"
-            data = lower_file(os.path.join(bundle_dir, f"{name}.onnx"), os.path.join(bundle_dir, path), precision, policy)
+            data = lower_file(
+                os.path.join(bundle_dir, f"{name}.onnx"), os.path.join(bundle_dir, path), precision, policy
+            )
             files[f"{name}@{precision}"] = {"path": path}
             files.update({f"{name}@{precision}_data": {"path": d} for d in data})
     return files

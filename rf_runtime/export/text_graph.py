@@ -69,8 +69,16 @@ def export_text_encoder(encoder, out_dir: str, opset: int = 17) -> dict:
             # no constant folding: it would store each layer's relative position bias as a
             # [heads, text_len, text_len] constant (1.6 GB more for umT5-XXL); the bucket arithmetic
             # stays in the graph and every runtime folds it when it loads the graph
-            torch.onnx.export(TextEncoderGraph(model), (ids, mask), raw, input_names=INPUTS, output_names=OUTPUTS,
-                              opset_version=opset, dynamo=False, do_constant_folding=False)
+            torch.onnx.export(
+                TextEncoderGraph(model),
+                (ids, mask),
+                raw,
+                input_names=INPUTS,
+                output_names=OUTPUTS,
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=False,
+            )
         # scalar arithmetic (the attention scale, in float64) and shape computations become constants
         graph = fold_constants(onnx.load(raw))  # onnx.load reads any external tensors too
         data = save_onnx(graph, os.path.join(out_dir, GRAPH_FILE), external=True)
@@ -83,6 +91,11 @@ def export_text_encoder(encoder, out_dir: str, opset: int = 17) -> dict:
     files = {"text_encoder": {"path": GRAPH_FILE}, "text_encoder_data": {"path": data[0]}}
     for name in sorted(os.listdir(tok_dir)):
         files[f"{TOKENIZER_DIR}/{name}"] = {"path": f"{TOKENIZER_DIR}/{name}"}
-    spec = {"kind": "umt5", "graph": "text_encoder", "tokenizer": TOKENIZER_DIR, "text_len": length,
-            "text_dim": encoder.text_dim}
+    spec = {
+        "kind": "umt5",
+        "graph": "text_encoder",
+        "tokenizer": TOKENIZER_DIR,
+        "text_len": length,
+        "text_dim": encoder.text_dim,
+    }
     return {"files": files, "spec": spec}

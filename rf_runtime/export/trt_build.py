@@ -41,7 +41,8 @@ def _require_tensorrt():
         raise MissingDependencyError(
             "building TensorRT plans needs TensorRT (>= 10), cuda-python and polygraphy: pip install 'rf_runtime[gpu]' "
             "on a machine with an NVIDIA GPU and driver (TensorRT needs an NVIDIA GPU; it cannot build on a CPU-only "
-            "machine)") from exc
+            "machine)"
+        ) from exc
     return trt
 
 
@@ -51,7 +52,9 @@ def _require_polygraphy():
     try:
         from polygraphy.logger import G_LOGGER
     except ImportError as exc:
-        raise MissingDependencyError("building TensorRT plans needs polygraphy: pip install 'rf_runtime[gpu]'") from exc
+        raise MissingDependencyError(
+            "building TensorRT plans needs polygraphy: pip install 'rf_runtime[gpu]'"
+        ) from exc
     G_LOGGER.use_python_logging_system = True
     G_LOGGER.python_logger = logging.getLogger("rf_runtime.polygraphy")
     from polygraphy.backend import trt as loaders
@@ -69,8 +72,10 @@ def gpu_info(device: int = 0) -> tuple[str, str]:
     try:
         prop = check_cuda(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     except RunnerError as exc:
-        raise ConfigError(f"no usable CUDA device {device} ({exc}): TensorRT plans are built on the NVIDIA GPU "
-                          "they will run on") from exc
+        raise ConfigError(
+            f"no usable CUDA device {device} ({exc}): TensorRT plans are built on the NVIDIA GPU "
+            "they will run on"
+        ) from exc
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
     return f"{prop.major}.{prop.minor}", name.rstrip("\x00")
 
@@ -128,15 +133,19 @@ class TimingCache:
         if self.cache is None:
             cache = config.create_timing_cache(self.blob)
             if cache is None:
-                raise ConfigError(f"{self.path} is not a TensorRT timing cache or is damaged: delete it, or pass "
-                                  "--timing-cache with another file")
+                raise ConfigError(
+                    f"{self.path} is not a TensorRT timing cache or is damaged: delete it, or pass "
+                    "--timing-cache with another file"
+                )
             self.cache, self._config = cache, config
         if not config.set_timing_cache(self.cache, ignore_mismatch=False):
             if not self.blob:
                 raise ConfigError("TensorRT refused a new, empty timing cache (see the TensorRT log)")
-            raise ConfigError(f"the timing cache {self.path} was written by another TensorRT version or for another "
-                              "GPU, and TensorRT refuses it here: delete it, or pass --timing-cache with a file for "
-                              "this GPU")
+            raise ConfigError(
+                f"the timing cache {self.path} was written by another TensorRT version or for another "
+                "GPU, and TensorRT refuses it here: delete it, or pass --timing-cache with a file for "
+                "this GPU"
+            )
 
     def save(self) -> None:
         """Merge the file's current contents (another build may have saved since we loaded it) into our
@@ -148,11 +157,16 @@ class TimingCache:
             if disk and disk != self.blob:
                 other = self._config.create_timing_cache(disk)
                 if other is None or not self.cache.combine(other, ignore_mismatch=False):
-                    log.warning("the timing cache %s changed during this build and cannot be merged with it; it is "
-                                "replaced by this build's cache", self.path)
+                    log.warning(
+                        "the timing cache %s changed during this build and cannot be merged with it; it is "
+                        "replaced by this build's cache",
+                        self.path,
+                    )
             serialized = self.cache.serialize()
             if serialized is None:
-                raise ConfigError(f"TensorRT could not serialize the timing cache for {self.path} (see its log)")
+                raise ConfigError(
+                    f"TensorRT could not serialize the timing cache for {self.path} (see its log)"
+                )
             atomic_write(self.path, lambda f: f.write(serialized), what="the TensorRT timing cache")
 
 
@@ -165,12 +179,16 @@ def select_graphs(manifest: dict, precision: str, graphs=None) -> list[str]:
     """The graph names of ``precision`` in the bundle (``graphs`` narrows them), or an InputError."""
     available = sorted(n for n, g in manifest["graphs"].items() if g["precision"] == precision)
     if not available:
-        raise InputError(f"the bundle has no {precision} graphs: rebuild it with `rf-export onnx --model-dir MODEL_DIR "
-                         f"--out BUNDLE --precision fp32,{precision}` (or pick --precision fp32)")
+        raise InputError(
+            f"the bundle has no {precision} graphs: rebuild it with `rf-export onnx --model-dir MODEL_DIR "
+            f"--out BUNDLE --precision fp32,{precision}` (or pick --precision fp32)"
+        )
     if graphs:
         missing = sorted(set(graphs) - set(available))
         if missing:
-            raise InputError(f"graph(s) {missing} are not {precision} graphs of the bundle; it has {available}")
+            raise InputError(
+                f"graph(s) {missing} are not {precision} graphs of the bundle; it has {available}"
+            )
         return [g for g in available if g in graphs]
     return available
 
@@ -184,19 +202,30 @@ def build_engine(onnx_path: str, *, workspace_mib: int, timing_cache: TimingCach
     loaders = _require_polygraphy()
     network = loaders.NetworkFromOnnxPath(onnx_path, strongly_typed=True)
     # tf32=False clears the TF32 flag, which a new builder config has set
-    config = loaders.CreateConfig(tf32=False, memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_mib << 20})
+    config = loaders.CreateConfig(
+        tf32=False, memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_mib << 20}
+    )
     if timing_cache is not None:
         config = loaders.PostprocessConfig(config, timing_cache.attach)
     try:
         return loaders.EngineBytesFromNetwork(network, config)()
     except PolygraphyException as exc:
-        raise ConfigError(f"TensorRT {trt.__version__} could not build a plan from {onnx_path}: {exc} (TensorRT's "
-                          "messages are in the rf_runtime.polygraphy log); if it ran out of memory a larger "
-                          f"--workspace-mib than {workspace_mib} may help") from exc
+        raise ConfigError(
+            f"TensorRT {trt.__version__} could not build a plan from {onnx_path}: {exc} (TensorRT's "
+            "messages are in the rf_runtime.polygraphy log); if it ran out of memory a larger "
+            f"--workspace-mib than {workspace_mib} may help"
+        ) from exc
 
 
-def build_plans(bundle_dir, *, precision: str = "fp16", workspace_mib: int = 4096, timing_cache=None,
-                graphs=None, device: int = 0) -> dict:
+def build_plans(
+    bundle_dir,
+    *,
+    precision: str = "fp16",
+    workspace_mib: int = 4096,
+    timing_cache=None,
+    graphs=None,
+    device: int = 0,
+) -> dict:
     """Build a plan for every ``precision`` graph of the bundle on CUDA device ``device``; record them
     in the manifest. Returns the new ``plans`` entries. Arguments are checked before TensorRT is
     imported; nothing in the bundle changes unless every plan builds."""
@@ -216,8 +245,11 @@ def build_plans(bundle_dir, *, precision: str = "fp16", workspace_mib: int = 409
     _require_polygraphy()
     capability, device_name = gpu_info(device)
     use_device(device)  # the builder builds for the current device: the one the manifest will name
-    cache = TimingCache(os.fspath(timing_cache) if timing_cache else
-                        default_timing_cache(bundle_dir, trt.__version__, capability, device_name))
+    cache = TimingCache(
+        os.fspath(timing_cache)
+        if timing_cache
+        else default_timing_cache(bundle_dir, trt.__version__, capability, device_name)
+    )
     staged: dict[str, tuple[str, str]] = {}  # graph -> (plan path in the bundle, temporary file)
     try:
         for graph in names:
@@ -236,15 +268,29 @@ def build_plans(bundle_dir, *, precision: str = "fp16", workspace_mib: int = 409
             if os.path.exists(tmp):
                 os.remove(tmp)
         raise
-    plans = record_plans(bundle_dir, manifest, {g: p for g, (p, _) in staged.items()},
-                         tensorrt_version=trt.__version__, compute_capability=capability, device_name=device_name,
-                         precision=precision)
+    plans = record_plans(
+        bundle_dir,
+        manifest,
+        {g: p for g, (p, _) in staged.items()},
+        tensorrt_version=trt.__version__,
+        compute_capability=capability,
+        device_name=device_name,
+        precision=precision,
+    )
     cache.save()
     return plans
 
 
-def record_plans(bundle_dir: str, manifest: dict, built: dict[str, str], *, tensorrt_version: str,
-                 compute_capability: str, device_name: str, precision: str) -> dict:
+def record_plans(
+    bundle_dir: str,
+    manifest: dict,
+    built: dict[str, str],
+    *,
+    tensorrt_version: str,
+    compute_capability: str,
+    device_name: str,
+    precision: str,
+) -> dict:
     """Record plan files (``built``: graph name -> plan path inside the bundle) in the schema-2
     manifest: each file under the key ``plan:<graph>`` in ``files``, and ``plans[<graph>]`` with the
     TensorRT version, compute capability and GPU it was built for; then rewrite manifest.json through
@@ -258,8 +304,13 @@ def record_plans(bundle_dir: str, manifest: dict, built: dict[str, str], *, tens
             raise InputError(f"{graph!r} is not a graph of the bundle; it has {sorted(manifest['graphs'])}")
         key = f"plan:{graph}"
         manifest["files"][key] = {"path": rel_path}
-        plans[graph] = {"file": key, "tensorrt_version": tensorrt_version, "compute_capability": compute_capability,
-                        "device_name": device_name, "precision": precision}
+        plans[graph] = {
+            "file": key,
+            "tensorrt_version": tensorrt_version,
+            "compute_capability": compute_capability,
+            "device_name": device_name,
+            "precision": precision,
+        }
     manifest.setdefault("plans", {}).update(plans)
     write_manifest(bundle_dir, manifest)
     return plans

@@ -48,7 +48,9 @@ class CausalConvAs2d(CausalConv3d):
             x2 = x[:, :, :kt] if t_in > kt else x
             x2 = x2.reshape(b, c * kt, h, w)
         else:  # windows stacked on the batch axis: [t_out * b, c * kt, h, w]
-            x2 = torch.cat([x[:, :, i * st: i * st + kt].reshape(b, c * kt, h, w) for i in range(t_out)], dim=0)
+            x2 = torch.cat(
+                [x[:, :, i * st : i * st + kt].reshape(b, c * kt, h, w) for i in range(t_out)], dim=0
+            )
         pw, _, ph, _ = self.space_pad
         y = F.conv2d(x2, weight, self.bias, stride=self.stride[1:], padding=(ph, pw))
         if t_out == 1:
@@ -109,12 +111,25 @@ def export_vae_decoder(vae: WanVAE, latent_hw, first_path: str, next_path: str, 
     z = torch.zeros(1, vae.config.z_dim, 1, *latent_hw)
     cache = [torch.zeros_like(s) for s in slots]
     with torch.no_grad():
-        torch.onnx.export(DecodeFirst(vae), (z,), first_path, input_names=[VAE_LATENT], output_names=[VAE_FRAMES, *outs],
-                          opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            DecodeFirst(vae),
+            (z,),
+            first_path,
+            input_names=[VAE_LATENT],
+            output_names=[VAE_FRAMES, *outs],
+            opset_version=opset,
+            dynamo=False,
+        )
         pin_output_shapes(first_path, DecodeFirst(vae)(z))
-        torch.onnx.export(DecodeNext(vae), (z, *cache), next_path,
-                          input_names=[VAE_LATENT, *ins], output_names=[VAE_FRAMES, *outs], opset_version=opset,
-                          dynamo=False)
+        torch.onnx.export(
+            DecodeNext(vae),
+            (z, *cache),
+            next_path,
+            input_names=[VAE_LATENT, *ins],
+            output_names=[VAE_FRAMES, *outs],
+            opset_version=opset,
+            dynamo=False,
+        )
         pin_output_shapes(next_path, DecodeNext(vae)(z, *cache))
     return len(slots)
 

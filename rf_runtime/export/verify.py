@@ -84,8 +84,10 @@ class References:
             from rf_runtime.export.text_graph import TextEncoderGraph
 
             return TextEncoderGraph(b.text_encoder.model)
-        raise ConfigError(f"no PyTorch reference for graph {base!r}: known graphs are dit_step, text_kv, cache_update, "
-                          "vae_decode_first, vae_decode, text_encoder")
+        raise ConfigError(
+            f"no PyTorch reference for graph {base!r}: known graphs are dit_step, text_kv, cache_update, "
+            "vae_decode_first, vae_decode, text_encoder"
+        )
 
     def inputs(self, base: str, inputs, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Random well-formed float32 / int64 inputs of graph ``base`` for the declared ``inputs``."""
@@ -97,8 +99,14 @@ class References:
             from rf_runtime.export.dit_graph import example_inputs
 
             valid = int(rng.choice(sorted({spec.valid_frames(n) for n in range(spec.window_slots + 3)})))
-            return example_inputs(b.dit, b.info.latent_hw, spec.context_frames, spec.chunk_frames, valid,
-                                  seed=int(rng.integers(1 << 31)))
+            return example_inputs(
+                b.dit,
+                b.info.latent_hw,
+                spec.context_frames,
+                spec.chunk_frames,
+                valid,
+                seed=int(rng.integers(1 << 31)),
+            )
         if base == "text_encoder":
             shape = inputs[0][1]
             vocab = b.text_encoder.model.config.vocab_size
@@ -119,9 +127,11 @@ def _check_same_model(manifest: dict, backend, bundle_dir: str, model_dir) -> No
     ours = {"dit": backend.dit.config.to_dict(), "latent_hw": list(backend.info.latent_hw)}
     for key, value in ours.items():
         if key in model and model[key] != value:
-            raise InputError(f"{bundle_dir} was exported from another model: its {key} is {model[key]}, the model in "
-                             f"{os.fspath(model_dir)} has {value}; pass the --model-dir (and --checkpoint) it was "
-                             "exported from")
+            raise InputError(
+                f"{bundle_dir} was exported from another model: its {key} is {model[key]}, the model in "
+                f"{os.fspath(model_dir)} has {value}; pass the --model-dir (and --checkpoint) it was "
+                "exported from"
+            )
 
 
 def run_reference(module, names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -175,18 +185,23 @@ def _run_backend(backend: str, path: str, spec, feeds: dict, out_names, plan: st
     raise ConfigError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
 
 
-def verify_bundle(bundle_dir, model_dir, checkpoint=None, *, backends=None, seed: int = 0,
-                  graphs=None) -> list[VerifyRow]:
+def verify_bundle(
+    bundle_dir, model_dir, checkpoint=None, *, backends=None, seed: int = 0, graphs=None
+) -> list[VerifyRow]:
     """Run every graph of the bundle on each backend against the PyTorch reference; return the rows."""
     from rf_runtime.bundle import Bundle
 
     bundle_dir = os.fspath(bundle_dir)
-    bundle = Bundle.load(bundle_dir)  # refuses a missing, altered or unknown bundle, or one whose graphs' IO differs
+    bundle = Bundle.load(
+        bundle_dir
+    )  # refuses a missing, altered or unknown bundle, or one whose graphs' IO differs
     manifest = bundle.manifest
     backends = list(backends) if backends else available_backends()
     if not backends:
-        raise MissingDependencyError("no backend to verify on: pip install 'rf_runtime[cpu]' (onnxruntime), or "
-                                     "'rf_runtime[gpu]' on a machine with an NVIDIA GPU")
+        raise MissingDependencyError(
+            "no backend to verify on: pip install 'rf_runtime[cpu]' (onnxruntime), or "
+            "'rf_runtime[gpu]' on a machine with an NVIDIA GPU"
+        )
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ConfigError(f"unknown backend(s) {unknown}: choose from {', '.join(BACKENDS)}")
@@ -207,23 +222,51 @@ def verify_bundle(bundle_dir, model_dir, checkpoint=None, *, backends=None, seed
         raw = refs.inputs(base, inputs, rng)
         # the same values on both sides: round to the graph's input types first
         feeds = {name: raw[name].astype(dtype) for name, _, dtype in inputs}
-        expect = run_reference(refs.module(base), [n for n, _, _ in inputs],
-                               {n: v if v.dtype == np.int64 else v.astype(np.float32) for n, v in feeds.items()})
+        expect = run_reference(
+            refs.module(base),
+            [n for n, _, _ in inputs],
+            {n: v if v.dtype == np.int64 else v.astype(np.float32) for n, v in feeds.items()},
+        )
         tol = TOLERANCES[precision]
         for backend in backends:
             plan = plans.get(graph, {}).get("file")
             if backend == "tensorrt" and plan is None:
-                rows.append(VerifyRow(graph, precision, backend, float("nan"), float("nan"), tol, "SKIP",
-                                      "no TensorRT plan in the bundle (rf-export trt BUNDLE)"))
+                rows.append(
+                    VerifyRow(
+                        graph,
+                        precision,
+                        backend,
+                        float("nan"),
+                        float("nan"),
+                        tol,
+                        "SKIP",
+                        "no TensorRT plan in the bundle (rf-export trt BUNDLE)",
+                    )
+                )
                 continue
             if backend.startswith("onnxruntime") and precision == "bf16":
-                why = ("onnxruntime's CPU provider has no bf16 kernels" if backend == "onnxruntime-cpu" else
-                       "the onnxruntime runner takes no bf16 host arrays (numpy has no bf16)")
-                rows.append(VerifyRow(graph, precision, backend, float("nan"), float("nan"), tol, "SKIP",
-                                      f"{why}; try --backends onnx-reference or tensorrt"))
+                why = (
+                    "onnxruntime's CPU provider has no bf16 kernels"
+                    if backend == "onnxruntime-cpu"
+                    else "the onnxruntime runner takes no bf16 host arrays (numpy has no bf16)"
+                )
+                rows.append(
+                    VerifyRow(
+                        graph,
+                        precision,
+                        backend,
+                        float("nan"),
+                        float("nan"),
+                        tol,
+                        "SKIP",
+                        f"{why}; try --backends onnx-reference or tensorrt",
+                    )
+                )
                 continue
             plan_path = bundle.file(plan) if plan else None
-            got = _run_backend(backend, path, bundle.graphs[graph], feeds, [n for n, _, _ in outputs], plan_path)
+            got = _run_backend(
+                backend, path, bundle.graphs[graph], feeds, [n for n, _, _ in outputs], plan_path
+            )
             max_abs, rel = compare(got, expect)
             status = "PASS" if rel <= tol and np.isfinite(rel) else "FAIL"
             rows.append(VerifyRow(graph, precision, backend, max_abs, rel, tol, status))
@@ -251,11 +294,22 @@ def compare(got, expect) -> tuple[float, float]:
 
 def format_table(rows: list[VerifyRow]) -> str:
     head = ("graph", "precision", "backend", "max abs err", "rel err", "tol", "result")
+
     def num(x: float) -> str:
         return f"{x:.3e}" if np.isfinite(x) else "-"
 
-    body = [(r.graph, r.precision, r.backend, num(r.max_abs), num(r.rel), f"{r.tol:.0e}",
-             r.status + (f" ({r.note})" if r.note else "")) for r in rows]
+    body = [
+        (
+            r.graph,
+            r.precision,
+            r.backend,
+            num(r.max_abs),
+            num(r.rel),
+            f"{r.tol:.0e}",
+            r.status + (f" ({r.note})" if r.note else ""),
+        )
+        for r in rows
+    ]
     widths = [max(len(str(x[c])) for x in [head, *body]) for c in range(len(head))]
     lines = ["  ".join(str(x[c]).ljust(widths[c]) for c in range(len(head))).rstrip() for x in [head, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -63,8 +63,10 @@ class DiTConfig:
         if self.model_type != "t2v":
             raise ConfigError(f"model_type {self.model_type!r} is not supported: only 't2v'")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1 or self.patch_size[0] != 1:
-            raise ConfigError(f"patch_size must be (1, ph, pw) with positive ints, got {self.patch_size}: "
-                              "the causal model modulates and caches per latent frame")
+            raise ConfigError(
+                f"patch_size must be (1, ph, pw) with positive ints, got {self.patch_size}: "
+                "the causal model modulates and caches per latent frame"
+            )
         if self.dim % self.num_heads:
             raise ConfigError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
         if self.head_dim % 2 or self.head_dim < 6:
@@ -101,7 +103,9 @@ def timestep_sinusoid(t: torch.Tensor, freq_dim: int) -> torch.Tensor:
     t: any shape -> [*t.shape, freq_dim] float64. The same numbers as ``positions.timestep_sinusoid_np``
     (the host's, which the exported graphs take as an input), computed on t's device.
     """
-    inv = torch.from_numpy(sinusoid_frequencies(freq_dim)).to(t.device)  # the host's table (rf_runtime.positions)
+    inv = torch.from_numpy(sinusoid_frequencies(freq_dim)).to(
+        t.device
+    )  # the host's table (rf_runtime.positions)
     arg = t.to(torch.float64).unsqueeze(-1) * inv
     return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
 
@@ -158,7 +162,9 @@ class LayerNorm(nn.LayerNorm):
 
 def attention(q, k, v, mask=None):
     """q [B, Lq, N, D], k/v [B, Lk, N, D], mask broadcastable to [B, N, Lq, Lk] (True = attend)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    )
     return out.transpose(1, 2)
 
 
@@ -198,10 +204,14 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
         self.self_attn = SelfAttention(cfg)
-        self.norm3 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.norm3 = (
+            LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        )
         self.cross_attn = CrossAttention(cfg)
         self.norm2 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
+        )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
     def text_kv(self, context):
@@ -216,7 +226,9 @@ class Block(nn.Module):
         positions); it receives this chunk's q/k/v after RMSNorm and before RoPE.
         """
         b, f = e0.shape[:2]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation.unsqueeze(1) + e0).unbind(2)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.modulation.unsqueeze(1) + e0
+        ).unbind(2)
 
         def per_frame(y):  # [B, F*T, dim] -> [B, F, T, dim]
             return y.unflatten(1, (f, -1))
@@ -263,9 +275,15 @@ class CausalDiT(nn.Module):
         super().__init__()
         cfg = config or DiTConfig()
         self.config = cfg
-        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim))
-        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.patch_embedding = nn.Conv3d(
+            cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
+        )
+        self.time_embedding = nn.Sequential(
+            nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim)
+        )
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
@@ -273,7 +291,9 @@ class CausalDiT(nn.Module):
     # ---- loading -------------------------------------------------------------------------
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict, config: DiTConfig | None = None, *, use_ema: bool = True) -> "CausalDiT":
+    def from_state_dict(
+        cls, state_dict: dict, config: DiTConfig | None = None, *, use_ema: bool = True
+    ) -> "CausalDiT":
         """Build a model and load a release state dict strictly.
 
         Accepts Wan2.1 keys as they are, the Reward Forcing ``model.*`` keys, training checkpoints
@@ -289,8 +309,13 @@ class CausalDiT(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
-                        *, use_ema: bool = True) -> "CausalDiT":
+    def from_pretrained(
+        cls,
+        model_dir: str | os.PathLike,
+        checkpoint: str | os.PathLike | None = None,
+        *,
+        use_ema: bool = True,
+    ) -> "CausalDiT":
         """Load a Wan2.1 directory (``config.json`` + ``diffusion_pytorch_model*.safetensors``),
         then, if given, a generator checkpoint on top (``.safetensors`` or ``.pt``/``.pth``)."""
         model_dir = os.fspath(model_dir)
@@ -298,10 +323,14 @@ class CausalDiT(nn.Module):
         if not os.path.isfile(cfg_path):
             raise CheckpointError(
                 f"{cfg_path} not found: pass the Wan2.1 model directory that holds config.json and "
-                "diffusion_pytorch_model.safetensors")
+                "diffusion_pytorch_model.safetensors"
+            )
         cfg = DiTConfig.from_json(cfg_path)
-        weights = sorted(p for p in os.listdir(model_dir)
-                         if p.startswith("diffusion_pytorch_model") and p.endswith(".safetensors"))
+        weights = sorted(
+            p
+            for p in os.listdir(model_dir)
+            if p.startswith("diffusion_pytorch_model") and p.endswith(".safetensors")
+        )
         if checkpoint is None and not weights:
             raise CheckpointError(f"no diffusion_pytorch_model*.safetensors in {model_dir}")
         if checkpoint is not None:
@@ -329,7 +358,9 @@ class CausalDiT(nn.Module):
         if text_embeds.ndim != 3 or text_embeds.shape[-1] != cfg.text_dim:
             raise InputError(f"text_embeds must be [B, L, {cfg.text_dim}], got {tuple(text_embeds.shape)}")
         if text_embeds.shape[1] > cfg.text_len:
-            raise InputError(f"text_embeds has {text_embeds.shape[1]} positions, more than text_len={cfg.text_len}")
+            raise InputError(
+                f"text_embeds has {text_embeds.shape[1]} positions, more than text_len={cfg.text_len}"
+            )
         pad = cfg.text_len - text_embeds.shape[1]
         if pad:
             text_embeds = F.pad(text_embeds, (0, 0, 0, pad))
@@ -371,7 +402,9 @@ class CausalDiT(nn.Module):
             raise InputError(f"latents must be [B, F, {cfg.in_dim}, H, W], got {tuple(x.shape)}")
         _, ph, pw = cfg.patch_size
         if x.shape[3] % ph or x.shape[4] % pw:
-            raise InputError(f"latent size {x.shape[3]}x{x.shape[4]} is not a multiple of the patch size {ph}x{pw}")
+            raise InputError(
+                f"latent size {x.shape[3]}x{x.shape[4]} is not a multiple of the patch size {ph}x{pw}"
+            )
         if t.shape != x.shape[:2]:
             raise InputError(f"t must be per latent frame, shape {tuple(x.shape[:2])}, got {tuple(t.shape)}")
 
@@ -394,13 +427,39 @@ class CausalDiT(nn.Module):
         grid = self.grid((hh, ww))
         m = context_k.shape[2] // (grid[0] * grid[1])
         # Keys take positions 0..M-1 by cache slot; the chunk's queries and keys follow the valid context.
-        tables = {k: torch.from_numpy(v).to(x.device)
-                  for k, v in chunk_tables(m, f, context_frames, grid, self.config.head_dim).items()}
-        return self.forward_chunk_tables(x, t, text_k, text_v, context_k, context_v, tables["key_mask"] > 0.5,
-                                         tables["cos_ctx"], tables["sin_ctx"], tables["cos_q"], tables["sin_q"])
+        tables = {
+            k: torch.from_numpy(v).to(x.device)
+            for k, v in chunk_tables(m, f, context_frames, grid, self.config.head_dim).items()
+        }
+        return self.forward_chunk_tables(
+            x,
+            t,
+            text_k,
+            text_v,
+            context_k,
+            context_v,
+            tables["key_mask"] > 0.5,
+            tables["cos_ctx"],
+            tables["sin_ctx"],
+            tables["cos_q"],
+            tables["sin_q"],
+        )
 
-    def forward_chunk_tables(self, x, t, text_k, text_v, context_k, context_v, key_mask,
-                             cos_ctx, sin_ctx, cos_q, sin_q, time_emb=None):
+    def forward_chunk_tables(
+        self,
+        x,
+        t,
+        text_k,
+        text_v,
+        context_k,
+        context_v,
+        key_mask,
+        cos_ctx,
+        sin_ctx,
+        cos_q,
+        sin_q,
+        time_emb=None,
+    ):
         """``forward_chunk`` with positions and validity given as tensors (the exported graph).
 
         key_mask: [M*T + f*T] bool, True where a key is valid (the chunk's own keys always are).
@@ -464,8 +523,10 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
     """Read a ``.safetensors`` or ``.pt``/``.pth`` file (the latter with ``weights_only=True``)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} is a directory: pass the weights file in it (.safetensors or "
-                              ".pt), or give the directory as the model directory (--model-dir)")
+        raise CheckpointError(
+            f"checkpoint {path} is a directory: pass the weights file in it (.safetensors or "
+            ".pt), or give the directory as the model directory (--model-dir)"
+        )
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -479,10 +540,16 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
         # one line, and not torch's multi-paragraph advice to load the file unsafely (not the fix here)
         lines = str(exc).strip().splitlines()
         reason = lines[0] if path.endswith(".safetensors") and lines else f"torch.load: {type(exc).__name__}"
-        raise CheckpointError(f"could not read checkpoint {path} ({reason}): pass a .safetensors or "
-                              ".pt/.pth state dict (a Reward Forcing or rf-train checkpoint)") from exc
-    require_finite(_flat_tensors(state), f"checkpoint {path}", CheckpointError,
-                   "weights must be finite; the file is damaged or the training run diverged: use an earlier checkpoint")
+        raise CheckpointError(
+            f"could not read checkpoint {path} ({reason}): pass a .safetensors or "
+            ".pt/.pth state dict (a Reward Forcing or rf-train checkpoint)"
+        ) from exc
+    require_finite(
+        _flat_tensors(state),
+        f"checkpoint {path}",
+        CheckpointError,
+        "weights must be finite; the file is damaged or the training run diverged: use an earlier checkpoint",
+    )
     return state
 
 
@@ -512,13 +579,13 @@ def normalize_state_dict(state_dict: dict, *, use_ema: bool = True) -> dict:
             return normalize_state_dict(state_dict[key], use_ema=use_ema)
     prefix = "generator_ema." if use_ema else "generator."
     if any(k.startswith(prefix) for k in state_dict):
-        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     out = {}
     for key, value in state_dict.items():
         key = key.replace("_fsdp_wrapped_module.", "")
         for p in ("generator_ema.", "generator.", "model."):
             if key.startswith(p):
-                key = key[len(p):]
+                key = key[len(p) :]
         out[key] = value
     return out
 
@@ -528,9 +595,13 @@ def check_state_dict(model: nn.Module, state_dict: dict, what: str):
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    shapes = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} != model {expected[k]}"
-                    for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != expected[k])
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} != model {expected[k]}"
+        for k in set(expected) & set(state_dict)
+        if tuple(state_dict[k].shape) != expected[k]
+    )
     if missing or unexpected or shapes:
+
         def show(items):
             return ", ".join(items[:12]) + (f" ... (+{len(items) - 12} more)" if len(items) > 12 else "")
 
@@ -542,5 +613,7 @@ def check_state_dict(model: nn.Module, state_dict: dict, what: str):
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {show(shapes)}")
         raise CheckpointError(
-            f"state dict does not match {what}: " + "; ".join(parts)
-            + ". Check that the config matches the checkpoint (dim, num_layers, ffn_dim, text_dim, ...).")
+            f"state dict does not match {what}: "
+            + "; ".join(parts)
+            + ". Check that the config matches the checkpoint (dim, num_layers, ffn_dim, text_dim, ...)."
+        )

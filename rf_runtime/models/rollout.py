@@ -35,7 +35,13 @@ class ChunkRollout:
         cfg = model.config
         self.text_k, self.text_v = text_kv
         self.tokens_per_frame = model.tokens_per_frame(latent_hw)
-        shape = (cfg.num_layers, batch, self.spec.context_frames * self.tokens_per_frame, cfg.num_heads, cfg.head_dim)
+        shape = (
+            cfg.num_layers,
+            batch,
+            self.spec.context_frames * self.tokens_per_frame,
+            cfg.num_heads,
+            cfg.head_dim,
+        )
         like = self.text_k
         self.cache_k = torch.zeros(shape, dtype=like.dtype, device=like.device)
         self.cache_v = torch.zeros(shape, dtype=like.dtype, device=like.device)
@@ -54,7 +60,9 @@ class ChunkRollout:
         updated in place later without touching the autograd graph of this prediction."""
         if not isinstance(t, torch.Tensor):
             t = torch.full(x.shape[:2], float(t), dtype=torch.float32, device=x.device)
-        cache_k, cache_v = (self.cache_k.clone(), self.cache_v.clone()) if copy_cache else (self.cache_k, self.cache_v)
+        cache_k, cache_v = (
+            (self.cache_k.clone(), self.cache_v.clone()) if copy_cache else (self.cache_k, self.cache_v)
+        )
         valid = self.spec.valid_frames(self.chunks_committed)
         flow, _, _ = self.model.forward_chunk(x, t, self.text_k, self.text_v, cache_k, cache_v, valid)
         return flow
@@ -106,8 +114,16 @@ def chunk_loop(rollout: ChunkRollout, num_chunks: int, chunk: Callable[[int], tu
     return results
 
 
-def rollout_clip(model, text_embeds, noise, renoise_noise, settings: StreamSettings, *, exit_step: int | None = None,
-                 with_grad: bool = False) -> torch.Tensor:
+def rollout_clip(
+    model,
+    text_embeds,
+    noise,
+    renoise_noise,
+    settings: StreamSettings,
+    *,
+    exit_step: int | None = None,
+    with_grad: bool = False,
+) -> torch.Tensor:
     """A whole clip through ``chunk_loop``: every chunk denoised from its noise up to ``exit_step``.
 
     noise [B, F, C, H, W], F a multiple of chunk_frames; renoise_noise [S-1, B, F, C, H, W].

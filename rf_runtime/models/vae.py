@@ -25,10 +25,42 @@ import torch.nn.functional as F
 
 from rf_runtime.errors import CheckpointError, ConfigError, InputError
 
-WAN_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                   0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-WAN_LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-                  3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+WAN_LATENT_MEAN = (
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+)
+WAN_LATENT_STD = (
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
+)
 CACHE_T = 2  # frames of past input a causal conv keeps
 
 
@@ -50,8 +82,10 @@ class VAEConfig:
         for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if len(self.temperal_downsample) != len(self.dim_mult) - 1:
-            raise ConfigError(f"temperal_downsample needs {len(self.dim_mult) - 1} entries (one per downsample), "
-                              f"got {self.temperal_downsample}")
+            raise ConfigError(
+                f"temperal_downsample needs {len(self.dim_mult) - 1} entries (one per downsample), "
+                f"got {self.temperal_downsample}"
+            )
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
             raise ConfigError(f"latents_mean and latents_std need z_dim={self.z_dim} entries each")
         if any(s <= 0 for s in self.latents_std):
@@ -153,8 +187,9 @@ class Resample(nn.Module):
         super().__init__()
         self.mode = mode
         if mode in ("upsample2d", "upsample3d"):
-            self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest"),
-                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+            self.resample = nn.Sequential(
+                nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest"), nn.Conv2d(dim, dim // 2, 3, padding=1)
+            )
         else:
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2)))
         if mode == "upsample3d":
@@ -178,8 +213,14 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, dropout: float):
         super().__init__()
         self.residual = nn.Sequential(
-            RMSNorm(in_dim, images=False), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
-            RMSNorm(out_dim, images=False), nn.SiLU(), nn.Dropout(dropout), CausalConv3d(out_dim, out_dim, 3, padding=1))
+            RMSNorm(in_dim, images=False),
+            nn.SiLU(),
+            CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim, images=False),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x, cache: FeatureCache):
@@ -201,7 +242,9 @@ class AttentionBlock(nn.Module):
     def forward(self, x, cache: FeatureCache):
         def attend(y):  # [N, C, H, W]
             n, c, h, w = y.shape
-            q, k, v = self.to_qkv(self.norm(y)).reshape(n, 1, c * 3, h * w).permute(0, 1, 3, 2).chunk(3, dim=-1)
+            q, k, v = (
+                self.to_qkv(self.norm(y)).reshape(n, 1, c * 3, h * w).permute(0, 1, 3, 2).chunk(3, dim=-1)
+            )
             out = F.scaled_dot_product_attention(q, k, v).squeeze(1).permute(0, 2, 1).reshape(n, c, h, w)
             return self.proj(out)
 
@@ -228,13 +271,19 @@ class Encoder3d(nn.Module):
                     blocks.append(AttentionBlock(out_dim))
                 in_dim = out_dim
             if i != len(cfg.dim_mult) - 1:
-                blocks.append(Resample(out_dim, "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"))
+                blocks.append(
+                    Resample(out_dim, "downsample3d" if cfg.temperal_downsample[i] else "downsample2d")
+                )
                 scale /= 2.0
         self.downsamples = nn.Sequential(*blocks)
-        self.middle = nn.Sequential(ResidualBlock(out_dim, out_dim, cfg.dropout), AttentionBlock(out_dim),
-                                    ResidualBlock(out_dim, out_dim, cfg.dropout))
-        self.head = nn.Sequential(RMSNorm(out_dim, images=False), nn.SiLU(),
-                                  CausalConv3d(out_dim, out_channels, 3, padding=1))
+        self.middle = nn.Sequential(
+            ResidualBlock(out_dim, out_dim, cfg.dropout),
+            AttentionBlock(out_dim),
+            ResidualBlock(out_dim, out_dim, cfg.dropout),
+        )
+        self.head = nn.Sequential(
+            RMSNorm(out_dim, images=False), nn.SiLU(), CausalConv3d(out_dim, out_channels, 3, padding=1)
+        )
 
     def forward(self, x, cache: FeatureCache):
         x = cache.conv(self.conv1, x)
@@ -251,8 +300,11 @@ class Decoder3d(nn.Module):
         temperal_upsample = cfg.temperal_downsample[::-1]
         scale = 1.0 / 2 ** (len(mult) - 2)
         self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
-        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0], cfg.dropout), AttentionBlock(dims[0]),
-                                    ResidualBlock(dims[0], dims[0], cfg.dropout))
+        self.middle = nn.Sequential(
+            ResidualBlock(dims[0], dims[0], cfg.dropout),
+            AttentionBlock(dims[0]),
+            ResidualBlock(dims[0], dims[0], cfg.dropout),
+        )
         blocks = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             if i in (1, 2, 3):  # the previous upsample halved the channels
@@ -266,7 +318,9 @@ class Decoder3d(nn.Module):
                 blocks.append(Resample(out_dim, "upsample3d" if temperal_upsample[i] else "upsample2d"))
                 scale *= 2.0
         self.upsamples = nn.Sequential(*blocks)
-        self.head = nn.Sequential(RMSNorm(out_dim, images=False), nn.SiLU(), CausalConv3d(out_dim, 3, 3, padding=1))
+        self.head = nn.Sequential(
+            RMSNorm(out_dim, images=False), nn.SiLU(), CausalConv3d(out_dim, 3, 3, padding=1)
+        )
 
     def forward(self, x, cache: FeatureCache):
         x = cache.conv(self.conv1, x)
@@ -289,8 +343,12 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder3d(cfg)
-        self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
-        self.register_buffer("latents_inv_std", 1.0 / torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer(
+            "latents_mean", torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "latents_inv_std", 1.0 / torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1), persistent=False
+        )
 
     @classmethod
     def from_state_dict(cls, state_dict: dict, config: VAEConfig | None = None) -> "WanVAE":
@@ -331,7 +389,11 @@ class WanVAE(nn.Module):
         slots: list = []
         outs = [self.encoder(pixels[:, :, :1], FeatureCache(slots, first=True))]
         for i in range(1, 1 + (t - 1) // step):  # frames in chunks of 1, 4, 4, ...
-            outs.append(self.encoder(pixels[:, :, 1 + step * (i - 1): 1 + step * i], FeatureCache(slots, first=False)))
+            outs.append(
+                self.encoder(
+                    pixels[:, :, 1 + step * (i - 1) : 1 + step * i], FeatureCache(slots, first=False)
+                )
+            )
         mu, log_var = self.conv1(torch.cat(outs, dim=2)).chunk(2, dim=1)
         return mu, log_var
 
@@ -370,6 +432,8 @@ class VAEStreamDecoder:
             raise InputError(f"this decoder was made for batch {self.batch_size}, got {latents.shape[0]}")
         outs = []
         for i in range(latents.shape[2]):
-            outs.append(self.vae.decode_step(latents[:, :, i: i + 1], self.slots, first=self.frames_decoded == 0))
+            outs.append(
+                self.vae.decode_step(latents[:, :, i : i + 1], self.slots, first=self.frames_decoded == 0)
+            )
             self.frames_decoded += 1
         return torch.cat(outs, dim=2).clamp_(-1, 1)

@@ -13,5 +13,14 @@ from rf_runtime.runners.onnxruntime_runner import OnnxRuntimeRunner
 from rf_runtime.runners.tensorrt_runner import TensorRTRunner
 from rf_runtime.runners.torch_runner import TorchRunner
 
-__all__ = ["Runner", "Binding", "Buffer", "GraphSpec", "TensorSpec", "RunnerError", "OnnxRuntimeRunner",
-           "TorchRunner", "TensorRTRunner"]
+__all__ = [
+    "Runner",
+    "Binding",
+    "Buffer",
+    "GraphSpec",
+    "TensorSpec",
+    "RunnerError",
+    "OnnxRuntimeRunner",
+    "TorchRunner",
+    "TensorRTRunner",
+]

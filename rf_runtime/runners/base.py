@@ -73,8 +73,11 @@ class GraphSpec:
     @classmethod
     def from_manifest(cls, name: str, entry: Mapping) -> "GraphSpec":
         """From a manifest ``graphs`` entry: {"inputs": [{"name", "shape", "dtype"}, ...], "outputs": [...]}."""
-        return cls(name, tuple(TensorSpec.from_dict(d) for d in entry["inputs"]),
-                   tuple(TensorSpec.from_dict(d) for d in entry["outputs"]))
+        return cls(
+            name,
+            tuple(TensorSpec.from_dict(d) for d in entry["inputs"]),
+            tuple(TensorSpec.from_dict(d) for d in entry["outputs"]),
+        )
 
     @cached_property
     def tensors(self) -> dict[str, TensorSpec]:
@@ -89,7 +92,10 @@ class GraphSpec:
     def compare(self, other: "GraphSpec") -> list[str]:
         """Differences to ``other`` (another description of the same graph), as readable lines."""
         problems = []
-        for kind, mine, theirs in (("input", self.inputs, other.inputs), ("output", self.outputs, other.outputs)):
+        for kind, mine, theirs in (
+            ("input", self.inputs, other.inputs),
+            ("output", self.outputs, other.outputs),
+        ):
             a, b = {t.name: t for t in mine}, {t.name: t for t in theirs}
             for name in sorted(set(a) - set(b)):
                 problems.append(f"{kind} {name!r} is declared but the graph has no such {kind}")
@@ -97,8 +103,10 @@ class GraphSpec:
                 problems.append(f"the graph has {kind} {name!r}, which is not declared")
             for name in sorted(set(a) & set(b)):
                 if (a[name].shape, a[name].dtype) != (b[name].shape, b[name].dtype):
-                    problems.append(f"{kind} {name!r}: declared {list(a[name].shape)} {a[name].dtype}, the graph "
-                                    f"has {list(b[name].shape)} {b[name].dtype}")
+                    problems.append(
+                        f"{kind} {name!r}: declared {list(a[name].shape)} {a[name].dtype}, the graph "
+                        f"has {list(b[name].shape)} {b[name].dtype}"
+                    )
         return problems
 
 
@@ -127,20 +135,31 @@ class Buffer:
         total = int(np.prod(self.shape, dtype=np.int64))
         if offset < 0 or offset + n > total:
             raise RunnerError(f"a view of {n} elements at offset {offset} does not fit a buffer of {total}")
-        host = None if self.host is None else self.host.reshape(-1)[offset:offset + n].reshape(shape)
+        host = None if self.host is None else self.host.reshape(-1)[offset : offset + n].reshape(shape)
         if ITEMSIZE[self.dtype] < 1 and offset % 2:
             raise RunnerError(f"a view of a {self.dtype} buffer must start at an even element (two per byte)")
-        return Buffer(tuple(shape), self.dtype, self.device, self.ptr + dtype_nbytes(self.dtype, offset), host,
-                      self.owner, self.base or self)
+        return Buffer(
+            tuple(shape),
+            self.dtype,
+            self.device,
+            self.ptr + dtype_nbytes(self.dtype, offset),
+            host,
+            self.owner,
+            self.base or self,
+        )
 
 
 def check_buffer(spec: TensorSpec, buffer: Buffer, graph: str) -> None:
     if not isinstance(buffer, Buffer):
-        raise RunnerError(f"{graph}: {spec.name!r} must be a Buffer from the runner's allocate(), got "
-                          f"{type(buffer).__name__}; use infer() to pass numpy arrays")
+        raise RunnerError(
+            f"{graph}: {spec.name!r} must be a Buffer from the runner's allocate(), got "
+            f"{type(buffer).__name__}; use infer() to pass numpy arrays"
+        )
     if buffer.shape != spec.shape or buffer.dtype != spec.dtype:
-        raise RunnerError(f"{graph}: buffer for {spec.name!r} is {list(buffer.shape)} {buffer.dtype}, the graph "
-                          f"needs {list(spec.shape)} {spec.dtype}")
+        raise RunnerError(
+            f"{graph}: buffer for {spec.name!r} is {list(buffer.shape)} {buffer.dtype}, the graph "
+            f"needs {list(spec.shape)} {spec.dtype}"
+        )
 
 
 def _overlaps(a: Buffer, b: Buffer) -> bool:
@@ -232,8 +251,11 @@ class Runner(ABC):
         if problems:
             self.deactivate_impl()
             where = getattr(self, "path", None) or self.name
-            raise RunnerError(f"{where}: the graph does not match its declared IO: " + "; ".join(problems)
-                              + f"; {self.rebuild}")
+            raise RunnerError(
+                f"{where}: the graph does not match its declared IO: "
+                + "; ".join(problems)
+                + f"; {self.rebuild}"
+            )
 
     def deactivate(self) -> None:
         if not self.is_active:
@@ -251,8 +273,9 @@ class Runner(ABC):
 
     def _require_active(self, what: str) -> None:
         if not self.is_active:
-            raise RunnerError(f"runner {self.name}: {what} before activate(); call activate() or use "
-                              "`with runner:` first")
+            raise RunnerError(
+                f"runner {self.name}: {what} before activate(); call activate() or use `with runner:` first"
+            )
 
     # ---- buffers -----------------------------------------------------------------------------
 
@@ -266,8 +289,10 @@ class Runner(ABC):
     def write(self, buffer: Buffer, array: np.ndarray) -> None:
         """Copy a host array into a buffer (cast to the buffer's dtype; the shape must match)."""
         if tuple(np.shape(array)) != buffer.shape:
-            raise RunnerError(f"{self.name}: cannot write an array of shape {list(np.shape(array))} into a buffer "
-                              f"of shape {list(buffer.shape)}")
+            raise RunnerError(
+                f"{self.name}: cannot write an array of shape {list(np.shape(array))} into a buffer "
+                f"of shape {list(buffer.shape)}"
+            )
         self.write_impl(buffer, array)
 
     def read(self, buffer: Buffer) -> np.ndarray:
@@ -282,7 +307,9 @@ class Runner(ABC):
         tensors = self.graph.tensors
         unknown = sorted(set(buffers) - set(tensors))
         if unknown:
-            raise RunnerError(f"{self.graph.name} has no tensors {unknown}; its tensors are {sorted(tensors)}")
+            raise RunnerError(
+                f"{self.graph.name} has no tensors {unknown}; its tensors are {sorted(tensors)}"
+            )
         for name, spec in tensors.items():
             if name in buffers:
                 check_buffer(spec, buffers[name], self.graph.name)
@@ -306,8 +333,10 @@ class Runner(ABC):
         for other in others:
             b = binding.buffers.get(other)
             if b is not None and _overlaps(b, buffer):
-                raise RunnerError(f"{self.graph.name}: {name!r} and {other!r} would share memory; an output cannot "
-                                  "overwrite an input during the call: use two buffers and swap them (ping-pong)")
+                raise RunnerError(
+                    f"{self.graph.name}: {name!r} and {other!r} would share memory; an output cannot "
+                    "overwrite an input during the call: use two buffers and swap them (ping-pong)"
+                )
 
     # ---- running -----------------------------------------------------------------------------
 
@@ -338,21 +367,31 @@ class Runner(ABC):
         missing = [n for n in g.input_names() if n not in feed]
         extra = sorted(set(feed) - set(g.input_names()))
         if missing or extra:
-            raise RunnerError(f"{g.name}: inputs do not match the graph (missing {missing}, unexpected {extra}); "
-                              f"it takes {g.input_names()}")
+            raise RunnerError(
+                f"{g.name}: inputs do not match the graph (missing {missing}, unexpected {extra}); "
+                f"it takes {g.input_names()}"
+            )
         for spec in g.inputs:
             value = feed[spec.name]
             if not isinstance(value, np.ndarray):
-                raise RunnerError(f"{g.name}: input {spec.name!r} must be a numpy array, got {type(value).__name__}")
+                raise RunnerError(
+                    f"{g.name}: input {spec.name!r} must be a numpy array, got {type(value).__name__}"
+                )
             if value.shape != spec.shape:
-                raise RunnerError(f"{g.name}: input {spec.name!r} has shape {list(value.shape)}, the graph needs "
-                                  f"{list(spec.shape)}")
+                raise RunnerError(
+                    f"{g.name}: input {spec.name!r} has shape {list(value.shape)}, the graph needs "
+                    f"{list(spec.shape)}"
+                )
             if spec.dtype not in DTYPES:
-                raise RunnerError(f"{g.name}: input {spec.name!r} is {spec.dtype}, which numpy cannot hold: bind a "
-                                  "device buffer with bind() / run() instead of infer()")
+                raise RunnerError(
+                    f"{g.name}: input {spec.name!r} is {spec.dtype}, which numpy cannot hold: bind a "
+                    "device buffer with bind() / run() instead of infer()"
+                )
             if value.dtype != DTYPES[spec.dtype]:
-                raise RunnerError(f"{g.name}: input {spec.name!r} is {value.dtype}, the graph needs {spec.dtype}; "
-                                  f"convert it with .astype(np.{spec.dtype})")
+                raise RunnerError(
+                    f"{g.name}: input {spec.name!r} is {value.dtype}, the graph needs {spec.dtype}; "
+                    f"convert it with .astype(np.{spec.dtype})"
+                )
 
     # ---- what a backend implements -----------------------------------------------------------
 
@@ -370,16 +409,13 @@ class Runner(ABC):
         """Release what activate_impl acquired."""
 
     @abstractmethod
-    def allocate_impl(self, shape: tuple[int, ...], dtype: str) -> Buffer:
-        ...
+    def allocate_impl(self, shape: tuple[int, ...], dtype: str) -> Buffer: ...
 
     @abstractmethod
-    def write_impl(self, buffer: Buffer, array: np.ndarray) -> None:
-        ...
+    def write_impl(self, buffer: Buffer, array: np.ndarray) -> None: ...
 
     @abstractmethod
-    def read_impl(self, buffer: Buffer) -> np.ndarray:
-        ...
+    def read_impl(self, buffer: Buffer) -> np.ndarray: ...
 
     @abstractmethod
     def bind_impl(self, binding: Binding) -> None:
@@ -390,8 +426,7 @@ class Runner(ABC):
         """Bind ``binding.buffers[name]`` in place of the previous buffer of that name."""
 
     @abstractmethod
-    def run_impl(self, binding: Binding) -> None:
-        ...
+    def run_impl(self, binding: Binding) -> None: ...
 
 
 def host_buffer(shape: tuple[int, ...], dtype: str) -> Buffer:

@@ -16,22 +16,35 @@ import numpy as np
 
 from rf_runtime.dtypes import ONNXRUNTIME
 from rf_runtime.errors import require
-from rf_runtime.runners.base import DTYPES, Binding, Buffer, GraphSpec, Runner, RunnerError, TensorSpec, \
-    host_buffer, write_host
+from rf_runtime.runners.base import (
+    DTYPES,
+    Binding,
+    Buffer,
+    GraphSpec,
+    Runner,
+    RunnerError,
+    TensorSpec,
+    host_buffer,
+    write_host,
+)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def session_graph_spec(session, name: str) -> GraphSpec:
     """The IO of an onnxruntime session as a GraphSpec (every dimension must be static)."""
+
     def spec(arg):
         if any(not isinstance(d, int) for d in arg.shape):
-            raise RunnerError(f"graph {name}: {arg.name} has a dynamic shape {arg.shape}; bundles hold static-shape "
-                              "graphs: re-export it")
+            raise RunnerError(
+                f"graph {name}: {arg.name} has a dynamic shape {arg.shape}; bundles hold static-shape "
+                "graphs: re-export it"
+            )
         return TensorSpec(arg.name, tuple(arg.shape), ONNXRUNTIME.get(arg.type, arg.type))
 
-    return GraphSpec(name, tuple(spec(a) for a in session.get_inputs()),
-                     tuple(spec(a) for a in session.get_outputs()))
+    return GraphSpec(
+        name, tuple(spec(a) for a in session.get_inputs()), tuple(spec(a) for a in session.get_outputs())
+    )
 
 
 @dataclass(frozen=True)
@@ -70,8 +83,15 @@ class OnnxRuntimeRunner(Runner):
         onnxruntime's own default (one thread per core, spinning).
     """
 
-    def __init__(self, path: str | os.PathLike, graph: GraphSpec | None = None, *, device: str = "cpu",
-                 name: str | None = None, threads: CpuThreads | int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        graph: GraphSpec | None = None,
+        *,
+        device: str = "cpu",
+        name: str | None = None,
+        threads: CpuThreads | int | None = None,
+    ):
         if device not in PROVIDERS:
             raise RunnerError(f"device must be one of {sorted(PROVIDERS)}, got {device!r}")
         super().__init__(graph, name or (graph.name if graph else os.path.basename(os.fspath(path))))
@@ -84,14 +104,18 @@ class OnnxRuntimeRunner(Runner):
         ort = require("onnxruntime", "cpu" if self.device == "cpu" else "gpu")
         provider = PROVIDERS[self.device]
         if provider not in ort.get_available_providers():
-            raise RunnerError(f"onnxruntime has no {provider} here (available: {ort.get_available_providers()}): "
-                              "install onnxruntime-gpu (pip install 'rf_runtime[gpu]') on a machine with a CUDA "
-                              "GPU, or use device='cpu'")
+            raise RunnerError(
+                f"onnxruntime has no {provider} here (available: {ort.get_available_providers()}): "
+                "install onnxruntime-gpu (pip install 'rf_runtime[gpu]') on a machine with a CUDA "
+                "GPU, or use device='cpu'"
+            )
         options = ort.SessionOptions()
         if self.threads is not None:
             options.intra_op_num_threads = self.threads.intra_op
             options.inter_op_num_threads = 1
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.threads.spinning else "0")
+            options.add_session_config_entry(
+                "session.intra_op.allow_spinning", "1" if self.threads.spinning else "0"
+            )
         self.session = ort.InferenceSession(self.path, options, providers=[provider])
         self._run_options = ort.RunOptions()  # one object: without it every run keeps a few bytes
 
@@ -106,7 +130,9 @@ class OnnxRuntimeRunner(Runner):
             return host_buffer(shape, dtype)
         ort = require("onnxruntime", "gpu")
         if dtype not in DTYPES:
-            raise RunnerError(f"onnxruntime buffers of dtype {dtype} are not supported; use float32 or float16 graphs")
+            raise RunnerError(
+                f"onnxruntime buffers of dtype {dtype} are not supported; use float32 or float16 graphs"
+            )
         value = ort.OrtValue.ortvalue_from_shape_and_type(shape, DTYPES[dtype], "cuda", 0)
         # new CUDA memory holds whatever was there: zero it, as host buffers are, so that a masked
         # (never written) part of a KV or VAE cache is 0 and not NaN (0 x NaN = NaN through the mask)
@@ -119,7 +145,9 @@ class OnnxRuntimeRunner(Runner):
         elif buffer.base is None:
             buffer.owner.update_inplace(np.ascontiguousarray(array, DTYPES[buffer.dtype]))
         else:
-            raise RunnerError("writing into a view of a device buffer is not supported: write the whole buffer")
+            raise RunnerError(
+                "writing into a view of a device buffer is not supported: write the whole buffer"
+            )
 
     def read_impl(self, buffer: Buffer) -> np.ndarray:
         if buffer.host is not None:

@@ -38,8 +38,16 @@ import weakref
 import numpy as np
 
 from rf_runtime.errors import require
-from rf_runtime.runners.base import DTYPES, Binding, Buffer, GraphSpec, Runner, RunnerError, TensorSpec, \
-    dtype_nbytes
+from rf_runtime.runners.base import (
+    DTYPES,
+    Binding,
+    Buffer,
+    GraphSpec,
+    Runner,
+    RunnerError,
+    TensorSpec,
+    dtype_nbytes,
+)
 
 log = logging.getLogger("rf_runtime")
 
@@ -47,9 +55,19 @@ ALIGNMENT = 256  # bytes: IExecutionContext::setTensorAddress needs tensor addre
 MAX_GRAPHS = 64  # CUDA graphs kept per binding (a stream's distinct step / table / ping-pong configurations)
 
 # TensorRT DataType member name -> the manifest's dtype name (members missing in older versions are skipped)
-TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
-              "INT8": "int8", "UINT8": "uint8", "BOOL": "bool", "FP8": "float8_e4m3fn", "INT4": "int4",
-              "FP4": "float4_e2m1fn"}
+TRT_DTYPES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT64": "int64",
+    "INT32": "int32",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "BOOL": "bool",
+    "FP8": "float8_e4m3fn",
+    "INT4": "int4",
+    "FP4": "float4_e2m1fn",
+}
 
 
 def import_cudart():
@@ -65,7 +83,9 @@ def check_cuda(result, what: str):
     """cuda-python returns (error, *values): raise on an error, return the values."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise RunnerError(f"CUDA call {what} failed with {err}: is a CUDA GPU visible and the driver working?")
+        raise RunnerError(
+            f"CUDA call {what} failed with {err}: is a CUDA GPU visible and the driver working?"
+        )
     return values[0] if len(values) == 1 else (tuple(values) if values else None)
 
 
@@ -73,7 +93,9 @@ def trt_dtype_name(trt, dtype) -> str:
     for member, name in TRT_DTYPES.items():
         if getattr(trt.DataType, member, None) == dtype:
             return name
-    raise RunnerError(f"TensorRT dtype {dtype} is not supported by this runner; it knows {sorted(TRT_DTYPES)}")
+    raise RunnerError(
+        f"TensorRT dtype {dtype} is not supported by this runner; it knows {sorted(TRT_DTYPES)}"
+    )
 
 
 def engine_graph_spec(trt, engine, name: str) -> GraphSpec:
@@ -82,8 +104,10 @@ def engine_graph_spec(trt, engine, name: str) -> GraphSpec:
         tname = engine.get_tensor_name(i)
         shape = tuple(engine.get_tensor_shape(tname))
         if any(d < 0 for d in shape):
-            raise RunnerError(f"engine {name}: {tname} has a dynamic shape {shape}; bundles hold static-shape "
-                              "engines: rebuild with `rf-export trt BUNDLE`")
+            raise RunnerError(
+                f"engine {name}: {tname} has a dynamic shape {shape}; bundles hold static-shape "
+                "engines: rebuild with `rf-export trt BUNDLE`"
+            )
         spec = TensorSpec(tname, shape, trt_dtype_name(trt, engine.get_tensor_dtype(tname)))
         (inputs if engine.get_tensor_mode(tname) == trt.TensorIOMode.INPUT else outputs).append(spec)
     return GraphSpec(name, tuple(inputs), tuple(outputs))
@@ -161,11 +185,21 @@ class TensorRTRunner(Runner):
 
     device = "cuda"
 
-    def __init__(self, plan_path: str | os.PathLike, graph: GraphSpec | None = None, *, cuda_graph: bool = False,
-                 name: str | None = None, device_id: int = 0, max_graphs: int = MAX_GRAPHS):
+    def __init__(
+        self,
+        plan_path: str | os.PathLike,
+        graph: GraphSpec | None = None,
+        *,
+        cuda_graph: bool = False,
+        name: str | None = None,
+        device_id: int = 0,
+        max_graphs: int = MAX_GRAPHS,
+    ):
         super().__init__(graph, name or (graph.name if graph else os.path.basename(os.fspath(plan_path))))
         if not isinstance(max_graphs, int) or max_graphs < 1:
-            raise RunnerError(f"max_graphs must be a positive number of CUDA graphs per binding, got {max_graphs!r}")
+            raise RunnerError(
+                f"max_graphs must be a positive number of CUDA graphs per binding, got {max_graphs!r}"
+            )
         self.plan_path = os.fspath(plan_path)
         self.cuda_graph = cuda_graph
         self.device_id = device_id
@@ -189,19 +223,27 @@ class TensorRTRunner(Runner):
         with open(self.plan_path, "rb") as f:
             engine = self._runtime.deserialize_cuda_engine(f.read())
         if engine is None:
-            raise RunnerError(f"TensorRT {trt.__version__} could not deserialize {self.plan_path}: it was built by "
-                              "another TensorRT version or for another GPU; rebuild with `rf-export trt BUNDLE`")
+            raise RunnerError(
+                f"TensorRT {trt.__version__} could not deserialize {self.plan_path}: it was built by "
+                "another TensorRT version or for another GPU; rebuild with `rf-export trt BUNDLE`"
+            )
         actual = engine_graph_spec(trt, engine, self.name)
         if self.graph is None:
             self.graph = actual
         else:
             problems = self.graph.compare(actual)
             if problems:
-                raise RunnerError(f"{self.plan_path}: the engine does not match its declared IO: "
-                                  + "; ".join(problems) + "; rebuild with `rf-export trt BUNDLE`")
+                raise RunnerError(
+                    f"{self.plan_path}: the engine does not match its declared IO: "
+                    + "; ".join(problems)
+                    + "; rebuild with `rf-export trt BUNDLE`"
+                )
         # one activation scratch for every context of this runner (USER_MANAGED allocation)
-        size = int(engine.device_memory_size_v2 if hasattr(engine, "device_memory_size_v2")  # TensorRT >= 10.1
-                   else engine.device_memory_size)
+        size = int(
+            engine.device_memory_size_v2
+            if hasattr(engine, "device_memory_size_v2")  # TensorRT >= 10.1
+            else engine.device_memory_size
+        )
         self._scratch = _DeviceMemory(cudart, size)
         self._scratch_size = size
         self.stream = check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
@@ -230,17 +272,23 @@ class TensorRTRunner(Runner):
 
     def check_address(self, name: str, buffer: Buffer) -> None:
         if buffer.ptr % ALIGNMENT:
-            where = f" (a view at byte offset {buffer.ptr - buffer.base.ptr})" if buffer.base is not None else ""
-            raise RunnerError(f"{self.name}: the address of {name!r}{where} is not {ALIGNMENT}-byte aligned, which "
-                              "TensorRT needs for tensor addresses: use views whose byte offset is a multiple of "
-                              f"{ALIGNMENT}, or a buffer of its own")
+            where = (
+                f" (a view at byte offset {buffer.ptr - buffer.base.ptr})" if buffer.base is not None else ""
+            )
+            raise RunnerError(
+                f"{self.name}: the address of {name!r}{where} is not {ALIGNMENT}-byte aligned, which "
+                "TensorRT needs for tensor addresses: use views whose byte offset is a multiple of "
+                f"{ALIGNMENT}, or a buffer of its own"
+            )
 
     def _host(self, buffer: Buffer) -> np.ndarray:
         """The page-locked staging array of a buffer: one per (address, dtype, shape), allocated on first
         use and reused (no steady-state allocation). bfloat16 is staged as uint16 bit patterns."""
         if buffer.dtype not in DTYPES and buffer.dtype != "bfloat16":
-            raise RunnerError(f"{buffer.dtype} buffers cannot be read or written from the host; feed float32, "
-                              "float16 or bfloat16 tensors")
+            raise RunnerError(
+                f"{buffer.dtype} buffers cannot be read or written from the host; feed float32, "
+                "float16 or bfloat16 tensors"
+            )
         key = (buffer.ptr, buffer.dtype, buffer.shape)
         entry = self._staging.get(key)
         if entry is None:
@@ -262,8 +310,10 @@ class TensorRTRunner(Runner):
                 np.copyto(host, array, casting="same_kind")
             set_device(self.cudart, self.device_id)
             kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-            check_cuda(self.cudart.cudaMemcpyAsync(buffer.ptr, host.ctypes.data, host.nbytes, kind, self.stream),
-                       "cudaMemcpyAsync")
+            check_cuda(
+                self.cudart.cudaMemcpyAsync(buffer.ptr, host.ctypes.data, host.nbytes, kind, self.stream),
+                "cudaMemcpyAsync",
+            )
             check_cuda(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
 
     def read_impl(self, buffer: Buffer) -> np.ndarray:
@@ -272,8 +322,10 @@ class TensorRTRunner(Runner):
             host = self._host(buffer)
             set_device(self.cudart, self.device_id)
             kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-            check_cuda(self.cudart.cudaMemcpyAsync(host.ctypes.data, buffer.ptr, host.nbytes, kind, self.stream),
-                       "cudaMemcpyAsync")
+            check_cuda(
+                self.cudart.cudaMemcpyAsync(host.ctypes.data, buffer.ptr, host.nbytes, kind, self.stream),
+                "cudaMemcpyAsync",
+            )
             check_cuda(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
             if buffer.dtype == "bfloat16":
                 wide = self._staging[(buffer.ptr, buffer.dtype, buffer.shape)][1]
@@ -294,8 +346,10 @@ class TensorRTRunner(Runner):
             strategy = self.trt.ExecutionContextAllocationStrategy.USER_MANAGED
             context = self.engine.create_execution_context(strategy)
             if context is None:
-                raise RunnerError(f"{self.name}: TensorRT could not create an execution context (see the TensorRT "
-                                  "log; out of GPU memory?)")
+                raise RunnerError(
+                    f"{self.name}: TensorRT could not create an execution context (see the TensorRT "
+                    "log; out of GPU memory?)"
+                )
             if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1: the size is checked too
                 context.set_device_memory(self._scratch.ptr, self._scratch_size)
             else:
@@ -336,8 +390,10 @@ class TensorRTRunner(Runner):
                 exe = graphs.get(key)
                 if exe is None:
                     while len(graphs) >= self.max_graphs:  # the least recently used goes
-                        check_cuda(self.cudart.cudaGraphExecDestroy(graphs.popitem(last=False)[1]),
-                                   "cudaGraphExecDestroy")
+                        check_cuda(
+                            self.cudart.cudaGraphExecDestroy(graphs.popitem(last=False)[1]),
+                            "cudaGraphExecDestroy",
+                        )
                     exe = graphs[key] = self._capture(context)
                 else:
                     graphs.move_to_end(key)
@@ -360,7 +416,9 @@ class TensorRTRunner(Runner):
                 raise RunnerError(f"{self.name}: TensorRT execute_async_v3 failed during CUDA graph capture")
             return check_cuda(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
         finally:
-            check_cuda(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")  # the instantiated graph does not need it
+            check_cuda(
+                cudart.cudaGraphDestroy(graph), "cudaGraphDestroy"
+            )  # the instantiated graph does not need it
 
 
 def current_gpu(device_id: int = 0) -> tuple[str, str] | None:

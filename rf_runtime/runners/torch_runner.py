@@ -20,7 +20,9 @@ class TorchRunner(Runner):
 
     def __init__(self, module, graph: GraphSpec, *, device: str = "cpu", name: str | None = None):
         if graph is None:
-            raise RunnerError("TorchRunner needs the graph's IO (a GraphSpec): a torch module carries no tensor names")
+            raise RunnerError(
+                "TorchRunner needs the graph's IO (a GraphSpec): a torch module carries no tensor names"
+            )
         super().__init__(graph, name)
         self.module = module
         self.device = device
@@ -45,7 +47,7 @@ class TorchRunner(Runner):
             return buffer.owner
         offset = (buffer.ptr - buffer.base.ptr) // ITEMSIZE[buffer.dtype]
         n = int(np.prod(buffer.shape, dtype=np.int64))
-        return buffer.base.owner.reshape(-1)[offset:offset + n].view(buffer.shape)
+        return buffer.base.owner.reshape(-1)[offset : offset + n].view(buffer.shape)
 
     def write_impl(self, buffer: Buffer, array: np.ndarray) -> None:
         src = self.torch.from_numpy(np.ascontiguousarray(array))
@@ -71,10 +73,14 @@ class TorchRunner(Runner):
         elif not isinstance(result, (tuple, list)):
             result = [result]
         if len(result) != len(self.graph.outputs):
-            raise RunnerError(f"{self.name}: the module returned {len(result)} outputs, the graph has "
-                              f"{len(self.graph.outputs)} ({self.graph.output_names()})")
+            raise RunnerError(
+                f"{self.name}: the module returned {len(result)} outputs, the graph has "
+                f"{len(self.graph.outputs)} ({self.graph.output_names()})"
+            )
         for spec, value in zip(self.graph.outputs, result):
             if tuple(value.shape) != spec.shape or value.dtype != self._dtypes[spec.dtype]:
-                raise RunnerError(f"{self.name}: the module's output {spec.name!r} is {list(value.shape)} "
-                                  f"{value.dtype}, the graph declares {list(spec.shape)} {spec.dtype}")
+                raise RunnerError(
+                    f"{self.name}: the module's output {spec.name!r} is {list(value.shape)} "
+                    f"{value.dtype}, the graph declares {list(spec.shape)} {spec.dtype}"
+                )
             tensors[spec.name].copy_(value)

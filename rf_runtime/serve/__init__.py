@@ -1,6 +1,6 @@
 """rf-serve: live streams over WebSocket, a viewer page, MP4 jobs and Ray scale-out, on the public Streamer API.
 
-    from rf_runtime.serve import LocalEngine, ServeApp, ServeConfig, ServerThread, make_server
+from rf_runtime.serve import LocalEngine, ServeApp, ServeConfig, ServerThread, make_server
 """
 
 from rf_runtime.serve.config import ServeConfig

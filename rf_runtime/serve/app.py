@@ -62,18 +62,21 @@ class ServeApp:
         self.jobs_dir = tempfile.mkdtemp(prefix="rf-serve-jobs-")
         self.jobs = Jobs(engine, self.jobs_dir, self.config.max_jobs_kept, self.metrics)
         self._drained: asyncio.Task | None = None
-        self.app = Starlette(routes=[
-            Route("/", self.page),
-            Route("/static/{name}", self.static),
-            Route("/healthz", self.healthz),
-            Route("/readyz", self.readyz),
-            Route("/metrics", self.metrics_page),
-            Route(f"/v{VERSION}/info", self.info),
-            WebSocketRoute(f"/v{VERSION}/stream", self.stream),
-            Route(f"/v{VERSION}/videos", self.create_job, methods=["POST"]),
-            Route(f"/v{VERSION}/videos/{{jid}}", self.job_status),
-            Route(f"/v{VERSION}/videos/{{jid}}/video", self.job_video),
-        ], lifespan=self._lifespan)
+        self.app = Starlette(
+            routes=[
+                Route("/", self.page),
+                Route("/static/{name}", self.static),
+                Route("/healthz", self.healthz),
+                Route("/readyz", self.readyz),
+                Route("/metrics", self.metrics_page),
+                Route(f"/v{VERSION}/info", self.info),
+                WebSocketRoute(f"/v{VERSION}/stream", self.stream),
+                Route(f"/v{VERSION}/videos", self.create_job, methods=["POST"]),
+                Route(f"/v{VERSION}/videos/{{jid}}", self.job_status),
+                Route(f"/v{VERSION}/videos/{{jid}}/video", self.job_video),
+            ],
+            lifespan=self._lifespan,
+        )
 
     # ---- capacity and access ---------------------------------------------------------------------
 
@@ -82,8 +85,9 @@ class ServeApp:
         if self.shutting_down:
             return "shutting_down", "the server is shutting down: connect to another one or retry later"
         if self.active >= self.config.max_sessions:
-            return "server_full", (f"server full: {self.active} of {self.config.max_sessions} sessions in use; "
-                                   "retry later")
+            return "server_full", (
+                f"server full: {self.active} of {self.config.max_sessions} sessions in use; retry later"
+            )
         self.active += 1
         self.metrics.sessions_active.set(self.active)
         return None
@@ -96,14 +100,23 @@ class ServeApp:
         if self.config.token is None:
             return True
         header = conn.headers.get("authorization", "")
-        given = (header[7:] if header.lower().startswith("bearer ") else None) or conn.query_params.get("token") \
-            or conn.cookies.get(TOKEN_COOKIE) or ""
+        given = (
+            (header[7:] if header.lower().startswith("bearer ") else None)
+            or conn.query_params.get("token")
+            or conn.cookies.get(TOKEN_COOKIE)
+            or ""
+        )
         return hmac.compare_digest(given.encode(), self.config.token.encode())
 
     def _unauthorized(self) -> JSONResponse:
         self.metrics.sessions_rejected.labels("unauthorized").inc()
-        return JSONResponse({"error": "unauthorized: pass the server's token as ?token=..., or as the header "
-                                      "'Authorization: Bearer ...'"}, status_code=401)
+        return JSONResponse(
+            {
+                "error": "unauthorized: pass the server's token as ?token=..., or as the header "
+                "'Authorization: Bearer ...'"
+            },
+            status_code=401,
+        )
 
     # ---- HTTP --------------------------------------------------------------------------------------
 
@@ -143,11 +156,20 @@ class ServeApp:
         if not self._authorized(request):
             return self._unauthorized()
         m = self.engine.model
-        return JSONResponse({"protocol": VERSION, "fps": m.fps, "width": m.width, "height": m.height,
-                             "chunk_frames": m.chunk_frames, "engine": self.engine.name,
-                             "max_sessions": self.config.max_sessions, "max_prompt_chars": self.config.max_prompt_chars,
-                             "max_message_bytes": self.config.max_message_bytes,
-                             "max_job_seconds": self.config.max_job_seconds})
+        return JSONResponse(
+            {
+                "protocol": VERSION,
+                "fps": m.fps,
+                "width": m.width,
+                "height": m.height,
+                "chunk_frames": m.chunk_frames,
+                "engine": self.engine.name,
+                "max_sessions": self.config.max_sessions,
+                "max_prompt_chars": self.config.max_prompt_chars,
+                "max_message_bytes": self.config.max_message_bytes,
+                "max_job_seconds": self.config.max_job_seconds,
+            }
+        )
 
     async def create_job(self, request: Request) -> Response:
         if not self._authorized(request):
@@ -155,22 +177,27 @@ class ServeApp:
         raw = await request.body()
         try:
             if len(raw) > self.config.max_message_bytes:
-                raise ProtocolError("message_too_large", f"the body has more than {self.config.max_message_bytes} "
-                                                         "bytes")
+                raise ProtocolError(
+                    "message_too_large", f"the body has more than {self.config.max_message_bytes} bytes"
+                )
             try:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
                 raise ProtocolError("bad_json", f"the body is not valid JSON ({exc})") from None
-            prompt, seed, frames = parse_job_request(body, max_prompt_chars=self.config.max_prompt_chars,
-                                                     max_seconds=self.config.max_job_seconds,
-                                                     fps=self.engine.model.fps)
+            prompt, seed, frames = parse_job_request(
+                body,
+                max_prompt_chars=self.config.max_prompt_chars,
+                max_seconds=self.config.max_job_seconds,
+                fps=self.engine.model.fps,
+            )
         except ProtocolError as exc:
             return JSONResponse({"error": str(exc), "code": exc.code}, status_code=400)
         refused = self._try_acquire()
         if refused:
             self.metrics.sessions_rejected.labels(refused[0]).inc()
-            return JSONResponse({"error": refused[1], "code": refused[0]}, status_code=503,
-                                headers={"Retry-After": "5"})
+            return JSONResponse(
+                {"error": refused[1], "code": refused[0]}, status_code=503, headers={"Retry-After": "5"}
+            )
         job = self.jobs.submit(prompt, seed, frames, on_done=self._release)
         return JSONResponse(job.describe(f"/v{VERSION}/videos"), status_code=202)
 
@@ -182,7 +209,9 @@ class ServeApp:
             return self._unauthorized()
         job = self._job(request)
         if job is None:
-            return JSONResponse({"error": "no such job (finished jobs are kept for a while only)"}, status_code=404)
+            return JSONResponse(
+                {"error": "no such job (finished jobs are kept for a while only)"}, status_code=404
+            )
         return JSONResponse(job.describe(f"/v{VERSION}/videos"))
 
     async def job_video(self, request: Request) -> Response:
@@ -190,10 +219,14 @@ class ServeApp:
             return self._unauthorized()
         job = self._job(request)
         if job is None:
-            return JSONResponse({"error": "no such job (finished jobs are kept for a while only)"}, status_code=404)
+            return JSONResponse(
+                {"error": "no such job (finished jobs are kept for a while only)"}, status_code=404
+            )
         if job.status != "done":
-            return JSONResponse({"error": f"the job is {job.status}, not done", **job.describe(f"/v{VERSION}/videos")},
-                                status_code=409)
+            return JSONResponse(
+                {"error": f"the job is {job.status}, not done", **job.describe(f"/v{VERSION}/videos")},
+                status_code=409,
+            )
         return FileResponse(job.path, media_type="video/mp4", filename=f"{job.id}.mp4")
 
     # ---- WebSocket ---------------------------------------------------------------------------------
@@ -202,8 +235,9 @@ class ServeApp:
         await ws.accept()
         if not self._authorized(ws):
             self.metrics.sessions_rejected.labels("unauthorized").inc()
-            await ws.send_text(error_event("unauthorized", "unauthorized: connect with ?token=... (the server's "
-                                                           "--token)"))
+            await ws.send_text(
+                error_event("unauthorized", "unauthorized: connect with ?token=... (the server's --token)")
+            )
             await ws.close(1008, "unauthorized")
             return
         refused = self._try_acquire()
@@ -259,21 +293,34 @@ def make_server(serve_app: ServeApp, host: str = "127.0.0.1", port: int = 8000, 
             await serve_app.drain()
             await super().shutdown(sockets=sockets)
 
-    config = uvicorn.Config(serve_app.app, host=host, port=port, log_level=log_level, ws="websockets-sansio",
-                            ws_max_size=serve_app.config.ws_max_bytes, lifespan="on",
-                            timeout_graceful_shutdown=serve_app.config.shutdown_seconds)
+    config = uvicorn.Config(
+        serve_app.app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        ws="websockets-sansio",
+        ws_max_size=serve_app.config.ws_max_bytes,
+        lifespan="on",
+        timeout_graceful_shutdown=serve_app.config.shutdown_seconds,
+    )
     return Server(config)
 
 
 class ServerThread:
     """Run a ServeApp on a uvicorn server in a background thread (tests, notebooks, embedding):
 
-        with ServerThread(serve_app) as server:        # binds 127.0.0.1 on a free port
-            connect(server.ws_url)                      # ws://127.0.0.1:PORT/v1/stream
+    with ServerThread(serve_app) as server:        # binds 127.0.0.1 on a free port
+        connect(server.ws_url)                      # ws://127.0.0.1:PORT/v1/stream
     """
 
-    def __init__(self, serve_app: ServeApp, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30.0,
-                 send_buffer_bytes: int | None = None):
+    def __init__(
+        self,
+        serve_app: ServeApp,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        start_timeout: float = 30.0,
+        send_buffer_bytes: int | None = None,
+    ):
         """send_buffer_bytes: the kernel send buffer of every connection (SO_SNDBUF; default: the system's)."""
         import socket
         import threading
@@ -287,8 +334,9 @@ class ServerThread:
         self.host, self.port = self.sock.getsockname()[:2]
         self.server = make_server(serve_app, host, self.port)
         self.start_timeout = start_timeout
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
-                                       name="rf-serve")
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True, name="rf-serve"
+        )
 
     @property
     def url(self) -> str:

@@ -20,29 +20,54 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rf-serve",
         description="Serve a Reward Forcing model: live streams over WebSocket (/v1/stream), a viewer page (/), "
-                    "MP4 jobs (/v1/videos), health and Prometheus metrics. docs/serving.md has the protocol.")
+        "MP4 jobs (/v1/videos), health and Prometheus metrics. docs/serving.md has the protocol.",
+    )
     src = p.add_argument_group("model (default: the engine bundle that ships with rf_runtime)")
-    src.add_argument("--engine", "--bundle", dest="engine", help="engine bundle directory, run by onnxruntime")
+    src.add_argument(
+        "--engine", "--bundle", dest="engine", help="engine bundle directory, run by onnxruntime"
+    )
     src.add_argument("--model-dir", help="Wan2.1-style model directory, run by PyTorch")
     src.add_argument("--checkpoint", help="generator checkpoint on top of --model-dir")
     src.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-sessions", type=int, default=d.max_sessions,
-                   help=f"live sessions + running MP4 jobs at once (default {d.max_sessions})")
+    p.add_argument(
+        "--max-sessions",
+        type=int,
+        default=d.max_sessions,
+        help=f"live sessions + running MP4 jobs at once (default {d.max_sessions})",
+    )
     p.add_argument("--token", help="require this token on every endpoint but /healthz and /readyz")
-    p.add_argument("--queue-frames", type=int, default=d.queue_frames,
-                   help=f"frames buffered per session before the oldest are dropped (default {d.queue_frames})")
-    p.add_argument("--idle-timeout", type=float, default=d.idle_seconds,
-                   help=f"seconds before a session with no stream and no message is closed (default "
-                        f"{d.idle_seconds:g})")
-    p.add_argument("--workers", type=int, default=d.workers,
-                   help=f"threads making chunks (default {d.workers}; --ray: ignored)")
-    p.add_argument("--ray", action="store_true", help="run the model in Ray actors (pip install 'rf_runtime[ray]')")
+    p.add_argument(
+        "--queue-frames",
+        type=int,
+        default=d.queue_frames,
+        help=f"frames buffered per session before the oldest are dropped (default {d.queue_frames})",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=d.idle_seconds,
+        help=f"seconds before a session with no stream and no message is closed (default {d.idle_seconds:g})",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help=f"threads making chunks (default {d.workers}; --ray: ignored)",
+    )
+    p.add_argument(
+        "--ray", action="store_true", help="run the model in Ray actors (pip install 'rf_runtime[ray]')"
+    )
     p.add_argument("--replicas", type=int, default=2, help="--ray: model replicas (default 2)")
-    p.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
-                   help=f"--ray: chunks between session snapshots a failover resumes from (default "
-                        f"{d.snapshot_every})")
+    p.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=d.snapshot_every,
+        help=f"--ray: chunks between session snapshots a failover resumes from (default {d.snapshot_every})",
+    )
     p.add_argument("--ray-address", help="--ray: an existing Ray cluster (default: start a local one)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_version(p)
@@ -66,24 +91,40 @@ def _serve(args) -> int:
     from rf_runtime.serve.app import ServeApp, make_server
     from rf_runtime.serve.config import ServeConfig
 
-    config = ServeConfig(max_sessions=args.max_sessions, token=args.token, queue_frames=args.queue_frames,
-                         idle_seconds=args.idle_timeout, workers=args.workers, snapshot_every=args.snapshot_every)
+    config = ServeConfig(
+        max_sessions=args.max_sessions,
+        token=args.token,
+        queue_frames=args.queue_frames,
+        idle_seconds=args.idle_timeout,
+        workers=args.workers,
+        snapshot_every=args.snapshot_every,
+    )
     if not 0 < args.port < 65536:
         raise RFError(f"--port must be in 1..65535, got {args.port}")
     if args.ray:
         from rf_runtime.serve.ray_engine import RayEngine
 
-        engine = RayEngine.start(replicas=args.replicas, engine=args.engine, model_dir=args.model_dir,
-                                 checkpoint=args.checkpoint, device=args.device, jpeg_quality=config.jpeg_quality,
-                                 snapshot_every=config.snapshot_every, address=args.ray_address)
+        engine = RayEngine.start(
+            replicas=args.replicas,
+            engine=args.engine,
+            model_dir=args.model_dir,
+            checkpoint=args.checkpoint,
+            device=args.device,
+            jpeg_quality=config.jpeg_quality,
+            snapshot_every=config.snapshot_every,
+            address=args.ray_address,
+        )
     else:
         from rf_runtime.serve.engine import LocalEngine
 
         streamer = load_streamer(args.engine, args.model_dir, args.checkpoint, args.device)
         engine = LocalEngine(streamer, workers=config.workers, jpeg_quality=config.jpeg_quality)
     server = make_server(ServeApp(engine, config), host=args.host, port=args.port, log_level=args.log_level)
-    print(f"rf-serve: http://{args.host}:{args.port}/ (viewer), ws://{args.host}:{args.port}/v1/stream",
-          file=sys.stderr, flush=True)
+    print(
+        f"rf-serve: http://{args.host}:{args.port}/ (viewer), ws://{args.host}:{args.port}/v1/stream",
+        file=sys.stderr,
+        flush=True,
+    )
     # uvicorn takes SIGTERM / SIGINT while it runs and raises them again once it has shut down gracefully
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.run()

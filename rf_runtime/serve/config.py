@@ -11,7 +11,9 @@ from rf_runtime.errors import ConfigError
 @dataclass(frozen=True)
 class ServeConfig:
     max_sessions: int = 4  # live WebSocket sessions + running MP4 jobs; beyond: close 1013 / HTTP 503
-    token: str | None = None  # when set, every endpoint but /healthz needs it (?token= or Authorization: Bearer)
+    token: str | None = (
+        None  # when set, every endpoint but /healthz needs it (?token= or Authorization: Bearer)
+    )
     queue_frames: int = 48  # frames a session buffers for its client; beyond, the oldest are dropped
     max_events: int = 64  # events a session buffers for a client that does not read; beyond, it is closed
     idle_seconds: float = 60.0  # a connection with no stream running and no message for this long is closed
@@ -26,8 +28,17 @@ class ServeConfig:
     shutdown_seconds: float = 5.0  # on SIGTERM, how long sessions get to receive 'ended'
 
     def __post_init__(self):
-        positive = ("max_sessions", "queue_frames", "max_events", "max_prompt_chars", "max_message_bytes",
-                    "ws_max_bytes", "max_jobs_kept", "workers", "snapshot_every")
+        positive = (
+            "max_sessions",
+            "queue_frames",
+            "max_events",
+            "max_prompt_chars",
+            "max_message_bytes",
+            "ws_max_bytes",
+            "max_jobs_kept",
+            "workers",
+            "snapshot_every",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -64,11 +64,18 @@ def make_chunk(stream, switch: SetPrompt | None, *, raw: bool, jpeg_quality: int
     chunk = next(stream, None)
     if chunk is None:
         return None
-    return ChunkResult(chunk.index, chunk.start_frame, chunk.seconds, chunk.denoise_seconds, chunk.decode_seconds,
-                       made=time.time(),
-                       jpegs=() if raw else tuple(encode_jpeg(f, jpeg_quality) for f in chunk.frames),
-                       frames=chunk.frames if raw else None,
-                       prompt_changed=None if switch is None else switch.prompt, finished=stream.finished)
+    return ChunkResult(
+        chunk.index,
+        chunk.start_frame,
+        chunk.seconds,
+        chunk.denoise_seconds,
+        chunk.decode_seconds,
+        made=time.time(),
+        jpegs=() if raw else tuple(encode_jpeg(f, jpeg_quality) for f in chunk.frames),
+        frames=chunk.frames if raw else None,
+        prompt_changed=None if switch is None else switch.prompt,
+        finished=stream.finished,
+    )
 
 
 class LocalEngine:

@@ -28,9 +28,15 @@ class Job:
     error: str | None = None
 
     def describe(self, prefix: str) -> dict:
-        out = {"id": self.id, "status": self.status, "prompt": self.prompt, "seed": self.seed,
-               "frames_total": self.num_frames, "frames_done": self.frames_done,
-               "status_url": f"{prefix}/{self.id}"}
+        out = {
+            "id": self.id,
+            "status": self.status,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "frames_total": self.num_frames,
+            "frames_done": self.frames_done,
+            "status_url": f"{prefix}/{self.id}",
+        }
         if self.status == "done":
             out["video_url"] = f"{prefix}/{self.id}/video"
         if self.error:
@@ -41,17 +47,25 @@ class Job:
 def parse_job_request(body, *, max_prompt_chars: int, max_seconds: float, fps: int) -> tuple[str, int, int]:
     """A request body -> (prompt, seed, frames), or a ProtocolError naming the bad field."""
     if not isinstance(body, dict):
-        raise ProtocolError("bad_message", "the body must be a JSON object: {\"prompt\": \"...\", \"seconds\": 5}")
+        raise ProtocolError("bad_message", 'the body must be a JSON object: {"prompt": "...", "seconds": 5}')
     extra = set(body) - {"prompt", "seconds", "seed"}
     if extra:
-        raise ProtocolError("bad_field", f"unknown field(s) {sorted(extra)}; a job takes prompt, seconds, seed")
+        raise ProtocolError(
+            "bad_field", f"unknown field(s) {sorted(extra)}; a job takes prompt, seconds, seed"
+        )
     if "prompt" not in body:
         raise ProtocolError("bad_prompt", "a job needs a 'prompt'")
     prompt = check_prompt_text(body["prompt"], max_prompt_chars)
     seconds = body.get("seconds", 5)
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
-            or not 0 < seconds <= max_seconds:
-        raise ProtocolError("bad_field", f"'seconds' must be a number in (0, {max_seconds:g}], got {seconds!r}")
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not math.isfinite(seconds)
+        or not 0 < seconds <= max_seconds
+    ):
+        raise ProtocolError(
+            "bad_field", f"'seconds' must be a number in (0, {max_seconds:g}], got {seconds!r}"
+        )
     seed = body.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ProtocolError("bad_field", f"'seed' must be a non-negative integer, got {seed!r}")

@@ -40,7 +40,9 @@ class ClientResult:
     errors: list = field(default_factory=list)
 
 
-def _client(index: int, ws_url: str, seconds: float, paced: bool, out: list, barrier: threading.Barrier) -> None:
+def _client(
+    index: int, ws_url: str, seconds: float, paced: bool, out: list, barrier: threading.Barrier
+) -> None:
     from websockets.sync.client import connect
 
     from rf_runtime.serve.protocol import unpack_frame
@@ -50,8 +52,16 @@ def _client(index: int, ws_url: str, seconds: float, paced: bool, out: list, bar
     try:
         with connect(ws_url, open_timeout=30, max_size=None) as ws:
             barrier.wait(timeout=60)
-            ws.send(json.dumps({"type": "start", "prompt": f"a red circle bouncing {index}", "seed": index,
-                                "paced": paced}))
+            ws.send(
+                json.dumps(
+                    {
+                        "type": "start",
+                        "prompt": f"a red circle bouncing {index}",
+                        "seed": index,
+                        "paced": paced,
+                    }
+                )
+            )
             end = time.monotonic() + seconds
             stopped = False
             while True:
@@ -113,8 +123,20 @@ def _start_server(clients: int, extra: list[str]) -> tuple[subprocess.Popen, str
     import httpx
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "rf_runtime.serve.cli", "--port", str(port), "--max-sessions",
-                             str(clients), "--log-level", "warning", *extra])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rf_runtime.serve.cli",
+            "--port",
+            str(port),
+            "--max-sessions",
+            str(clients),
+            "--log-level",
+            "warning",
+            *extra,
+        ]
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -135,8 +157,10 @@ def run(url: str, clients: int, seconds: float, paced: bool) -> dict:
     ws_url = url.replace("http://", "ws://", 1) + "/v1/stream"
     results: list[ClientResult] = []
     barrier = threading.Barrier(clients)
-    threads = [threading.Thread(target=_client, args=(i, ws_url, seconds, paced, results, barrier), daemon=True)
-               for i in range(clients)]
+    threads = [
+        threading.Thread(target=_client, args=(i, ws_url, seconds, paced, results, barrier), daemon=True)
+        for i in range(clients)
+    ]
     for t in threads:
         t.start()
     samples, done, t0 = [], threading.Event(), time.monotonic()
@@ -154,22 +178,35 @@ def run(url: str, clients: int, seconds: float, paced: bool) -> dict:
     time.sleep(0.5)
     rss_end = server_rss(url)
     results.sort(key=lambda r: r.client)
-    return {"clients": clients, "seconds": seconds, "paced": paced, "server_rss_start_mb": rss_start / 2**20,
-            "server_rss_end_mb": rss_end / 2**20, "server_rss_during_mb": samples, "aggregate_fps": sum(r.fps for r in results),
-            "per_client": [asdict(r) for r in results]}
+    return {
+        "clients": clients,
+        "seconds": seconds,
+        "paced": paced,
+        "server_rss_start_mb": rss_start / 2**20,
+        "server_rss_end_mb": rss_end / 2**20,
+        "server_rss_during_mb": samples,
+        "aggregate_fps": sum(r.fps for r in results),
+        "per_client": [asdict(r) for r in results],
+    }
 
 
 def format_report(report: dict) -> str:
     pacing = "paced to the model fps" if report["paced"] else "as made"
-    lines = [f"{report['clients']} clients x {report['seconds']:g} s, {pacing}",
-             f"{'client':>6} {'frames':>7} {'fps':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'dropped':>8}  errors"]
+    lines = [
+        f"{report['clients']} clients x {report['seconds']:g} s, {pacing}",
+        f"{'client':>6} {'frames':>7} {'fps':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'dropped':>8}  errors",
+    ]
     for r in report["per_client"]:
-        lines.append(f"{r['client']:>6} {r['frames']:>7} {r['fps']:>6.2f} {r['p50_interval_ms']:>7.1f} "
-                     f"{r['p99_interval_ms']:>7.1f} {r['max_interval_ms']:>7.1f} {r['dropped_frames']:>8}  "
-                     f"{','.join(r['errors']) or '-'}")
+        lines.append(
+            f"{r['client']:>6} {r['frames']:>7} {r['fps']:>6.2f} {r['p50_interval_ms']:>7.1f} "
+            f"{r['p99_interval_ms']:>7.1f} {r['max_interval_ms']:>7.1f} {r['dropped_frames']:>8}  "
+            f"{','.join(r['errors']) or '-'}"
+        )
     during = ", ".join(f"{mb:.1f} MB at {t} s" for t, mb in report["server_rss_during_mb"])
-    lines.append(f"aggregate {report['aggregate_fps']:.2f} fps; server RSS {report['server_rss_start_mb']:.1f} MB "
-                 f"before the clients, {report['server_rss_end_mb']:.1f} MB after them (during: {during or '-'})")
+    lines.append(
+        f"aggregate {report['aggregate_fps']:.2f} fps; server RSS {report['server_rss_start_mb']:.1f} MB "
+        f"before the clients, {report['server_rss_end_mb']:.1f} MB after them (during: {during or '-'})"
+    )
     return "\n".join(lines)
 
 
@@ -180,9 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=60.0, help="streaming time per client (default 60)")
     p.add_argument("--url", help="an rf-serve on this machine (default: start one on a free loopback port)")
-    p.add_argument("--unpaced", action="store_true", help="ask for frames as they are made, not at the model fps")
+    p.add_argument(
+        "--unpaced", action="store_true", help="ask for frames as they are made, not at the model fps"
+    )
     p.add_argument("--json", help="also write the report here")
-    p.add_argument("server_args", nargs="*", help="after --: arguments for the rf-serve it starts (e.g. --engine B)")
+    p.add_argument(
+        "server_args", nargs="*", help="after --: arguments for the rf-serve it starts (e.g. --engine B)"
+    )
     add_version(p)
     args = p.parse_args(argv)
     if not (0 < args.clients <= 64 and 0 < args.seconds <= 600):

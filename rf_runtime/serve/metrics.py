@@ -21,20 +21,32 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds
         PlatformCollector(registry=r)
-        self.sessions_active = Gauge("rf_serve_sessions_active", "Live WebSocket sessions and running MP4 jobs",
-                                     registry=r)
-        self.sessions_rejected = Counter("rf_serve_sessions_rejected", "Connections and jobs refused",
-                                         ["reason"], registry=r)
+        self.sessions_active = Gauge(
+            "rf_serve_sessions_active", "Live WebSocket sessions and running MP4 jobs", registry=r
+        )
+        self.sessions_rejected = Counter(
+            "rf_serve_sessions_rejected", "Connections and jobs refused", ["reason"], registry=r
+        )
         self.frames_sent = Counter("rf_serve_frames_sent", "Frames sent to WebSocket clients", registry=r)
-        self.frames_dropped = Counter("rf_serve_frames_dropped",
-                                      "Frames dropped because a client read slower than they were made", registry=r)
-        self.chunk_seconds = Histogram("rf_serve_chunk_seconds", "Time to make one chunk (Chunk.seconds)",
-                                       buckets=CHUNK_BUCKETS, registry=r)
-        self.queue_frames = Gauge("rf_serve_queue_frames", "Frames waiting in all sessions' send queues", registry=r)
+        self.frames_dropped = Counter(
+            "rf_serve_frames_dropped",
+            "Frames dropped because a client read slower than they were made",
+            registry=r,
+        )
+        self.chunk_seconds = Histogram(
+            "rf_serve_chunk_seconds",
+            "Time to make one chunk (Chunk.seconds)",
+            buckets=CHUNK_BUCKETS,
+            registry=r,
+        )
+        self.queue_frames = Gauge(
+            "rf_serve_queue_frames", "Frames waiting in all sessions' send queues", registry=r
+        )
         self.queue_frames.set_function(queue_depth)
         self.jobs = Counter("rf_serve_jobs", "MP4 jobs by outcome", ["status"], registry=r)
-        self.failovers = Counter("rf_serve_failovers", "Sessions resumed on another replica from a snapshot",
-                                 registry=r)
+        self.failovers = Counter(
+            "rf_serve_failovers", "Sessions resumed on another replica from a snapshot", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -65,17 +65,24 @@ class Stop:
 
 
 ClientMessage = Start | SetPrompt | Stop
-_FIELDS = {"start": {"type", "prompt", "seed", "paced", "num_frames"}, "prompt": {"type", "prompt", "keep_sink"},
-           "stop": {"type"}}
+_FIELDS = {
+    "start": {"type", "prompt", "seed", "paced", "num_frames"},
+    "prompt": {"type", "prompt", "keep_sink"},
+    "stop": {"type"},
+}
 
 
 def check_prompt_text(prompt, max_chars: int) -> str:
     if not isinstance(prompt, str):
         raise ProtocolError("bad_prompt", f"'prompt' must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
-        raise ProtocolError("bad_prompt", "'prompt' is empty: describe the video, e.g. 'a red circle bouncing'")
+        raise ProtocolError(
+            "bad_prompt", "'prompt' is empty: describe the video, e.g. 'a red circle bouncing'"
+        )
     if len(prompt) > max_chars:
-        raise ProtocolError("bad_prompt", f"'prompt' has {len(prompt)} characters; at most {max_chars} are accepted")
+        raise ProtocolError(
+            "bad_prompt", f"'prompt' has {len(prompt)} characters; at most {max_chars} are accepted"
+        )
     return prompt
 
 
@@ -100,8 +107,11 @@ def parse_client_message(text: str, *, max_prompt_chars: int, max_frames: int) -
     try:
         msg = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError("bad_json", f"the message is not valid JSON ({exc}): send a JSON object "
-                                        "such as {\"type\": \"start\", \"prompt\": \"...\"}") from None
+        raise ProtocolError(
+            "bad_json",
+            f"the message is not valid JSON ({exc}): send a JSON object "
+            'such as {"type": "start", "prompt": "..."}',
+        ) from None
     if not isinstance(msg, dict):
         raise ProtocolError("bad_message", f"the message must be a JSON object, got {type(msg).__name__}")
     kind = msg.get("type")
@@ -109,8 +119,11 @@ def parse_client_message(text: str, *, max_prompt_chars: int, max_frames: int) -
         raise ProtocolError("unknown_type", f"unknown message type {kind!r}: use one of {sorted(_FIELDS)}")
     extra = set(msg) - _FIELDS[kind]
     if extra:
-        raise ProtocolError("bad_field", f"unknown field(s) {sorted(extra)} in a {kind!r} message; "
-                                         f"it takes {sorted(_FIELDS[kind] - {'type'})}")
+        raise ProtocolError(
+            "bad_field",
+            f"unknown field(s) {sorted(extra)} in a {kind!r} message; "
+            f"it takes {sorted(_FIELDS[kind] - {'type'})}",
+        )
     if kind == "stop":
         return Stop()
     if "prompt" not in msg:
@@ -118,8 +131,12 @@ def parse_client_message(text: str, *, max_prompt_chars: int, max_frames: int) -
     prompt = check_prompt_text(msg["prompt"], max_prompt_chars)
     if kind == "prompt":
         return SetPrompt(prompt, keep_sink=_bool(msg, "keep_sink", False))
-    return Start(prompt, seed=_int(msg, "seed", 0, 0, 2**63 - 1), paced=_bool(msg, "paced", True),
-                 num_frames=_int(msg, "num_frames", None, 1, max_frames))
+    return Start(
+        prompt,
+        seed=_int(msg, "seed", 0, 0, 2**63 - 1),
+        paced=_bool(msg, "paced", True),
+        num_frames=_int(msg, "num_frames", None, 1, max_frames),
+    )
 
 
 def event(kind: str, **fields) -> str:
@@ -146,10 +163,14 @@ class FrameHeader:
 def unpack_frame(data: bytes) -> tuple[FrameHeader, bytes]:
     """A frame message -> (header, JPEG bytes); for clients written in Python (tests, the load test)."""
     if len(data) < FRAME_HEADER.size:
-        raise ProtocolError("bad_frame", f"a frame message has at least {FRAME_HEADER.size} bytes, got {len(data)}")
+        raise ProtocolError(
+            "bad_frame", f"a frame message has at least {FRAME_HEADER.size} bytes, got {len(data)}"
+        )
     magic, version, size, chunk, frame, made, sent = FRAME_HEADER.unpack_from(data)
     if magic != FRAME_MAGIC or version != VERSION:
-        raise ProtocolError("bad_frame", f"not an rf-serve v{VERSION} frame (magic {magic!r}, version {version})")
+        raise ProtocolError(
+            "bad_frame", f"not an rf-serve v{VERSION} frame (magic {magic!r}, version {version})"
+        )
     return FrameHeader(chunk, frame, made, sent), data[size:]
 
 

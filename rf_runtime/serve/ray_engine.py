@@ -37,8 +37,14 @@ class ReplicaError(RFError):
 class Replica:
     """One model replica: a Streamer and the streams of the sessions placed on it (runs as a Ray actor)."""
 
-    def __init__(self, engine: str | None, model_dir: str | None, checkpoint: str | None, device: str,
-                 jpeg_quality: int):
+    def __init__(
+        self,
+        engine: str | None,
+        model_dir: str | None,
+        checkpoint: str | None,
+        device: str,
+        jpeg_quality: int,
+    ):
         from rf_runtime.serve.cli import load_streamer
 
         self.streamer = load_streamer(engine, model_dir, checkpoint, device)
@@ -112,16 +118,28 @@ class RayEngine:
         self.failovers = 0
 
     @classmethod
-    def start(cls, replicas: int = 2, *, engine: str | None = None, model_dir: str | None = None,
-              checkpoint: str | None = None, device: str = "cpu", jpeg_quality: int = 85, snapshot_every: int = 4,
-              address: str | None = None, cpus_per_replica: float = 1.0) -> "RayEngine":
+    def start(
+        cls,
+        replicas: int = 2,
+        *,
+        engine: str | None = None,
+        model_dir: str | None = None,
+        checkpoint: str | None = None,
+        device: str = "cpu",
+        jpeg_quality: int = 85,
+        snapshot_every: int = 4,
+        address: str | None = None,
+        cpus_per_replica: float = 1.0,
+    ) -> "RayEngine":
         """Start ``replicas`` actors (on a new local Ray cluster unless ``address`` names one) and wait until loaded."""
         ray = require("ray", "ray")
         if not isinstance(replicas, int) or replicas < 1:
             raise RFError(f"--replicas must be a positive integer, got {replicas!r}")
         owns = not ray.is_initialized()
         if owns:
-            kwargs = {"address": address} if address else {"num_cpus": max(1, int(replicas * cpus_per_replica))}
+            kwargs = (
+                {"address": address} if address else {"num_cpus": max(1, int(replicas * cpus_per_replica))}
+            )
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
         actor = ray.remote(num_cpus=cpus_per_replica, max_restarts=0, max_concurrency=2)(Replica)
         actors = [actor.remote(engine, model_dir, checkpoint, device, jpeg_quality) for _ in range(replicas)]
@@ -168,13 +186,16 @@ class RayEngine:
                 self._mark_dead(session.replica)
                 self._place(session, self.least_loaded())
 
-    async def step(self, session: RaySession, switch: SetPrompt | None = None, *,
-                   raw: bool = False) -> ChunkResult | None:
+    async def step(
+        self, session: RaySession, switch: SetPrompt | None = None, *, raw: bool = False
+    ) -> ChunkResult | None:
         events = []
         snapshot = (session.chunks_made + 1) % self.snapshot_every == 0
         while True:
             try:
-                result, snap = await self.actors[session.replica].step.remote(session.sid, switch, raw, snapshot)
+                result, snap = await self.actors[session.replica].step.remote(
+                    session.sid, switch, raw, snapshot
+                )
                 break
             except Exception as exc:
                 if not self._died(exc):
@@ -209,11 +230,21 @@ class RayEngine:
                 self._mark_dead(session.replica)
         self.failovers += 1
         start = 0 if session.snapshot is None else session.snapshot.chunk_index
-        logger.warning("session %s: replica %d died; resumed on replica %d from chunk %d", session.sid, dead,
-                       session.replica, start)
-        return {"kind": "resumed", "reason": f"replica {dead} died", "replica": session.replica,
-                "from_chunk": start, "replayed_chunks": session.chunks_made - start,
-                "next_chunk": session.chunks_made}
+        logger.warning(
+            "session %s: replica %d died; resumed on replica %d from chunk %d",
+            session.sid,
+            dead,
+            session.replica,
+            start,
+        )
+        return {
+            "kind": "resumed",
+            "reason": f"replica {dead} died",
+            "replica": session.replica,
+            "from_chunk": start,
+            "replayed_chunks": session.chunks_made - start,
+            "next_chunk": session.chunks_made,
+        }
 
     def _mark_dead(self, replica: int) -> None:
         if self.alive[replica]:

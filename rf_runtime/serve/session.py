@@ -122,7 +122,9 @@ class Session:
     def __init__(self, ws, server, sid: str):
         self.ws, self.server, self.sid = ws, server, sid
         self.config, self.engine, self.metrics = server.config, server.engine, server.metrics
-        self.queue = OutQueue(self.config.queue_frames, self.config.max_events, self.metrics.frames_dropped.inc)
+        self.queue = OutQueue(
+            self.config.queue_frames, self.config.max_events, self.metrics.frames_dropped.inc
+        )
         self.producer: asyncio.Task | None = None
         self.pending: SetPrompt | None = None  # the prompt switch to apply before the next chunk
         self.last_activity = time.monotonic()  # the last client message, or the end of a stream
@@ -168,20 +170,32 @@ class Session:
 
     async def _handle(self, message: dict) -> None:
         if message.get("bytes") is not None:
-            raise ProtocolError("binary_not_accepted", "binary messages are not accepted: send JSON text messages")
+            raise ProtocolError(
+                "binary_not_accepted", "binary messages are not accepted: send JSON text messages"
+            )
         text = message.get("text") or ""
-        if len(text) > self.config.max_message_bytes or len(text.encode("utf-8")) > self.config.max_message_bytes:
-            raise ProtocolError("message_too_large", f"the message has more than {self.config.max_message_bytes} "
-                                                     "bytes: client messages are small JSON objects")
-        msg = parse_client_message(text, max_prompt_chars=self.config.max_prompt_chars,
-                                   max_frames=self.server.max_stream_frames)
+        if (
+            len(text) > self.config.max_message_bytes
+            or len(text.encode("utf-8")) > self.config.max_message_bytes
+        ):
+            raise ProtocolError(
+                "message_too_large",
+                f"the message has more than {self.config.max_message_bytes} "
+                "bytes: client messages are small JSON objects",
+            )
+        msg = parse_client_message(
+            text, max_prompt_chars=self.config.max_prompt_chars, max_frames=self.server.max_stream_frames
+        )
         if self.closing:
             return
         running = self.producer is not None and not self.producer.done()
         if isinstance(msg, Start):
             if running:
-                raise ProtocolError("already_started", "a stream is already running in this session: "
-                                                       "send {\"type\": \"stop\"} first, or switch its prompt")
+                raise ProtocolError(
+                    "already_started",
+                    "a stream is already running in this session: "
+                    'send {"type": "stop"} first, or switch its prompt',
+                )
             self.pending = None
             self.producer = asyncio.create_task(self._produce(msg))
         elif isinstance(msg, SetPrompt):
@@ -218,13 +232,21 @@ class Session:
                     await self.ws.send_text(item.text)
                     continue
                 if isinstance(item, Ended):
-                    await self.ws.send_text(event("ended", reason=item.reason, frames_sent=self.frames_sent,
-                                                  dropped_frames=self.queue.dropped_frames))
+                    await self.ws.send_text(
+                        event(
+                            "ended",
+                            reason=item.reason,
+                            frames_sent=self.frames_sent,
+                            dropped_frames=self.queue.dropped_frames,
+                        )
+                    )
                     continue
                 delay = item.due - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                await self.ws.send_bytes(pack_frame(item.jpeg, item.chunk, item.index, item.made, time.time()))
+                await self.ws.send_bytes(
+                    pack_frame(item.jpeg, item.chunk, item.index, item.made, time.time())
+                )
                 self.frames_sent += 1
                 self.metrics.frames_sent.inc()
         except asyncio.CancelledError:
@@ -237,7 +259,11 @@ class Session:
         while True:
             await asyncio.sleep(period)
             running = self.producer is not None and not self.producer.done()
-            if not running and not self.closing and time.monotonic() - self.last_activity > self.config.idle_seconds:
+            if (
+                not running
+                and not self.closing
+                and time.monotonic() - self.last_activity > self.config.idle_seconds
+            ):
                 self.closing = True
                 self._put(Ended("idle"))
                 self.queue.put(Close(1000, f"idle for {self.config.idle_seconds:g} s"))
@@ -266,9 +292,20 @@ class Session:
         handle = None
         try:
             handle = await engine.open(start.prompt, start.seed, start.num_frames)
-            self._send_event(event("started", session=self.sid, prompt=start.prompt, seed=start.seed,
-                                   paced=start.paced, num_frames=start.num_frames, fps=model.fps,
-                                   width=model.width, height=model.height, engine=engine.name))
+            self._send_event(
+                event(
+                    "started",
+                    session=self.sid,
+                    prompt=start.prompt,
+                    seed=start.seed,
+                    paced=start.paced,
+                    num_frames=start.num_frames,
+                    fps=model.fps,
+                    width=model.width,
+                    height=model.height,
+                    engine=engine.name,
+                )
+            )
             chunk_span = model.chunk_frames / model.fps  # one chunk's duration on screen
             anchor_t, anchor_f = None, 0  # the timeline: frame f is due at anchor_t + (f - anchor_f) / fps
             made = 0
@@ -290,11 +327,22 @@ class Session:
                         self.metrics.failovers.inc()
                     self._send_event(event(**extra))
                 if result.prompt_changed is not None:
-                    self._send_event(event("prompt_changed", prompt=result.prompt_changed, chunk=result.index))
-                self._send_event(event("chunk", index=result.index, start_frame=result.start_frame,
-                                       frames=result.num_frames, seconds=result.seconds,
-                                       denoise_seconds=result.denoise_seconds, decode_seconds=result.decode_seconds,
-                                       dropped_frames=self.queue.dropped_frames), droppable=True)
+                    self._send_event(
+                        event("prompt_changed", prompt=result.prompt_changed, chunk=result.index)
+                    )
+                self._send_event(
+                    event(
+                        "chunk",
+                        index=result.index,
+                        start_frame=result.start_frame,
+                        frames=result.num_frames,
+                        seconds=result.seconds,
+                        denoise_seconds=result.denoise_seconds,
+                        decode_seconds=result.decode_seconds,
+                        dropped_frames=self.queue.dropped_frames,
+                    ),
+                    droppable=True,
+                )
                 for i, jpeg in enumerate(result.jpegs):
                     f = result.start_frame + i
                     due = anchor_t + (f - anchor_f) / model.fps if start.paced else 0.0

@@ -18,8 +18,15 @@ from rf_runtime.errors import ConfigError
 KINDS = ("hashed", "umt5")
 
 
-def text_encoder_from_spec(spec: dict | None, where: str, *, model_dir: str | os.PathLike | None = None,
-                           bundle_dir: str | os.PathLike | None = None, runner=None, **umt5_options):
+def text_encoder_from_spec(
+    spec: dict | None,
+    where: str,
+    *,
+    model_dir: str | os.PathLike | None = None,
+    bundle_dir: str | os.PathLike | None = None,
+    runner=None,
+    **umt5_options,
+):
     """The encoder a ``text_encoder`` entry names.
 
     spec: ``{"kind": "hashed", "text_dim", "text_len", "seed"}`` or ``{"kind": "umt5", ...}``; a model
@@ -39,11 +46,18 @@ def text_encoder_from_spec(spec: dict | None, where: str, *, model_dir: str | os
     if kind == "umt5" and bundle_dir is not None:
         from rf_runtime.text.umt5_onnx import OnnxTextEncoder
 
-        return OnnxTextEncoder(runner, os.path.join(os.fspath(bundle_dir), spec["tokenizer"]), spec["text_len"])
+        return OnnxTextEncoder(
+            runner, os.path.join(os.fspath(bundle_dir), spec["tokenizer"]), spec["text_len"]
+        )
     if kind == "umt5" and model_dir is not None:
         from rf_runtime.text.umt5 import load_text_encoder
 
         return load_text_encoder(model_dir, **umt5_options)
-    fix = ("rebuild the bundle with `rf-export onnx`" if bundle_dir is not None
-           else "set text_encoder.kind to 'umt5' or 'hashed'")
-    raise ConfigError(f"{where}: text encoder kind {kind!r} is not supported; the kinds are {list(KINDS)}: {fix}")
+    fix = (
+        "rebuild the bundle with `rf-export onnx`"
+        if bundle_dir is not None
+        else "set text_encoder.kind to 'umt5' or 'hashed'"
+    )
+    raise ConfigError(
+        f"{where}: text encoder kind {kind!r} is not supported; the kinds are {list(KINDS)}: {fix}"
+    )

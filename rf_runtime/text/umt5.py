@@ -56,12 +56,18 @@ __all__ = [
 
 WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 WAN_TOKENIZER_DIR = os.path.join("google", "umt5-xxl")
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                   "pytorch_model.bin.index.json")
+HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
-EXPECTED_FILES = (f"either Wan's layout ({WAN_T5_FILE} + tokenizer directory {WAN_TOKENIZER_DIR}/), "
-                  f"or a Hugging Face umT5 encoder directory (config.json + {' or '.join(HF_WEIGHT_FILES)} "
-                  f"+ {' or '.join(TOKENIZER_FILES)}), or the diffusers layout (text_encoder/ + tokenizer/)")
+EXPECTED_FILES = (
+    f"either Wan's layout ({WAN_T5_FILE} + tokenizer directory {WAN_TOKENIZER_DIR}/), "
+    f"or a Hugging Face umT5 encoder directory (config.json + {' or '.join(HF_WEIGHT_FILES)} "
+    f"+ {' or '.join(TOKENIZER_FILES)}), or the diffusers layout (text_encoder/ + tokenizer/)"
+)
 
 _ENCODERS = {  # config.json model_type -> (config class, encoder class) in transformers
     "umt5": ("UMT5Config", "UMT5EncoderModel"),
@@ -93,18 +99,53 @@ _DOUBLE_QUOTES = re.compile("[\u201c-\u201f]")
 _ANSI_ESCAPE = re.compile("\033\\[((?:\\d|;)*)([a-zA-Z])")
 _SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_LIGATURES = str.maketrans({
-    "Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž", "ǆ": "dž",
-    "Ǉ": "LJ", "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj", "ǌ": "nj", "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl",
-    "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st",
-})
+_LIGATURES = str.maketrans(
+    {
+        "Ĳ": "IJ",
+        "ĳ": "ij",
+        "ŉ": "ʼn",
+        "Ǳ": "DZ",
+        "ǲ": "Dz",
+        "ǳ": "dz",
+        "Ǆ": "DŽ",
+        "ǅ": "Dž",
+        "ǆ": "dž",
+        "Ǉ": "LJ",
+        "ǈ": "Lj",
+        "ǉ": "lj",
+        "Ǌ": "NJ",
+        "ǋ": "Nj",
+        "ǌ": "nj",
+        "ﬀ": "ff",
+        "ﬁ": "fi",
+        "ﬂ": "fl",
+        "ﬃ": "ffi",
+        "ﬄ": "ffl",
+        "ﬅ": "ſt",
+        "ﬆ": "st",
+    }
+)
 _WIDTH = {0x3000: " "}
-_WIDTH.update({i: unicodedata.normalize("NFKC", chr(i)) for i in range(0xFF01, 0xFFF0)
-               if unicodedata.normalize("NFKC", chr(i)) != chr(i)})
+_WIDTH.update(
+    {
+        i: unicodedata.normalize("NFKC", chr(i))
+        for i in range(0xFF01, 0xFFF0)
+        if unicodedata.normalize("NFKC", chr(i)) != chr(i)
+    }
+)
 # C1 controls read as Windows-1252 (ftfy's "sloppy" codec keeps the 5 undefined bytes as they are)
 _C1 = {i: bytes([i]).decode("cp1252", errors="ignore") or chr(i) for i in range(0x80, 0xA0)}
-_CONTROL = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
-                          *range(0xFFF9, 0xFFFD)])
+_CONTROL = dict.fromkeys(
+    [
+        *range(0x00, 0x09),
+        0x0B,
+        *range(0x0E, 0x20),
+        0x7F,
+        *range(0x206A, 0x2070),
+        0xFEFF,
+        *range(0xFFF9, 0xFFFD),
+    ]
+)
 
 
 def _join_surrogates(m: re.Match) -> str:
@@ -147,8 +188,13 @@ def _fix_segment_lite(text: str, unescape: bool) -> str:
             text = _ENTITY.sub(_unescape_entity, text)
         text = text.translate(_C1).translate(_LIGATURES).translate(_WIDTH)
         text = _SINGLE_QUOTES.sub("'", _DOUBLE_QUOTES.sub('"', text))
-        text = (text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n")
-                .replace("\u2029", "\n").replace("\u0085", "\n"))
+        text = (
+            text.replace("\r\n", "\n")
+            .replace("\r", "\n")
+            .replace("\u2028", "\n")
+            .replace("\u2029", "\n")
+            .replace("\u0085", "\n")
+        )
         if _SURROGATE.search(text):
             text = _SURROGATE.sub("\ufffd", _SURROGATE_PAIR.sub(_join_surrogates, text))
         text = _ANSI_ESCAPE.sub("", text).translate(_CONTROL)
@@ -192,8 +238,10 @@ def clean_prompt(text: str, *, use_ftfy: bool | None = None) -> str:
             fix = ftfy.fix_text
         except ImportError as exc:
             if use_ftfy:
-                raise MissingDependencyError("use_ftfy=True needs ftfy, which is not installed: pip install ftfy "
-                                             "(or pass use_ftfy=None to fall back to the built-in cleaning)") from exc
+                raise MissingDependencyError(
+                    "use_ftfy=True needs ftfy, which is not installed: pip install ftfy "
+                    "(or pass use_ftfy=None to fall back to the built-in cleaning)"
+                ) from exc
     text = fix(text) if fix is not None else _fix_text_lite(text)
     text = html.unescape(html.unescape(text)).strip()
     return _WHITESPACE.sub(" ", text).strip()
@@ -264,25 +312,33 @@ def wan_to_hf_state_dict(state_dict: dict) -> dict:
             f"unexpected keys in Wan's T5 encoder state dict: {_listing(unknown)}; expected Wan's umT5 "
             "T5Encoder names (token_embedding, blocks.{i}.attn.{q,k,v,o}, blocks.{i}.norm1/norm2, "
             "blocks.{i}.ffn.{gate.0,fc1,fc2}, blocks.{i}.pos_embedding.embedding, norm): pass "
-            f"{WAN_T5_FILE} from a Wan2.1 release")
+            f"{WAN_T5_FILE} from a Wan2.1 release"
+        )
     return out
 
 
 def _wan_keys(num_layers: int) -> list[str]:
     """The key names of Wan's umT5 ``T5Encoder`` with ``num_layers`` blocks."""
     return ["token_embedding.weight", "norm.weight"] + [
-        f"blocks.{i}.{k}" for i in range(num_layers) for k in _WAN_BLOCK_KEYS]
+        f"blocks.{i}.{k}" for i in range(num_layers) for k in _WAN_BLOCK_KEYS
+    ]
 
 
 def _umt5_config_from_wan(sd: dict, source: str):
     """A ``UMT5Config`` with the sizes of Wan's T5 encoder weights (umt5-xxl: 4096 / 10240 / 64 / 24)."""
     transformers = require("transformers", "text")
-    need = ["token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.ffn.fc1.weight",
-            "blocks.0.pos_embedding.embedding.weight"]
+    need = [
+        "token_embedding.weight",
+        "blocks.0.attn.q.weight",
+        "blocks.0.ffn.fc1.weight",
+        "blocks.0.pos_embedding.embedding.weight",
+    ]
     missing = [k for k in need if k not in sd]
     if missing:
-        raise CheckpointError(f"{source}: missing keys {_listing(missing)}: this is not Wan's umT5 encoder "
-                              f"checkpoint ({WAN_T5_FILE}, T5Encoder with a relative position bias per layer)")
+        raise CheckpointError(
+            f"{source}: missing keys {_listing(missing)}: this is not Wan's umT5 encoder "
+            f"checkpoint ({WAN_T5_FILE}, T5Encoder with a relative position bias per layer)"
+        )
     vocab, dim = sd["token_embedding.weight"].shape
     dim_attn = sd["blocks.0.attn.q.weight"].shape[0]
     num_buckets, num_heads = sd["blocks.0.pos_embedding.embedding.weight"].shape
@@ -290,11 +346,22 @@ def _umt5_config_from_wan(sd: dict, source: str):
     if dim_attn % num_heads:
         raise CheckpointError(f"{source}: attention width {dim_attn} is not divisible by {num_heads} heads")
     return transformers.UMT5Config(
-        vocab_size=int(vocab), d_model=int(dim), d_kv=int(dim_attn // num_heads),
-        d_ff=int(sd["blocks.0.ffn.fc1.weight"].shape[0]), num_layers=num_layers, num_decoder_layers=num_layers,
-        num_heads=int(num_heads), relative_attention_num_buckets=int(num_buckets),
-        relative_attention_max_distance=128, dropout_rate=0.0, layer_norm_epsilon=1e-6,
-        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        vocab_size=int(vocab),
+        d_model=int(dim),
+        d_kv=int(dim_attn // num_heads),
+        d_ff=int(sd["blocks.0.ffn.fc1.weight"].shape[0]),
+        num_layers=num_layers,
+        num_decoder_layers=num_layers,
+        num_heads=int(num_heads),
+        relative_attention_num_buckets=int(num_buckets),
+        relative_attention_max_distance=128,
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
 
 
 def _torch_load(path: str) -> dict:
@@ -354,19 +421,29 @@ def _build_encoder(model_cls, config, sd: dict, dtype, device, source: str):
         model = model_cls(config)
     expected = model.state_dict()
     # the input embedding is tied to ``shared``; checkpoints may hold either name
-    for a, b in (("shared.weight", "encoder.embed_tokens.weight"), ("encoder.embed_tokens.weight", "shared.weight")):
+    for a, b in (
+        ("shared.weight", "encoder.embed_tokens.weight"),
+        ("encoder.embed_tokens.weight", "shared.weight"),
+    ):
         if a in sd and b not in sd and b in expected:
             sd[b] = sd[a]
     missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
     if missing or unexpected:
-        parts = ([f"missing keys: {_listing(missing)}"] if missing else []) + \
-                ([f"unexpected keys: {_listing(unexpected)}"] if unexpected else [])
-        raise CheckpointError(f"{source} does not match a {type(model).__name__} with {config.num_layers} layers "
-                              f"and d_model={config.d_model}: {'; '.join(parts)}. Check that config.json "
-                              "describes these weights")
-    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
+        parts = ([f"missing keys: {_listing(missing)}"] if missing else []) + (
+            [f"unexpected keys: {_listing(unexpected)}"] if unexpected else []
+        )
+        raise CheckpointError(
+            f"{source} does not match a {type(model).__name__} with {config.num_layers} layers "
+            f"and d_model={config.d_model}: {'; '.join(parts)}. Check that config.json "
+            "describes these weights"
+        )
+    bad = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape
+    ]
     if bad:
-        raise CheckpointError(f"{source}: shapes do not match the config (checkpoint vs model): {_listing(bad, 4)}")
+        raise CheckpointError(
+            f"{source}: shapes do not match the config (checkpoint vs model): {_listing(bad, 4)}"
+        )
     converted: dict[int, Any] = {}  # convert each tensor once, so tied weights stay one tensor
     for k, v in sd.items():
         if id(v) not in converted:
@@ -382,8 +459,10 @@ def _build_encoder(model_cls, config, sd: dict, dtype, device, source: str):
 def _load_tokenizer(tokenizer_dir: str):
     transformers = require("transformers", "text")
     if not any(os.path.isfile(os.path.join(tokenizer_dir, f)) for f in TOKENIZER_FILES):
-        raise CheckpointError(f"no tokenizer in {tokenizer_dir}: expected {' or '.join(TOKENIZER_FILES)} "
-                              "(the google/umt5-xxl tokenizer files)")
+        raise CheckpointError(
+            f"no tokenizer in {tokenizer_dir}: expected {' or '.join(TOKENIZER_FILES)} "
+            "(the google/umt5-xxl tokenizer files)"
+        )
     try:
         return transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     except Exception as exc:
@@ -397,7 +476,9 @@ def _resolve_dtype(dtype):
         return dtype
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         return getattr(torch, dtype)
-    raise ConfigError(f"dtype must be a torch dtype or its name ('float32', 'bfloat16', 'float16'), got {dtype!r}")
+    raise ConfigError(
+        f"dtype must be a torch dtype or its name ('float32', 'bfloat16', 'float16'), got {dtype!r}"
+    )
 
 
 def _has_tokenizer(d: str) -> bool:
@@ -422,11 +503,15 @@ def _find_layout(path: str) -> tuple[str, str, str]:
     if os.path.isfile(path) and path.endswith(".pth"):
         tok = os.path.join(os.path.dirname(path), WAN_TOKENIZER_DIR)
         if not os.path.isdir(tok):
-            raise CheckpointError(f"no tokenizer next to {path}: expected the directory {tok} "
-                                  "(spiece.model / tokenizer.json of google/umt5-xxl)")
+            raise CheckpointError(
+                f"no tokenizer next to {path}: expected the directory {tok} "
+                "(spiece.model / tokenizer.json of google/umt5-xxl)"
+            )
         return "wan", path, tok
     if not os.path.isdir(path):
-        raise CheckpointError(f"text encoder directory {path} does not exist: expected a directory with {EXPECTED_FILES}")
+        raise CheckpointError(
+            f"text encoder directory {path} does not exist: expected a directory with {EXPECTED_FILES}"
+        )
     wan = os.path.join(path, WAN_T5_FILE)
     if os.path.isfile(wan):
         tok = os.path.join(path, WAN_TOKENIZER_DIR)
@@ -434,8 +519,10 @@ def _find_layout(path: str) -> tuple[str, str, str]:
             return "wan", wan, tok
         if _has_tokenizer(path):
             return "wan", wan, path
-        raise CheckpointError(f"{path} has {WAN_T5_FILE} but no tokenizer: expected the directory {tok} "
-                              "(spiece.model / tokenizer.json of google/umt5-xxl), as in the Wan2.1 release")
+        raise CheckpointError(
+            f"{path} has {WAN_T5_FILE} but no tokenizer: expected the directory {tok} "
+            "(spiece.model / tokenizer.json of google/umt5-xxl), as in the Wan2.1 release"
+        )
     if _hf_model_type(path):
         return "hf", path, path
     sub, tok = os.path.join(path, "text_encoder"), os.path.join(path, "tokenizer")
@@ -451,10 +538,14 @@ class UMT5TextEncoder(TextEncoder):
         text_len = as_int(text_len, "text_len", minimum=1, error=ConfigError, hint="512 for Wan2.1")
         n_tokens, vocab = len(tokenizer), model.config.vocab_size
         if n_tokens > vocab:
-            raise ConfigError(f"the tokenizer has {n_tokens} tokens but the encoder embeds only {vocab}: "
-                              "pair the encoder with its own tokenizer (google/umt5-xxl for Wan2.1)")
+            raise ConfigError(
+                f"the tokenizer has {n_tokens} tokens but the encoder embeds only {vocab}: "
+                "pair the encoder with its own tokenizer (google/umt5-xxl for Wan2.1)"
+            )
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-            raise ConfigError("the tokenizer defines no pad or EOS token: use the google/umt5-xxl tokenizer files")
+            raise ConfigError(
+                "the tokenizer defines no pad or EOS token: use the google/umt5-xxl tokenizer files"
+            )
         self.model, self.tokenizer, self.text_len = model, tokenizer, text_len
         self.text_dim = int(model.config.d_model)
 
@@ -467,8 +558,14 @@ class UMT5TextEncoder(TextEncoder):
         return self.model.shared.weight.dtype
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, text_len: int = 512, device="cpu", dtype=None,
-                        attn_implementation: str = "sdpa") -> "UMT5TextEncoder":
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        text_len: int = 512,
+        device="cpu",
+        dtype=None,
+        attn_implementation: str = "sdpa",
+    ) -> "UMT5TextEncoder":
         """Load from a local directory (Wan's layout, an HF encoder, or diffusers' layout) or a Wan ``.pth``.
 
         dtype: the weights' dtype (default float32; bfloat16 halves the memory of umT5-XXL, ~11 GB).
@@ -487,8 +584,10 @@ class UMT5TextEncoder(TextEncoder):
             config = _umt5_config_from_wan(raw, weights)
             missing = set(_wan_keys(config.num_layers)) - set(raw)
             if missing:
-                raise CheckpointError(f"{weights}: missing keys {_listing(missing)} of Wan's {config.num_layers}-layer "
-                                      f"umT5 encoder: the file is incomplete or not {WAN_T5_FILE}")
+                raise CheckpointError(
+                    f"{weights}: missing keys {_listing(missing)} of Wan's {config.num_layers}-layer "
+                    f"umT5 encoder: the file is incomplete or not {WAN_T5_FILE}"
+                )
             sd = wan_to_hf_state_dict(raw)
             model_cls = transformers.UMT5EncoderModel
         else:
@@ -502,8 +601,11 @@ class UMT5TextEncoder(TextEncoder):
                 raise CheckpointError(f"{config_path} is not a valid {config_name}: {exc}") from exc
             model_cls = getattr(transformers, model_name)
             # an encoder-decoder checkpoint also holds the decoder and LM head: not needed here
-            sd = {k: v for k, v in _read_hf_weights(weights).items()
-                  if not k.startswith(("decoder.", "lm_head."))}
+            sd = {
+                k: v
+                for k, v in _read_hf_weights(weights).items()
+                if not k.startswith(("decoder.", "lm_head."))
+            }
         config.dropout_rate = 0.0
         config._attn_implementation = attn_implementation
         model = _build_encoder(model_cls, config, sd, dtype, device, weights)
@@ -512,8 +614,15 @@ class UMT5TextEncoder(TextEncoder):
     def tokenize(self, prompts: list[str]) -> tuple["torch.Tensor", "torch.Tensor"]:
         """Cleaned prompts -> (ids, mask), both ``[B, text_len]`` int64: EOS appended, truncated, padded."""
         cleaned = clean_prompts(prompts)
-        out = self.tokenizer(cleaned, padding="max_length", truncation=True, max_length=self.text_len,
-                             add_special_tokens=True, return_tensors="pt", return_attention_mask=True)
+        out = self.tokenizer(
+            cleaned,
+            padding="max_length",
+            truncation=True,
+            max_length=self.text_len,
+            add_special_tokens=True,
+            return_tensors="pt",
+            return_attention_mask=True,
+        )
         return out["input_ids"], out["attention_mask"]
 
     def encode(self, prompts: list[str]) -> "torch.Tensor":

@@ -31,22 +31,30 @@ class OnnxTextEncoder:
         tokenizers = require("tokenizers", "cpu")
         path = os.path.join(tokenizer_dir, "tokenizer.json")
         if not os.path.isfile(path):
-            raise ConfigError(f"{path} is missing: the bundle's umT5 tokenizer is incomplete; rebuild the bundle with "
-                              "`rf-export onnx --model-dir MODEL_DIR --out BUNDLE`")
+            raise ConfigError(
+                f"{path} is missing: the bundle's umT5 tokenizer is incomplete; rebuild the bundle with "
+                "`rf-export onnx --model-dir MODEL_DIR --out BUNDLE`"
+            )
         self.tokenizer = tokenizers.Tokenizer.from_file(path)
         pad_id = self.tokenizer.token_to_id("<pad>")
         if pad_id is None or self.tokenizer.token_to_id("</s>") is None:
             raise ConfigError(f"{path} defines no <pad> or </s> token: it is not the umT5 tokenizer")
         self.tokenizer.enable_truncation(max_length=text_len)  # the post-processor's EOS is kept
         self.tokenizer.enable_padding(length=text_len, pad_id=pad_id, pad_token="<pad>")
-        self.runner = graph if isinstance(graph, Runner) else OnnxRuntimeRunner(graph, device=device, name="text_encoder")
+        self.runner = (
+            graph
+            if isinstance(graph, Runner)
+            else OnnxRuntimeRunner(graph, device=device, name="text_encoder")
+        )
         if not self.runner.is_active:
             self.runner.activate()
         spec = self.runner.graph
         self.text_len, self.text_dim = int(text_len), int(spec.outputs[0].shape[-1])
         if list(spec.inputs[0].shape) != [1, self.text_len]:
-            raise ConfigError(f"the text encoder graph takes {list(spec.inputs[0].shape)} tokens but the manifest says "
-                              f"text_len={text_len}: rebuild the bundle")
+            raise ConfigError(
+                f"the text encoder graph takes {list(spec.inputs[0].shape)} tokens but the manifest says "
+                f"text_len={text_len}: rebuild the bundle"
+            )
 
     def tokenize(self, prompts) -> tuple[np.ndarray, np.ndarray]:
         """Prompts -> (ids, mask), both [B, text_len] int64, as the torch encoder's ``tokenize``."""
@@ -59,6 +67,10 @@ class OnnxTextEncoder:
     def encode(self, prompts) -> np.ndarray:
         """Prompts -> [B, text_len, text_dim] float32, padding positions 0.0."""
         ids, mask = self.tokenize(prompts)
-        out = [self.runner.infer({"input_ids": ids[b:b + 1], "attention_mask": mask[b:b + 1]})["text_embeds"].copy()
-               for b in range(len(ids))]  # copied: infer's outputs are overwritten by the next call
+        out = [
+            self.runner.infer({"input_ids": ids[b : b + 1], "attention_mask": mask[b : b + 1]})[
+                "text_embeds"
+            ].copy()
+            for b in range(len(ids))
+        ]  # copied: infer's outputs are overwritten by the next call
         return np.concatenate(out).astype(np.float32, copy=False)

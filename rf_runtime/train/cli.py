@@ -22,20 +22,34 @@ from rf_runtime.errors import RFError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rf-train", description="Re-DMD training of a causal Reward Forcing student "
-                                "(Self-Forcing rollouts, reward-weighted DMD, EMA-Sink cache).")
+    p = argparse.ArgumentParser(
+        prog="rf-train",
+        description="Re-DMD training of a causal Reward Forcing student "
+        "(Self-Forcing rollouts, reward-weighted DMD, EMA-Sink cache).",
+    )
     from rf_runtime.cli import add_version
 
     add_version(p)
-    p.add_argument("--config", required=True, help="YAML or JSON training config (see configs/tiny_redmd.yaml)")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from a checkpoint: PATH, or without a value the newest one in output_dir")
+    p.add_argument(
+        "--config", required=True, help="YAML or JSON training config (see configs/tiny_redmd.yaml)"
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from a checkpoint: PATH, or without a value the newest one in output_dir",
+    )
     p.add_argument("--steps", type=int, help="train until this step (overrides the config's 'steps')")
     p.add_argument("--output-dir", help="overrides the config's 'output_dir'")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's 'device'")
-    p.add_argument("--measure-reward", type=int, metavar="BATCHES",
-                   help="do not train: print the reward's mean/std/min/max on BATCHES batches of the student's "
-                        "samples (fully denoised), e.g. to set reward.motion.mean and std")
+    p.add_argument(
+        "--measure-reward",
+        type=int,
+        metavar="BATCHES",
+        help="do not train: print the reward's mean/std/min/max on BATCHES batches of the student's "
+        "samples (fully denoised), e.g. to set reward.motion.mean and std",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -73,36 +87,61 @@ def _train(args) -> int:
     if args.resume:
         path = latest_checkpoint(config.output_dir) if args.resume == "latest" else args.resume
         if path is None:
-            raise RFError(f"--resume: no checkpoint in {config.output_dir}; run without --resume to start training")
+            raise RFError(
+                f"--resume: no checkpoint in {config.output_dir}; run without --resume to start training"
+            )
         trainer.load_checkpoint(path)
     if trainer.step >= config.steps:
-        raise RFError(f"nothing to train: the run is at step {trainer.step} and 'steps' is {config.steps}; "
-                      "pass --steps N with N above it (no checkpoint was written)")
-    bar = tqdm(total=config.steps, initial=trainer.step, unit="step", file=sys.stderr,
-               disable=args.quiet or not ctx.is_main)
+        raise RFError(
+            f"nothing to train: the run is at step {trainer.step} and 'steps' is {config.steps}; "
+            "pass --steps N with N above it (no checkpoint was written)"
+        )
+    bar = tqdm(
+        total=config.steps,
+        initial=trainer.step,
+        unit="step",
+        file=sys.stderr,
+        disable=args.quiet or not ctx.is_main,
+    )
     last, written = None, []
     with _stop_at_step_boundary(trainer):
         try:
             for record in trainer.train(on_checkpoint=written.append):
                 bar.update(1)
-                shown = {k: f"{v:.4g}" for k, v in record.values.items()
-                         if k in ("critic_loss", "generator_loss", "reward_mean")}
+                shown = {
+                    k: f"{v:.4g}"
+                    for k, v in record.values.items()
+                    if k in ("critic_loss", "generator_loss", "reward_mean")
+                }
                 bar.set_postfix(shown)
                 last = record
-        except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM: the step under way is not complete, so not saved
+        except (
+            KeyboardInterrupt
+        ):  # a second Ctrl-C / SIGTERM: the step under way is not complete, so not saved
             bar.close()
-            kept = f"continue from {written[-1]} with --resume" if written else "no checkpoint of this run was written"
-            print(f"interrupted again during step {trainer.step + 1}: that step was not saved; {kept}", file=sys.stderr)
+            kept = (
+                f"continue from {written[-1]} with --resume"
+                if written
+                else "no checkpoint of this run was written"
+            )
+            print(
+                f"interrupted again during step {trainer.step + 1}: that step was not saved; {kept}",
+                file=sys.stderr,
+            )
             return 130
     bar.close()
     if trainer.stopped:
         if ctx.is_main:
-            print(f"interrupted: stopped after step {trainer.step} and saved {written[-1]}; continue with --resume",
-                  file=sys.stderr)
+            print(
+                f"interrupted: stopped after step {trainer.step} and saved {written[-1]}; continue with --resume",
+                file=sys.stderr,
+            )
         return 130
     if ctx.is_main:
-        print(f"trained to step {trainer.step}; checkpoint {written[-1]}; log {os.path.join(config.output_dir, 'log.jsonl')}"
-              + (f"; last critic loss {last.values.get('critic_loss'):.4g}" if last else ""))
+        print(
+            f"trained to step {trainer.step}; checkpoint {written[-1]}; log {os.path.join(config.output_dir, 'log.jsonl')}"
+            + (f"; last critic loss {last.values.get('critic_loss'):.4g}" if last else "")
+        )
     if ctx.distributed:
         import torch.distributed as dist
 
@@ -114,6 +153,7 @@ def _train(args) -> int:
 def _stop_at_step_boundary(trainer):
     """While training: the first SIGINT / SIGTERM asks the trainer to stop after the step under way (it
     saves a checkpoint there, so a resume never repeats half a step); a second one interrupts at once."""
+
     def first(signum, frame):
         trainer.request_stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -142,15 +182,21 @@ def _check_output_dir(output_dir: str, resuming: bool) -> None:
     try:
         os.makedirs(output_dir, exist_ok=True)
     except OSError as exc:
-        raise RFError(f"cannot create output_dir {output_dir} ({exc.strerror}): set 'output_dir' in the config "
-                      "or --output-dir to a folder you can write to") from exc
+        raise RFError(
+            f"cannot create output_dir {output_dir} ({exc.strerror}): set 'output_dir' in the config "
+            "or --output-dir to a folder you can write to"
+        ) from exc
     if not os.access(output_dir, os.W_OK | os.X_OK):
-        raise RFError(f"output_dir {output_dir} is not writable: set 'output_dir' or --output-dir to a folder "
-                      "you can write to")
+        raise RFError(
+            f"output_dir {output_dir} is not writable: set 'output_dir' or --output-dir to a folder "
+            "you can write to"
+        )
     existing = latest_checkpoint(output_dir)
     if existing and not resuming:
-        raise RFError(f"output_dir {output_dir} already holds a run ({os.path.basename(existing)}): pass --resume "
-                      "to continue it, or --output-dir NEW_DIR to start a new run")
+        raise RFError(
+            f"output_dir {output_dir} already holds a run ({os.path.basename(existing)}): pass --resume "
+            "to continue it, or --output-dir NEW_DIR to start a new run"
+        )
 
 
 if __name__ == "__main__":

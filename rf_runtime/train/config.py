@@ -35,7 +35,9 @@ class VideoAlignConfig:
 class RewardConfig:
     kind: str = "videoalign"  # videoalign | motion | none (plain DMD)
     beta: float = 0.5  # w = exp(r / beta) / Z; the release's exp(2 r) is beta = 1/2
-    normalize: bool = False  # False: Z = 1 (release, batch 1 per GPU); True: Z = mean of exp(r/beta) over the global batch
+    normalize: bool = (
+        False  # False: Z = 1 (release, batch 1 per GPU); True: Z = mean of exp(r/beta) over the global batch
+    )
     motion: MotionRewardConfig = field(default_factory=MotionRewardConfig)
     videoalign: VideoAlignConfig = field(default_factory=VideoAlignConfig)
 
@@ -77,8 +79,12 @@ class TrainConfig:
     prompts: str  # text file, one prompt per line
     output_dir: str  # checkpoints and logs go here
     critic: str | None = None  # model directory the critic (fake score) starts from; default: teacher
-    student: str | None = None  # model directory of the student (DiT, VAE, text encoder, model card); default: teacher
-    student_checkpoint: str | None = None  # student weights on top of its directory (e.g. an ODE-init or training checkpoint)
+    student: str | None = (
+        None  # model directory of the student (DiT, VAE, text encoder, model card); default: teacher
+    )
+    student_checkpoint: str | None = (
+        None  # student weights on top of its directory (e.g. an ODE-init or training checkpoint)
+    )
     negative_prompt: str = ""  # the teacher's CFG negative; "" = no text (all-zero embeddings)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
@@ -86,7 +92,9 @@ class TrainConfig:
     stream: StreamConfig = field(default_factory=StreamConfig)
     num_frames: int = 21  # latent frames per rollout (21 = 7 chunks)
     fold_in_training: bool = False  # True: EMA-Sink folds happen in training rollouts (see train.rollout)
-    resolution: tuple[int, int] | None = None  # video height, width; default: the student's model card, else 480x832
+    resolution: tuple[int, int] | None = (
+        None  # video height, width; default: the student's model card, else 480x832
+    )
     batch_size: int = 1  # global batch (split over ranks)
     micro_batch_size: int | None = None  # per process, for gradient accumulation; None: the whole local batch
     steps: int = 600  # training steps; each step is a critic update, every Nth also a generator update
@@ -103,17 +111,29 @@ class TrainConfig:
             if not getattr(self, name):
                 raise ConfigError(f"'{name}' is required: set it in the config file")
         check = [
-            (self.reward.kind in ("videoalign", "motion", "none"), "reward.kind", "'videoalign', 'motion' or 'none'"),
+            (
+                self.reward.kind in ("videoalign", "motion", "none"),
+                "reward.kind",
+                "'videoalign', 'motion' or 'none'",
+            ),
             (self.reward.beta > 0, "reward.beta", "a number > 0"),
             (self.reward.motion.std > 0, "reward.motion.std", "a number > 0"),
             (self.num_frames > 0, "num_frames", "a positive multiple of the chunk size"),
             (self.batch_size > 0, "batch_size", "a positive integer"),
-            (self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size", "a positive integer or null"),
+            (
+                self.micro_batch_size is None or self.micro_batch_size > 0,
+                "micro_batch_size",
+                "a positive integer or null",
+            ),
             (self.steps >= 0, "steps", "an integer >= 0"),
             (self.log_every > 0, "log_every", "a positive integer"),
             (self.checkpoint_every > 0, "checkpoint_every", "a positive integer"),
             (self.keep_checkpoints >= 0, "keep_checkpoints", "an integer >= 0"),
-            (self.optim.critic_updates_per_generator > 0, "optim.critic_updates_per_generator", "a positive integer"),
+            (
+                self.optim.critic_updates_per_generator > 0,
+                "optim.critic_updates_per_generator",
+                "a positive integer",
+            ),
             (0 <= self.optim.ema_weight < 1, "optim.ema_weight", "a number in [0, 1)"),
             (self.optim.lr >= 0 and self.optim.critic_lr >= 0, "optim.lr / optim.critic_lr", "numbers >= 0"),
             (self.optim.grad_clip > 0, "optim.grad_clip", "a number > 0"),
@@ -130,19 +150,27 @@ class TrainConfig:
         for key in ("teacher", "critic", "student"):
             path = getattr(self, key)
             if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
-                raise ConfigError(f"config key '{key}': {path} is not a model directory (no config.json there); "
-                                  "point it to a Wan2.1-style directory, e.g. one made by "
-                                  "`python -m rf_runtime.testing DIR`")
+                raise ConfigError(
+                    f"config key '{key}': {path} is not a model directory (no config.json there); "
+                    "point it to a Wan2.1-style directory, e.g. one made by "
+                    "`python -m rf_runtime.testing DIR`"
+                )
         if self.student_checkpoint is not None and not os.path.isfile(self.student_checkpoint):
             raise ConfigError(f"config key 'student_checkpoint': {self.student_checkpoint} does not exist")
         if not os.path.isfile(self.prompts):
-            raise ConfigError(f"config key 'prompts': {self.prompts} does not exist; give a text file with one prompt per line")
+            raise ConfigError(
+                f"config key 'prompts': {self.prompts} does not exist; give a text file with one prompt per line"
+            )
         if self.reward.kind == "videoalign" and not self.reward.videoalign.model_dir:
-            raise ConfigError("reward.kind is 'videoalign' but reward.videoalign.model_dir is not set: point it to the "
-                              "VideoAlign directory, or use reward.kind 'motion' or 'none'")
+            raise ConfigError(
+                "reward.kind is 'videoalign' but reward.videoalign.model_dir is not set: point it to the "
+                "VideoAlign directory, or use reward.kind 'motion' or 'none'"
+            )
         if self.reward.kind == "videoalign" and not os.path.isdir(self.reward.videoalign.model_dir):
-            raise ConfigError(f"config key 'reward.videoalign.model_dir': {self.reward.videoalign.model_dir} "
-                              "is not a directory")
+            raise ConfigError(
+                f"config key 'reward.videoalign.model_dir': {self.reward.videoalign.model_dir} "
+                "is not a directory"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -152,13 +180,28 @@ class TrainConfig:
 # Reading and type checking
 # --------------------------------------------------------------------------------------------
 
-_PATH_KEYS = {"teacher", "prompts", "output_dir", "critic", "student", "student_checkpoint", "reward.videoalign.model_dir"}
+_PATH_KEYS = {
+    "teacher",
+    "prompts",
+    "output_dir",
+    "critic",
+    "student",
+    "student_checkpoint",
+    "reward.videoalign.model_dir",
+}
 
 
 def _build(cls, raw: dict):
     """The typed reader every file format shares (rf_runtime.schema): names the bad key and its type."""
-    return parse(cls, raw, where="", error=ConfigError, what="config key", yaml_numbers=True,
-                 hint="fix it in the config file")
+    return parse(
+        cls,
+        raw,
+        where="",
+        error=ConfigError,
+        what="config key",
+        yaml_numbers=True,
+        hint="fix it in the config file",
+    )
 
 
 def _resolve_paths(raw: dict, base: str) -> dict:
@@ -181,8 +224,10 @@ def _resolve_paths(raw: dict, base: str) -> dict:
 def config_from_dict(raw: dict, base_dir: str | None = None) -> TrainConfig:
     """Build and validate a TrainConfig from a plain dict (paths relative to ``base_dir``)."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"a training config must be a mapping of keys to values, got {type(raw).__name__}: "
-                          "write one 'key: value' per line (see configs/tiny_redmd.yaml)")
+        raise ConfigError(
+            f"a training config must be a mapping of keys to values, got {type(raw).__name__}: "
+            "write one 'key: value' per line (see configs/tiny_redmd.yaml)"
+        )
     if base_dir is not None:
         raw = _resolve_paths(raw, base_dir)
     return _build(TrainConfig, raw)
@@ -192,12 +237,16 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Train
     """Read a YAML (``.yaml``/``.yml``) or JSON config file; ``overrides`` replace top-level keys."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} {'is a directory' if os.path.isdir(path) else 'does not exist'}")
+        raise ConfigError(
+            f"config file {path} {'is a directory' if os.path.isdir(path) else 'does not exist'}"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason}): give a YAML or JSON file") from exc
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text ({exc.reason}): give a YAML or JSON file"
+        ) from exc
     yaml = require("yaml", "train") if path.endswith((".yaml", ".yml")) else None
     try:
         if yaml is not None:
@@ -209,7 +258,9 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Train
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of keys to values, it holds a {type(raw).__name__}: write one "
-                          "'key: value' per line (see configs/tiny_redmd.yaml)")
+        raise ConfigError(
+            f"{path} must hold a mapping of keys to values, it holds a {type(raw).__name__}: write one "
+            "'key: value' per line (see configs/tiny_redmd.yaml)"
+        )
     raw = {**raw, **(overrides or {})}
     return config_from_dict(raw, os.path.dirname(os.path.abspath(path)))

@@ -45,8 +45,10 @@ class DMDSettings:
         if not self.timestep_shift > 0:
             raise ConfigError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         if not 0 <= self.min_timestep < self.max_timestep <= self.num_train_timesteps:
-            raise ConfigError(f"need 0 <= min_timestep < max_timestep <= {self.num_train_timesteps}, got "
-                              f"{self.min_timestep}, {self.max_timestep}")
+            raise ConfigError(
+                f"need 0 <= min_timestep < max_timestep <= {self.num_train_timesteps}, got "
+                f"{self.min_timestep}, {self.max_timestep}"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,7 +62,9 @@ def shift_timestep(t: torch.Tensor, shift: float, n: int = 1000) -> torch.Tensor
     return n * shift * u / (1 + (shift - 1) * u)
 
 
-def sample_timesteps(batch: int, settings: DMDSettings, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_timesteps(
+    batch: int, settings: DMDSettings, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One DMD timestep per sample: t ~ U{0, ..., n-1}, shifted, clamped to [min, max]. -> [B] float32 (CPU)."""
     n = settings.num_train_timesteps
     t = torch.randint(0, n, (batch,), generator=generator).to(torch.float32)
@@ -137,8 +141,14 @@ def reward_weights(reward: torch.Tensor, beta: float, normalize: bool, z: torch.
         w = torch.exp(r / beta) / z
     else:
         w = torch.exp(r / beta)
-    logs = {"reward_mean": r.mean(), "reward_std": r.std(unbiased=False), "reward_min": r.min(),
-            "reward_max": r.max(), "weight_mean": w.mean(), "weight_max": w.max()}
+    logs = {
+        "reward_mean": r.mean(),
+        "reward_std": r.std(unbiased=False),
+        "reward_min": r.min(),
+        "reward_max": r.max(),
+        "weight_mean": w.mean(),
+        "weight_max": w.max(),
+    }
     return w.to(torch.float32), logs
 
 

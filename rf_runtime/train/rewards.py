@@ -35,7 +35,9 @@ class RewardModel(ABC):
         if frames.ndim != 5 or frames.shape[2] != 3:
             raise InputError(f"frames must be [B, T, 3, H, W] in [0, 1], got {tuple(frames.shape)}")
         if len(prompts) != frames.shape[0]:
-            raise InputError(f"{len(prompts)} prompts for {frames.shape[0]} videos: pass one prompt per video")
+            raise InputError(
+                f"{len(prompts)} prompts for {frames.shape[0]} videos: pass one prompt per video"
+            )
         with torch.no_grad():
             return self.score(frames.detach(), list(prompts)).detach().to(torch.float32)
 
@@ -78,8 +80,10 @@ VIDEOALIGN_CARD = "videoalign.json"
 REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2-VL's image processor defaults
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DEFAULT_TEMPLATE = ("Rate the generated video. Prompt: {text_prompt}\n"
-                    "Visual quality: <|VQ_reward|>\nMotion quality: <|MQ_reward|>\nText alignment: <|TA_reward|>")
+DEFAULT_TEMPLATE = (
+    "Rate the generated video. Prompt: {text_prompt}\n"
+    "Visual quality: <|VQ_reward|>\nMotion quality: <|MQ_reward|>\nText alignment: <|TA_reward|>"
+)
 
 
 def qwen2vl_video_patches(video: torch.Tensor, patch_size: int, temporal_patch_size: int, merge_size: int):
@@ -90,9 +94,13 @@ def qwen2vl_video_patches(video: torch.Tensor, patch_size: int, temporal_patch_s
     """
     t, c, h, w = video.shape
     if h % (patch_size * merge_size) or w % (patch_size * merge_size):
-        raise ConfigError(f"frame size {h}x{w} must be a multiple of patch_size*merge_size = {patch_size * merge_size}")
+        raise ConfigError(
+            f"frame size {h}x{w} must be a multiple of patch_size*merge_size = {patch_size * merge_size}"
+        )
     if t % temporal_patch_size:
-        video = torch.cat([video, video[-1:].expand(temporal_patch_size - t % temporal_patch_size, -1, -1, -1)])
+        video = torch.cat(
+            [video, video[-1:].expand(temporal_patch_size - t % temporal_patch_size, -1, -1, -1)]
+        )
     gt, gh, gw = video.shape[0] // temporal_patch_size, h // patch_size, w // patch_size
     m = merge_size
     x = video.reshape(gt, temporal_patch_size, c, gh // m, m, patch_size, gw // m, m, patch_size)
@@ -120,9 +128,17 @@ class VideoAlignReward(RewardModel):
 
     name = "videoalign"
 
-    def __init__(self, model_dir: str | os.PathLike, *, output: str = "MQ", device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, height: int = 336, width: int = 588,
-                 pixel_range: str = "release"):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        output: str = "MQ",
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        height: int = 336,
+        width: int = 588,
+        pixel_range: str = "release",
+    ):
         transformers = require("transformers", "text")
         from safetensors.torch import load_file
 
@@ -131,8 +147,10 @@ class VideoAlignReward(RewardModel):
         head_path = os.path.join(model_dir, "rm_head.safetensors")
         for path, what in ((card_path, "the normalisation card"), (head_path, "the reward head")):
             if not os.path.isfile(path):
-                raise CheckpointError(f"{path} not found ({what}): a VideoAlign directory holds a merged Qwen2-VL "
-                                      f"model, rm_head.safetensors and {VIDEOALIGN_CARD} (see rf_runtime.train.rewards)")
+                raise CheckpointError(
+                    f"{path} not found ({what}): a VideoAlign directory holds a merged Qwen2-VL "
+                    f"model, rm_head.safetensors and {VIDEOALIGN_CARD} (see rf_runtime.train.rewards)"
+                )
         if output not in ("VQ", "MQ", "TA"):
             raise ConfigError(f"VideoAlign output must be 'VQ', 'MQ' or 'TA', got {output!r}")
         if pixel_range not in ("release", "unit"):
@@ -141,11 +159,15 @@ class VideoAlignReward(RewardModel):
             card = json.load(f)
         missing = [k for k in (f"{output}_mean", f"{output}_std") if k not in card]
         if missing:
-            raise ConfigError(f"{card_path} lacks {missing}: VideoAlign's rewards are normalised by its own mean/std")
+            raise ConfigError(
+                f"{card_path} lacks {missing}: VideoAlign's rewards are normalised by its own mean/std"
+            )
         self.mean, self.std = float(card[f"{output}_mean"]), float(card[f"{output}_std"])
         self.template = card.get("prompt_template", DEFAULT_TEMPLATE)
         if "{text_prompt}" not in self.template or any(tok not in self.template for tok in REWARD_TOKENS):
-            raise ConfigError(f"{card_path}: prompt_template must contain {{text_prompt}} and the tokens {REWARD_TOKENS}")
+            raise ConfigError(
+                f"{card_path}: prompt_template must contain {{text_prompt}} and the tokens {REWARD_TOKENS}"
+            )
         self.index = ("VQ", "MQ", "TA").index(output)
         self.output, self.height, self.width, self.pixel_range = output, height, width, pixel_range
         self.device, self.dtype = torch.device(device), dtype
@@ -171,28 +193,41 @@ class VideoAlignReward(RewardModel):
         x = frames.float()
         if self.pixel_range == "release":
             x = x * 2 - 1
-        x = F.interpolate(x, size=(self.height, self.width), mode="bicubic", antialias=True, align_corners=False)
+        x = F.interpolate(
+            x, size=(self.height, self.width), mode="bicubic", antialias=True, align_corners=False
+        )
         return (x - self.pixel_mean.to(x.device)) / self.pixel_std.to(x.device)
 
     def chat_text(self, prompt: str, video_tokens: int) -> str:
         """Qwen2-VL's chat format for one user turn holding the video and the rating request."""
         video = "<|vision_start|>" + "<|video_pad|>" * video_tokens + "<|vision_end|>"
-        return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + video
-                + self.template.format(text_prompt=prompt) + "<|im_end|>\n<|im_start|>assistant\n")
+        return (
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            + video
+            + self.template.format(text_prompt=prompt)
+            + "<|im_end|>\n<|im_start|>assistant\n"
+        )
 
     def raw_scores(self, frames: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """[B, 3] head outputs (VQ, MQ, TA) before normalisation, one video at a time."""
         out = []
         for video, prompt in zip(frames, prompts):
-            patches, grid = qwen2vl_video_patches(self.preprocess(video), self.patch_size,
-                                                  self.temporal_patch_size, self.merge_size)
+            patches, grid = qwen2vl_video_patches(
+                self.preprocess(video), self.patch_size, self.temporal_patch_size, self.merge_size
+            )
             n_tokens = grid[0] * grid[1] * grid[2] // self.merge_size**2
-            ids = self.tokenizer(self.chat_text(prompt, n_tokens), return_tensors="pt")["input_ids"].to(self.device)
+            ids = self.tokenizer(self.chat_text(prompt, n_tokens), return_tensors="pt")["input_ids"].to(
+                self.device
+            )
             # modality of each token for the multimodal RoPE: 2 = video, 0 = text
             types = (ids == self.config.video_token_id).to(torch.int32) * 2
-            hidden = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
-                                pixel_values_videos=patches.to(self.device, self.dtype),
-                                video_grid_thw=torch.tensor([grid], device=self.device)).last_hidden_state[0]
+            hidden = self.model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                mm_token_type_ids=types,
+                pixel_values_videos=patches.to(self.device, self.dtype),
+                video_grid_thw=torch.tensor([grid], device=self.device),
+            ).last_hidden_state[0]
             logits = hidden.float() @ self.head.T  # [L, 3]
             rows = [int((ids[0] == tid).nonzero()[0, 0]) for tid in self.reward_token_ids]
             out.append(torch.stack([logits[rows[k], k] for k in range(3)]))

@@ -42,8 +42,16 @@ def sample_exit_step(num_steps: int, generator: torch.Generator) -> int:
     return int(torch.randint(0, num_steps, (1,), generator=generator))
 
 
-def self_forcing_rollout(model, text_embeds: torch.Tensor, noise: torch.Tensor, renoise_noise: torch.Tensor,
-                         settings: StreamSettings, exit_step: int, *, with_grad: bool = True) -> torch.Tensor:
+def self_forcing_rollout(
+    model,
+    text_embeds: torch.Tensor,
+    noise: torch.Tensor,
+    renoise_noise: torch.Tensor,
+    settings: StreamSettings,
+    exit_step: int,
+    *,
+    with_grad: bool = True,
+) -> torch.Tensor:
     """Generate a clip with the student's own cache and return each chunk's exit-step prediction.
 
     model: the causal student (``CausalDiT``); text_embeds [B, L, text_dim].
@@ -55,4 +63,6 @@ def self_forcing_rollout(model, text_embeds: torch.Tensor, noise: torch.Tensor, 
     """
     if not 0 <= exit_step < settings.num_steps:
         raise InputError(f"exit_step must be in [0, {settings.num_steps - 1}], got {exit_step}")
-    return rollout_clip(model, text_embeds, noise, renoise_noise, settings, exit_step=exit_step, with_grad=with_grad)
+    return rollout_clip(
+        model, text_embeds, noise, renoise_noise, settings, exit_step=exit_step, with_grad=with_grad
+    )

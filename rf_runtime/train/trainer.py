@@ -42,7 +42,15 @@ from rf_runtime.schema import require_finite
 from rf_runtime.sampler import StreamSettings
 from rf_runtime.train import distributed as D
 from rf_runtime.train.config import TrainConfig
-from rf_runtime.train.dmd import DMDSettings, critic_loss, dmd_gradient, generator_loss, reward_weights, sample_timesteps, sigma_of
+from rf_runtime.train.dmd import (
+    DMDSettings,
+    critic_loss,
+    dmd_gradient,
+    generator_loss,
+    reward_weights,
+    sample_timesteps,
+    sigma_of,
+)
 from rf_runtime.train.rollout import sample_exit_step, self_forcing_rollout, training_settings
 
 logger = logging.getLogger("rf_runtime")
@@ -74,7 +82,9 @@ def _generator(*parts: int) -> torch.Generator:
 
 def _mean_logs(logs: list[dict]) -> dict:
     """Average each logged tensor over the micro-batches (they have equal sizes)."""
-    return {k: torch.stack([torch.as_tensor(x[k]).detach().float().cpu() for x in logs]).mean() for k in logs[0]}
+    return {
+        k: torch.stack([torch.as_tensor(x[k]).detach().float().cpu() for x in logs]).mean() for k in logs[0]
+    }
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
@@ -102,21 +112,32 @@ class Trainer:
 
         self.config = cfg = config
         if cfg.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device is 'cuda' but no CUDA GPU is visible to torch: set device to 'cpu' or 'auto', "
-                              "or install a CUDA build of torch")
-        self.ctx = ctx or D.DistContext(device=torch.device(
-            "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"))
+            raise ConfigError(
+                "device is 'cuda' but no CUDA GPU is visible to torch: set device to 'cpu' or 'auto', "
+                "or install a CUDA build of torch"
+            )
+        self.ctx = ctx or D.DistContext(
+            device=torch.device(
+                "cuda"
+                if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()))
+                else "cpu"
+            )
+        )
         if cfg.batch_size % self.ctx.world_size:
-            raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes "
-                              f"({self.ctx.world_size}): each process takes an equal share of the global batch")
+            raise ConfigError(
+                f"batch_size ({cfg.batch_size}) must be a multiple of the number of processes "
+                f"({self.ctx.world_size}): each process takes an equal share of the global batch"
+            )
         if cfg.cpu_threads and self.ctx.device.type == "cpu":
             torch.set_num_threads(cfg.cpu_threads)
         self.device = self.ctx.device
         self.autocast = self.device.type == "cuda"
         self.local_batch = cfg.batch_size // self.ctx.world_size
         if cfg.micro_batch_size and self.local_batch % cfg.micro_batch_size:
-            raise ConfigError(f"micro_batch_size ({cfg.micro_batch_size}) must divide the batch of each process "
-                              f"(batch_size {cfg.batch_size} / {self.ctx.world_size} processes = {self.local_batch})")
+            raise ConfigError(
+                f"micro_batch_size ({cfg.micro_batch_size}) must divide the batch of each process "
+                f"(batch_size {cfg.batch_size} / {self.ctx.world_size} processes = {self.local_batch})"
+            )
         self.step = 0
         self._stop = threading.Event()  # request_stop(): finish the step, save, stop
 
@@ -124,29 +145,44 @@ class Trainer:
         card = model_dir.read_card(student_dir)
         self.stream = self._stream_settings(card)
         if cfg.num_frames % self.stream.chunk_frames:
-            raise ConfigError(f"num_frames ({cfg.num_frames}) must be a multiple of chunk_frames "
-                              f"({self.stream.chunk_frames}): rollouts are made of whole chunks")
+            raise ConfigError(
+                f"num_frames ({cfg.num_frames}) must be a multiple of chunk_frames "
+                f"({self.stream.chunk_frames}): rollouts are made of whole chunks"
+            )
         self.rollout_settings = training_settings(self.stream, cfg.fold_in_training)
-        self.dmd = DMDSettings(cfg.dmd.guidance_scale, cfg.dmd.timestep_shift, cfg.dmd.min_timestep, cfg.dmd.max_timestep)
+        self.dmd = DMDSettings(
+            cfg.dmd.guidance_scale, cfg.dmd.timestep_shift, cfg.dmd.min_timestep, cfg.dmd.max_timestep
+        )
 
         # --- models -------------------------------------------------------------------------
         # the frozen teacher is stored in bf16 on GPUs (it only runs under bf16 autocast there)
         teacher_dtype = torch.bfloat16 if self.autocast else torch.float32
-        self.teacher = model_dir.load_dit(cfg.teacher).to(self.device, teacher_dtype).eval().requires_grad_(False)
+        self.teacher = (
+            model_dir.load_dit(cfg.teacher).to(self.device, teacher_dtype).eval().requires_grad_(False)
+        )
         self.critic = model_dir.load_dit(cfg.critic or cfg.teacher).to(self.device).eval()
         self.student = model_dir.load_dit(student_dir, cfg.student_checkpoint).to(self.device).eval()
         for name, m in (("critic", self.critic), ("student", self.student)):
-            if m.config.text_dim != self.teacher.config.text_dim or m.config.in_dim != self.teacher.config.in_dim:
-                raise ConfigError(f"the {name} and the teacher differ in text_dim or latent channels: they must share "
-                                  "the text encoder and the VAE")
+            if (
+                m.config.text_dim != self.teacher.config.text_dim
+                or m.config.in_dim != self.teacher.config.in_dim
+            ):
+                raise ConfigError(
+                    f"the {name} and the teacher differ in text_dim or latent channels: they must share "
+                    "the text encoder and the VAE"
+                )
         self.vae = model_dir.load_vae(student_dir, card).to(self.device).eval().requires_grad_(False)
         if self.autocast and card.get("text_encoder", {}).get("kind", "umt5") == "umt5":
             # umT5-XXL runs every step on the prompts: keep it on the GPU, in bf16 (~11 GB)
-            self.text_encoder = model_dir.load_text_encoder(student_dir, card, device=str(self.device), dtype="bfloat16")
+            self.text_encoder = model_dir.load_text_encoder(
+                student_dir, card, device=str(self.device), dtype="bfloat16"
+            )
         else:
             self.text_encoder = model_dir.load_text_encoder(student_dir, card)
         h, w = cfg.resolution or model_dir.resolution(card)
-        self.latent_hw = model_dir.latent_hw_for(h, w, self.vae.config.stride[1], self.student.config.patch_size[1:])
+        self.latent_hw = model_dir.latent_hw_for(
+            h, w, self.vae.config.stride[1], self.student.config.patch_size[1:]
+        )
         self.prompts = read_prompts(cfg.prompts)
         self.reward_model = reward_model if reward_model is not None else self._reward_model()
 
@@ -158,9 +194,12 @@ class Trainer:
         self.gen_params = [(n, p) for n, p in self.student.named_parameters()]
         self.critic_params = [(n, p) for n, p in self.critic.named_parameters()]
         o = cfg.optim
-        self.gen_opt = torch.optim.AdamW([p for _, p in self.gen_params], lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-        self.critic_opt = torch.optim.AdamW([p for _, p in self.critic_params], lr=o.critic_lr, betas=o.betas,
-                                            weight_decay=o.weight_decay)
+        self.gen_opt = torch.optim.AdamW(
+            [p for _, p in self.gen_params], lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
+        )
+        self.critic_opt = torch.optim.AdamW(
+            [p for _, p in self.critic_params], lr=o.critic_lr, betas=o.betas, weight_decay=o.weight_decay
+        )
         self.ema = [p.detach().clone() for _, p in self.gen_params] if o.ema_weight > 0 else None
         with torch.no_grad():
             self.uncond = self._encode([cfg.negative_prompt]) if cfg.negative_prompt else None
@@ -180,8 +219,13 @@ class Trainer:
             return MotionReward(r.motion.mean, r.motion.std, r.motion.flicker_weight)
         if r.kind == "videoalign":
             dtype = torch.bfloat16 if self.autocast else torch.float32
-            return VideoAlignReward(r.videoalign.model_dir, output=r.videoalign.output, device=str(self.device),
-                                    dtype=dtype, pixel_range=r.videoalign.pixel_range)
+            return VideoAlignReward(
+                r.videoalign.model_dir,
+                output=r.videoalign.output,
+                device=str(self.device),
+                dtype=dtype,
+                pixel_range=r.videoalign.pixel_range,
+            )
         return None
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
@@ -211,9 +255,15 @@ class Trainer:
             eps.append(torch.randn(shape, generator=g))
         prompts = [self.prompts[picks[j]] for j in index]
         dev = self.device
-        return dict(prompts=prompts, text=self._encode(prompts), exit_step=exit_step,
-                    noise=torch.stack(noise).to(dev), renoise=torch.stack(renoise, dim=1).to(dev),
-                    t=torch.cat(t).to(dev), eps=torch.stack(eps).to(dev))
+        return dict(
+            prompts=prompts,
+            text=self._encode(prompts),
+            exit_step=exit_step,
+            noise=torch.stack(noise).to(dev),
+            renoise=torch.stack(renoise, dim=1).to(dev),
+            t=torch.cat(t).to(dev),
+            eps=torch.stack(eps).to(dev),
+        )
 
     def _uncond(self, text: torch.Tensor) -> torch.Tensor:
         if self.uncond is None:
@@ -270,12 +320,28 @@ class Trainer:
         for sl in self._micro_batches():
             d = self._part(draws, sl)
             with self._autocast():
-                x0 = self_forcing_rollout(self.student, d["text"], d["noise"], d["renoise"], self.rollout_settings,
-                                          d["exit_step"], with_grad=True)
+                x0 = self_forcing_rollout(
+                    self.student,
+                    d["text"],
+                    d["noise"],
+                    d["renoise"],
+                    self.rollout_settings,
+                    d["exit_step"],
+                    with_grad=True,
+                )
                 w, everyone = self._rewards(x0, d["prompts"])
                 sigma = sigma_of(d["t"], self.dmd)
-                grad, glogs = dmd_gradient(x0, d["t"], sigma, d["eps"], teacher_score, critic_score, d["text"],
-                                           self._uncond(d["text"]), self.dmd.guidance_scale)
+                grad, glogs = dmd_gradient(
+                    x0,
+                    d["t"],
+                    sigma,
+                    d["eps"],
+                    teacher_score,
+                    critic_score,
+                    d["text"],
+                    self._uncond(d["text"]),
+                    self.dmd.guidance_scale,
+                )
                 loss, llogs = generator_loss(x0, grad, w)
             (loss * (x0.shape[0] / self.local_batch)).backward()
             logs.append({**glogs, **llogs})
@@ -298,8 +364,15 @@ class Trainer:
         for sl in self._micro_batches():
             d = self._part(draws, sl)
             with self._autocast():
-                x0 = self_forcing_rollout(self.student, d["text"], d["noise"], d["renoise"], self.rollout_settings,
-                                          d["exit_step"], with_grad=False)
+                x0 = self_forcing_rollout(
+                    self.student,
+                    d["text"],
+                    d["noise"],
+                    d["renoise"],
+                    self.rollout_settings,
+                    d["exit_step"],
+                    with_grad=False,
+                )
                 loss, clogs = critic_loss(score, x0, d["t"], sigma_of(d["t"], self.dmd), d["eps"], d["text"])
             (loss * (x0.shape[0] / self.local_batch)).backward()
             logs.append(clogs)
@@ -315,8 +388,15 @@ class Trainer:
         for b in range(batches):
             d = self._draws(EVAL, step=b)
             with self._autocast():
-                x0 = self_forcing_rollout(self.student, d["text"], d["noise"], d["renoise"], self.rollout_settings,
-                                          d["exit_step"], with_grad=False)
+                x0 = self_forcing_rollout(
+                    self.student,
+                    d["text"],
+                    d["noise"],
+                    d["renoise"],
+                    self.rollout_settings,
+                    d["exit_step"],
+                    with_grad=False,
+                )
                 score = lambda x, t, text: self.critic.forward_full(x, t, text)
                 loss, _ = critic_loss(score, x0, d["t"], sigma_of(d["t"], self.dmd), d["eps"], d["text"])
             total += float(D.all_reduce_sum(loss.detach().float().clone(), self.ctx)) / self.ctx.world_size
@@ -333,13 +413,25 @@ class Trainer:
         for b in range(batches):
             d = self._draws(EVAL, step=b)
             with self._autocast():
-                x0 = self_forcing_rollout(self.student, d["text"], d["noise"], d["renoise"], settings,
-                                          settings.num_steps - 1, with_grad=False)
+                x0 = self_forcing_rollout(
+                    self.student,
+                    d["text"],
+                    d["noise"],
+                    d["renoise"],
+                    settings,
+                    settings.num_steps - 1,
+                    with_grad=False,
+                )
             reward = self.reward_model(self.decode(x0), d["prompts"]).to(self.device)
             rewards.append(D.all_gather_cat(reward, self.ctx))
         r = torch.cat(rewards).double()
-        return {"mean": float(r.mean()), "std": float(r.std(unbiased=False)), "min": float(r.min()),
-                "max": float(r.max()), "samples": int(r.numel())}
+        return {
+            "mean": float(r.mean()),
+            "std": float(r.std(unbiased=False)),
+            "min": float(r.min()),
+            "max": float(r.max()),
+            "samples": int(r.numel()),
+        }
 
     @torch.no_grad()
     def _update_ema(self):
@@ -388,7 +480,9 @@ class Trainer:
             self._stop.set()
         return stop
 
-    def train(self, steps: int | None = None, on_checkpoint: Callable[[str], None] | None = None) -> Iterator[StepLog]:
+    def train(
+        self, steps: int | None = None, on_checkpoint: Callable[[str], None] | None = None
+    ) -> Iterator[StepLog]:
         """Train until ``steps`` (default: the config's) and yield a log record after each step.
 
         Writes a checkpoint every ``checkpoint_every`` steps and at the end, and appends every
@@ -428,8 +522,10 @@ class Trainer:
         if self.ema is not None:
             for e, (n, _) in zip(self.ema, self.gen_params):
                 out[f"generator_ema.{n}"] = D.full_tensor(e).float().contiguous()
-        for prefix, opt, params in (("optim.generator", self.gen_opt, self.gen_params),
-                                    ("optim.critic", self.critic_opt, self.critic_params)):
+        for prefix, opt, params in (
+            ("optim.generator", self.gen_opt, self.gen_params),
+            ("optim.critic", self.critic_opt, self.critic_params),
+        ):
             for n, p in params:
                 for key, value in opt.state.get(p, {}).items():
                     out[f"{prefix}.{n}.{key}"] = D.full_tensor(value).contiguous()
@@ -448,16 +544,22 @@ class Trainer:
         path = path or os.path.join(cfg.output_dir, f"checkpoint_{self.step:06d}.safetensors")
         tensors = self.state_tensors()
         if self.ctx.is_main:
-            meta = {"format": CHECKPOINT_FORMAT, "step": str(self.step), "config": json.dumps(cfg.to_dict()),
-                    "world_size": str(self.ctx.world_size)}
+            meta = {
+                "format": CHECKPOINT_FORMAT,
+                "step": str(self.step),
+                "config": json.dumps(cfg.to_dict()),
+                "world_size": str(self.ctx.world_size),
+            }
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with atomic_path(path, "the checkpoint") as tmp:
                 try:
                     save_file(tensors, tmp, metadata=meta)
                 except Exception as exc:  # safetensors' own error type, e.g. for a full disk
                     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                    raise OutputError(f"could not write the checkpoint {path} ({reason}): free some space or set "
-                                      "output_dir to another folder; nothing was written there") from exc
+                    raise OutputError(
+                        f"could not write the checkpoint {path} ({reason}): free some space or set "
+                        "output_dir to another folder; nothing was written there"
+                    ) from exc
             self._prune_checkpoints()
             logger.info("wrote checkpoint %s (step %d)", path, self.step)
         D.barrier(self.ctx)
@@ -478,24 +580,34 @@ class Trainer:
         from safetensors import safe_open
 
         if os.path.isdir(path):
-            raise CheckpointError(f"checkpoint {path} is a directory: pass a checkpoint_*.safetensors file in it, or "
-                                  "--resume without a value for the newest in output_dir")
+            raise CheckpointError(
+                f"checkpoint {path} is a directory: pass a checkpoint_*.safetensors file in it, or "
+                "--resume without a value for the newest in output_dir"
+            )
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {path} does not exist")
         try:
             handle = safe_open(path, "pt")
         except Exception as exc:  # safetensors raises its own error type for a file that is not safetensors
-            raise CheckpointError(f"could not read {path} ({exc}): pass a checkpoint_*.safetensors written by "
-                                  "rf-train, or --resume without a value for the newest in output_dir") from exc
+            raise CheckpointError(
+                f"could not read {path} ({exc}): pass a checkpoint_*.safetensors written by "
+                "rf-train, or --resume without a value for the newest in output_dir"
+            ) from exc
         with handle as f:
             meta = f.metadata() or {}
             if meta.get("format") != CHECKPOINT_FORMAT:
-                raise CheckpointError(f"{path} is not an rf-train checkpoint (format {meta.get('format')!r}); "
-                                      "to start from generator weights, use the config key 'student_checkpoint'")
+                raise CheckpointError(
+                    f"{path} is not an rf-train checkpoint (format {meta.get('format')!r}); "
+                    "to start from generator weights, use the config key 'student_checkpoint'"
+                )
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        require_finite(tensors, f"checkpoint {path}", CheckpointError,
-                       "a training state must be finite; the file is damaged or the run diverged: resume from an "
-                       "earlier checkpoint")
+        require_finite(
+            tensors,
+            f"checkpoint {path}",
+            CheckpointError,
+            "a training state must be finite; the file is damaged or the run diverged: resume from an "
+            "earlier checkpoint",
+        )
 
         def get(key: str, like: torch.Tensor) -> torch.Tensor:
             """The saved full tensor ``key`` laid out like ``like`` (sharded if ``like`` is)."""
@@ -518,15 +630,19 @@ class Trainer:
             if self.ema is not None:
                 for e, (n, _) in zip(self.ema, self.gen_params):
                     e.copy_(get(f"generator_ema.{n}", e))
-            for prefix, opt, params in (("optim.generator", self.gen_opt, self.gen_params),
-                                        ("optim.critic", self.critic_opt, self.critic_params)):
+            for prefix, opt, params in (
+                ("optim.generator", self.gen_opt, self.gen_params),
+                ("optim.critic", self.critic_opt, self.critic_params),
+            ):
                 for n, p in params:
                     if f"{prefix}.{n}.step" not in tensors:
                         continue  # no update yet for this parameter
                     # AdamW keeps 'step' as a scalar CPU tensor and the moments shaped like the parameter
-                    opt.state[p] = {"step": tensors[f"{prefix}.{n}.step"],
-                                    "exp_avg": get(f"{prefix}.{n}.exp_avg", p),
-                                    "exp_avg_sq": get(f"{prefix}.{n}.exp_avg_sq", p)}
+                    opt.state[p] = {
+                        "step": tensors[f"{prefix}.{n}.step"],
+                        "exp_avg": get(f"{prefix}.{n}.exp_avg", p),
+                        "exp_avg_sq": get(f"{prefix}.{n}.exp_avg_sq", p),
+                    }
         torch.set_rng_state(tensors["rng.torch_cpu"])
         if "rng.torch_cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.torch_cuda"], self.device)

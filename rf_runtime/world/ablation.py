@@ -28,10 +28,20 @@ CACHE_VARIANTS: dict[str, dict] = {
     "EMA-Sink a=0.99": {"ema_alpha": 0.99},
     "EMA-Sink a=0.9": {"ema_alpha": 0.9},
 }
-DEFAULT_PROMPTS = ("a red circle bouncing", "a small blue square moving left on a gray background",
-                   "a big yellow triangle moving down quickly")
-METRICS = ("dynamic_degree", "flow_score", "travel", "drift", "quality_drift", "subject_consistency",
-           "prompt_adherence")
+DEFAULT_PROMPTS = (
+    "a red circle bouncing",
+    "a small blue square moving left on a gray background",
+    "a big yellow triangle moving down quickly",
+)
+METRICS = (
+    "dynamic_degree",
+    "flow_score",
+    "travel",
+    "drift",
+    "quality_drift",
+    "subject_consistency",
+    "prompt_adherence",
+)
 
 
 @dataclass
@@ -61,7 +71,9 @@ def run_one(model, overrides: dict, prompt: str, seed: int, seconds: float):
     model_dir, checkpoint = model if isinstance(model, tuple) else (model, None)
     streamer = Streamer.from_checkpoint(model_dir, checkpoint, settings=settings_for(model_dir, overrides))
     start = time.perf_counter()
-    frames = np.concatenate(list(streamer.stream(prompt, seed=seed, num_frames=round(seconds * streamer.fps))))
+    frames = np.concatenate(
+        list(streamer.stream(prompt, seed=seed, num_frames=round(seconds * streamer.fps)))
+    )
     elapsed = time.perf_counter() - start
     return evaluate(frames, prompt, fps=streamer.fps), elapsed
 
@@ -73,8 +85,9 @@ def _run_one_in_worker(model, overrides: dict, prompt: str, seed: int, seconds: 
     return run_one(model, overrides, prompt, seed, seconds)
 
 
-def run_ablation(models: dict, variants: dict[str, dict], prompts, seeds, seconds: float,
-                 on_run=None, jobs: int = 1) -> list[Run]:
+def run_ablation(
+    models: dict, variants: dict[str, dict], prompts, seeds, seconds: float, on_run=None, jobs: int = 1
+) -> list[Run]:
     """Every model x variant x prompt x seed. ``models``: name -> model directory or (directory, checkpoint).
 
     jobs: runs at once, each in its own process with one torch thread (the runs are independent and
@@ -88,10 +101,17 @@ def run_ablation(models: dict, variants: dict[str, dict], prompts, seeds, second
         if checkpoint is not None and not os.path.isfile(checkpoint):
             raise ConfigError(f"model {name!r}: checkpoint {checkpoint} does not exist")
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ConfigError(f"model {name!r}: {path} is not a model directory (no config.json); "
-                              "make one with `rf-world model-dir`")
-    cells = [(model, variant, prompt, seed) for model in models for variant in variants for prompt in prompts
-             for seed in seeds]
+            raise ConfigError(
+                f"model {name!r}: {path} is not a model directory (no config.json); "
+                "make one with `rf-world model-dir`"
+            )
+    cells = [
+        (model, variant, prompt, seed)
+        for model in models
+        for variant in variants
+        for prompt in prompts
+        for seed in seeds
+    ]
 
     def record(cell, outcome) -> Run:
         model, variant, prompt, seed = cell
@@ -109,15 +129,19 @@ def run_ablation(models: dict, variants: dict[str, dict], prompts, seeds, second
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_run_one_in_worker, models[c[0]], variants[c[1]], c[2], c[3], seconds) for c in cells]
+        futures = [
+            pool.submit(_run_one_in_worker, models[c[0]], variants[c[1]], c[2], c[3], seconds) for c in cells
+        ]
         return [record(c, f.result()) for c, f in zip(cells, futures)]
 
 
 def _mean_se(values) -> tuple[float | None, float | None]:
     """Mean and standard error of the values that are not None (None where there are too few)."""
     v = np.array([x for x in values if x is not None], np.float64)
-    return (float(v.mean()) if len(v) else None,
-            float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None)
+    return (
+        float(v.mean()) if len(v) else None,
+        float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None,
+    )
 
 
 def summarize(runs: list[Run]) -> list[dict]:
@@ -150,16 +174,25 @@ def paired_differences(runs: list[Run]) -> list[dict]:
     rows = []
     for (model, variant), group in others:
         pairs = [(run, base[k]) for k, run in group.items() if k in base]
-        row = {"model": model, "variant": variant, "against": f"{base_key[0]} / {base_key[1]}", "pairs": len(pairs)}
+        row = {
+            "model": model,
+            "variant": variant,
+            "against": f"{base_key[0]} / {base_key[1]}",
+            "pairs": len(pairs),
+        }
         for m in PAIRED_METRICS:
-            row[m], row[m + "_se"] = _mean_se(a.metrics[m] - b.metrics[m] for a, b in pairs
-                                              if a.metrics[m] is not None and b.metrics[m] is not None)
+            row[m], row[m + "_se"] = _mean_se(
+                a.metrics[m] - b.metrics[m]
+                for a, b in pairs
+                if a.metrics[m] is not None and b.metrics[m] is not None
+            )
         rows.append(row)
     return rows
 
 
 def _table(head: list[str], rows: list[dict], lead: list[str], metrics, signed: bool) -> str:
     """A markdown table: the ``lead`` keys of each row as they are, then each metric as mean ± se."""
+
     def cell(r, m):
         if r[m] is None:
             return "-"
@@ -167,19 +200,40 @@ def _table(head: list[str], rows: list[dict], lead: list[str], metrics, signed: 
         return (f"{r[m]:+.2f}" if signed else f"{r[m]:.2f}") + (f" ± {se:.2f}" if se is not None else "")
 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([str(r[k]) for k in lead] + [cell(r, m) for m in metrics]) + " |" for r in rows]
+    lines += [
+        "| " + " | ".join([str(r[k]) for k in lead] + [cell(r, m) for m in metrics]) + " |" for r in rows
+    ]
     return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ["model", "cache", "runs", "dynamic degree %", "flow (px)", "travel (px)", "drift", "quality drift",
-            "subject consistency %", "prompt adherence %"]
+    head = [
+        "model",
+        "cache",
+        "runs",
+        "dynamic degree %",
+        "flow (px)",
+        "travel (px)",
+        "drift",
+        "quality drift",
+        "subject consistency %",
+        "prompt adherence %",
+    ]
     return _table(head, rows, ["model", "variant", "runs"], METRICS, signed=False)
 
 
 def paired_table(rows: list[dict]) -> str:
-    head = ["model", "cache", "against", "pairs", "flow (px)", "travel (px)", "drift", "subject consistency %",
-            "prompt adherence %"]
+    head = [
+        "model",
+        "cache",
+        "against",
+        "pairs",
+        "flow (px)",
+        "travel (px)",
+        "drift",
+        "subject consistency %",
+        "prompt adherence %",
+    ]
     return _table(head, rows, ["model", "variant", "against", "pairs"], PAIRED_METRICS, signed=True)
 
 
@@ -192,13 +246,26 @@ def write_report(runs: list[Run], out_dir: str, command: str) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     rows = summarize(runs)
     paired = paired_differences(runs)
-    written = [save_json({"command": command, "summary": rows, "paired": paired,
-                          "runs": [dataclasses.asdict(r) for r in runs]}, os.path.join(out_dir, "ablation.json"))]
-    md = (f"# Ablation on the procedural-world model\n\nMade by:\n\n    {command}\n\n{markdown_table(rows)}\n\n"
-          "Mean ± standard error over prompts and seeds. Metrics: `rf_runtime/eval.py`.\n")
+    written = [
+        save_json(
+            {
+                "command": command,
+                "summary": rows,
+                "paired": paired,
+                "runs": [dataclasses.asdict(r) for r in runs],
+            },
+            os.path.join(out_dir, "ablation.json"),
+        )
+    ]
+    md = (
+        f"# Ablation on the procedural-world model\n\nMade by:\n\n    {command}\n\n{markdown_table(rows)}\n\n"
+        "Mean ± standard error over prompts and seeds. Metrics: `rf_runtime/eval.py`.\n"
+    )
     if paired:
-        md += ("\nDifferences against the first row, paired by prompt and seed (mean ± standard error of the "
-               f"per-pair difference):\n\n{paired_table(paired)}\n")
+        md += (
+            "\nDifferences against the first row, paired by prompt and seed (mean ± standard error of the "
+            f"per-pair difference):\n\n{paired_table(paired)}\n"
+        )
 
     def write_md(tmp):
         with open(tmp, "w") as f:
@@ -210,13 +277,22 @@ def write_report(runs: list[Run], out_dir: str, command: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['model']}\n{r['variant']}" if len({x['model'] for x in rows}) > 1 else r["variant"] for r in rows]
+    labels = [
+        f"{r['model']}\n{r['variant']}" if len({x["model"] for x in rows}) > 1 else r["variant"] for r in rows
+    ]
     fig, axes = plt.subplots(2, 3, figsize=(15, 9))
-    for ax, m, title in zip(axes.flat, ("dynamic_degree", "flow_score", "travel", "drift", "subject_consistency",
-                                        "prompt_adherence"),
-                            ("dynamic degree % (higher: more motion)", "flow score, px (higher: more motion)",
-                             "travel, px (how far the object goes)", "drift (lower: steadier)",
-                             "subject consistency %", "prompt adherence %")):
+    for ax, m, title in zip(
+        axes.flat,
+        ("dynamic_degree", "flow_score", "travel", "drift", "subject_consistency", "prompt_adherence"),
+        (
+            "dynamic degree % (higher: more motion)",
+            "flow score, px (higher: more motion)",
+            "travel, px (how far the object goes)",
+            "drift (lower: steadier)",
+            "subject consistency %",
+            "prompt adherence %",
+        ),
+    ):
         vals = [r[m] or 0.0 for r in rows]
         errs = [r.get(m + "_se") or 0.0 for r in rows]
         ax.bar(range(len(rows)), vals, yerr=errs, color="tab:blue", capsize=3)
@@ -230,7 +306,9 @@ def write_report(runs: list[Run], out_dir: str, command: str) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, r in zip(labels, rows):
-        curves = [run.per_segment_flow for run in runs if (run.model, run.variant) == (r["model"], r["variant"])]
+        curves = [
+            run.per_segment_flow for run in runs if (run.model, run.variant) == (r["model"], r["variant"])
+        ]
         n = min(len(c) for c in curves)
         mean = np.mean([c[:n] for c in curves], axis=0)
         ax.plot(np.arange(n) * 5 + 2.5, mean, marker="o", label=label.replace("\n", " / "))

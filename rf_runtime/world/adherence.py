@@ -24,7 +24,9 @@ from rf_runtime.world.procedural import BACKGROUNDS, COLOURS, FPS, parse_prompt
 def palette_quality(frames: np.ndarray, colour_rgb, background_rgb, tol: float = 60.0) -> float:
     """Percent of pixels within ``tol`` of the two colours a procedural frame may hold."""
     x = frames.astype(np.float32)
-    near = [np.linalg.norm(x - np.asarray(c, np.float32), axis=-1) < tol for c in (colour_rgb, background_rgb)]
+    near = [
+        np.linalg.norm(x - np.asarray(c, np.float32), axis=-1) < tol for c in (colour_rgb, background_rgb)
+    ]
     return 100.0 * float((near[0] | near[1]).mean())
 
 
@@ -68,9 +70,14 @@ def prompt_check(frames: np.ndarray, segments: list, prompt: str) -> dict | None
     from rf_runtime.world.follow import eval_hook
 
     following = eval_hook(frames, prompt, FPS)  # issue 16's checks (None without a motion)
-    return {"colour_score": colour, "shape_score": shape, "prompt_adherence": 100.0 * (colour + shape) / 2,
-            "quality_drift": abs(quality[-1] - quality[0]), "per_segment": {"palette_quality": quality},
-            "prompt_following": {"follow": following} if following else {}}
+    return {
+        "colour_score": colour,
+        "shape_score": shape,
+        "prompt_adherence": 100.0 * (colour + shape) / 2,
+        "quality_drift": abs(quality[-1] - quality[0]),
+        "per_segment": {"palette_quality": quality},
+        "prompt_following": {"follow": following} if following else {},
+    }
 
 
 def evaluate(frames, prompt: str | None = None, **options) -> EvalResult:

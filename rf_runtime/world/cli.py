@@ -34,7 +34,9 @@ def _parser():
     from rf_runtime.cli import add_version
 
     add_version(p)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     sub = p.add_subparsers(dest="command", required=True)
     _common(sub.add_parser("vae", help="train the VAE (autoencoder on procedural clips)"), 3000, 4, 2e-3)
@@ -45,7 +47,9 @@ def _parser():
     enc.add_argument("--seed", type=int, default=1_000_000)
     enc.add_argument("--max-minutes", type=float, help="stop early (after a batch) after this much time")
     enc.add_argument("--tiny", action="store_true")
-    _common(sub.add_parser("teacher", help="train the bidirectional teacher DiT (flow matching)"), 3000, 16, 5e-4)
+    _common(
+        sub.add_parser("teacher", help="train the bidirectional teacher DiT (flow matching)"), 3000, 16, 5e-4
+    )
     st = sub.add_parser("student", help="fine-tune the causal student from the teacher (teacher forcing)")
     _common(st, 500, 8, 2e-4)
     st.add_argument("--teacher", required=True)
@@ -54,24 +58,48 @@ def _parser():
     for name in ("vae", "teacher"):
         sub.choices[name].add_argument("--init", help="continue training from these weights")
     sub.choices["vae"].add_argument("--crop", type=int, help="train on random crops of this size (e.g. 32)")
-    sub.choices["vae"].add_argument("--clip-frames", type=int, default=9,
-                                    help="frames per training clip, 1 + k x the temporal stride (default 9)")
-    sub.choices["vae"].add_argument("--decoder-only", action="store_true",
-                                    help="freeze the encoder (latents already encoded stay valid)")
-    sub.choices["vae"].add_argument("--encoder-only", action="store_true",
-                                    help="freeze the decoder and keep its latent normalisation (e.g. a decoder "
-                                         "from `rf-world from-bundle`)")
-    fb = sub.add_parser("from-bundle", help="the DiT and the VAE decoder of an exported bundle, to continue training")
+    sub.choices["vae"].add_argument(
+        "--clip-frames",
+        type=int,
+        default=9,
+        help="frames per training clip, 1 + k x the temporal stride (default 9)",
+    )
+    sub.choices["vae"].add_argument(
+        "--decoder-only", action="store_true", help="freeze the encoder (latents already encoded stay valid)"
+    )
+    sub.choices["vae"].add_argument(
+        "--encoder-only",
+        action="store_true",
+        help="freeze the decoder and keep its latent normalisation (e.g. a decoder "
+        "from `rf-world from-bundle`)",
+    )
+    fb = sub.add_parser(
+        "from-bundle", help="the DiT and the VAE decoder of an exported bundle, to continue training"
+    )
     fb.add_argument("--bundle", required=True, help="bundle directory (rf-export onnx)")
     fb.add_argument("--dit-out", required=True, help="DiT weights to write (teacher --init)")
-    fb.add_argument("--vae-out", required=True, help="VAE to write: the bundle's decoder, a fresh encoder (vae --init --encoder-only)")
+    fb.add_argument(
+        "--vae-out",
+        required=True,
+        help="VAE to write: the bundle's decoder, a fresh encoder (vae --init --encoder-only)",
+    )
     fb.add_argument("--tiny", action="store_true")
-    sub.choices["teacher"].add_argument("--text-dropout", type=float, default=0.1,
-                                        help="fraction of samples trained without text, for CFG (default 0.1)")
+    sub.choices["teacher"].add_argument(
+        "--text-dropout",
+        type=float,
+        default=0.1,
+        help="fraction of samples trained without text, for CFG (default 0.1)",
+    )
     for name in ("teacher", "student"):
-        sub.choices[name].add_argument("--fg-weight", type=float, default=3.0,
-                                       help="extra loss weight on the shape's latent cells (default 3; 0 = plain MSE)")
-    sa = sub.add_parser("sample", help="sample a bidirectional DiT (the teacher) into a PNG grid, to check it")
+        sub.choices[name].add_argument(
+            "--fg-weight",
+            type=float,
+            default=3.0,
+            help="extra loss weight on the shape's latent cells (default 3; 0 = plain MSE)",
+        )
+    sa = sub.add_parser(
+        "sample", help="sample a bidirectional DiT (the teacher) into a PNG grid, to check it"
+    )
     sa.add_argument("--dit", required=True)
     sa.add_argument("--vae", required=True)
     sa.add_argument("--prompt", action="append", required=True, help="prompt (repeatable: one row each)")
@@ -86,28 +114,50 @@ def _parser():
     md.add_argument("--out", required=True)
     md.add_argument("--note", default="", help="free text for the model card")
     md.add_argument("--tiny", action="store_true")
-    ge = sub.add_parser("generator", help="the generator (EMA) of an rf-train checkpoint alone, as a small DiT file")
+    ge = sub.add_parser(
+        "generator", help="the generator (EMA) of an rf-train checkpoint alone, as a small DiT file"
+    )
     ge.add_argument("--checkpoint", required=True, help="rf-train checkpoint_*.safetensors")
     ge.add_argument("--raw", action="store_true", help="the raw generator instead of its EMA")
-    ge.add_argument("--out", required=True, help="DiT weights to write (+ <out>.json config); rf-export --checkpoint reads it")
+    ge.add_argument(
+        "--out",
+        required=True,
+        help="DiT weights to write (+ <out>.json config); rf-export --checkpoint reads it",
+    )
     ge.add_argument("--tiny", action="store_true")
-    sh = sub.add_parser("sheet", help="contact sheet PNG of a bundle's streams: one row per prompt, frames spread over time")
+    sh = sub.add_parser(
+        "sheet", help="contact sheet PNG of a bundle's streams: one row per prompt, frames spread over time"
+    )
     sh.add_argument("--engine", help="bundle directory (default: the shipped one)")
     sh.add_argument("--prompt", action="append", required=True, help="prompt (repeatable: one row each)")
     sh.add_argument("--seconds", type=float, default=30.0, help="stream length (default 30)")
-    sh.add_argument("--columns", type=int, default=8, help="frames per row, evenly spread over the stream (default 8)")
+    sh.add_argument(
+        "--columns", type=int, default=8, help="frames per row, evenly spread over the stream (default 8)"
+    )
     sh.add_argument("--seed", type=int, default=0)
     sh.add_argument("--out", required=True, help="PNG to write")
     pr = sub.add_parser("prompts", help="write procedural prompts, one per line (for rf-train)")
     pr.add_argument("--count", type=int, default=500)
     pr.add_argument("--seed", type=int, default=2_000_000)
     pr.add_argument("--out", required=True)
-    ab = sub.add_parser("ablate", help="cache variants (and several students) over long streams: table + plots")
-    ab.add_argument("--model", action="append", required=True, metavar="NAME=DIR[@CHECKPOINT]",
-                    help="a model directory (and generator checkpoint) to compare (repeat for DMD vs Re-DMD students)")
-    ab.add_argument("--variants", default=",".join(_variant_names()),
-                    help="comma-separated cache variants (default: all of %(default)s)")
-    ab.add_argument("--prompt", action="append", help="prompt (repeatable; default: three procedural prompts)")
+    ab = sub.add_parser(
+        "ablate", help="cache variants (and several students) over long streams: table + plots"
+    )
+    ab.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=DIR[@CHECKPOINT]",
+        help="a model directory (and generator checkpoint) to compare (repeat for DMD vs Re-DMD students)",
+    )
+    ab.add_argument(
+        "--variants",
+        default=",".join(_variant_names()),
+        help="comma-separated cache variants (default: all of %(default)s)",
+    )
+    ab.add_argument(
+        "--prompt", action="append", help="prompt (repeatable; default: three procedural prompts)"
+    )
     ab.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
     ab.add_argument("--seconds", type=float, default=60.0, help="stream length (default 60)")
     ab.add_argument("--jobs", type=int, default=1, help="runs at once, one process and core each (default 1)")
@@ -164,9 +214,20 @@ def _run(args) -> int:
 
     if args.command == "vae":
         init = T.load_vae(args.init) if args.init else None
-        vae, history = T.train_vae(cfg, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                                   max_seconds=max_s, crop=args.crop, init=init, clip_frames=args.clip_frames,
-                                   decoder_only=args.decoder_only, encoder_only=args.encoder_only, on_step=on_step)
+        vae, history = T.train_vae(
+            cfg,
+            steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            seed=args.seed,
+            max_seconds=max_s,
+            crop=args.crop,
+            init=init,
+            clip_frames=args.clip_frames,
+            decoder_only=args.decoder_only,
+            encoder_only=args.encoder_only,
+            on_step=on_step,
+        )
         if not args.encoder_only:  # the decoder's normalisation stays with the decoder
             vae = T.with_config(vae, T.latent_stats(vae, cfg, num_videos=16 if args.tiny else 64))
         T.save_vae(vae, args.out)
@@ -181,20 +242,40 @@ def _run(args) -> int:
         _sample(args, cfg)
         history = None
     elif args.command == "encode":
-        data = T.encode_dataset(T.load_vae(args.vae), cfg, args.videos, seed=args.seed, max_seconds=max_s,
-                                on_step=on_step)
+        data = T.encode_dataset(
+            T.load_vae(args.vae), cfg, args.videos, seed=args.seed, max_seconds=max_s, on_step=on_step
+        )
         data.save(args.out)
         history = None
     elif args.command == "teacher":
         init = T.load_dit(args.init) if args.init else None
-        model, history = T.train_teacher(cfg, T.LatentData.load(args.data), steps=args.steps, batch=args.batch,
-                                         lr=args.lr, seed=args.seed, max_seconds=max_s, init=init,
-                                         text_dropout=args.text_dropout, fg_weight=args.fg_weight, on_step=on_step)
+        model, history = T.train_teacher(
+            cfg,
+            T.LatentData.load(args.data),
+            steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            seed=args.seed,
+            max_seconds=max_s,
+            init=init,
+            text_dropout=args.text_dropout,
+            fg_weight=args.fg_weight,
+            on_step=on_step,
+        )
         T.save_dit(model, args.out)
     elif args.command == "student":
-        model, history = T.train_student(cfg, T.LatentData.load(args.data), T.load_dit(args.teacher),
-                                         steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                                         max_seconds=max_s, fg_weight=args.fg_weight, on_step=on_step)
+        model, history = T.train_student(
+            cfg,
+            T.LatentData.load(args.data),
+            T.load_dit(args.teacher),
+            steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            seed=args.seed,
+            max_seconds=max_s,
+            fg_weight=args.fg_weight,
+            on_step=on_step,
+        )
         T.save_dit(model, args.out)
     elif args.command == "generator":
         from rf_runtime.models import CausalDiT
@@ -213,7 +294,9 @@ def _run(args) -> int:
     if history is not None:
         T.save_json(history, args.out + ".log.json")
         last = history[-1]
-        print(f"wrote {args.out}: {len(history)} steps in {last['seconds']:.0f} s, final loss {last['loss']:.4f}")
+        print(
+            f"wrote {args.out}: {len(history)} steps in {last['seconds']:.0f} s, final loss {last['loss']:.4f}"
+        )
     else:
         print(f"wrote {args.out}")
     return 0
@@ -229,8 +312,15 @@ def _sample(args, cfg) -> None:
     dit, vae = T.load_dit(args.dit), T.load_vae(args.vae)
     text = torch.from_numpy(cfg.text.encode(args.prompt))
     h, w = cfg.latent_hw
-    z = T.sample_teacher(dit, text, (cfg.latent_frames, cfg.vae.z_dim, h, w), steps=args.steps,
-                         guidance=args.guidance, shift=cfg.stream.shift, seed=args.seed)
+    z = T.sample_teacher(
+        dit,
+        text,
+        (cfg.latent_frames, cfg.vae.z_dim, h, w),
+        steps=args.steps,
+        guidance=args.guidance,
+        shift=cfg.stream.shift,
+        seed=args.seed,
+    )
     with torch.no_grad():
         pixels = vae.decode(z.transpose(1, 2)).numpy()  # [B, 3, T, H, W] in [-1, 1]
     frames = [to_uint8_frames(p) for p in pixels]  # [T, H, W, 3] each
@@ -269,7 +359,9 @@ def _sheet(args) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(len(rows), args.columns, figsize=(1.3 * args.columns, 1.55 * len(rows)), squeeze=False)
+        fig, axes = plt.subplots(
+            len(rows), args.columns, figsize=(1.3 * args.columns, 1.55 * len(rows)), squeeze=False
+        )
         for r, (prompt, row) in enumerate(zip(args.prompt, rows)):
             for c, frame in enumerate(row):
                 ax = axes[r][c]
@@ -283,7 +375,9 @@ def _sheet(args) -> int:
         plt.close(fig)
 
     T.atomic_save(write, args.out)
-    print(f"wrote {args.out}: {len(rows)} prompts x {args.columns} frames of {num_frames / streamer.fps:g} s streams")
+    print(
+        f"wrote {args.out}: {len(rows)} prompts x {args.columns} frames of {num_frames / streamer.fps:g} s streams"
+    )
     return 0
 
 
@@ -298,7 +392,9 @@ def _ablate(args) -> int:
     for item in args.model:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise RFError(f"--model {item!r}: write it as NAME=DIR or NAME=DIR@CHECKPOINT, e.g. --model re-dmd=work/model")
+            raise RFError(
+                f"--model {item!r}: write it as NAME=DIR or NAME=DIR@CHECKPOINT, e.g. --model re-dmd=work/model"
+            )
         models[name] = tuple(path.split("@", 1)) if "@" in path else path
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in A.CACHE_VARIANTS]
@@ -307,8 +403,15 @@ def _ablate(args) -> int:
     prompts = args.prompt or list(A.DEFAULT_PROMPTS)
     total = len(models) * len(names) * len(prompts) * args.seeds
     bar = tqdm(total=total, unit="run", disable=args.quiet, file=sys.stderr)
-    runs = A.run_ablation(models, {v: A.CACHE_VARIANTS[v] for v in names}, prompts, list(range(args.seeds)),
-                          args.seconds, on_run=lambda run: bar.update(1), jobs=args.jobs)
+    runs = A.run_ablation(
+        models,
+        {v: A.CACHE_VARIANTS[v] for v in names},
+        prompts,
+        list(range(args.seeds)),
+        args.seconds,
+        on_run=lambda run: bar.update(1),
+        jobs=args.jobs,
+    )
     bar.close()
     command = "rf-world " + " ".join(shlex.quote(a) for a in args.argv)
     for path in A.write_report(runs, args.out, command):

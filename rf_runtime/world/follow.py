@@ -64,12 +64,20 @@ def frame_checks(frames: np.ndarray, background: str) -> FrameChecks:
 
     bg = np.asarray(procedural.BACKGROUNDS[background], np.float32)
     t = len(frames)
-    out = FrameChecks(np.zeros(t, bool), np.zeros(t, int), [None] * t, [None] * t,
-                      np.full((t, 2), np.nan), np.full((t, 2), np.nan))
+    out = FrameChecks(
+        np.zeros(t, bool),
+        np.zeros(t, int),
+        [None] * t,
+        [None] * t,
+        np.full((t, 2), np.nan),
+        np.full((t, 2), np.nan),
+    )
     for i, frame in enumerate(frames):
         dist = np.linalg.norm(frame.astype(np.float32) - bg, axis=-1)
         out.background[i] = (dist < BACKGROUND_TOL).mean() >= BACKGROUND_SHARE
-        n, labels, stats, cents = cv2.connectedComponentsWithStats((dist > OBJECT_TOL).astype(np.uint8), connectivity=8)
+        n, labels, stats, cents = cv2.connectedComponentsWithStats(
+            (dist > OBJECT_TOL).astype(np.uint8), connectivity=8
+        )
         big = [k for k in range(1, n) if stats[k, cv2.CC_STAT_AREA] >= MIN_AREA]
         out.objects[i] = len(big)
         if not big:
@@ -122,8 +130,15 @@ def _turning_points(x: np.ndarray, prominence: float = 3.0) -> list[tuple[int, s
 def motion_checks(checks: FrameChecks, motion: str, height: int, width: int) -> dict:
     """The per-video motion verdict and its parts (see the module docstring)."""
     track = _smooth_track(checks.centre)
-    fail = {"motion_ok": False, "axis_ok": False, "moves": False, "turns_at_edges": 1.0, "reflections": 0,
-            "direction_ok": False, "path_ratio": 0.0}
+    fail = {
+        "motion_ok": False,
+        "axis_ok": False,
+        "moves": False,
+        "turns_at_edges": 1.0,
+        "reflections": 0,
+        "direction_ok": False,
+        "path_ratio": 0.0,
+    }
     if np.isnan(track).all():
         return fail
     ext = np.nanmedian(checks.extent, axis=0)
@@ -132,7 +147,13 @@ def motion_checks(checks: FrameChecks, motion: str, height: int, width: int) -> 
     size = np.array([width, height], np.float64)
     span = np.maximum(size - 2 * ext, 1.0)
     slow = procedural.SPEEDS["slow"] * min(height, width) / 64.0
-    axes = {"moving left": (0,), "moving right": (0,), "moving up": (1,), "moving down": (1,), "bouncing": (0, 1)}[motion]
+    axes = {
+        "moving left": (0,),
+        "moving right": (0,),
+        "moving up": (1,),
+        "moving down": (1,),
+        "bouncing": (0, 1),
+    }[motion]
     if motion == "bouncing":
         ratio = float(path.min() / max(path.max(), 1e-9))
         axis_ok = ratio >= DIAGONAL_RATIO
@@ -148,7 +169,11 @@ def motion_checks(checks: FrameChecks, motion: str, height: int, width: int) -> 
     for a in axes:
         for i, kind in _turning_points(track[:, a]):
             turns += 1
-            near = track[i, a] <= ext[a] + EDGE_TOL if kind == "min" else track[i, a] >= size[a] - ext[a] - EDGE_TOL
+            near = (
+                track[i, a] <= ext[a] + EDGE_TOL
+                if kind == "min"
+                else track[i, a] >= size[a] - ext[a] - EDGE_TOL
+            )
             at_edge += bool(near)
             first.setdefault(a, kind)
     turns_at_edges = at_edge / turns if turns else 1.0
@@ -157,16 +182,32 @@ def motion_checks(checks: FrameChecks, motion: str, height: int, width: int) -> 
     if motion == "bouncing":
         direction_ok = True
     else:
-        a, sign = {"moving left": (0, -1), "moving right": (0, 1), "moving up": (1, -1), "moving down": (1, 1)}[motion]
+        a, sign = {
+            "moving left": (0, -1),
+            "moving right": (0, 1),
+            "moving up": (1, -1),
+            "moving down": (1, 1),
+        }[motion]
         # it starts at the edge the prompt points to (and has just bounced off it)
-        at_start = track[0, a] >= size[a] - ext[a] - EDGE_TOL - 3 if sign > 0 else track[0, a] <= ext[a] + EDGE_TOL + 3
+        at_start = (
+            track[0, a] >= size[a] - ext[a] - EDGE_TOL - 3
+            if sign > 0
+            else track[0, a] <= ext[a] + EDGE_TOL + 3
+        )
         if a in first:  # the first reflection is off the edge the prompt points to
             direction_ok = first[a] == ("max" if sign > 0 else "min") or bool(at_start)
         else:
             direction_ok = bool(np.sign(track[-1, a] - track[0, a]) == sign)
     ok = axis_ok and moves and turns_at_edges >= 0.8 and reflect_ok and direction_ok
-    return {"motion_ok": bool(ok), "axis_ok": bool(axis_ok), "moves": moves, "turns_at_edges": float(turns_at_edges),
-            "reflections": int(at_edge), "direction_ok": bool(direction_ok), "path_ratio": ratio}
+    return {
+        "motion_ok": bool(ok),
+        "axis_ok": bool(axis_ok),
+        "moves": moves,
+        "turns_at_edges": float(turns_at_edges),
+        "reflections": int(at_edge),
+        "direction_ok": bool(direction_ok),
+        "path_ratio": ratio,
+    }
 
 
 def colour_changes(colours: list, fps: int = 16) -> int:
@@ -210,11 +251,16 @@ def score_prompt(frames: np.ndarray, prompt: str, fps: int = 16) -> Following | 
     c = frame_checks(frames, said["background"])
     hit = np.array([col == said["colour"] for col in c.colour])
     motion = motion_checks(c, said["motion"], frames.shape[1], frames.shape[2])
-    return Following(colour=float(hit.mean()), colour_last_fifth=float(hit[len(hit) - max(1, len(hit) // 5):].mean()),
-                     background=float(c.background.mean()),
-                     shape=float(np.mean([s == said["shape"] for s in c.shape])),
-                     one_object=float((c.objects == 1).mean()), colour_changes=colour_changes(c.colour, fps),
-                     motion_ok=motion["motion_ok"], motion=motion)
+    return Following(
+        colour=float(hit.mean()),
+        colour_last_fifth=float(hit[len(hit) - max(1, len(hit) // 5) :].mean()),
+        background=float(c.background.mean()),
+        shape=float(np.mean([s == said["shape"] for s in c.shape])),
+        one_object=float((c.objects == 1).mean()),
+        colour_changes=colour_changes(c.colour, fps),
+        motion_ok=motion["motion_ok"],
+        motion=motion,
+    )
 
 
 def eval_hook(frames: np.ndarray, prompt: str, fps: int) -> dict | None:
@@ -223,8 +269,15 @@ def eval_hook(frames: np.ndarray, prompt: str, fps: int) -> dict | None:
     return None if result is None else result.to_dict()
 
 
-TARGETS = {"colour": 0.90, "colour_last_fifth": 0.90, "background": 0.95, "background_gray_white": 0.95,
-           "motion_ok": 0.80, "shape": 0.70, "one_object": 1.0}
+TARGETS = {
+    "colour": 0.90,
+    "colour_last_fifth": 0.90,
+    "background": 0.95,
+    "background_gray_white": 0.95,
+    "motion_ok": 0.80,
+    "shape": 0.70,
+    "one_object": 1.0,
+}
 """Issue 16's targets: shares of frames (motion: of prompts) over the held-out prompts."""
 
 
@@ -235,8 +288,10 @@ def summarize(results: dict[str, dict]) -> dict:
         raise InputError("no prompts to summarise")
     rows = list(results.values())
     light = [r for p, r in results.items() if procedural.parse_prompt(p)["background"] in ("gray", "white")]
-    out = {k: float(np.mean([r[k] for r in rows])) for k in ("colour", "colour_last_fifth", "background", "shape",
-                                                             "one_object", "motion_ok")}
+    out = {
+        k: float(np.mean([r[k] for r in rows]))
+        for k in ("colour", "colour_last_fifth", "background", "shape", "one_object", "motion_ok")
+    }
     out["background_gray_white"] = float(np.mean([r["background"] for r in light])) if light else float("nan")
     out["colour_changes"] = int(sum(r["colour_changes"] for r in rows))
     out["prompts"] = len(rows)

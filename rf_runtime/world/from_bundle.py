@@ -60,7 +60,7 @@ def dit_state_from_bundle(bundle: str) -> dict[str, torch.Tensor]:
         inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         for name, value in inits.items():
             if name.startswith("model."):
-                state[name[len("model."):]] = torch.from_numpy(value.copy())
+                state[name[len("model.") :]] = torch.from_numpy(value.copy())
         for node in model.graph.node:
             for x in node.input:
                 if not x.startswith("onnx::") or x not in inits:
@@ -69,7 +69,9 @@ def dit_state_from_bundle(bundle: str) -> dict[str, torch.Tensor]:
                 if node.op_type == "MatMul":
                     state[base + ".weight"] = torch.from_numpy(np.ascontiguousarray(inits[x].T))
                 elif node.op_type == "Add":
-                    state[base + ".modulation"] = torch.from_numpy(inits[x].reshape(1, *inits[x].shape[-2:]).copy())
+                    state[base + ".modulation"] = torch.from_numpy(
+                        inits[x].reshape(1, *inits[x].shape[-2:]).copy()
+                    )
     return state
 
 
@@ -82,14 +84,27 @@ def _normalisation(model, z_dim: int, bundle: str):
     """(1 / latents_std, latents_mean) from the decoder's first ops: z / inv_std + mean."""
     from onnx import numpy_helper
 
-    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"}
+    consts = {
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+        for n in model.graph.node
+        if n.op_type == "Constant"
+    }
     consts.update({i.name: numpy_helper.to_array(i) for i in model.graph.initializer})
     z = model.graph.input[0].name
-    div = next((n for n in model.graph.node if n.op_type == "Div" and n.input[0] == z and n.input[1] in consts), None)
+    div = next(
+        (n for n in model.graph.node if n.op_type == "Div" and n.input[0] == z and n.input[1] in consts), None
+    )
     add = div and next((n for n in model.graph.node if n.op_type == "Add" and div.output[0] in n.input), None)
     other = add and next((x for x in add.input if x != div.output[0]), None)
-    if add is None or other not in consts or consts[div.input[1]].size != z_dim or consts[other].size != z_dim:
-        raise InputError(f"{bundle}: vae_decode does not start with the latent normalisation of {z_dim} channels")
+    if (
+        add is None
+        or other not in consts
+        or consts[div.input[1]].size != z_dim
+        or consts[other].size != z_dim
+    ):
+        raise InputError(
+            f"{bundle}: vae_decode does not start with the latent normalisation of {z_dim} channels"
+        )
     return consts[div.input[1]].ravel(), consts[other].ravel()
 
 
@@ -100,21 +115,26 @@ def vae_from_bundle(bundle: str, config, seed: int = 0) -> WanVAE:
 
     model = _load(bundle, "vae_decode")
     inv_std, mean = _normalisation(model, config.z_dim, bundle)
-    cfg = dataclasses.replace(config, latents_mean=tuple(float(v) for v in mean),
-                              latents_std=tuple(float(1.0 / v) for v in inv_std))
+    cfg = dataclasses.replace(
+        config, latents_mean=tuple(float(v) for v in mean), latents_std=tuple(float(1.0 / v) for v in inv_std)
+    )
     torch.manual_seed(seed)
     vae = WanVAE(cfg)
     own = vae.state_dict()
     found = {}
     if any(i.name.startswith("onnx::") for i in model.graph.initializer):
-        raise InputError(f"{bundle}: its vae_decode stores convolution weights without names (the 2-D convolution "
-                         "export), which vae_from_bundle cannot map back; take the VAE from the model directory the "
-                         "bundle was exported from (only bundles of the earlier exporter, such as the "
-                         "procedural-world-64 of issue 5, are readable)")
+        raise InputError(
+            f"{bundle}: its vae_decode stores convolution weights without names (the 2-D convolution "
+            "export), which vae_from_bundle cannot map back; take the VAE from the model directory the "
+            "bundle was exported from (only bundles of the earlier exporter, such as the "
+            "procedural-world-64 of issue 5, are readable)"
+        )
     for init in model.graph.initializer:
-        key = init.name[len("vae."):] if init.name.startswith("vae.") else None
+        key = init.name[len("vae.") :] if init.name.startswith("vae.") else None
         if key is None or key not in own:
-            raise InputError(f"{bundle}: vae_decode holds {init.name!r}, which the VAE config has no place for")
+            raise InputError(
+                f"{bundle}: vae_decode holds {init.name!r}, which the VAE config has no place for"
+            )
         found[key] = torch.from_numpy(numpy_helper.to_array(init).copy())
     missing = [k for k in own if k.startswith(("decoder.", "conv2.")) and k not in found]
     if missing:

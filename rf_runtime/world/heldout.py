@@ -32,8 +32,9 @@ def is_heldout(prompt: str) -> bool:
     return " ".join(prompt.lower().split()) in _HELDOUT
 
 
-def training_scenes(count: int, seed: int, height: int = 64, width: int = 64,
-                    balance_backgrounds: bool = True) -> list[procedural.Scene]:
+def training_scenes(
+    count: int, seed: int, height: int = 64, width: int = 64, balance_backgrounds: bool = True
+) -> list[procedural.Scene]:
     """``count`` scenes from seeds seed, seed + 1, ... with every held-out prompt skipped.
 
     balance_backgrounds: take black, gray and white backgrounds a third each (``sample_scene`` alone

@@ -45,10 +45,28 @@ SIZES = {"small": 0.11, "big": 0.2}  # radius as a fraction of the shorter frame
 SPEEDS = {"slow": 0.9, "fast": 2.2}  # pixels per frame at 64 px (scaled with the frame size)
 MOTIONS = ("bouncing", "moving left", "moving right", "moving up", "moving down")
 # every word a prompt of this world uses (``describe``); a model trained on it knows no other
-VOCABULARY: tuple[str, ...] = tuple(sorted({"a", "on", "background", "slowly", "quickly", *SHAPES, *COLOURS, *BACKGROUNDS,
-                                            *SIZES, *(w for m in MOTIONS for w in m.split())}))
-_DIRECTIONS = {"moving left": (-1.0, 0.0), "moving right": (1.0, 0.0), "moving up": (0.0, -1.0),
-               "moving down": (0.0, 1.0)}
+VOCABULARY: tuple[str, ...] = tuple(
+    sorted(
+        {
+            "a",
+            "on",
+            "background",
+            "slowly",
+            "quickly",
+            *SHAPES,
+            *COLOURS,
+            *BACKGROUNDS,
+            *SIZES,
+            *(w for m in MOTIONS for w in m.split()),
+        }
+    )
+)
+_DIRECTIONS = {
+    "moving left": (-1.0, 0.0),
+    "moving right": (1.0, 0.0),
+    "moving up": (0.0, -1.0),
+    "moving down": (0.0, 1.0),
+}
 
 
 @dataclass(frozen=True)
@@ -83,8 +101,9 @@ class Scene:
         return lo + np.where(folded > span, 2 * span - folded, folded)
 
 
-def describe(shape: str, colour: str, size: str | None, speed: str | None, motion: str,
-             background: str | None) -> str:
+def describe(
+    shape: str, colour: str, size: str | None, speed: str | None, motion: str, background: str | None
+) -> str:
     """The prompt of a scene; optional words (size, speed, background) are left out when None."""
     words = ["a"]
     if size:
@@ -110,7 +129,9 @@ def sample_scene(seed: int, height: int = 64, width: int = 64) -> Scene:
     shape = SHAPES[rng.integers(len(SHAPES))]
     say_background = rng.random() < 0.5
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))] if say_background else DEFAULT_BACKGROUND
-    colours = [c for c in COLOURS if COLOURS[c] != BACKGROUNDS[background]]  # never a shape the colour of its background
+    colours = [
+        c for c in COLOURS if COLOURS[c] != BACKGROUNDS[background]
+    ]  # never a shape the colour of its background
     colour = colours[rng.integers(len(colours))]
     size = list(SIZES)[rng.integers(len(SIZES))]
     speed = list(SPEEDS)[rng.integers(len(SPEEDS))]
@@ -125,12 +146,20 @@ def sample_scene(seed: int, height: int = 64, width: int = 64) -> Scene:
     else:
         direction = _DIRECTIONS[motion]
     velocity = (direction[0] * pixels_per_frame, direction[1] * pixels_per_frame)
-    prompt = describe(shape, colour, size if say_size else None, speed if say_speed else None, motion,
-                      background if say_background else None)
+    prompt = describe(
+        shape,
+        colour,
+        size if say_size else None,
+        speed if say_speed else None,
+        motion,
+        background if say_background else None,
+    )
     return Scene(shape, colour, size, speed, motion, background, start, velocity, height, width, prompt)
 
 
-def shape_coverage(shape: str, centre: tuple[float, float], radius: float, height: int, width: int) -> np.ndarray:
+def shape_coverage(
+    shape: str, centre: tuple[float, float], radius: float, height: int, width: int
+) -> np.ndarray:
     """Anti-aliased coverage in [0, 1], float32 [H, W], of a shape centred at ``centre`` (x, y)."""
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
     dx, dy = xs - centre[0], ys - centre[1]
@@ -188,9 +217,21 @@ def parse_prompt(prompt: str) -> dict:
         i = words.index("background")
         if i > 0 and words[i - 1] in BACKGROUNDS:
             background = words[i - 1]
-            words = words[: i - 1] + words[i + 1:]  # the background's colour word is not the shape's
+            words = words[: i - 1] + words[i + 1 :]  # the background's colour word is not the shape's
     colour = find(tuple(COLOURS))
     motion = next((m for m in MOTIONS if m in text), None)
-    speed = "slow" if ("slowly" in words or "slow" in words) else "fast" if ("quickly" in words or "fast" in words) else None
-    return {"shape": find(SHAPES), "colour": colour, "motion": motion, "size": find(tuple(SIZES)), "speed": speed,
-            "background": background or DEFAULT_BACKGROUND}
+    speed = (
+        "slow"
+        if ("slowly" in words or "slow" in words)
+        else "fast"
+        if ("quickly" in words or "fast" in words)
+        else None
+    )
+    return {
+        "shape": find(SHAPES),
+        "colour": colour,
+        "motion": motion,
+        "size": find(tuple(SIZES)),
+        "speed": speed,
+        "background": background or DEFAULT_BACKGROUND,
+    }

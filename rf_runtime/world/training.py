@@ -47,8 +47,16 @@ def _small_vae() -> VAEConfig:
     # core, blurs shapes and shifts colours when it must also pack 4 frames into one (measured: PSNR 18 dB
     # after 26 min with stride (4, 8, 8)); one latent frame per video frame is easy for it.
     z = 8
-    return VAEConfig(dim=16, z_dim=z, dim_mult=(1, 2, 2, 2), num_res_blocks=1, attn_scales=(),
-                     temperal_downsample=(False, False, False), latents_mean=(0.0,) * z, latents_std=(1.0,) * z)
+    return VAEConfig(
+        dim=16,
+        z_dim=z,
+        dim_mult=(1, 2, 2, 2),
+        num_res_blocks=1,
+        attn_scales=(),
+        temperal_downsample=(False, False, False),
+        latents_mean=(0.0,) * z,
+        latents_std=(1.0,) * z,
+    )
 
 
 def _small_text() -> HashedTextEncoder:
@@ -57,8 +65,17 @@ def _small_text() -> HashedTextEncoder:
 
 def _small_dit() -> DiTConfig:
     text = _small_text()
-    return DiTConfig(in_dim=8, out_dim=8, dim=96, ffn_dim=384, freq_dim=64, text_dim=text.text_dim,
-                     text_len=text.text_len, num_heads=4, num_layers=4)
+    return DiTConfig(
+        in_dim=8,
+        out_dim=8,
+        dim=96,
+        ffn_dim=384,
+        freq_dim=64,
+        text_dim=text.text_dim,
+        text_len=text.text_len,
+        num_heads=4,
+        num_layers=4,
+    )
 
 
 @dataclass(frozen=True)
@@ -81,11 +98,15 @@ class WorldConfig:
         stride = self.vae.stride[1]
         unit_h, unit_w = stride * self.dit.patch_size[1], stride * self.dit.patch_size[2]
         if self.height % unit_h or self.width % unit_w:
-            raise ConfigError(f"frames {self.height}x{self.width} must be multiples of {unit_h}x{unit_w} "
-                              "(VAE stride x patch size)")
+            raise ConfigError(
+                f"frames {self.height}x{self.width} must be multiples of {unit_h}x{unit_w} "
+                "(VAE stride x patch size)"
+            )
         if self.vae.z_dim != self.dit.in_dim or self.dit.in_dim != self.dit.out_dim:
-            raise ConfigError(f"the DiT's in_dim/out_dim ({self.dit.in_dim}/{self.dit.out_dim}) must equal the "
-                              f"VAE's z_dim ({self.vae.z_dim})")
+            raise ConfigError(
+                f"the DiT's in_dim/out_dim ({self.dit.in_dim}/{self.dit.out_dim}) must equal the "
+                f"VAE's z_dim ({self.vae.z_dim})"
+            )
         if (self.text.text_dim, self.text.text_len) != (self.dit.text_dim, self.dit.text_len):
             raise ConfigError("the text encoder's text_dim/text_len must match the DiT's")
 
@@ -103,12 +124,32 @@ class WorldConfig:
 
 
 TINY = WorldConfig(
-    height=32, width=32,
-    vae=VAEConfig(dim=4, z_dim=4, dim_mult=(1, 1, 1, 1), num_res_blocks=1, attn_scales=(),
-                  temperal_downsample=(False, True, True), latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4),
-    dit=DiTConfig(in_dim=4, out_dim=4, dim=32, ffn_dim=48, freq_dim=16, text_dim=8, text_len=16, num_heads=2,
-                  num_layers=2),
-    text=HashedTextEncoder(text_dim=8, text_len=16, seed=0), clip_chunks=4)
+    height=32,
+    width=32,
+    vae=VAEConfig(
+        dim=4,
+        z_dim=4,
+        dim_mult=(1, 1, 1, 1),
+        num_res_blocks=1,
+        attn_scales=(),
+        temperal_downsample=(False, True, True),
+        latents_mean=(0.0,) * 4,
+        latents_std=(1.0,) * 4,
+    ),
+    dit=DiTConfig(
+        in_dim=4,
+        out_dim=4,
+        dim=32,
+        ffn_dim=48,
+        freq_dim=16,
+        text_dim=8,
+        text_len=16,
+        num_heads=2,
+        num_layers=2,
+    ),
+    text=HashedTextEncoder(text_dim=8, text_len=16, seed=0),
+    clip_chunks=4,
+)
 """Seconds-sized config for smoke tests (4 chunks, so the cache evicts and folds once)."""
 
 
@@ -144,23 +185,40 @@ class LatentData:
     def save(self, path: str) -> None:
         from safetensors.torch import save_file
 
-        atomic_save(lambda tmp: save_file({"latents": self.latents.contiguous(), "text": self.text.contiguous()}, tmp,
-                                          metadata={"prompts": json.dumps(self.prompts)}), path, create_folder=True)
+        atomic_save(
+            lambda tmp: save_file(
+                {"latents": self.latents.contiguous(), "text": self.text.contiguous()},
+                tmp,
+                metadata={"prompts": json.dumps(self.prompts)},
+            ),
+            path,
+            create_folder=True,
+        )
 
     @classmethod
     def load(cls, path: str) -> "LatentData":
         from safetensors import safe_open
 
         if not os.path.isfile(path):
-            raise InputError(f"latent data {path} does not exist: make it with `rf-world encode --vae VAE --out {path}`")
+            raise InputError(
+                f"latent data {path} does not exist: make it with `rf-world encode --vae VAE --out {path}`"
+            )
         with safe_open(path, "pt") as f:
             prompts = json.loads(f.metadata()["prompts"])
             return cls(f.get_tensor("latents"), f.get_tensor("text"), prompts)
 
 
 @torch.no_grad()
-def encode_dataset(vae: WanVAE, cfg: WorldConfig, num_videos: int, *, seed: int = 1_000_000, batch: int = 16,
-                   max_seconds: float | None = None, on_step=None) -> LatentData:
+def encode_dataset(
+    vae: WanVAE,
+    cfg: WorldConfig,
+    num_videos: int,
+    *,
+    seed: int = 1_000_000,
+    batch: int = 16,
+    max_seconds: float | None = None,
+    on_step=None,
+) -> LatentData:
     """Render ``num_videos`` training scenes (``heldout.training_scenes``: seeds from ``seed`` on, the
     held-out prompts skipped, backgrounds a third each) of ``cfg.pixel_frames`` frames and encode them;
     after ``max_seconds`` it stops at the end of a batch and returns the clips encoded so far."""
@@ -170,7 +228,7 @@ def encode_dataset(vae: WanVAE, cfg: WorldConfig, num_videos: int, *, seed: int 
     all_scenes = heldout.training_scenes(num_videos, seed, cfg.height, cfg.width)
     for start in range(0, num_videos, batch):
         n = min(batch, num_videos - start)
-        scenes = all_scenes[start:start + n]
+        scenes = all_scenes[start : start + n]
         pixels = to_pixels(np.stack([procedural.render(s, cfg.pixel_frames) for s in scenes]))
         latents.append(vae.encode(pixels).transpose(1, 2))  # [B, F, C, H, W]
         prompts += [s.prompt for s in scenes]
@@ -192,7 +250,9 @@ def decode_train(vae: WanVAE, z: torch.Tensor) -> torch.Tensor:
     """Decode normalised latents [B, C, F, H, W] frame by frame with the feature cache, unclamped
     (``WanVAE.decode`` clamps, which stops gradients outside [-1, 1])."""
     slots: list = []
-    return torch.cat([vae.decode_step(z[:, :, i:i + 1], slots, first=i == 0) for i in range(z.shape[2])], dim=2)
+    return torch.cat(
+        [vae.decode_step(z[:, :, i : i + 1], slots, first=i == 0) for i in range(z.shape[2])], dim=2
+    )
 
 
 def vae_loss(vae: WanVAE, pixels: torch.Tensor, kl_weight: float, fg_weight: float):
@@ -213,10 +273,23 @@ def vae_loss(vae: WanVAE, pixels: torch.Tensor, kl_weight: float, fg_weight: flo
     return loss, {"loss": float(loss.detach()), "mse": float(mse.detach()), "kl": float(kl.detach())}
 
 
-def train_vae(cfg: WorldConfig, *, steps: int, batch: int = 4, clip_frames: int = 9, lr: float = 2e-3,
-              kl_weight: float = 1e-3, fg_weight: float = 4.0, seed: int = 0, max_seconds: float | None = None,
-              crop: int | None = None, init: WanVAE | None = None, decoder_only: bool = False,
-              encoder_only: bool = False, on_step=None) -> tuple[WanVAE, list[dict]]:
+def train_vae(
+    cfg: WorldConfig,
+    *,
+    steps: int,
+    batch: int = 4,
+    clip_frames: int = 9,
+    lr: float = 2e-3,
+    kl_weight: float = 1e-3,
+    fg_weight: float = 4.0,
+    seed: int = 0,
+    max_seconds: float | None = None,
+    crop: int | None = None,
+    init: WanVAE | None = None,
+    decoder_only: bool = False,
+    encoder_only: bool = False,
+    on_step=None,
+) -> tuple[WanVAE, list[dict]]:
     """Train the VAE as an autoencoder on fresh procedural clips; stops after ``steps`` or ``max_seconds``.
 
     clip_frames: frames per training clip, 1 + k x the temporal stride. Keep it long (default 9): the
@@ -238,17 +311,23 @@ def train_vae(cfg: WorldConfig, *, steps: int, batch: int = 4, clip_frames: int 
         raise ConfigError(f"crop must be a multiple of {stride} no larger than the frame, got {crop}")
     if (clip_frames - 1) % cfg.vae.stride[0]:
         raise ConfigError(f"clip_frames must be 1 + {cfg.vae.stride[0]}k, got {clip_frames}")
-    vae, rng = _start(lambda: WanVAE(init.config if init is not None else cfg.vae), init, seed)  # init's normalisation
+    vae, rng = _start(
+        lambda: WanVAE(init.config if init is not None else cfg.vae), init, seed
+    )  # init's normalisation
     decoder = ("decoder.", "conv2.")
-    params = [p for n, p in vae.named_parameters()
-              if not (decoder_only or encoder_only) or n.startswith(decoder) == decoder_only]
+    params = [
+        p
+        for n, p in vae.named_parameters()
+        if not (decoder_only or encoder_only) or n.startswith(decoder) == decoder_only
+    ]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = _warmup_decay(opt, steps, warmup=50)
+
     def step():
         pixels = sample_clips(rng, cfg, batch, clip_frames)[1]
         if crop is not None:
             y, x = (int(rng.integers(0, n - crop + 1)) for n in pixels.shape[-2:])
-            pixels = pixels[..., y:y + crop, x:x + crop]
+            pixels = pixels[..., y : y + crop, x : x + crop]
         return _step(opt, sched, vae, vae_loss(vae, pixels, kl_weight, fg_weight))
 
     return vae.eval(), _loop(steps, max_seconds, on_step, step)
@@ -267,7 +346,9 @@ def _start(make, init: torch.nn.Module | None, seed: int):
 def _warmup_decay(opt, steps: int, warmup: int):
     """Linear warm-up over ``warmup`` steps, then linear decay to 10 % of the rate at ``steps``."""
     total = max(steps, 1)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * (1 - s / total)))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * (1 - s / total))
+    )
 
 
 def _step(opt, sched, model, loss_logs, clip: float = 1.0) -> dict:
@@ -289,8 +370,12 @@ def _loop(steps: int, max_seconds: float | None, on_step, step_fn, log_every: in
         if on_step:
             on_step(step, logs)
         if step % log_every == 0 or step + 1 == steps:
-            logger.info("step %d (%.0f s): %s", step, logs["seconds"],
-                        " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k not in ("step", "seconds")))
+            logger.info(
+                "step %d (%.0f s): %s",
+                step,
+                logs["seconds"],
+                " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k not in ("step", "seconds")),
+            )
         if max_seconds is not None and logs["seconds"] > max_seconds:
             logger.info("stopping at step %d: time budget of %.0f s spent", step, max_seconds)
             break
@@ -345,7 +430,9 @@ def foreground_weight(x_t: torch.Tensor, fg_weight: float, threshold: float = 0.
     return 1.0 + fg_weight * mask
 
 
-def flow_loss(pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def flow_loss(
+    pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Flow matching: the network predicts v = eps - x0 (SPEC 2); ``weight`` broadcasts over the error
     and the result is normalised by its mean, so the loss keeps the scale of the plain MSE."""
     err = (pred - (eps - x0)) ** 2
@@ -365,8 +452,15 @@ def drop_text(text: torch.Tensor, rng: np.random.Generator, p: float) -> torch.T
     return text * keep
 
 
-def teacher_loss(model: CausalDiT, latents, text, rng: np.random.Generator, shift: float,
-                 text_dropout: float = 0.0, fg_weight: float = 0.0):
+def teacher_loss(
+    model: CausalDiT,
+    latents,
+    text,
+    rng: np.random.Generator,
+    shift: float,
+    text_dropout: float = 0.0,
+    fg_weight: float = 0.0,
+):
     """One t per clip, every frame noised to it, bidirectional forward. Returns (loss, logs)."""
     b, f = latents.shape[:2]
     sigma = torch.from_numpy(shifted_sigma(rng, b, shift)).float().view(b, 1, 1, 1, 1)
@@ -378,25 +472,55 @@ def teacher_loss(model: CausalDiT, latents, text, rng: np.random.Generator, shif
     return loss, {"loss": float(loss.detach())}
 
 
-def train_teacher(cfg: WorldConfig, data: LatentData, *, steps: int, batch: int = 16, lr: float = 5e-4,
-                  seed: int = 0, max_seconds: float | None = None, init: CausalDiT | None = None,
-                  text_dropout: float = 0.1, fg_weight: float = 3.0,
-                  on_step=None) -> tuple[CausalDiT, list[dict]]:
+def train_teacher(
+    cfg: WorldConfig,
+    data: LatentData,
+    *,
+    steps: int,
+    batch: int = 16,
+    lr: float = 5e-4,
+    seed: int = 0,
+    max_seconds: float | None = None,
+    init: CausalDiT | None = None,
+    text_dropout: float = 0.1,
+    fg_weight: float = 3.0,
+    on_step=None,
+) -> tuple[CausalDiT, list[dict]]:
     """The bidirectional teacher, from scratch or continued from ``init``.
 
     text_dropout: fraction of samples trained without text (for classifier-free guidance in DMD).
     fg_weight: extra loss weight on the shape's latent cells (``foreground_weight``); 0 = plain MSE.
     """
+
     def loss(m, x, text, rng):
         return teacher_loss(m, x, text, rng, cfg.stream.shift, text_dropout, fg_weight)
 
-    return _train_dit(cfg, data, loss, init=init, steps=steps, batch=batch, lr=lr, seed=seed,
-                      max_seconds=max_seconds, warmup=100, on_step=on_step)
+    return _train_dit(
+        cfg,
+        data,
+        loss,
+        init=init,
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        seed=seed,
+        max_seconds=max_seconds,
+        warmup=100,
+        on_step=on_step,
+    )
 
 
 @torch.no_grad()
-def sample_teacher(model: CausalDiT, text: torch.Tensor, shape: tuple, *, steps: int = 24, guidance: float = 0.0,
-                   shift: float = 5.0, seed: int = 0) -> torch.Tensor:
+def sample_teacher(
+    model: CausalDiT,
+    text: torch.Tensor,
+    shape: tuple,
+    *,
+    steps: int = 24,
+    guidance: float = 0.0,
+    shift: float = 5.0,
+    seed: int = 0,
+) -> torch.Tensor:
     """Bidirectional samples of a teacher: Euler on the flow ODE from sigma 1 to 0 over the shift-warped
     schedule, with classifier-free guidance against no text when ``guidance`` > 0
     (v = v_cond + guidance (v_cond - v_uncond)). text [B, L, D]; shape (F, C, H, W) -> latents [B, F, C, H, W]."""
@@ -407,7 +531,9 @@ def sample_teacher(model: CausalDiT, text: torch.Tensor, shape: tuple, *, steps:
     for a, c in zip(sig[:-1], sig[1:]):
         t = torch.full((b, shape[0]), a * 1000.0)
         if guidance > 0:
-            v_both = model.forward_full(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, torch.zeros_like(text)]))
+            v_both = model.forward_full(
+                torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, torch.zeros_like(text)])
+            )
             v_cond, v_uncond = v_both.chunk(2)
             v = v_cond + guidance * (v_cond - v_uncond)
         else:
@@ -416,8 +542,9 @@ def sample_teacher(model: CausalDiT, text: torch.Tensor, shape: tuple, *, steps:
     return x
 
 
-def _train_dit(cfg: WorldConfig, data: LatentData, loss, *, init, steps, batch, lr, seed, max_seconds, warmup,
-               on_step) -> tuple[CausalDiT, list[dict]]:
+def _train_dit(
+    cfg: WorldConfig, data: LatentData, loss, *, init, steps, batch, lr, seed, max_seconds, warmup, on_step
+) -> tuple[CausalDiT, list[dict]]:
     """AdamW on ``loss(model, latents, text, rng) -> (loss, logs)`` over random batches of ``data``."""
     model, rng = _start(lambda: CausalDiT(cfg.dit), init, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -430,8 +557,15 @@ def _train_dit(cfg: WorldConfig, data: LatentData, loss, *, init, steps, batch, 
     return model.eval(), _loop(steps, max_seconds, on_step, step)
 
 
-def student_loss(model: CausalDiT, latents, text, rng: np.random.Generator, settings: StreamSettings,
-                 sampler_fraction: float = 0.5, fg_weight: float = 0.0):
+def student_loss(
+    model: CausalDiT,
+    latents,
+    text,
+    rng: np.random.Generator,
+    settings: StreamSettings,
+    sampler_fraction: float = 0.5,
+    fg_weight: float = 0.0,
+):
     """Teacher-forced causal flow matching through the streaming KV cache.
 
     The clip is cut into chunks; chunk i is noised (one sigma per chunk and sample) and predicted
@@ -448,7 +582,7 @@ def student_loss(model: CausalDiT, latents, text, rng: np.random.Generator, sett
     rollout = ChunkRollout.for_prompt(model, text, latents.shape, settings)
 
     def chunk(i):  # teacher forcing: predict the noised data chunk; the data's clean chunk is committed
-        x0 = latents[:, i * c:(i + 1) * c]
+        x0 = latents[:, i * c : (i + 1) * c]
         sigma = shifted_sigma(rng, b, settings.shift)
         use_sched = rng.random(b) < sampler_fraction
         sigma = np.where(use_sched, sched_sigma[rng.integers(len(sched_sigma), size=b)], sigma)
@@ -462,18 +596,43 @@ def student_loss(model: CausalDiT, latents, text, rng: np.random.Generator, sett
 
     losses = chunk_loop(rollout, f // c, chunk)
     loss = torch.stack(losses).mean()
-    return loss, {"loss": float(loss.detach()), **{f"loss_chunk{i}": float(v.detach()) for i, v in enumerate(losses)}}
+    return loss, {
+        "loss": float(loss.detach()),
+        **{f"loss_chunk{i}": float(v.detach()) for i, v in enumerate(losses)},
+    }
 
 
-def train_student(cfg: WorldConfig, data: LatentData, teacher: CausalDiT, *, steps: int, batch: int = 8,
-                  lr: float = 2e-4, seed: int = 0, max_seconds: float | None = None, fg_weight: float = 3.0,
-                  on_step=None) -> tuple[CausalDiT, list[dict]]:
+def train_student(
+    cfg: WorldConfig,
+    data: LatentData,
+    teacher: CausalDiT,
+    *,
+    steps: int,
+    batch: int = 8,
+    lr: float = 2e-4,
+    seed: int = 0,
+    max_seconds: float | None = None,
+    fg_weight: float = 3.0,
+    on_step=None,
+) -> tuple[CausalDiT, list[dict]]:
     """The causal student: the teacher's weights, fine-tuned on teacher-forced causal chunks."""
+
     def loss(m, x, text, rng):
         return student_loss(m, x, text, rng, cfg.stream, fg_weight=fg_weight)
 
-    return _train_dit(cfg, data, loss, init=teacher, steps=steps, batch=batch, lr=lr, seed=seed,
-                      max_seconds=max_seconds, warmup=20, on_step=on_step)
+    return _train_dit(
+        cfg,
+        data,
+        loss,
+        init=teacher,
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        seed=seed,
+        max_seconds=max_seconds,
+        warmup=20,
+        on_step=on_step,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,8 +677,17 @@ def save_dit(model: CausalDiT, path: str) -> str:
     return save_weights(model, path)
 
 
-def write_model_dir(path: str, cfg: WorldConfig, dit: CausalDiT, vae: WanVAE, model_card: dict | None = None) -> str:
+def write_model_dir(
+    path: str, cfg: WorldConfig, dit: CausalDiT, vae: WanVAE, model_card: dict | None = None
+) -> str:
     """A model folder (``rf_runtime.model_dir``) of the world model: its stream settings, resolution and
     text encoder in the card."""
-    return model_dir.write(path, dit, vae, text_encoder=cfg.text.to_dict(), stream=cfg.stream,
-                           resolution=(cfg.height, cfg.width), model_card=model_card)
+    return model_dir.write(
+        path,
+        dit,
+        vae,
+        text_encoder=cfg.text.to_dict(),
+        stream=cfg.stream,
+        resolution=(cfg.height, cfg.width),
+        model_card=model_card,
+    )
