@@ -97,6 +97,16 @@ def test_runs_and_every_return_value_is_handled(fake, tmp_path):
         TensorRTRunner(bad, SPEC).activate()
 
 
+def test_a_plan_that_is_not_the_declared_graph_is_refused_once_by_activate(fake, tmp_path):
+    """The IO check is Runner.activate's (one place for every runner): a plan whose output has another
+    dtype than the manifest declares is refused with the TensorRT fix, and its stream is released."""
+    with pytest.raises(RunnerError, match=r"does not match its declared IO.*y.*rf-export trt") as err:
+        TensorRTRunner(plan(tmp_path, out_dtype="float16"), SPEC).activate()
+    assert "float16" in str(err.value)
+    names = fake.CUDART.names()
+    assert names.count("cudaStreamCreate") == names.count("cudaStreamDestroy") == 1
+
+
 def test_contexts_share_one_user_managed_scratch(fake, tmp_path):
     with TensorRTRunner(plan(tmp_path), SPEC) as r:
         allocations = fake.CUDART.live_device_allocations()  # the scratch

@@ -183,6 +183,8 @@ class TensorRTRunner(Runner):
     max_graphs: CUDA graphs kept per binding (least recently used destroyed beyond it).
     """
 
+    rebuild = "rebuild with `rf-export trt BUNDLE`"
+
     device = "cuda"
 
     def __init__(
@@ -227,17 +229,6 @@ class TensorRTRunner(Runner):
                 f"TensorRT {trt.__version__} could not deserialize {self.plan_path}: it was built by "
                 "another TensorRT version or for another GPU; rebuild with `rf-export trt BUNDLE`"
             )
-        actual = engine_graph_spec(trt, engine, self.name)
-        if self.graph is None:
-            self.graph = actual
-        else:
-            problems = self.graph.compare(actual)
-            if problems:
-                raise RunnerError(
-                    f"{self.plan_path}: the engine does not match its declared IO: "
-                    + "; ".join(problems)
-                    + "; rebuild with `rf-export trt BUNDLE`"
-                )
         # one activation scratch for every context of this runner (USER_MANAGED allocation)
         size = int(
             engine.device_memory_size_v2
@@ -249,6 +240,10 @@ class TensorRTRunner(Runner):
         self.stream = check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._stream_handle = int(self.stream)
         self.engine = engine
+
+    def loaded_graph_impl(self) -> GraphSpec:
+        # compared with the declared IO once, by Runner.activate, as for every runner
+        return engine_graph_spec(self.trt, self.engine, self.name)
 
     def deactivate_impl(self) -> None:
         with self._lock:
