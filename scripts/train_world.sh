@@ -43,8 +43,16 @@ done
 if want vae; then
     stamp vae
     if [[ ${VAE_FROM:-bundle} == bundle ]]; then
-        rf-world --quiet from-bundle --bundle "${BUNDLE:-engines/procedural-world-64}" \
-            --dit-out "$W/dit0.safetensors" --vae-out "$W/vae0.safetensors"
+        if [[ -f $C/dit0.safetensors && -f $C/vae9.safetensors ]]; then
+            # already taken out once and committed (the shipped bundle is now exported with 2-D convolutions,
+            # whose decoder weights from-bundle cannot name): continue fitting the committed encoder
+            need dit0.safetensors
+            cp "$C/vae9.safetensors" "$W/vae0.safetensors"
+            cp "$C/vae9.safetensors.json" "$W/vae0.safetensors.json"
+        else
+            rf-world --quiet from-bundle --bundle "${BUNDLE:-engines/procedural-world-64}" \
+                --dit-out "$W/dit0.safetensors" --vae-out "$W/vae0.safetensors"
+        fi
         rf-world --threads "$THREADS" --quiet vae --init "$W/vae0.safetensors" --encoder-only --clip-frames 9 \
             --crop 32 --batch 8 --lr 1e-3 --steps 3000 --max-minutes "${VAE_MIN:-12}" --out "$W/vae9.safetensors"
         keep "$W/dit0.safetensors"
