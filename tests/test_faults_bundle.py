@@ -311,7 +311,11 @@ MANIFEST_FAULTS = [
         _set(["model", "vae_cache_shapes"], [1, 2]),
         r"'model.vae_cache_shapes\[0\]' must be a list",
     ),
-    ("a card path of the build machine", _set(["model_card", "source"], "/home/me/model"), r"absolute path"),
+    (
+        "a card path of the build machine",
+        _set(["model_card", "source"], os.path.abspath("model")),
+        r"absolute path",
+    ),
     ("schema_version as text", _set(["schema_version"], "2"), r"schema_version '2' is not supported"),
 ]
 

@@ -264,6 +264,22 @@ class StaticTorchBackend(TorchBackend):
         staged.numpy()[...] = array
         dst.copy_(staged, non_blocking=True)
 
+    def _dit(self, s: _StaticStream, x, mask, cos_q, sin_q, time_emb):
+        """The DiT on a chunk against this stream's text K/V and cache: (flow, k, v)."""
+        return self._dit_call(
+            x,
+            None,
+            s.text_k,
+            s.text_v,
+            s.cache_k,
+            s.cache_v,
+            mask,
+            *self._ctx_rope,
+            cos_q,
+            sin_q,
+            time_emb=time_emb,
+        )
+
     def denoise_step(self, state, x, step, eps):
         s: _StaticStream = state.device
         cur = step % 2
@@ -282,19 +298,7 @@ class StaticTorchBackend(TorchBackend):
         renoise = eps is not None and not last
 
         def run():
-            flow, _, _ = self._dit_call(
-                x_in,
-                None,
-                s.text_k,
-                s.text_v,
-                s.cache_k,
-                s.cache_v,
-                mask,
-                *self._ctx_rope,
-                cos_q,
-                sin_q,
-                time_emb=(e, e0),
-            )
+            flow, _, _ = self._dit(s, x_in, mask, cos_q, sin_q, (e, e0))
             s.x0.copy_(x0_from_flow(x_in, flow, sigma))
             if renoise:
                 x_out.copy_(renoise_fn(s.x0, s.eps[step], sigma_next))
@@ -318,19 +322,7 @@ class StaticTorchBackend(TorchBackend):
         e, e0 = self._time[-1]
 
         def run():
-            _, k, v = self._dit_call(
-                s.x0,
-                None,
-                s.text_k,
-                s.text_v,
-                s.cache_k,
-                s.cache_v,
-                mask,
-                *self._ctx_rope,
-                cos_q,
-                sin_q,
-                time_emb=(e, e0),
-            )
+            _, k, v = self._dit(s, s.x0, mask, cos_q, sin_q, (e, e0))
             commit_chunk(self._spec, st, s.cache_k, k, self._tpf)  # states past the last behave like it
             commit_chunk(self._spec, st, s.cache_v, v, self._tpf)
 

@@ -228,21 +228,15 @@ def verify_bundle(
             {n: v if v.dtype == np.int64 else v.astype(np.float32) for n, v in feeds.items()},
         )
         tol = TOLERANCES[precision]
+
+        def skip(reason: str) -> VerifyRow:
+            nan = float("nan")
+            return VerifyRow(graph, precision, backend, nan, nan, tol, "SKIP", reason)
+
         for backend in backends:
             plan = plans.get(graph, {}).get("file")
             if backend == "tensorrt" and plan is None:
-                rows.append(
-                    VerifyRow(
-                        graph,
-                        precision,
-                        backend,
-                        float("nan"),
-                        float("nan"),
-                        tol,
-                        "SKIP",
-                        "no TensorRT plan in the bundle (rf-export trt BUNDLE)",
-                    )
-                )
+                rows.append(skip("no TensorRT plan in the bundle (rf-export trt BUNDLE)"))
                 continue
             if backend.startswith("onnxruntime") and precision == "bf16":
                 why = (
@@ -250,18 +244,7 @@ def verify_bundle(
                     if backend == "onnxruntime-cpu"
                     else "the onnxruntime runner takes no bf16 host arrays (numpy has no bf16)"
                 )
-                rows.append(
-                    VerifyRow(
-                        graph,
-                        precision,
-                        backend,
-                        float("nan"),
-                        float("nan"),
-                        tol,
-                        "SKIP",
-                        f"{why}; try --backends onnx-reference or tensorrt",
-                    )
-                )
+                rows.append(skip(f"{why}; try --backends onnx-reference or tensorrt"))
                 continue
             plan_path = bundle.file(plan) if plan else None
             got = _run_backend(

@@ -202,26 +202,26 @@ class ServeApp:
         return JSONResponse(job.describe(f"/v{VERSION}/videos"), status_code=202)
 
     def _job(self, request: Request):
-        return self.jobs.jobs.get(request.path_params["jid"])
-
-    async def job_status(self, request: Request) -> Response:
+        """(the job, None), or (None, the response that refuses the request: unauthorized or unknown)."""
         if not self._authorized(request):
-            return self._unauthorized()
-        job = self._job(request)
+            return None, self._unauthorized()
+        job = self.jobs.jobs.get(request.path_params["jid"])
         if job is None:
-            return JSONResponse(
+            return None, JSONResponse(
                 {"error": "no such job (finished jobs are kept for a while only)"}, status_code=404
             )
+        return job, None
+
+    async def job_status(self, request: Request) -> Response:
+        job, refused = self._job(request)
+        if refused is not None:
+            return refused
         return JSONResponse(job.describe(f"/v{VERSION}/videos"))
 
     async def job_video(self, request: Request) -> Response:
-        if not self._authorized(request):
-            return self._unauthorized()
-        job = self._job(request)
-        if job is None:
-            return JSONResponse(
-                {"error": "no such job (finished jobs are kept for a while only)"}, status_code=404
-            )
+        job, refused = self._job(request)
+        if refused is not None:
+            return refused
         if job.status != "done":
             return JSONResponse(
                 {"error": f"the job is {job.status}, not done", **job.describe(f"/v{VERSION}/videos")},
