@@ -337,6 +337,20 @@ def _bench_parser() -> argparse.ArgumentParser:
         "--json", help="report path (default rf-bench.json, rf-soak.json with --soak; written atomically)"
     )
     p.add_argument(
+        "--estimate",
+        metavar="BUNDLE",
+        help="estimate instead: the memory a stream of BUNDLE needs per backend and precision (from its "
+        "manifest, nothing loaded, no torch) against the free memory of --device; with --sessions N, N "
+        "streams; exit 1 when it does not fit",
+    )
+    p.add_argument(
+        "--device-memory",
+        type=float,
+        metavar="GIB",
+        help="--estimate: the device's free memory in GiB (default: read from psutil or /proc/meminfo for "
+        "cpu, cuda-python's cudaMemGetInfo for cuda)",
+    )
+    p.add_argument(
         "--soak",
         type=float,
         metavar="MINUTES",
@@ -366,6 +380,10 @@ def _bench(args) -> int:
 
     if args.soak is not None:
         return _soak(args)
+    if args.estimate is not None:
+        return _estimate(args)
+    if args.device_memory is not None:
+        raise RFError("--device-memory applies to --estimate: add --estimate BUNDLE")
     args.json = args.json or "rf-bench.json"
 
     runs = []
@@ -408,6 +426,37 @@ def _bench(args) -> int:
     write_json(report, args.json)
     print(format_table(report))
     print(f"report: {args.json}")
+    return 0
+
+
+def _estimate(args) -> int:
+    """rf-bench --estimate: torch-free (rf_runtime.memory reads the manifest only)."""
+    from rf_runtime import memory
+
+    if len(args.sessions) > 1:
+        raise RFError("--estimate takes one --sessions count (the streams to hold at once)")
+    streams = args.sessions[0] if args.sessions else 1
+    bundle = memory.read_bundle(args.estimate)
+    rows = memory.estimates(bundle, "cuda" if args.device.startswith("cuda") else "cpu", streams)
+    if args.device_memory is not None:
+        if args.device_memory <= 0:
+            raise RFError(f"--device-memory {args.device_memory}: give the free memory in GiB, above 0")
+        free, source = int(args.device_memory * memory.GIB), "--device-memory"
+    else:
+        free, source = memory.device_memory(args.device)
+    print(memory.format_estimates(rows, free, source))
+    for row in rows:
+        if memory.verdict(row, free) != "fits":
+            print(
+                f"rf-bench: warning: {row.backend} {row.precision}: {memory.size(row.total)} needed, "
+                f"{memory.size(free)} free on {args.device}"
+                + (" (over 90%: other allocations may not fit)" if row.total <= free else ""),
+                file=sys.stderr,
+            )
+    problem = memory.check(rows, free, args.estimate)
+    if problem:
+        print(f"rf-bench: error: {problem}", file=sys.stderr)
+        return 1
     return 0
 
 

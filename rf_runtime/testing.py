@@ -129,7 +129,8 @@ def main(argv=None):
         return 0
     options = {"--preset": "tiny", "--device": "cpu"}
     while len(args) > 1 and args[0] in options:
-        options[args.pop(0)] = args.pop(0)
+        key = args.pop(0)  # not `options[args.pop(0)] = args.pop(0)`: Python evaluates the value first
+        options[key] = args.pop(0)
     if len(args) != 1 or args[0].startswith("-") or options["--preset"] not in ("tiny", "wan2.1-1.3b"):
         print(usage, file=sys.stderr)  # never a model directory named '--help'
         return 2

@@ -28,6 +28,7 @@ RUNTIME = (
     "rf_runtime",
     "rf_runtime.streamer",
     "rf_runtime.bundle",
+    "rf_runtime.memory",
     "rf_runtime.snapshot",
     "rf_runtime.cache",
     "rf_runtime.sampler",

@@ -127,9 +127,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
     from rf_runtime.cli import run_command
 
-    return run_command("rf-export", _run, parser().parse_args(argv))
+    # an export can take an hour at full size: its progress (each graph and its time) at INFO
+    logging.getLogger("rf_runtime.polygraphy").setLevel(logging.WARNING)
+    return run_command("rf-export", _run, parser().parse_args(argv), level=logging.INFO)
 
 
 def _run(args) -> int:

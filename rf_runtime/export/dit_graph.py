@@ -121,7 +121,7 @@ def export_dit_step(model: CausalDiT, path: str, feeds: dict, opset: int = 17) -
 
     import onnx
 
-    from rf_runtime.export.onnx_files import save_onnx
+    from rf_runtime.export.onnx_files import save_onnx, save_streamed
 
     step = DiTStep(model.eval())
     args = tuple(torch.from_numpy(feeds[name]) for name in INPUTS)
@@ -141,6 +141,8 @@ def export_dit_step(model: CausalDiT, path: str, feeds: dict, opset: int = 17) -
                 dynamo=False,
                 do_constant_folding=True,
             )
+        if any(f != os.path.basename(raw) for f in os.listdir(scratch)):  # > 2 GB: torch wrote data files
+            return save_streamed(raw, path)  # byte copies: the weights are never loaded
         return save_onnx(onnx.load(raw), path)
 
 

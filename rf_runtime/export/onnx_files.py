@@ -40,3 +40,66 @@ def save_onnx(model: onnx.ModelProto, path: str, external: bool | None = None) -
     )
     onnx.save(model, path)
     return [data]
+
+
+def _model_tensors(model: onnx.ModelProto):
+    """Every tensor of the main graph that can carry weights: initializers and Constant node values."""
+    g = model.graph
+    yield from g.initializer
+    for node in g.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+ALIGNMENT = 4096  # each tensor's offset in the data file (onnxruntime can then map it page-aligned)
+COPY_CHUNK = 64 << 20
+
+
+def save_streamed(src: str, path: str) -> list[str]:
+    """Rewrite the ONNX file ``src`` (its weights inline or in any number of external files, as torch's
+    exporter writes a > 2 GB graph: one file per tensor) as ``path`` with every tensor of at least
+    1 KiB in one data file ``<name>.data``, copying the bytes file to file: the weights are never all
+    in memory (at most one tensor, for one kept inline in ``src``). Returns ``[<name>.data]``.
+    """
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(src, load_external_data=False)
+    src_dir = os.path.dirname(os.path.abspath(src))
+    data = os.path.basename(path) + ".data"
+    data_path = os.path.join(os.path.dirname(os.path.abspath(path)), data)
+    with open(data_path, "wb") as out:
+        for tensor in _model_tensors(model):
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                length = info.length or os.path.getsize(os.path.join(src_dir, info.location)) - (
+                    info.offset or 0
+                )
+                if length < EXTERNAL_THRESHOLD:
+                    continue  # torch writes only large tensors apart; a small one stays where it is
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
+                info, length = None, len(tensor.raw_data)
+            else:
+                continue  # small, or held in a typed field (float_data...): stays in the graph
+            offset = -(-out.tell() // ALIGNMENT) * ALIGNMENT
+            out.seek(offset)
+            if info is None:
+                out.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            else:
+                with open(os.path.join(src_dir, info.location), "rb") as f:
+                    f.seek(info.offset or 0)
+                    left = length
+                    while left:
+                        block = f.read(min(COPY_CHUNK, left))
+                        if not block:
+                            raise OSError(f"{info.location}: {left} bytes missing for tensor {tensor.name}")
+                        out.write(block)
+                        left -= len(block)
+                del tensor.external_data[:]
+            for key, value in (("location", data), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save(model, path)
+    return [data]
