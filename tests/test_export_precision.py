@@ -327,9 +327,10 @@ def test_verify_refuses_bad_input(dirs, tmp_path, capsys):
 def test_graphs_over_the_protobuf_limit_go_to_external_data(dirs, models, tmp_path, monkeypatch):
     """The 1.3B DiT is > 2 GB even in fp16: the lowering then writes one external-data file and checks
     the graph from its file. Exercised here by lowering the limit to 1 KiB."""
+    import rf_runtime.export.onnx_files as onnx_files
     import rf_runtime.export.precision as precision
 
-    monkeypatch.setattr(precision, "PROTOBUF_LIMIT", 1024)
+    monkeypatch.setattr(onnx_files, "PROTOBUF_LIMIT", 1024)
     policy = precision.graph_policies(*models)["text_kv"]
     data = precision.lower_file(
         str(dirs[1] / "text_kv.onnx"), str(tmp_path / "text_kv.fp16.onnx"), "fp16", policy

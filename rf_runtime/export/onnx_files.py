@@ -15,6 +15,16 @@ PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto this large cannot be serialized in on
 EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
 
 
+def over_limit(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is too large for one protobuf message. Not ``model.ByteSize()``: protobuf
+    refuses to compute that for a message over 2 GB (EncodeError), the very case to detect. Counted
+    instead: the bytes of every tensor held in memory, plus 64 MiB for the graph's structure."""
+    from onnx.external_data_helper import uses_external_data
+
+    tensors = sum(len(t.raw_data) for t in _model_tensors(model) if not uses_external_data(t))
+    return tensors + (64 << 20) >= PROTOBUF_LIMIT
+
+
 def save_onnx(model: onnx.ModelProto, path: str, external: bool | None = None) -> list[str]:
     """Save ``model`` (all tensor data in memory) to ``path``; returns the data files written beside it.
 
@@ -23,7 +33,7 @@ def save_onnx(model: onnx.ModelProto, path: str, external: bool | None = None) -
     Tensors under 1 KiB (shapes, axes, scalars) stay in the graph, where runtimes read them on load.
     """
     if external is None:
-        external = model.ByteSize() >= PROTOBUF_LIMIT
+        external = over_limit(model)
     if not external:
         onnx.save(model, path)
         return []

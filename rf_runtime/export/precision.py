@@ -58,7 +58,6 @@ SOFTMAX_ISLAND_OPS = {"Add", "Sub", "Mul", "Div", "Where", "Neg"}
 # Statistics ops: float32 wherever they occur, whatever module they come from.
 STATISTICS_OPS = {"ReduceMean", "ReduceL2", "ReduceSum", "LayerNormalization"}
 FP16_MAX = float(np.finfo(np.float16).max)
-PROTOBUF_LIMIT = onnx_files.PROTOBUF_LIMIT
 logger = logging.getLogger("rf_runtime")
 
 
@@ -185,7 +184,7 @@ def lower_graph(model: onnx.ModelProto, precision: str, policy: GraphPolicy) -> 
     # one converted tensor at a time into the model itself (make_graph / make_model copy their arguments)
     for tensor in initializers:
         lowered.graph.initializer.append(tensor)
-    if lowered.ByteSize() < PROTOBUF_LIMIT:  # larger graphs are checked from their file (lower_file)
+    if not onnx_files.over_limit(lowered):  # larger graphs are checked from their file (lower_file)
         _check(lowered, precision)
     return lowered
 
@@ -420,7 +419,7 @@ def lower_file(src: str, dst: str, precision: str, policy: GraphPolicy) -> list[
     """Lower the fp32 graph in ``src`` and write it to ``dst``; returns the external-data file names
     written beside it (one ``<dst>.data`` for a graph over protobuf's 2 GB, else none)."""
     lowered = lower_graph(onnx.load(src), precision, policy)  # the fp32 graph is freed on return
-    data = save_onnx(lowered, dst, external=lowered.ByteSize() >= PROTOBUF_LIMIT)
+    data = save_onnx(lowered, dst, external=onnx_files.over_limit(lowered))
     if data:  # too large to check in memory
         _check(dst, precision)
     return data
