@@ -7,7 +7,6 @@ every value typed, no node mixing float types, every op and tensor type in Tenso
 support matrix (tests/data/tensorrt10_onnx_operators.csv), static shapes.
 """
 
-import csv
 import json
 import os
 import shutil
@@ -214,34 +213,12 @@ def test_strong_typing_check_finds_mixed_inputs():
     assert len(problems) == 1 and "mixed" in problems[0] and "fp16" in problems[0] and "fp32" in problems[0]
 
 
-CSV_TYPES = {
-    TensorProto.FLOAT: "FP32",
-    TensorProto.FLOAT16: "FP16",
-    TensorProto.BFLOAT16: "BF16",
-    TensorProto.INT32: "INT32",
-    TensorProto.INT64: "INT64",
-    TensorProto.BOOL: "BOOL",
-    TensorProto.UINT8: "UINT8",
-}
-
-
 def assert_ops_supported(model, label):
-    """Every op is marked Y with a listed type for each tensor it reads or writes; static I/O shapes.
-    Exceptions: the BOOL result of a comparison (its listed types are its inputs'), and the CSV's
-    "INF64" typo for ConstantOfShape read as INT64."""
-    with open(TRT_OPS) as f:
-        rows = {r["operator"]: r for r in csv.DictReader(f)}
-    g, types = tensor_types(model)
-    for v in (*g.input, *g.output):
-        dims = v.type.tensor_type.shape.dim
-        assert dims and all(d.HasField("dim_value") for d in dims), f"{label}: {v.name} has a dynamic shape"
-    for node in g.node:
-        row = rows.get(node.op_type)
-        assert row is not None and row["supported"] == "Y", f"{label}: {node.op_type} is not supported"
-        allowed = {t.strip().replace("INF64", "INT64") for t in row["types"].split(",")}
-        comparison = node.op_type in ("Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Equal", "IsNaN")
-        for value in [i for i in node.input if i] + ([] if comparison else list(node.output)):
-            assert CSV_TYPES.get(types[value]) in allowed, (label, node.name, value, types[value])
+    """Every op is marked Y with a listed type for each tensor it reads or writes; static I/O shapes
+    (``export.trt_view.op_problems``, the check scripts/real_scale_export.sh runs on full-size bundles)."""
+    from rf_runtime.export.trt_view import op_problems, read_matrix
+
+    assert op_problems(model, read_matrix(TRT_OPS)) == [], label
 
 
 def test_every_op_and_type_is_supported_by_tensorrt(dirs):

@@ -149,3 +149,23 @@ def test_a_graph_in_one_file_per_tensor_is_rewritten_with_one_data_file(tmp_path
     expect = ((x @ w[0]) @ w[1]) @ w[2] + bias
     got = ort.InferenceSession(str(out / "g.onnx")).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-4)
+
+
+def test_the_tensorrt_view_finds_what_the_parser_refuses():
+    from onnx import TensorProto, helper
+
+    from rf_runtime.export.trt_view import op_problems, read_matrix
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 4])  # a dynamic batch
+    y = helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["n"])
+    nodes = [
+        helper.make_node("Cast", ["x"], ["d"], to=TensorProto.DOUBLE),
+        helper.make_node("Det", ["d"], ["y"]),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    problems = op_problems(model, read_matrix(MATRIX))
+    assert any("x has a dynamic shape" in p for p in problems)
+    assert any("Cast" in p and "type 11" in p for p in problems)  # DOUBLE is no TensorRT type
+    assert any("Det is not supported" in p for p in problems)

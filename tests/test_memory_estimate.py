@@ -109,3 +109,18 @@ def test_device_memory_of_this_machine_is_read():
     assert 0 < free and source
     with pytest.raises(memory.RFError, match="unknown device"):
         memory.device_memory("tpu")
+
+
+def test_loading_a_bundle_too_large_for_the_device_warns_first(engine_dirs, monkeypatch, caplog):
+    from rf_runtime.backends import engine
+
+    monkeypatch.setattr(memory, "device_memory", lambda device: (1 << 20, "test"))  # 1 MiB free
+    with caplog.at_level("WARNING", logger="rf_runtime"):
+        engine.EngineBackend.load(engine_dirs[1])
+    (warning,) = [r.getMessage() for r in caplog.records if "needs about" in r.getMessage()]
+    assert "onnxruntime fp32" in warning and "1.0 MiB free" in warning and "rf-bench --estimate" in warning
+    caplog.clear()
+    monkeypatch.setattr(memory, "device_memory", lambda device: (64 << 30, "test"))
+    with caplog.at_level("WARNING", logger="rf_runtime"):
+        engine.EngineBackend.load(engine_dirs[1])
+    assert not [r for r in caplog.records if "needs about" in r.getMessage()]

@@ -112,6 +112,7 @@ class EngineBackend(Backend):
         self.model_card.check_settings(settings, self.info.frame_hw)
         self.spec = settings.cache_spec
         self.schedule = settings.schedule()
+        _warn_if_too_large(bundle, backend, device)
         self.runners = self._make_runners(backend, device, cuda_graph, threads)
         for graph, runner in self.runners.items():
             _activate(runner, graph, bundle.path)
@@ -519,6 +520,39 @@ class EngineBackend(Backend):
                 g: {"intra_op": t.intra_op, "spinning": t.spinning} for g, t in threads.items()
             }
         return out
+
+
+def _warn_if_too_large(bundle: Bundle, backend: str, device: str) -> None:
+    """Before any session or engine loads: ``rf-bench --estimate``'s memory for one stream against the
+    device's free memory. A warning, not a refusal: the estimate's activations are an upper bound."""
+    from rf_runtime import memory
+
+    precision = "fp32"
+    if backend == "tensorrt":
+        plan = plan_names(bundle).get(DIT_STEP)
+        if plan is None:
+            return  # _make_runners names what is missing
+        precision = bundle.manifest["graphs"].get(plan, {}).get("precision", "fp32")
+    row = memory.estimate(bundle, backend, precision)
+    if row is None:
+        return
+    try:
+        free, source = memory.device_memory(device)
+    except RFError:
+        return
+    if row.total > free:
+        logger.warning(
+            "bundle %s needs about %s for one stream on %s %s (rf-bench --estimate %s), and %s has %s "
+            "free (%s): the load or the first chunk may fail for lack of memory",
+            bundle.path,
+            memory.size(row.total),
+            backend,
+            precision,
+            bundle.path,
+            device,
+            memory.size(free),
+            source,
+        )
 
 
 def _activate(runner: Runner, graph: str, bundle: str) -> None:
