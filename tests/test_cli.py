@@ -127,6 +127,20 @@ def test_tiny_model_command_takes_help_and_refuses_option_like_dirs(tmp_path, mo
     ]
 
 
+def test_tiny_model_command_reads_its_options(tmp_path, monkeypatch, capsys):
+    """`--preset X` was read as an option named X with the value '--preset' (Python evaluates the right
+    side of `options[args.pop(0)] = args.pop(0)` first), so every preset and device was ignored:
+    device_check.sh's `--preset wan2.1-1.3b --device cuda` wrote the tiny model."""
+    from rf_runtime import testing
+
+    monkeypatch.chdir(tmp_path)
+    assert testing.main(["--preset", "huge", "m"]) == 2 and os.listdir(tmp_path) == []
+    asked = []
+    monkeypatch.setattr(testing, "write_wan_random_dir", lambda path, device: asked.append((path, device)))
+    assert testing.main(["--preset", "wan2.1-1.3b", "--device", "cuda", "w"]) == 0
+    assert asked == [("w", "cuda")]
+
+
 def test_sigterm_is_handled_like_ctrl_c(model_dir, tmp_path, monkeypatch, capsys):
     """kill / docker stop mid-video: the frames made so far are saved and no temporary file is left
     (Python's default SIGTERM action exits without cleanup and left a hidden .rf-*.mp4 behind)."""
