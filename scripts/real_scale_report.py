@@ -40,8 +40,22 @@ def folded_nodes(bundle_dir: str, manifest: dict, graph: str) -> int:
 
     from rf_runtime.export.onnx_fold import fold_structure
 
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    from rf_runtime.export.onnx_fold import MAX_FOLDED_BYTES
+
     path = os.path.join(bundle_dir, manifest["files"][manifest["graphs"][graph]["file"]]["path"])
-    return len(fold_structure(onnx.load(path, load_external_data=False))[0].graph.node)
+    model = onnx.load(path, load_external_data=False)
+    for t in model.graph.initializer:  # the small external tensors are constants the folding evaluates
+        if uses_external_data(t):
+            info = ExternalDataInfo(t)
+            if info.length and info.length <= MAX_FOLDED_BYTES:
+                with open(os.path.join(os.path.dirname(path), info.location), "rb") as f:
+                    f.seek(info.offset or 0)
+                    t.raw_data = f.read(info.length)
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+    return len(fold_structure(model)[0].graph.node)
 
 
 def files(bundle_dir: str) -> int:
