@@ -6,6 +6,8 @@ precision it holds) the estimate adds up, from the graphs' declared inputs and o
 
     weights      the graph files and their external data (TensorRT: the plans, where built);
                  shared by every stream of a loaded bundle
+    runtime      what the runtime holds beyond the weight bytes (session graphs, packed weights,
+                 arena growth at the first chunk): ``RUNTIME_OVERHEAD`` x weights, measured
     activations  the scratch each graph needs while it runs (below); shared too, since every graph
                  keeps its own arena (onnxruntime) or scratch (TensorRT runner) between calls
     kv_cache     the context K/V, two copies (the cache update cannot write its input)
@@ -50,8 +52,14 @@ from rf_runtime.graph_io import (
 )
 
 GIB, MIB = 1 << 30, 1 << 20
-PARTS = ("weights", "activations", "kv_cache", "new_kv", "text_kv", "vae_cache", "latents")
-SHARED = ("weights", "activations")  # per loaded bundle; the other parts are per stream
+PARTS = ("weights", "runtime", "activations", "kv_cache", "new_kv", "text_kv", "vae_cache", "latents")
+SHARED = ("weights", "runtime", "activations")  # per loaded bundle; the other parts are per stream
+# What onnxruntime's CPU sessions hold beyond the weight bytes, as a share of them: measured on the
+# 1.3B geometry's bundle at 64 x 112 (docs/notes/export.md, "Export at real scale"): loading added
+# 6888 MiB for 6033 MiB of weights, the first chunk 1731 MiB more (flat after it), against 693 MiB
+# of stream buffers and activations estimated: (6888 + 1731 - 6033 - 693) / 6033 = 0.31. TensorRT: not
+# measured (no GPU here), 0.
+RUNTIME_OVERHEAD = {"onnxruntime": 0.31, "tensorrt": 0.0}
 HEADROOM = 0.9  # above this share of the device's free memory the estimate warns
 
 
@@ -136,6 +144,7 @@ def estimate(bundle, backend: str, precision: str, streams: int = 1) -> Estimate
     ] - 1
     parts = {
         "weights": sum(weight_bytes(n) for n in used),
+        "runtime": 0,
         "activations": sum(activation_bytes(m["model"]["dit"], m["stream"], graphs).values()),
         "kv_cache": 2 * (_nbytes(step["ctx_k"]) + _nbytes(step["ctx_v"])),
         "new_kv": _nbytes(step["new_k"]) + _nbytes(step["new_v"]),
@@ -146,6 +155,7 @@ def estimate(bundle, backend: str, precision: str, streams: int = 1) -> Estimate
         + 3 * _nbytes(vae["frames"])
         + _nbytes(graphs[VAE_DECODE_FIRST].tensors["frames"]),
     }
+    parts["runtime"] = int(RUNTIME_OVERHEAD[backend] * parts["weights"])
     return Estimate(backend, precision, parts, streams)
 
 

@@ -82,7 +82,8 @@ def test_estimate_against_the_tiny_config_by_hand(engine_dirs):
     assert acts["dit_step"] == dit_step == 57888
     assert acts["cache_update"] == 2 * 2 * L * k * DIM * F32
     three = memory.estimate(bundle, "onnxruntime", "fp32", streams=3)
-    shared = row.parts["weights"] + row.parts["activations"]
+    assert row.parts["runtime"] == int(memory.RUNTIME_OVERHEAD["onnxruntime"] * on_disk)
+    shared = row.parts["weights"] + row.parts["runtime"] + row.parts["activations"]
     assert three.total == shared + 3 * row.per_stream
 
 
