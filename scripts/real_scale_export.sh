@@ -9,7 +9,7 @@
 # WORK_DIR gets model/ (3 GB, bf16 weights), small/ (the same weights, linked, at SMALL_RESOLUTION),
 # bundle-small/, bundle-480x832/ (about 9 GB with fp16) and one .log / .time file per step.
 # Environment: PRECISIONS (default fp32,fp16), SMALL_RESOLUTION (default 64x112), CHUNKS (streamed
-# chunks, default 3), FULL=0 to stop after the small bundle, STEP=1 to time one fp32 step of the
+# chunks, default 3), FULL=0 to stop after the small bundle, SMALL=0 to skip it, STEP=1 to time one fp32 step of the
 # full-size graph through onnxruntime CPU (needs about 12 GB more), GPU_GIB (default 24: the GPU the
 # full-size estimate is checked against). Peak memory: about 13 GB for the exports (docs/notes/export.md).
 # Needs the export and cpu extras; /usr/bin/time (GNU time) for the peak RSS of each step, if present.
@@ -20,6 +20,7 @@ PRECISIONS=${PRECISIONS:-fp32,fp16}
 SMALL_RESOLUTION=${SMALL_RESOLUTION:-64x112}
 CHUNKS=${CHUNKS:-3}
 FULL=${FULL:-1}
+SMALL=${SMALL:-1}
 STEP=${STEP:-0}
 GPU_GIB=${GPU_GIB:-24}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -67,11 +68,13 @@ export_bundle() {  # NAME MODEL_DIR
   step "files-$1" $REPORT files "$WORK/bundle-$1"
 }
 
-export_bundle small "$WORK/small"
-step verify-small rf-export verify "$WORK/bundle-small" --model-dir "$WORK/small" \
-  --checkpoint "$WORK/small/$CKPT_NAME" --backends onnxruntime-cpu
-step estimate-small rf-bench --estimate "$WORK/bundle-small"
-step stream-small $REPORT stream "$WORK/bundle-small" "$CHUNKS"
+if [ "$SMALL" = 1 ]; then
+  export_bundle small "$WORK/small"
+  step verify-small rf-export verify "$WORK/bundle-small" --model-dir "$WORK/small" \
+    --checkpoint "$WORK/small/$CKPT_NAME" --backends onnxruntime-cpu
+  step estimate-small rf-bench --estimate "$WORK/bundle-small"
+  step stream-small $REPORT stream "$WORK/bundle-small" "$CHUNKS"
+fi
 
 if [ "$FULL" = 1 ]; then
   export_bundle 480x832 "$WORK/model"

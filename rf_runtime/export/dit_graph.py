@@ -111,7 +111,8 @@ def example_inputs(
 
 
 def export_dit_step(model: CausalDiT, path: str, feeds: dict, opset: int = 17) -> list[str]:
-    """Export the step graph with the static shapes of ``feeds`` (see ``example_inputs``).
+    """Export the step graph with the static shapes of ``feeds`` (see ``example_inputs``; numpy arrays
+    or torch tensors, e.g. a zero expanded to a large input's shape).
 
     Returns the external-data files written beside ``path``: none for small models, one
     ``dit_step.onnx.data`` when the graph is over protobuf's 2 GB (the 1.3B model in fp32).
@@ -124,7 +125,7 @@ def export_dit_step(model: CausalDiT, path: str, feeds: dict, opset: int = 17) -
     from rf_runtime.export.onnx_files import save_onnx, save_streamed
 
     step = DiTStep(model.eval())
-    args = tuple(torch.from_numpy(feeds[name]) for name in INPUTS)
+    args = tuple(v if isinstance(v := feeds[name], torch.Tensor) else torch.from_numpy(v) for name in INPUTS)
     # torch writes a > 2 GB graph with one file per tensor: export apart, then save with one data file
     with tempfile.TemporaryDirectory(
         prefix=".rf-dit-", dir=os.path.dirname(os.path.abspath(path))
