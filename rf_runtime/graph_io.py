@@ -28,6 +28,18 @@ TEXT_ENCODER = "text_encoder"  # umT5 bundles only; run once per prompt like tex
 GRAPHS = (TEXT_KV, DIT_STEP, CACHE_UPDATE, VAE_DECODE_FIRST, VAE_DECODE)
 """The graphs every bundle holds, in the order a chunk runs them."""
 
+BATCHED_GRAPHS = (DIT_STEP, CACHE_UPDATE, VAE_DECODE_FIRST, VAE_DECODE)
+"""The per-chunk graphs a bundle may also hold for B > 1 rows (``rf-export onnx --batch-sizes``): the
+same tensors with B on the batch axis (axis 1 of ``text_k`` / ``ctx_k`` / ``new_k``, axis 0 elsewhere),
+and per-row cache-state tables: ``key_mask`` [B, (M + f) * T], ``cos_q`` / ``sin_q`` [B, f*T, D],
+``mix`` [B, M, M + f]. ``t_freq``, ``sigma``, ``sigma_next``, ``cos_ctx``, ``sin_ctx`` stay shared
+(the rows of one call are at the same denoising step). The text graphs run once per prompt: batch 1."""
+
+
+def batched(graph: str, size: int) -> str:
+    """The name of a per-chunk graph's batch-``size`` export: ``dit_step`` at 2 is ``dit_step_b2``."""
+    return graph if size == 1 else f"{graph}_b{size}"
+
 DIT_STEP_INPUTS = (
     "x",
     "eps",

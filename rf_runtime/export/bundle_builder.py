@@ -17,7 +17,8 @@ from rf_runtime.bundle import graph_io_from_onnx, write_manifest
 from rf_runtime.cache import commit_matrix
 from rf_runtime.errors import ConfigError
 from rf_runtime.files import give_default_permissions, output_dir, replace_dir
-from rf_runtime.graph_io import GRAPHS
+from rf_runtime.graph_io import BATCHED_GRAPHS, CACHE_UPDATE, DIT_STEP, GRAPHS, VAE_DECODE, VAE_DECODE_FIRST
+from rf_runtime.graph_io import batched
 
 OPSET = 17
 
@@ -29,6 +30,7 @@ def build_bundle(
     checkpoint=None,
     model_card: dict | None = None,
     precisions=("fp32",),
+    batch_sizes=(1,),
     force: bool = False,
 ) -> str:
     """Export every graph of the model in ``model_dir`` into the bundle directory ``out_dir``.
@@ -38,12 +40,16 @@ def build_bundle(
         ``rf_runtime.json`` ("model_card" entry).
     precisions: "fp32" always; "fp16" / "bf16" add strongly typed ``<name>@<precision>``
         variants of every graph (export/precision.py).
+    batch_sizes: the numbers of streams one call of the per-chunk graphs serves (1 always; e.g. 1, 2, 4
+        adds ``dit_step_b2`` ... ``vae_decode_b4`` and the manifest's ``batch`` section; the graphs of
+        every size are fp32, for onnxruntime).
     The bundle is assembled in a temporary directory beside ``out_dir`` and renamed when complete.
     force: replace an existing bundle at ``out_dir``; without it, and for anything at ``out_dir`` that
         is not a bundle, the export is refused before any work (``files.output_dir``).
     """
     from rf_runtime.bundle import MANIFEST
 
+    sizes = check_batch_sizes(batch_sizes)
     out_dir = output_dir(out_dir, "an engine bundle", marker=MANIFEST, force=force)
     import onnx
     import torch
@@ -78,39 +84,18 @@ def build_bundle(
         settings=models.settings,
     )
     cfg, settings = dit.config, info.settings
-    spec = settings.cache_spec
     grid = dit.grid(info.latent_hw)
-    tpf = grid[0] * grid[1]
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
     try:
         give_default_permissions(tmp, directory=True)  # not mkdtemp's owner-only 0700
-        feeds = example_inputs(
-            dit, info.latent_hw, spec.context_frames, spec.chunk_frames, spec.context_frames
-        )
-        dit_data = export_dit_step(dit, os.path.join(tmp, "dit_step.onnx"), feeds)
         export_text_kv(dit, os.path.join(tmp, "text_kv.onnx"))
-        kv = feeds["ctx_k"]
-        new = np.zeros((*kv.shape[:2], spec.chunk_frames * tpf, *kv.shape[3:]), np.float32)
-        export_cache_update(
-            tpf,
-            os.path.join(tmp, "cache_update.onnx"),
-            {
-                "ctx_k": kv,
-                "ctx_v": kv,
-                "new_k": new,
-                "new_v": new,
-                "mix": commit_matrix(spec, 0).astype(np.float32),
-            },
-        )
-        n_slots = export_vae_decoder(
-            vae,
-            info.latent_hw,
-            os.path.join(tmp, "vae_decode_first.onnx"),
-            os.path.join(tmp, "vae_decode.onnx"),
-        )
-        slot_shapes = [list(s.shape) for s in initial_cache(vae, info.latent_hw)]
         files = {name: {"path": f"{name}.onnx"} for name in GRAPHS}
-        files.update({"dit_step_data": {"path": d} for d in dit_data})  # > 2 GB graphs: their weights
+        for size in sizes:  # the per-chunk graphs once per batch size, static shapes each
+            names = {g: batched(g, size) for g in BATCHED_GRAPHS}
+            data, n_slots = export_chunk_graphs(dit, vae, info, tmp, names, size)
+            files.update({name: {"path": f"{name}.onnx"} for name in names.values()})
+            files.update({f"{names[DIT_STEP]}_data": {"path": d} for d in data})  # > 2 GB: its weights
+        slot_shapes = [list(s.shape) for s in initial_cache(vae, info.latent_hw)]
         # strongly typed low-precision variants (export/precision.py)
         from rf_runtime.export.precision import add_precision_variants
 
@@ -153,6 +138,18 @@ def build_bundle(
                 "longest_tested_frames": card.get("longest_tested_frames"),
                 **{k: card[k] for k in ("note", "vocabulary") if k in card},
             },
+            **(
+                {
+                    "batch": {
+                        "sizes": list(sizes),
+                        "graphs": {
+                            str(b): {g: batched(g, b) for g in BATCHED_GRAPHS} for b in sizes if b > 1
+                        },
+                    }
+                }
+                if sizes != (1,)
+                else {}
+            ),
             "producer": {
                 "rf_runtime": rf_runtime.__version__,
                 "torch": torch.__version__,
@@ -166,6 +163,48 @@ def build_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def check_batch_sizes(batch_sizes) -> tuple[int, ...]:
+    """Batch sizes as a sorted tuple that holds 1; anything else is refused before any work."""
+    sizes = tuple(batch_sizes)
+    if not sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in sizes):
+        raise ConfigError(f"batch sizes must be positive integers, e.g. 1,2,4; got {list(sizes)}")
+    return tuple(sorted({1, *sizes}))
+
+
+def export_chunk_graphs(dit, vae, info, out: str, names: dict, batch: int) -> tuple[list[str], int]:
+    """The per-chunk graphs (DiT step, cache update, both VAE graphs) for ``batch`` rows, written as
+    ``<names[graph]>.onnx`` into ``out``; returns (the DiT step's external-data files, VAE cache slots)."""
+    spec = info.settings.cache_spec
+    grid = dit.grid(info.latent_hw)
+    tpf = grid[0] * grid[1]
+    feeds = example_inputs(
+        dit, info.latent_hw, spec.context_frames, spec.chunk_frames, spec.context_frames, batch=batch
+    )
+    data = export_dit_step(dit, os.path.join(out, f"{names[DIT_STEP]}.onnx"), feeds)
+    kv = feeds["ctx_k"]
+    new = np.zeros((*kv.shape[:2], spec.chunk_frames * tpf, *kv.shape[3:]), np.float32)
+    mix = commit_matrix(spec, 0).astype(np.float32)
+    export_cache_update(
+        tpf,
+        os.path.join(out, f"{names[CACHE_UPDATE]}.onnx"),
+        {
+            "ctx_k": kv,
+            "ctx_v": kv,
+            "new_k": new,
+            "new_v": new,
+            "mix": mix if batch == 1 else np.repeat(mix[None], batch, axis=0),
+        },
+    )
+    slots = export_vae_decoder(
+        vae,
+        info.latent_hw,
+        os.path.join(out, f"{names[VAE_DECODE_FIRST]}.onnx"),
+        os.path.join(out, f"{names[VAE_DECODE]}.onnx"),
+        batch=batch,
+    )
+    return data, slots
 
 
 def graph_entries(bundle_dir: str, files: dict) -> dict:
