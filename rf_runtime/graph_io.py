@@ -40,6 +40,7 @@ def batched(graph: str, size: int) -> str:
     """The name of a per-chunk graph's batch-``size`` export: ``dit_step`` at 2 is ``dit_step_b2``."""
     return graph if size == 1 else f"{graph}_b{size}"
 
+
 DIT_STEP_INPUTS = (
     "x",
     "eps",

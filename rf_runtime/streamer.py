@@ -323,6 +323,11 @@ class Stream:
             self._state = be.import_state(snapshot.state, latent_frames_decoded=frames_decoded)
 
     @property
+    def closed(self) -> bool:
+        """True once ``close`` was called (its buffers are released)."""
+        return self._state is None
+
+    @property
     def finished(self) -> bool:
         """True once ``num_frames`` frames have been handed out (never for an unbounded stream)."""
         return self.num_frames is not None and self.frames_emitted >= self.num_frames

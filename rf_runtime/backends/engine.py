@@ -474,7 +474,11 @@ class EngineBackend(Backend):
             b, runners = self.bundle, {}
             for graph, name in batch_graph_names(b.manifest, size).items():
                 runner = OnnxRuntimeRunner(
-                    b.graph_file(name), b.graphs[name], device="cpu", name=name, threads=cpu_threads(graph, self._threads)
+                    b.graph_file(name),
+                    b.graphs[name],
+                    device="cpu",
+                    name=name,
+                    threads=cpu_threads(graph, self._threads),
                 )
                 _activate(runner, name, b.path)
                 one = self.runners[graph].graph.tensors
@@ -515,8 +519,17 @@ class EngineBackend(Backend):
         vae_first = first.bind({"z": z})
         scratch = np.zeros(st["frames"].shape[1:], np.float32)
         return _Group(
-            size, b_dit, b_upd, vae_first, vae, x, b_dit["x0"], (rows(x[0]), rows(x[1])), rows(b_dit["x0"]),
-            rows(b_dit["eps"]), scratch,
+            size,
+            b_dit,
+            b_upd,
+            vae_first,
+            vae,
+            x,
+            b_dit["x0"],
+            (rows(x[0]), rows(x[1])),
+            rows(b_dit["x0"]),
+            rows(b_dit["eps"]),
+            scratch,
         )
 
     def gather(self, states):
@@ -540,7 +553,12 @@ class EngineBackend(Backend):
         for i in range(size):
             s: _Stream = states[i if i < n else 0].device  # padding rows: copies of row 0
             k, v = s.kv[s.kv_cur]
-            for name, source in (("text_k", s.dit["text_k"]), ("text_v", s.dit["text_v"]), ("ctx_k", k), ("ctx_v", v)):
+            for name, source in (
+                ("text_k", s.dit["text_k"]),
+                ("text_v", s.dit["text_v"]),
+                ("ctx_k", k),
+                ("ctx_v", v),
+            ):
                 d[name].host[:, i] = source.host[:, 0]
             state = min(s.chunks_committed, self._last_state)
             for name in graph_io.STATE_TABLES:
@@ -628,7 +646,9 @@ class EngineBackend(Backend):
         t_first = first_r.graph.tensors["frames"].shape[2]
         t_step, h, w = step_r.graph.tensors["frames"].shape[2:]
         f = g.x0.shape[1]
-        outs = [np.empty((f * t_step if on else t_first + (f - 1) * t_step, h, w, 3), np.uint8) for on in started]
+        outs = [
+            np.empty((f * t_step if on else t_first + (f - 1) * t_step, h, w, 3), np.uint8) for on in started
+        ]
         done = [0] * len(outs)
         names = self._vae_cache_names()
         z = g.vae_first["z"].host

@@ -21,6 +21,7 @@ from rf_runtime.graph_io import BATCHED_GRAPHS, CACHE_UPDATE, DIT_STEP, GRAPHS, 
 from rf_runtime.graph_io import batched
 
 OPSET = 17
+BATCHED_WEIGHTS = "batched_weights"  # the file key of the batched graphs' shared weights
 
 
 def build_bundle(
@@ -96,6 +97,12 @@ def build_bundle(
             files.update({name: {"path": f"{name}.onnx"} for name in names.values()})
             files.update({f"{names[DIT_STEP]}_data": {"path": d} for d in data})  # > 2 GB: its weights
         slot_shapes = [list(s.shape) for s in initial_cache(vae, info.latent_hw)]
+        batched_graphs = [batched(g, b) for b in sizes if b > 1 for g in BATCHED_GRAPHS]
+        if batched_graphs:  # their weights once, in one file (export/shared_weights.py)
+            from rf_runtime.export.shared_weights import share_weights
+
+            share_weights(tmp, [f"{g}.onnx" for g in batched_graphs], f"{BATCHED_WEIGHTS}.data")
+            files[BATCHED_WEIGHTS] = {"path": f"{BATCHED_WEIGHTS}.data"}
         # strongly typed low-precision variants (export/precision.py)
         from rf_runtime.export.precision import add_precision_variants
 
@@ -110,9 +117,12 @@ def build_bundle(
         else:
             text_section = text_spec()
         source = os.path.basename(os.path.normpath(os.fspath(model_dir)))
+        graphs = graph_entries(tmp, files)
+        for g in batched_graphs:
+            graphs[g]["external_data"] = [BATCHED_WEIGHTS]
         manifest = {
             "files": files,
-            "graphs": graph_entries(tmp, files),
+            "graphs": graphs,
             "model": {
                 "dit": cfg.to_dict(),
                 "latent_channels": info.latent_channels,

@@ -27,7 +27,9 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     except ValueError:
         items = ()
     if not items or any(b < 1 for b in items):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated list of positive integers, e.g. 1,2,4")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a comma-separated list of positive integers, e.g. 1,2,4"
+        )
     return tuple(sorted({1, *items}))
 
 
