@@ -127,13 +127,18 @@ class Batcher:
             self._cond.notify()
         return request.future
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel the waiting requests and wait for the calls being made (a thread still inside
+        onnxruntime when the interpreter exits would abort the process)."""
         with self._cond:
             self._stopped = True
             for r in self._pending:
                 r.future.cancel()
             self._pending.clear()
             self._cond.notify_all()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
 
     def _loop(self) -> None:
         while True:
