@@ -329,3 +329,29 @@ def test_serve_engine_steps_ready_sessions_together(batched_bundle):
         assert asyncio.run(close_then_step()) is None  # a closed session's queued chunk: nothing, no error
     finally:
         engine.shutdown()
+
+
+def test_rf_bench_sessions_reports_the_batched_path_beside_the_threads(batched_bundle, tmp_path, capsys):
+    from rf_runtime.cli import bench_main
+
+    _, path = batched_bundle
+    out = tmp_path / "s.json"
+    n = 3
+    assert (
+        bench_main(["--bundle", str(path), "--chunks", str(n), "--sessions", "1,2,3", "--json", str(out)])
+        == 0
+    )
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    modes = [(c["sessions"], c["mode"]) for c in report["sessions"]]
+    assert modes == [(1, "threads"), (2, "threads"), (2, "batched"), (3, "threads"), (3, "batched")]
+    one = report["sessions"][0]
+    for c in report["sessions"]:
+        assert c["frames"] == c["sessions"] * (9 + 12 * (n - 1))  # every stream's every frame
+        assert c["aggregate_fps"] == pytest.approx(c["frames"] / c["wall_s"])
+        assert c["aggregate_over_one_session"] == pytest.approx(c["aggregate_fps"] / one["aggregate_fps"])
+        assert 0 < c["latency_p50_s"] <= c["latency_p99_s"]
+        if c["mode"] == "batched":
+            assert c["batch_sizes"] == [1, 2, 4]
+            assert c["per_session_fps"] == pytest.approx([c["aggregate_fps"] / c["sessions"]] * c["sessions"])
+    assert "batched" in table and "threads" in table

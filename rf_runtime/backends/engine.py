@@ -481,6 +481,14 @@ class EngineBackend(Backend):
                     threads=cpu_threads(graph, self._threads),
                 )
                 _activate(runner, name, b.path)
+                slots = len(self._vae_cache_names())
+                problem = graph_io.mismatch(
+                    graph, runner.graph.input_names(), runner.graph.output_names(), slots
+                )
+                if problem:
+                    raise BundleError(
+                        f"graph {name} of {b.path}: {problem}; rebuild the bundle with `rf-export onnx`"
+                    )
                 one = self.runners[graph].graph.tensors
                 for t in (*runner.graph.inputs, *runner.graph.outputs):
                     want = _batched_shape(graph, t.name, one[t.name].shape, size) if t.name in one else None
