@@ -41,6 +41,12 @@ def batched(graph: str, size: int) -> str:
     return graph if size == 1 else f"{graph}_b{size}"
 
 
+def unbatched(name: str) -> str:
+    """``dit_step_b2`` -> ``dit_step`` (a batched export has its graph's tensor names); others as they are."""
+    head, sep, size = name.rpartition("_b")
+    return head if sep and size.isdigit() and head in BATCHED_GRAPHS else name
+
+
 DIT_STEP_INPUTS = (
     "x",
     "eps",
@@ -83,6 +89,7 @@ def updated(name: str) -> str:
 
 def io_names(graph: str, vae_cache_slots: int = 0) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(inputs, outputs) a graph of the contract has, in graph order."""
+    graph = unbatched(graph)
     ins, outs = vae_cache_names(vae_cache_slots)
     names = {
         TEXT_KV: (TEXT_KV_INPUTS, TEXT_KV_OUTPUTS),

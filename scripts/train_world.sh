@@ -111,6 +111,6 @@ fi
 if want export; then
     stamp export
     rf-export onnx --model-dir "$C/model" --out engines/procedural-world-64 --force --training-stage re-dmd \
-        --name procedural-world-64 --longest-tested-frames 960
+        --name procedural-world-64 --longest-tested-frames 960 --batch-sizes 1,2,4
 fi
 stamp done
