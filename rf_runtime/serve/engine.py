@@ -224,6 +224,7 @@ class LocalEngine:
             batching = max(sizes) > 1
         if batching:
             self.batcher = Batcher(workers=workers, max_rows=max(sizes), jpeg_quality=jpeg_quality)
+            logger.info("sessions ready at a chunk boundary step together, up to %d per call", max(sizes))
 
     async def _run(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
