@@ -528,14 +528,11 @@ def _eval_prompts_file(args) -> int:
 
     from rf_runtime.world.adherence import evaluate
     from rf_runtime.world.follow import summarize, summary_table
+    from rf_runtime.world.heldout import read_prompts_file
 
     if args.video or args.prompt:
         raise RFError("--prompts-file generates its own streams: leave out the video and --prompt")
-    if not os.path.isfile(args.prompts_file):
-        raise RFError(f"--prompts-file {args.prompts_file} does not exist")
-    prompts = [line.strip() for line in open(args.prompts_file) if line.strip()]
-    if not prompts:
-        raise RFError(f"--prompts-file {args.prompts_file} holds no prompts")
+    prompts = read_prompts_file(args.prompts_file)
     streamer = _load_streamer(args)
     num_frames = max(2, round(args.seconds * streamer.fps))
     results, following = {}, {}

@@ -136,6 +136,22 @@ def _parser():
     )
     sh.add_argument("--seed", type=int, default=0)
     sh.add_argument("--out", required=True, help="PNG to write")
+    dg = sub.add_parser(
+        "diagnose",
+        help="where prompts are lost: the prompt-following checks on the world's renders, the VAE's "
+        "reconstructions, the teacher's samples and the streamed model, side by side",
+    )
+    dg.add_argument("--vae", help="VAE weights (rf-world vae): scores its reconstructions")
+    dg.add_argument("--teacher", help="teacher DiT weights (needs --vae): scores its CFG samples")
+    dg.add_argument("--engine", help="bundle to stream (the streamed model's stage)")
+    dg.add_argument(
+        "--prompts-file", default=None, help="prompts, one per line (default: the held-out prompts)"
+    )
+    dg.add_argument("--seconds", type=float, default=4.0, help="video length per prompt (default 4)")
+    dg.add_argument("--guidance", type=float, default=3.0, help="the teacher's CFG scale (default 3)")
+    dg.add_argument("--seed", type=int, default=0)
+    dg.add_argument("--out", help="JSON to write (every prompt's checks per stage)")
+    dg.add_argument("--tiny", action="store_true")
     pr = sub.add_parser("prompts", help="write procedural prompts, one per line (for rf-train)")
     pr.add_argument("--count", type=int, default=500)
     pr.add_argument("--seed", type=int, default=2_000_000)
@@ -190,6 +206,8 @@ def _run(args) -> int:
         return _ablate(args)
     if args.command == "sheet":
         return _sheet(args)
+    if args.command == "diagnose":
+        return _diagnose(args)
     if args.command == "prompts":
         from rf_runtime.world.heldout import training_scenes
 
@@ -378,6 +396,42 @@ def _sheet(args) -> int:
     print(
         f"wrote {args.out}: {len(rows)} prompts x {args.columns} frames of {num_frames / streamer.fps:g} s streams"
     )
+    return 0
+
+
+def _diagnose(args) -> int:
+    from rf_runtime.world import diagnose
+    from rf_runtime.world import training as T
+    from rf_runtime.world.heldout import HELDOUT_PROMPTS
+
+    if args.teacher and not args.vae:
+        raise RFError("--teacher needs --vae (the teacher's samples are latents: the VAE decodes them)")
+    if not args.seconds > 0:
+        raise RFError("--seconds must be positive")
+    prompts = list(HELDOUT_PROMPTS)
+    if args.prompts_file:
+        from rf_runtime.world.heldout import read_prompts_file
+
+        prompts = read_prompts_file(args.prompts_file)
+    streamer = None
+    if args.engine:
+        from rf_runtime.streamer import Streamer
+
+        streamer = Streamer.from_engine(args.engine)
+    scores = diagnose.stage_scores(
+        prompts,
+        vae=T.load_vae(args.vae) if args.vae else None,
+        teacher=T.load_dit(args.teacher) if args.teacher else None,
+        streamer=streamer,
+        seconds=args.seconds,
+        guidance=args.guidance,
+        seed=args.seed,
+        cfg=T.TINY if args.tiny else T.WorldConfig(),
+    )
+    print(diagnose.stage_table(scores))
+    if args.out:
+        T.save_json(scores, args.out)
+        print(f"wrote {args.out}")
     return 0
 
 
