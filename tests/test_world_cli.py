@@ -190,6 +190,31 @@ def test_paired_differences_by_hand():
     assert paired_differences(runs[:3]) == []  # one group: nothing to compare
 
 
+def test_ablation_metrics_carry_the_follow_checks_in_percent():
+    from rf_runtime.eval import EvalResult
+    from rf_runtime.world.ablation import METRICS, detectable, run_metrics
+
+    result = EvalResult(
+        seconds=1.0, segments=1, dynamic_degree=50.0, flow_score=1.5, drift=2.0, subject_consistency=90.0
+    )
+    result.prompt_following = {
+        "follow": {"colour": 0.25, "background": 1.0, "shape": 0.5, "one_object": 0.75, "motion_ok": True}
+    }
+    m = run_metrics(result)
+    assert set(m) == set(METRICS)
+    assert (m["colour"], m["background"], m["shape"], m["one_object"], m["motion_ok"]) == (
+        25.0,
+        100.0,
+        50.0,
+        75.0,
+        100.0,
+    )
+    assert (m["flow_score"], m["drift"], m["prompt_adherence"]) == (1.5, 2.0, None)
+    result.prompt_following = {}  # not a prompt of the world: no follow checks, not zeros
+    assert run_metrics(result)["colour"] is None
+    assert detectable(0.5) == pytest.approx((1.96 + 0.84) * 0.5) and detectable(None) is None
+
+
 def test_ablation_command_writes_table_and_plots(model_dir, tmp_path, capsys):
     from rf_runtime.world.cli import main
 
@@ -225,7 +250,9 @@ def test_ablation_command_writes_table_and_plots(model_dir, tmp_path, capsys):
     assert [r["variant"] for r in data["summary"]] == ["no sink", "EMA-Sink a=0.99"]
     assert data["command"].startswith("rf-world --quiet ablate")
     assert [r["variant"] for r in data["paired"]] == ["EMA-Sink a=0.99"] and data["paired"][0]["pairs"] == 1
-    assert "paired by prompt and seed" in open(out / "ablation.md").read()
+    md = open(out / "ablation.md").read()
+    assert "paired by prompt and seed" in md and "80 % power" in md and "colour %" in md
+    assert data["paired"][0]["colour_detectable"] is None  # one pair: no standard error, nothing claimed
     assert main(["ablate", "--model", "nodir", "--out", str(out)]) == 2
     assert (
         main(["ablate", "--model", f"x={model_dir}@{tmp_path}/missing.safetensors", "--out", str(out)]) == 2

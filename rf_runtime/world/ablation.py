@@ -33,7 +33,7 @@ DEFAULT_PROMPTS = (
     "a small blue square moving left on a gray background",
     "a big yellow triangle moving down quickly",
 )
-METRICS = (
+EVAL_METRICS = (
     "dynamic_degree",
     "flow_score",
     "travel",
@@ -42,6 +42,26 @@ METRICS = (
     "subject_consistency",
     "prompt_adherence",
 )
+FOLLOW_METRICS = ("colour", "background", "shape", "one_object", "motion_ok")
+"""The prompt-following checks of ``rf_runtime.world.follow``, as percent of frames (motion: 100 when the
+stream moves along its prompted axis, else 0)."""
+METRICS = EVAL_METRICS + FOLLOW_METRICS
+
+
+def run_metrics(result) -> dict:
+    """An ``EvalResult``'s ablation metrics: its own fields, then the follow checks in percent (None for a
+    prompt that is not the world's)."""
+    metrics = {m: getattr(result, m) for m in EVAL_METRICS}
+    follow = result.prompt_following.get("follow") or {}
+    for m in FOLLOW_METRICS:
+        metrics[m] = 100.0 * float(follow[m]) if m in follow else None
+    return metrics
+
+
+def detectable(se: float | None) -> float | None:
+    """The smallest true difference that a paired test with this standard error finds with 80 % power at
+    a two-sided 5 % level: (1.96 + 0.84) x se (normal approximation)."""
+    return None if se is None else 2.8 * se
 
 
 @dataclass
@@ -116,7 +136,7 @@ def run_ablation(
     def record(cell, outcome) -> Run:
         model, variant, prompt, seed = cell
         result, elapsed = outcome
-        metrics = {m: getattr(result, m) for m in METRICS}
+        metrics = run_metrics(result)
         run = Run(model, variant, prompt, seed, metrics, result.per_segment["flow_score"], elapsed)
         logger.info("%s / %s / %r / seed %d: %s", model, variant, prompt, seed, metrics)
         if on_run:
@@ -153,12 +173,12 @@ def summarize(runs: list[Run]) -> list[dict]:
     for (model, variant), rs in groups.items():
         row = {"model": model, "variant": variant, "runs": len(rs)}
         for m in METRICS:
-            row[m], row[m + "_se"] = _mean_se(r.metrics[m] for r in rs)
+            row[m], row[m + "_se"] = _mean_se(r.metrics.get(m) for r in rs)
         rows.append(row)
     return rows
 
 
-PAIRED_METRICS = ("flow_score", "travel", "drift", "subject_consistency", "prompt_adherence")
+PAIRED_METRICS = ("flow_score", "travel", "drift", "subject_consistency", "prompt_adherence") + FOLLOW_METRICS
 
 
 def paired_differences(runs: list[Run]) -> list[dict]:
@@ -184,8 +204,9 @@ def paired_differences(runs: list[Run]) -> list[dict]:
             row[m], row[m + "_se"] = _mean_se(
                 a.metrics[m] - b.metrics[m]
                 for a, b in pairs
-                if a.metrics[m] is not None and b.metrics[m] is not None
+                if a.metrics.get(m) is not None and b.metrics.get(m) is not None
             )
+            row[m + "_detectable"] = detectable(row[m + "_se"])
         rows.append(row)
     return rows
 
@@ -206,6 +227,9 @@ def _table(head: list[str], rows: list[dict], lead: list[str], metrics, signed: 
     return "\n".join(lines)
 
 
+FOLLOW_HEADS = ("colour %", "background %", "shape %", "one object %", "motion %")
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = [
         "model",
@@ -218,6 +242,7 @@ def markdown_table(rows: list[dict]) -> str:
         "quality drift",
         "subject consistency %",
         "prompt adherence %",
+        *FOLLOW_HEADS,
     ]
     return _table(head, rows, ["model", "variant", "runs"], METRICS, signed=False)
 
@@ -233,6 +258,7 @@ def paired_table(rows: list[dict]) -> str:
         "drift",
         "subject consistency %",
         "prompt adherence %",
+        *FOLLOW_HEADS,
     ]
     return _table(head, rows, ["model", "variant", "against", "pairs"], PAIRED_METRICS, signed=True)
 
@@ -264,7 +290,10 @@ def write_report(runs: list[Run], out_dir: str, command: str) -> list[str]:
     if paired:
         md += (
             "\nDifferences against the first row, paired by prompt and seed (mean ± standard error of the "
-            f"per-pair difference):\n\n{paired_table(paired)}\n"
+            f"per-pair difference):\n\n{paired_table(paired)}\n\n"
+            "A true difference of about 2.8 standard errors (the `*_detectable` values in ablation.json) is "
+            "what these pairs find with 80 % power at a two-sided 5 % level; smaller effects may be there "
+            "unseen.\n"
         )
 
     def write_md(tmp):

@@ -174,6 +174,10 @@ def _parser():
     ab.add_argument(
         "--prompt", action="append", help="prompt (repeatable; default: three procedural prompts)"
     )
+    ab.add_argument(
+        "--prompts-file",
+        help="prompts, one per line (e.g. configs/world_heldout_prompts.txt); with --prompt: both",
+    )
     ab.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
     ab.add_argument("--seconds", type=float, default=60.0, help="stream length (default 60)")
     ab.add_argument("--jobs", type=int, default=1, help="runs at once, one process and core each (default 1)")
@@ -454,7 +458,12 @@ def _ablate(args) -> int:
     unknown = [v for v in names if v not in A.CACHE_VARIANTS]
     if unknown:
         raise RFError(f"unknown cache variants {unknown}: choose from {list(A.CACHE_VARIANTS)}")
-    prompts = args.prompt or list(A.DEFAULT_PROMPTS)
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        from rf_runtime.world.heldout import read_prompts_file
+
+        prompts += read_prompts_file(args.prompts_file)
+    prompts = prompts or list(A.DEFAULT_PROMPTS)
     total = len(models) * len(names) * len(prompts) * args.seeds
     bar = tqdm(total=total, unit="run", disable=args.quiet, file=sys.stderr)
     runs = A.run_ablation(
