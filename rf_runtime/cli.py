@@ -64,7 +64,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="--model-dir only (bundles carry their precision)",
     )
     src.add_argument(
-        "--ema-alpha", type=float, help="EMA-Sink rate in [0, 1] (--model-dir only; default: the model's)"
+        "--ema-alpha", type=float, help="EMA-Sink rate in [0, 1], 1 = a static sink (default: the model's)"
     )
 
 
@@ -88,7 +88,6 @@ def _load_streamer(args):
             for name, value in (
                 ("--height", args.height),
                 ("--width", args.width),
-                ("--ema-alpha", args.ema_alpha),
             )
             if value is not None
         ]
@@ -97,7 +96,7 @@ def _load_streamer(args):
         if torch_only:
             raise RFError(
                 f"{', '.join(torch_only)} apply to --model-dir models only: an engine bundle has a fixed "
-                "size, precision and cache; pass --model-dir DIR to change them"
+                "size, precision and cache size; pass --model-dir DIR to change them"
             )
         from rf_runtime.bundle import default_engine_dir
 
@@ -107,7 +106,7 @@ def _load_streamer(args):
                 f"--bundle {bundle} is a model folder, not an engine bundle: pass it as --model-dir"
             )
         logger.info("using the engine bundle %s", bundle)
-        return Streamer.from_engine(bundle, device=args.device)
+        return Streamer.from_engine(bundle, device=args.device, ema_alpha=args.ema_alpha)
     settings = None
     if args.ema_alpha is not None:
         from rf_runtime import model_dir as model_folder

@@ -114,7 +114,8 @@ def test_rf_generate_runs_an_engine_bundle(bundle, tmp_path):
     [
         (["--model-dir", "x"], "two models"),
         (["--height", "64"], "--model-dir models only"),
-        (["--ema-alpha", "0.9"], "--model-dir models only"),
+        (["--dtype", "bfloat16"], "--model-dir models only"),
+        (["--ema-alpha", "1.5"], "ema_alpha must be a number in [0, 1]"),
     ],
 )
 def test_rf_generate_engine_conflicts(bundle, tmp_path, capsys, extra, message):
@@ -280,6 +281,31 @@ def test_ablation_in_worker_processes_gives_the_same_runs(model_dir):
     assert here[0].metrics != here[1].metrics  # the variants differ, so the comparison above means something
     with pytest.raises(ConfigError, match="jobs"):
         run_ablation(*args, jobs=0)
+
+
+def test_ablation_through_the_bundle_gives_the_model_directorys_runs(engine_dirs):
+    """Rate-only variants stream through the exported bundle, the no-sink variant through the model
+    directory; the metrics equal those of the model directory alone (frames agree to a uint8 level)."""
+    from rf_runtime.world import ablation as A
+
+    model, bundle = engine_dirs
+    args = (
+        {"m": str(model)},
+        {v: A.CACHE_VARIANTS[v] for v in ("static sink", "EMA-Sink a=0.99", "no sink")},
+        ["a red circle bouncing"],
+        [0],
+        3.0,
+    )
+    direct, through = A.run_ablation(*args), A.run_ablation(*args, engines={"m": str(bundle)})
+    for a, b in zip(through, direct):
+        assert a.variant == b.variant
+        assert a.metrics == pytest.approx(b.metrics, rel=0.02, abs=0.5)  # metrics of frames a level apart
+    assert A._streamer(str(model), A.CACHE_VARIANTS["static sink"], str(bundle)).source == "engine bundle"
+    assert A._streamer(str(model), A.CACHE_VARIANTS["no sink"], str(bundle)).source != "engine bundle"
+    with pytest.raises(ConfigError, match="names no model"):
+        A.run_ablation(*args, engines={"other": str(bundle)})
+    with pytest.raises(ConfigError, match="not an engine bundle"):
+        A.run_ablation(*args, engines={"m": str(model)})
 
 
 def test_rf_generate_without_a_model_runs_the_shipped_bundle_and_the_shape_moves(tmp_path):

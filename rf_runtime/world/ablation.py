@@ -81,15 +81,28 @@ def settings_for(path: str, overrides: dict) -> StreamSettings:
     return model_dir.stream_settings(model_dir.read_card(path), **overrides)
 
 
-def run_one(model, overrides: dict, prompt: str, seed: int, seconds: float):
-    """Stream one video with the variant's settings and evaluate it -> (EvalResult, generation seconds).
-    model: a model directory, or (model directory, generator checkpoint)."""
-    import time
+RUNTIME_OVERRIDES = frozenset({"ema_alpha"})
+"""Variant settings an engine bundle takes at load (its graphs' shapes stay): the EMA-Sink rate."""
 
+
+def _streamer(model, overrides: dict, engine: str | None):
     from rf_runtime.streamer import Streamer
 
+    if engine is not None and set(overrides) <= RUNTIME_OVERRIDES:
+        return Streamer.from_engine(engine, threads=1, ema_alpha=overrides.get("ema_alpha"))
     model_dir, checkpoint = model if isinstance(model, tuple) else (model, None)
-    streamer = Streamer.from_checkpoint(model_dir, checkpoint, settings=settings_for(model_dir, overrides))
+    return Streamer.from_checkpoint(model_dir, checkpoint, settings=settings_for(model_dir, overrides))
+
+
+def run_one(model, overrides: dict, prompt: str, seed: int, seconds: float, engine: str | None = None):
+    """Stream one video with the variant's settings and evaluate it -> (EvalResult, generation seconds).
+    model: a model directory, or (model directory, generator checkpoint). engine: a bundle exported from
+    that model: variants that change only the EMA-Sink rate stream through it (onnxruntime, one thread;
+    the same frames to within a level of uint8, several times faster), the others (e.g. no sink, which
+    changes the cache's size) through the model directory."""
+    import time
+
+    streamer = _streamer(model, overrides, engine)
     start = time.perf_counter()
     frames = np.concatenate(
         list(streamer.stream(prompt, seed=seed, num_frames=round(seconds * streamer.fps)))
@@ -98,17 +111,25 @@ def run_one(model, overrides: dict, prompt: str, seed: int, seconds: float):
     return evaluate(frames, prompt, fps=streamer.fps), elapsed
 
 
-def _run_one_in_worker(model, overrides: dict, prompt: str, seed: int, seconds: float):
+def _run_one_in_worker(model, overrides: dict, prompt: str, seed: int, seconds: float, engine=None):
     import torch
 
     torch.set_num_threads(1)  # one core per worker process
-    return run_one(model, overrides, prompt, seed, seconds)
+    return run_one(model, overrides, prompt, seed, seconds, engine)
 
 
 def run_ablation(
-    models: dict, variants: dict[str, dict], prompts, seeds, seconds: float, on_run=None, jobs: int = 1
+    models: dict,
+    variants: dict[str, dict],
+    prompts,
+    seeds,
+    seconds: float,
+    on_run=None,
+    jobs: int = 1,
+    engines: dict | None = None,
 ) -> list[Run]:
     """Every model x variant x prompt x seed. ``models``: name -> model directory or (directory, checkpoint).
+    engines: name -> a bundle exported from that model, for the variants it can run (``run_one``).
 
     jobs: runs at once, each in its own process with one torch thread (the runs are independent and
     deterministic by seed, so the results do not depend on ``jobs``); 1 = in this process."""
@@ -125,6 +146,12 @@ def run_ablation(
                 f"model {name!r}: {path} is not a model directory (no config.json); "
                 "make one with `rf-world model-dir`"
             )
+    engines = dict(engines or {})
+    for name, engine in engines.items():
+        if name not in models:
+            raise ConfigError(f"engine {name!r} names no model: give --model {name}=DIR too")
+        if not os.path.isfile(os.path.join(engine, "manifest.json")):
+            raise ConfigError(f"engine {name!r}: {engine} is not an engine bundle (no manifest.json)")
     cells = [
         (model, variant, prompt, seed)
         for model in models
@@ -144,13 +171,19 @@ def run_ablation(
         return run
 
     if jobs == 1:
-        return [record(c, run_one(models[c[0]], variants[c[1]], c[2], c[3], seconds)) for c in cells]
+        return [
+            record(c, run_one(models[c[0]], variants[c[1]], c[2], c[3], seconds, engines.get(c[0])))
+            for c in cells
+        ]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [
-            pool.submit(_run_one_in_worker, models[c[0]], variants[c[1]], c[2], c[3], seconds) for c in cells
+            pool.submit(
+                _run_one_in_worker, models[c[0]], variants[c[1]], c[2], c[3], seconds, engines.get(c[0])
+            )
+            for c in cells
         ]
         return [record(c, f.result()) for c, f in zip(cells, futures)]
 

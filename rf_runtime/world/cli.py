@@ -167,6 +167,14 @@ def _parser():
         help="a model directory (and generator checkpoint) to compare (repeat for DMD vs Re-DMD students)",
     )
     ab.add_argument(
+        "--engine",
+        action="append",
+        default=[],
+        metavar="NAME=BUNDLE",
+        help="a bundle exported from model NAME: the variants that change only the EMA-Sink rate stream "
+        "through it (onnxruntime, several times faster; the others use the model directory)",
+    )
+    ab.add_argument(
         "--variants",
         default=",".join(_variant_names()),
         help="comma-separated cache variants (default: all of %(default)s)",
@@ -454,6 +462,14 @@ def _ablate(args) -> int:
                 f"--model {item!r}: write it as NAME=DIR or NAME=DIR@CHECKPOINT, e.g. --model re-dmd=work/model"
             )
         models[name] = tuple(path.split("@", 1)) if "@" in path else path
+    engines = {}
+    for item in args.engine:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise RFError(
+                f"--engine {item!r}: write it as NAME=BUNDLE, e.g. --engine re-dmd=engines/procedural-world-64"
+            )
+        engines[name] = path
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in A.CACHE_VARIANTS]
     if unknown:
@@ -474,6 +490,7 @@ def _ablate(args) -> int:
         args.seconds,
         on_run=lambda run: bar.update(1),
         jobs=args.jobs,
+        engines=engines,
     )
     bar.close()
     command = "rf-world " + " ".join(shlex.quote(a) for a in args.argv)
