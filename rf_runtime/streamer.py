@@ -201,6 +201,7 @@ class Streamer:
         device: str = "cpu",
         *,
         threads=None,
+        ema_alpha: float | None = None,
     ) -> "Streamer":
         """Stream from an engine bundle (``rf_runtime.bundle``); no torch needed.
 
@@ -213,6 +214,8 @@ class Streamer:
         threads: onnxruntime CPU threading, a ``rf_runtime.runners.onnxruntime_runner.CpuThreads`` or
             an int (intra-op threads of every session); None chooses from the machine
             (``rf_runtime.backends.engine.cpu_threads``). Give 1 when several streams run at once.
+        ema_alpha: the EMA-Sink rate in [0, 1] instead of the bundle's (1 keeps the sink static); the
+            cache's sizes are the graphs' and cannot change.
         """
         from rf_runtime.backends.engine import EngineBackend
         from rf_runtime.bundle import default_engine_dir
@@ -223,6 +226,7 @@ class Streamer:
                 backend=backend,
                 device=device,
                 threads=threads,
+                ema_alpha=ema_alpha,
             ),
             "engine bundle",
         )

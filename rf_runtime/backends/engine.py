@@ -20,6 +20,8 @@ they share the runners and tables, never buffers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import threading
 from dataclasses import dataclass
@@ -121,11 +123,16 @@ class EngineBackend(Backend):
         *,
         cuda_graph: bool = False,
         threads: CpuThreads | int | None = None,
+        ema_alpha: float | None = None,
     ):
         m = bundle.manifest
         self.bundle, self.name, self.device = bundle, backend, device
         self.model = m["model"]
         settings = StreamSettings.from_dict(m["stream"], f"{bundle.path}/{MANIFEST}")
+        if ema_alpha is not None:
+            # the EMA-Sink rate is an input of the cache-update graph (its `mix` matrix), not baked into
+            # it: any rate in [0, 1] runs on the same graphs (1 = a static sink). StreamSettings validates it.
+            settings = dataclasses.replace(settings, ema_alpha=ema_alpha)
         self.info = ModelInfo(
             latent_channels=self.model["latent_channels"],
             latent_hw=tuple(self.model["latent_hw"]),
