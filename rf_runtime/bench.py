@@ -59,7 +59,11 @@ DEFINITIONS = {
     "stream ends; per_session_fps = each stream's frames / its own wall time; latency over every "
     "stream's chunks 1..n-1; cpu_ms_per_frame = process CPU time (all threads) / frames, which stays "
     "flat with N when the streams do not slow each other down (steadier than wall time on a shared "
-    "machine); onnxruntime sessions get one intra-op thread each unless --threads is given",
+    "machine); onnxruntime sessions get one intra-op thread each unless --threads is given; mode "
+    "'threads' is that, mode 'batched' (a bundle exported with --batch-sizes, N > 1) steps the N streams "
+    "together from one thread (rf_runtime.batching: one call of each graph per chunk boundary for up to "
+    "the largest batch size), with the default threading; its chunk latency is the wall time of one "
+    "such step; 'x one' is against one stream alone (mode threads, N = 1)",
 }
 
 
@@ -319,6 +323,7 @@ def run_sessions(run: BenchRun, *, sessions: int, chunks: int, prompt: str, seed
     per_session = [sum(f for _, f in r[2]) / (r[1] - r[0]) for r in results]
     frames = sum(f for r in results for _, f in r[2])
     return {
+        "mode": "threads",
         "sessions": sessions,
         "chunks_per_session": chunks,
         "frames": frames,
@@ -331,6 +336,53 @@ def run_sessions(run: BenchRun, *, sessions: int, chunks: int, prompt: str, seed
         "latency_p99_s": percentile(latencies, 99),
         **streamer.backend.describe(),
     }
+
+
+def run_batched(run: BenchRun, *, sessions: int, chunks: int, prompt: str, seed: int) -> dict:
+    """``sessions`` streams stepped together (``rf_runtime.batching.next_chunks``: one call of each graph
+    per chunk boundary for up to the bundle's largest batch size) from one thread, ``chunks`` each."""
+    from rf_runtime.batching import next_chunks
+
+    streamer = load(run)
+    streams = [streamer.open(prompt, seed=seed + i) for i in range(sessions)]
+    steps = []  # (wall s of the call, frames per stream)
+    cpu, start = time.process_time(), time.perf_counter()
+    for _ in range(chunks):
+        t = time.perf_counter()
+        made = next_chunks(streams)
+        for c in made:
+            if isinstance(c, BaseException):
+                raise c
+        steps.append((time.perf_counter() - t, [len(c.frames) for c in made]))
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    frames = sum(sum(f) for _, f in steps)
+    latencies = [s for s, _ in steps[1:]] or [steps[0][0]]
+    per_session = [sum(f[i] for _, f in steps) / wall for i in range(sessions)]
+    return {
+        "mode": "batched",
+        "batch_sizes": list(streamer.backend.batch_sizes()),
+        "sessions": sessions,
+        "chunks_per_session": chunks,
+        "frames": frames,
+        "wall_s": wall,
+        "aggregate_fps": frames / wall,
+        "per_session_fps": per_session,
+        "per_session_fps_mean": float(np.mean(per_session)),
+        "cpu_ms_per_frame": cpu / frames * 1e3,
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p99_s": percentile(latencies, 99),
+        **streamer.backend.describe(),
+    }
+
+
+def bundle_batch_sizes(path: str) -> tuple[int, ...]:
+    """The batch sizes of the bundle at ``path`` (its manifest), without loading it."""
+    import json
+
+    from rf_runtime.bundle import MANIFEST, batch_sizes
+
+    with open(os.path.join(path, MANIFEST)) as f:
+        return batch_sizes(json.load(f))
 
 
 def run_isolated(run: BenchRun, fn=None, **kwargs) -> dict:
@@ -391,12 +443,18 @@ def run_bench(
             if progress:
                 progress(f"{run.kind}: {n} sessions at once, {chunks} chunks each")
             kwargs = dict(sessions=n, chunks=chunks, prompt=prompt, seed=seed)
-            concurrent.append(
-                {
-                    "run": dataclasses.asdict(run),
-                    **(run_isolated(run, run_sessions, **kwargs) if isolate else run_sessions(run, **kwargs)),
-                }
-            )
+            modes = [run_sessions]
+            if run.kind == "engine" and n > 1 and max(bundle_batch_sizes(run.path)) > 1:
+                modes.append(run_batched)  # the bundle's batched graphs, side by side with the threads
+            for fn in modes:
+                if progress and fn is run_batched:
+                    progress(f"{run.kind}: {n} sessions stepped together, {chunks} chunks each")
+                concurrent.append(
+                    {
+                        "run": dataclasses.asdict(run),
+                        **(run_isolated(run, fn, **kwargs) if isolate else fn(run, **kwargs)),
+                    }
+                )
     report = {
         "rf_bench_version": BENCH_VERSION,
         "chunks": chunks,
@@ -410,7 +468,7 @@ def run_bench(
         report["sessions"] = concurrent
         for run in runs:
             mine = [c for c in concurrent if c["run"] == dataclasses.asdict(run)]
-            one = next((c for c in mine if c["sessions"] == 1), None)
+            one = next((c for c in mine if c["sessions"] == 1 and c["mode"] == "threads"), None)
             for c in mine:
                 c["aggregate_over_one_session"] = (
                     c["aggregate_fps"] / one["aggregate_fps"] if one else float("nan")
@@ -523,13 +581,13 @@ def format_table(report: dict) -> str:
     if report.get("sessions"):
         lines.append(
             f"{'sessions':>8}{'aggregate fps':>15}{'x one':>7}{'per-session fps':>17}"
-            f"{'p50 / p99 chunk s':>20}{'CPU ms/frame':>14}  backend"
+            f"{'p50 / p99 chunk s':>20}{'CPU ms/frame':>14}  mode     backend"
         )
         for c in report["sessions"]:
             lines.append(
                 f"{c['sessions']:>8}{c['aggregate_fps']:>15.1f}{c['aggregate_over_one_session']:>7.2f}"
                 f"{c['per_session_fps_mean']:>17.1f}{c['latency_p50_s']:>10.4f} / {c['latency_p99_s']:.4f}"
-                f"{c['cpu_ms_per_frame']:>14.2f}  {c['backend']}"
+                f"{c['cpu_ms_per_frame']:>14.2f}  {c['mode']:<8} {c['backend']}"
             )
     if "engine_vs_torch" in report:
         r = report["engine_vs_torch"]

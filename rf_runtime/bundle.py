@@ -6,6 +6,8 @@ before anything runs. The manifest format is schema_version 2 (the project's SCH
 - ``plans``: TensorRT engines built from a graph, with the TensorRT version and GPU compute
   capability they were built for (optional);
 - ``text_encoder``, ``model``, ``stream``: what the runtime needs to run the graphs;
+- ``batch`` (optional): the batch sizes the per-chunk graphs were exported for and their graphs per
+  size; without it a bundle serves batch 1 (``batch_sizes``);
 - ``model_card``: where the weights came from, training stage, chunk / sink / window sizes,
   resolution, the longest stream the bundle was tested on;
 - ``producer``: versions of the tools that wrote it.
@@ -178,6 +180,17 @@ class StreamSection:  # sampler.StreamSettings, as JSON
 
 
 @dataclass(frozen=True)
+class BatchSection:
+    """The batch sizes a bundle serves (``rf-export onnx --batch-sizes 1,2,4``): ``sizes`` always holds
+    1 (the plain graphs); ``graphs`` maps every other size ("2") to its per-chunk graphs ({"dit_step":
+    "dit_step_b2", ...}, ``graph_io.BATCHED_GRAPHS``), static shapes with that many rows. A bundle without
+    the section serves batch 1 only (bundles written before it existed)."""
+
+    sizes: tuple[int, ...]
+    graphs: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema_version: int
     files: dict[str, FileEntry]
@@ -188,6 +201,7 @@ class Manifest:
     model_card: dict  # ModelCard, checked by ModelCard.from_dict
     producer: dict = field(default_factory=dict)
     plans: dict[str, PlanEntry] = field(default_factory=dict)
+    batch: BatchSection | None = None
 
 
 def check_manifest(manifest, where: str) -> None:
@@ -342,6 +356,7 @@ class Bundle:
         _check_external_data(path, manifest)
         _check_text_encoder(mpath, manifest)
         _check_plans(mpath, manifest)
+        _check_batch(mpath, manifest)
         card = ModelCard.from_dict(manifest["model_card"], mpath)
         checked = _check_graph_io(path, manifest, graphs)
         return cls(path, manifest, graphs, card, checked)
@@ -458,6 +473,53 @@ def _check_plans(mpath: str, manifest: dict) -> None:
             )
 
 
+def batch_sizes(manifest: dict) -> tuple[int, ...]:
+    """The batch sizes a bundle's graphs serve, ascending; (1,) for a bundle without a ``batch`` section."""
+    section = manifest.get("batch")
+    return tuple(section["sizes"]) if section else (1,)
+
+
+def batch_graph_names(manifest: dict, size: int) -> dict[str, str]:
+    """{graph: the graph of the bundle that runs it with ``size`` rows} for the per-chunk graphs."""
+    from rf_runtime.graph_io import BATCHED_GRAPHS
+
+    if size == 1:
+        return {g: g for g in BATCHED_GRAPHS}
+    return dict(manifest["batch"]["graphs"][str(size)])
+
+
+def _check_batch(mpath: str, manifest: dict) -> None:
+    """The batch section: sizes ascending, unique, positive, with 1; every other size names each per-chunk
+    graph, and each of those is a graph of the bundle (their shapes are checked by the engine backend)."""
+    from rf_runtime.graph_io import BATCHED_GRAPHS
+
+    section = manifest.get("batch")
+    if section is None:
+        return
+    sizes = list(section["sizes"])
+    if sizes != sorted(set(sizes)) or not sizes or sizes[0] != 1:
+        raise BundleError(
+            f"{mpath}: batch.sizes {sizes} must be ascending, without repeats, and start with 1; {REBUILD}"
+        )
+    graphs = section.get("graphs", {})
+    want = {str(s) for s in sizes[1:]}
+    if set(graphs) != want:
+        raise BundleError(
+            f"{mpath}: batch.graphs has sizes {sorted(graphs)}, batch.sizes needs {sorted(want)}; {REBUILD}"
+        )
+    for size, names in graphs.items():
+        if sorted(names) != sorted(BATCHED_GRAPHS):
+            raise BundleError(
+                f"{mpath}: batch.graphs.{size} names {sorted(names)}, it needs {sorted(BATCHED_GRAPHS)}; "
+                f"{REBUILD}"
+            )
+        for graph, name in names.items():
+            if name not in manifest["graphs"]:
+                raise BundleError(
+                    f"{mpath}: batch.graphs.{size}.{graph} is {name!r}, which is not in 'graphs'; {REBUILD}"
+                )
+
+
 def _check_graph_io(path: str, manifest: dict, graphs: dict[str, GraphSpec]) -> bool:
     """Declared IO against each .onnx, where onnx is importable (else the runners check it)."""
     try:
@@ -516,6 +578,7 @@ __all__ = [
     "BundleError",
     "ModelCard",
     "SCHEMA_VERSION",
+    "batch_sizes",
     "graph_io_from_onnx",
     "plan_problem",
     "write_manifest",

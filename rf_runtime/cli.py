@@ -64,7 +64,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="--model-dir only (bundles carry their precision)",
     )
     src.add_argument(
-        "--ema-alpha", type=float, help="EMA-Sink rate in [0, 1] (--model-dir only; default: the model's)"
+        "--ema-alpha", type=float, help="EMA-Sink rate in [0, 1], 1 = a static sink (default: the model's)"
     )
 
 
@@ -88,7 +88,6 @@ def _load_streamer(args):
             for name, value in (
                 ("--height", args.height),
                 ("--width", args.width),
-                ("--ema-alpha", args.ema_alpha),
             )
             if value is not None
         ]
@@ -97,7 +96,7 @@ def _load_streamer(args):
         if torch_only:
             raise RFError(
                 f"{', '.join(torch_only)} apply to --model-dir models only: an engine bundle has a fixed "
-                "size, precision and cache; pass --model-dir DIR to change them"
+                "size, precision and cache size; pass --model-dir DIR to change them"
             )
         from rf_runtime.bundle import default_engine_dir
 
@@ -107,7 +106,7 @@ def _load_streamer(args):
                 f"--bundle {bundle} is a model folder, not an engine bundle: pass it as --model-dir"
             )
         logger.info("using the engine bundle %s", bundle)
-        return Streamer.from_engine(bundle, device=args.device)
+        return Streamer.from_engine(bundle, device=args.device, ema_alpha=args.ema_alpha)
     settings = None
     if args.ema_alpha is not None:
         from rf_runtime import model_dir as model_folder
@@ -577,14 +576,11 @@ def _eval_prompts_file(args) -> int:
 
     from rf_runtime.world.adherence import evaluate
     from rf_runtime.world.follow import summarize, summary_table
+    from rf_runtime.world.heldout import read_prompts_file
 
     if args.video or args.prompt:
         raise RFError("--prompts-file generates its own streams: leave out the video and --prompt")
-    if not os.path.isfile(args.prompts_file):
-        raise RFError(f"--prompts-file {args.prompts_file} does not exist")
-    prompts = [line.strip() for line in open(args.prompts_file) if line.strip()]
-    if not prompts:
-        raise RFError(f"--prompts-file {args.prompts_file} holds no prompts")
+    prompts = read_prompts_file(args.prompts_file)
     streamer = _load_streamer(args)
     num_frames = max(2, round(args.seconds * streamer.fps))
     results, following = {}, {}

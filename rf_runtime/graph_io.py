@@ -28,6 +28,25 @@ TEXT_ENCODER = "text_encoder"  # umT5 bundles only; run once per prompt like tex
 GRAPHS = (TEXT_KV, DIT_STEP, CACHE_UPDATE, VAE_DECODE_FIRST, VAE_DECODE)
 """The graphs every bundle holds, in the order a chunk runs them."""
 
+BATCHED_GRAPHS = (DIT_STEP, CACHE_UPDATE, VAE_DECODE_FIRST, VAE_DECODE)
+"""The per-chunk graphs a bundle may also hold for B > 1 rows (``rf-export onnx --batch-sizes``): the
+same tensors with B on the batch axis (axis 1 of ``text_k`` / ``ctx_k`` / ``new_k``, axis 0 elsewhere),
+and per-row cache-state tables: ``key_mask`` [B, (M + f) * T], ``cos_q`` / ``sin_q`` [B, f*T, D],
+``mix`` [B, M, M + f]. ``t_freq``, ``sigma``, ``sigma_next``, ``cos_ctx``, ``sin_ctx`` stay shared
+(the rows of one call are at the same denoising step). The text graphs run once per prompt: batch 1."""
+
+
+def batched(graph: str, size: int) -> str:
+    """The name of a per-chunk graph's batch-``size`` export: ``dit_step`` at 2 is ``dit_step_b2``."""
+    return graph if size == 1 else f"{graph}_b{size}"
+
+
+def unbatched(name: str) -> str:
+    """``dit_step_b2`` -> ``dit_step`` (a batched export has its graph's tensor names); others as they are."""
+    head, sep, size = name.rpartition("_b")
+    return head if sep and size.isdigit() and head in BATCHED_GRAPHS else name
+
+
 DIT_STEP_INPUTS = (
     "x",
     "eps",
@@ -70,6 +89,7 @@ def updated(name: str) -> str:
 
 def io_names(graph: str, vae_cache_slots: int = 0) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(inputs, outputs) a graph of the contract has, in graph order."""
+    graph = unbatched(graph)
     ins, outs = vae_cache_names(vae_cache_slots)
     names = {
         TEXT_KV: (TEXT_KV_INPUTS, TEXT_KV_OUTPUTS),

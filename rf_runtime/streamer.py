@@ -201,6 +201,7 @@ class Streamer:
         device: str = "cpu",
         *,
         threads=None,
+        ema_alpha: float | None = None,
     ) -> "Streamer":
         """Stream from an engine bundle (``rf_runtime.bundle``); no torch needed.
 
@@ -213,6 +214,8 @@ class Streamer:
         threads: onnxruntime CPU threading, a ``rf_runtime.runners.onnxruntime_runner.CpuThreads`` or
             an int (intra-op threads of every session); None chooses from the machine
             (``rf_runtime.backends.engine.cpu_threads``). Give 1 when several streams run at once.
+        ema_alpha: the EMA-Sink rate in [0, 1] instead of the bundle's (1 keeps the sink static); the
+            cache's sizes are the graphs' and cannot change.
         """
         from rf_runtime.backends.engine import EngineBackend
         from rf_runtime.bundle import default_engine_dir
@@ -223,6 +226,7 @@ class Streamer:
                 backend=backend,
                 device=device,
                 threads=threads,
+                ema_alpha=ema_alpha,
             ),
             "engine bundle",
         )
@@ -323,6 +327,11 @@ class Stream:
             self._state = be.import_state(snapshot.state, latent_frames_decoded=frames_decoded)
 
     @property
+    def closed(self) -> bool:
+        """True once ``close`` was called (its buffers are released)."""
+        return self._state is None
+
+    @property
     def finished(self) -> bool:
         """True once ``num_frames`` frames have been handed out (never for an unbounded stream)."""
         return self.num_frames is not None and self.frames_emitted >= self.num_frames
@@ -339,32 +348,22 @@ class Stream:
         """Release the stream's buffers; iterating it afterwards stops at once."""
         self._state = None
 
-    def _next_chunk(self) -> Chunk:
-        be, settings, state = self._backend, self.info.settings, self._state
-        start = time.perf_counter()
-        self._noise = init, fresh = chunk_noise(self._rng, settings, self._noise_shape, self._noise)
-        x = be.upload(init)
-        for k in range(settings.num_steps):
-            eps = be.upload(fresh[k]) if k + 1 < settings.num_steps else None
-            x0, x = be.denoise_step(state, x, k, eps)
-        # keep the clean latents of the last chunks: a prompt switch re-caches them
-        guard = time.perf_counter()
-        if not be.all_finite(x0):  # the numeric guard: NaN / Inf latents would decode to black or noise
-            raise StreamError(
-                f"chunk {self.chunk_index} of the stream has non-finite latents (NaN or Inf): the "
-                "model's weights or the stream's state are damaged; check the model (`rf-export "
-                "verify BUNDLE --model-dir DIR`), or resume from a snapshot saved before this chunk"
-            )
-        guard = time.perf_counter() - guard
-        be.store_latents(state, self.chunk_index % self.info.context_chunks, x0)
-        # rerun with timestep zero to update the KV cache using clean context
-        be.cache_pass(state, x0)
-        be.synchronize()
-        denoised = time.perf_counter()
-        frames = be.decode(state, x0)
+    def _draw_noise(self) -> tuple:
+        """The chunk's noise (initial latents, fresh noise per step), drawn into the stream's arrays."""
+        self._noise = chunk_noise(self._rng, self.info.settings, self._noise_shape, self._noise)
+        return self._noise
+
+    def _nonfinite(self) -> StreamError:
+        return StreamError(
+            f"chunk {self.chunk_index} of the stream has non-finite latents (NaN or Inf): the "
+            "model's weights or the stream's state are damaged; check the model (`rf-export "
+            "verify BUNDLE --model-dir DIR`), or resume from a snapshot saved before this chunk"
+        )
+
+    def _emit(self, frames: np.ndarray, start: float, denoised: float, end: float, guard: float) -> Chunk:
+        """The chunk of ``frames`` (cut at ``num_frames``), counted."""
         if self.num_frames is not None:
             frames = frames[: self.num_frames - self.frames_emitted]
-        end = time.perf_counter()
         chunk = Chunk(
             self.chunk_index,
             self.frames_emitted,
@@ -378,6 +377,27 @@ class Stream:
         self.frames_emitted += len(frames)
         logger.debug("chunk %d: %d frames in %.3f s", chunk.index, len(frames), chunk.seconds)
         return chunk
+
+    def _next_chunk(self) -> Chunk:
+        be, settings, state = self._backend, self.info.settings, self._state
+        start = time.perf_counter()
+        init, fresh = self._draw_noise()
+        x = be.upload(init)
+        for k in range(settings.num_steps):
+            eps = be.upload(fresh[k]) if k + 1 < settings.num_steps else None
+            x0, x = be.denoise_step(state, x, k, eps)
+        # keep the clean latents of the last chunks: a prompt switch re-caches them
+        guard = time.perf_counter()
+        if not be.all_finite(x0):  # the numeric guard: NaN / Inf latents would decode to black or noise
+            raise self._nonfinite()
+        guard = time.perf_counter() - guard
+        be.store_latents(state, self.chunk_index % self.info.context_chunks, x0)
+        # rerun with timestep zero to update the KV cache using clean context
+        be.cache_pass(state, x0)
+        be.synchronize()
+        denoised = time.perf_counter()
+        frames = be.decode(state, x0)
+        return self._emit(frames, start, denoised, time.perf_counter(), guard)
 
     # ---- prompt switch ---------------------------------------------------------------------------
 

@@ -114,7 +114,8 @@ def test_rf_generate_runs_an_engine_bundle(bundle, tmp_path):
     [
         (["--model-dir", "x"], "two models"),
         (["--height", "64"], "--model-dir models only"),
-        (["--ema-alpha", "0.9"], "--model-dir models only"),
+        (["--dtype", "bfloat16"], "--model-dir models only"),
+        (["--ema-alpha", "1.5"], "ema_alpha must be a number in [0, 1]"),
     ],
 )
 def test_rf_generate_engine_conflicts(bundle, tmp_path, capsys, extra, message):
@@ -190,6 +191,31 @@ def test_paired_differences_by_hand():
     assert paired_differences(runs[:3]) == []  # one group: nothing to compare
 
 
+def test_ablation_metrics_carry_the_follow_checks_in_percent():
+    from rf_runtime.eval import EvalResult
+    from rf_runtime.world.ablation import METRICS, detectable, run_metrics
+
+    result = EvalResult(
+        seconds=1.0, segments=1, dynamic_degree=50.0, flow_score=1.5, drift=2.0, subject_consistency=90.0
+    )
+    result.prompt_following = {
+        "follow": {"colour": 0.25, "background": 1.0, "shape": 0.5, "one_object": 0.75, "motion_ok": True}
+    }
+    m = run_metrics(result)
+    assert set(m) == set(METRICS)
+    assert (m["colour"], m["background"], m["shape"], m["one_object"], m["motion_ok"]) == (
+        25.0,
+        100.0,
+        50.0,
+        75.0,
+        100.0,
+    )
+    assert (m["flow_score"], m["drift"], m["prompt_adherence"]) == (1.5, 2.0, None)
+    result.prompt_following = {}  # not a prompt of the world: no follow checks, not zeros
+    assert run_metrics(result)["colour"] is None
+    assert detectable(0.5) == pytest.approx((1.96 + 0.84) * 0.5) and detectable(None) is None
+
+
 def test_ablation_command_writes_table_and_plots(model_dir, tmp_path, capsys):
     from rf_runtime.world.cli import main
 
@@ -225,7 +251,9 @@ def test_ablation_command_writes_table_and_plots(model_dir, tmp_path, capsys):
     assert [r["variant"] for r in data["summary"]] == ["no sink", "EMA-Sink a=0.99"]
     assert data["command"].startswith("rf-world --quiet ablate")
     assert [r["variant"] for r in data["paired"]] == ["EMA-Sink a=0.99"] and data["paired"][0]["pairs"] == 1
-    assert "paired by prompt and seed" in open(out / "ablation.md").read()
+    md = open(out / "ablation.md").read()
+    assert "paired by prompt and seed" in md and "80 % power" in md and "colour %" in md
+    assert data["paired"][0]["colour_detectable"] is None  # one pair: no standard error, nothing claimed
     assert main(["ablate", "--model", "nodir", "--out", str(out)]) == 2
     assert (
         main(["ablate", "--model", f"x={model_dir}@{tmp_path}/missing.safetensors", "--out", str(out)]) == 2
@@ -253,6 +281,31 @@ def test_ablation_in_worker_processes_gives_the_same_runs(model_dir):
     assert here[0].metrics != here[1].metrics  # the variants differ, so the comparison above means something
     with pytest.raises(ConfigError, match="jobs"):
         run_ablation(*args, jobs=0)
+
+
+def test_ablation_through_the_bundle_gives_the_model_directorys_runs(engine_dirs):
+    """Rate-only variants stream through the exported bundle, the no-sink variant through the model
+    directory; the metrics equal those of the model directory alone (frames agree to a uint8 level)."""
+    from rf_runtime.world import ablation as A
+
+    model, bundle = engine_dirs
+    args = (
+        {"m": str(model)},
+        {v: A.CACHE_VARIANTS[v] for v in ("static sink", "EMA-Sink a=0.99", "no sink")},
+        ["a red circle bouncing"],
+        [0],
+        3.0,
+    )
+    direct, through = A.run_ablation(*args), A.run_ablation(*args, engines={"m": str(bundle)})
+    for a, b in zip(through, direct):
+        assert a.variant == b.variant
+        assert a.metrics == pytest.approx(b.metrics, rel=0.02, abs=0.5)  # metrics of frames a level apart
+    assert A._streamer(str(model), A.CACHE_VARIANTS["static sink"], str(bundle)).source == "engine bundle"
+    assert A._streamer(str(model), A.CACHE_VARIANTS["no sink"], str(bundle)).source != "engine bundle"
+    with pytest.raises(ConfigError, match="names no model"):
+        A.run_ablation(*args, engines={"other": str(bundle)})
+    with pytest.raises(ConfigError, match="not an engine bundle"):
+        A.run_ablation(*args, engines={"m": str(model)})
 
 
 def test_rf_generate_without_a_model_runs_the_shipped_bundle_and_the_shape_moves(tmp_path):

@@ -9,19 +9,10 @@ from rf_runtime.errors import InputError
 from rf_runtime.world.adherence import evaluate
 from rf_runtime.world import procedural as P
 from rf_runtime.world.follow import score_prompt
-from rf_runtime.world.heldout import HELDOUT_PROMPTS
+from rf_runtime.world.heldout import HELDOUT_PROMPTS, scene_of
 
 pytest.importorskip("cv2")
 SECONDS30 = 30 * P.FPS
-
-
-def scene_of(prompt: str, seed0: int = 1_000_000) -> P.Scene:
-    """The first scene the world draws with this exact prompt (the ground truth of that prompt)."""
-    for seed in range(seed0, seed0 + 100_000):
-        scene = P.sample_scene(seed)
-        if scene.prompt == prompt:
-            return scene
-    raise AssertionError(prompt)
 
 
 @pytest.mark.parametrize("prompt", HELDOUT_PROMPTS)

@@ -147,6 +147,43 @@ class Backend(ABC):
     def synchronize(self) -> None:
         """Wait until queued device work is done (for timing); nothing to do on synchronous backends."""
 
+    # ---- several streams in one call (rf_runtime.batching) ----------------------------------------
+    # The scheduler runs the chunks of several streams together through these: ``gather`` the rows'
+    # state once per chunk, then every denoising step, the cache pass and the decode for all rows, then
+    # ``release``. The defaults run the rows one after another through the one-stream methods (so
+    # every backend can serve a batch); a backend with batched graphs runs each phase as one call.
+
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The numbers of rows one call serves, ascending, always with 1; (1,): rows run one by one."""
+        return (1,)
+
+    def gather(self, states: list[StreamState]) -> Any:
+        """Start a chunk of several streams at once (their cache state must not change until
+        ``release``); returns the handle the ``*_rows`` methods take."""
+        return list(states)
+
+    def denoise_rows(self, rows: Any, xs: list, step: int, eps: list) -> tuple[list, list]:
+        """``denoise_step`` for every row: returns (x0 per row, x_next per row or None after the last step)."""
+        out = [self.denoise_step(s, x, step, e) for s, x, e in zip(rows, xs, eps)]
+        return [o[0] for o in out], [o[1] for o in out]
+
+    def store_rows(self, rows: Any, slots: list[int], x0s: list) -> None:
+        """``store_latents`` for every row."""
+        for s, slot, x0 in zip(rows, slots, x0s):
+            self.store_latents(s, slot, x0)
+
+    def cache_pass_rows(self, rows: Any, x0s: list) -> None:
+        """``cache_pass`` for every row."""
+        for s, x0 in zip(rows, x0s):
+            self.cache_pass(s, x0)
+
+    def decode_rows(self, rows: Any, x0s: list) -> list[np.ndarray]:
+        """``decode`` for every row: uint8 frames per row."""
+        return [self.decode(s, x0) for s, x0 in zip(rows, x0s)]
+
+    def release(self, rows: Any) -> None:
+        """End a chunk started by ``gather`` (its buffers go back to the backend)."""
+
     def describe(self) -> dict:
         """What runs: backend, device, precision (for benchmarks and logs)."""
         return {"backend": self.name}

@@ -20,7 +20,10 @@ they share the runners and tables, never buffers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +31,7 @@ import numpy as np
 from rf_runtime import graph_io
 from rf_runtime.backends.base import Backend, ModelInfo, StateArrays, StreamState, to_uint8_frames
 from rf_runtime.backends.select import choose_backend, plan_names
-from rf_runtime.bundle import MANIFEST, Bundle, BundleError
+from rf_runtime.bundle import MANIFEST, Bundle, BundleError, batch_graph_names, batch_sizes
 from rf_runtime.cache import commit_matrix
 from rf_runtime.errors import InputError, RFError
 from rf_runtime.graph_io import (
@@ -42,6 +45,7 @@ from rf_runtime.graph_io import (
 )
 from rf_runtime.positions import chunk_tables, timestep_sinusoid_np
 from rf_runtime.runners import Binding, Buffer, OnnxRuntimeRunner, Runner, TensorRTRunner
+from rf_runtime.runners.base import write_host
 from rf_runtime.runners.onnxruntime_runner import CpuThreads, usable_cores
 from rf_runtime.sampler import StreamSettings
 from rf_runtime.text import text_encoder_from_spec
@@ -85,6 +89,29 @@ class _Stream:
     vae_cur: int = 0  # which VAE cache copy is current
     vae_started: bool = False
     chunks_committed: int = 0  # chunks written into the KV cache since it was last (re)filled
+    row_x0: Buffer | None = None  # while the stream is a row of a batched chunk: its x0 in the batch
+
+
+@dataclass
+class _Group:
+    """The buffers and bindings of one batched chunk of ``size`` rows (allocated once per size and reused:
+    a pool per size, so chunks of several groups may run at once). Rows beyond the real ones are padding:
+    copies of row 0's inputs, their outputs never read."""
+
+    size: int
+    dit: Binding  # the batched DiT step
+    update: Binding  # the batched cache update: ctx_k/ctx_v (the gathered cache) -> ctx_k_out/ctx_v_out
+    vae_first: Binding
+    vae: tuple[Binding, Binding]  # VAE step reading cache copy 0 / copy 1
+    x: tuple[Buffer, Buffer]
+    x0: Buffer
+    x_rows: tuple[tuple[Buffer, ...], tuple[Buffer, ...]]  # row views of x[0] and x[1]
+    x0_rows: tuple[Buffer, ...]  # row views of x0
+    eps_rows: tuple[Buffer, ...]  # row views of eps
+    scratch: np.ndarray
+    states: list = None  # the rows' StreamStates while a chunk runs
+    x_cur: int = 0
+    vae_cur: int = 0
 
 
 class EngineBackend(Backend):
@@ -96,11 +123,16 @@ class EngineBackend(Backend):
         *,
         cuda_graph: bool = False,
         threads: CpuThreads | int | None = None,
+        ema_alpha: float | None = None,
     ):
         m = bundle.manifest
         self.bundle, self.name, self.device = bundle, backend, device
         self.model = m["model"]
         settings = StreamSettings.from_dict(m["stream"], f"{bundle.path}/{MANIFEST}")
+        if ema_alpha is not None:
+            # the EMA-Sink rate is an input of the cache-update graph (its `mix` matrix), not baked into
+            # it: any rate in [0, 1] runs on the same graphs (1 = a static sink). StreamSettings validates it.
+            settings = dataclasses.replace(settings, ema_alpha=ema_alpha)
         self.info = ModelInfo(
             latent_channels=self.model["latent_channels"],
             latent_hw=tuple(self.model["latent_hw"]),
@@ -116,6 +148,11 @@ class EngineBackend(Backend):
         self.runners = self._make_runners(backend, device, cuda_graph, threads)
         for graph, runner in self.runners.items():
             _activate(runner, graph, bundle.path)
+        self._threads = threads
+        self._batch_sizes = batch_sizes(m)
+        self._batched: dict[int, dict[str, Runner]] = {}  # batch size -> runners, loaded on first use
+        self._groups: dict[int, list[_Group]] = {}  # batch size -> free groups of buffers
+        self._batch_lock = threading.Lock()
         self.text_encoder = text_encoder_from_spec(
             m["text_encoder"],
             f"{bundle.path}/{MANIFEST}",
@@ -426,6 +463,241 @@ class EngineBackend(Backend):
             done += t
         return out
 
+    # ---- several streams in one call (Backend.gather ..., rf_runtime.batching) -----------------------
+
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The bundle's batch sizes (``manifest["batch"]``) on onnxruntime CPU; (1,) elsewhere (the
+        batched graphs are fp32 onnxruntime graphs; the row gathering works on host buffers)."""
+        if self.name != "onnxruntime" or self.device != "cpu":
+            return (1,)
+        return self._batch_sizes
+
+    def _batch_runners(self, size: int) -> dict[str, Runner]:
+        """The runners of the batch-``size`` graphs, loaded on first use (a backend that never batches
+        pays nothing for them) and checked against the batch-1 graphs' shapes with ``size`` rows."""
+        with self._batch_lock:
+            runners = self._batched.get(size)
+            if runners is not None:
+                return runners
+            b, runners = self.bundle, {}
+            for graph, name in batch_graph_names(b.manifest, size).items():
+                runner = OnnxRuntimeRunner(
+                    b.graph_file(name),
+                    b.graphs[name],
+                    device="cpu",
+                    name=name,
+                    threads=cpu_threads(graph, self._threads),
+                )
+                _activate(runner, name, b.path)
+                slots = len(self._vae_cache_names())
+                problem = graph_io.mismatch(
+                    graph, runner.graph.input_names(), runner.graph.output_names(), slots
+                )
+                if problem:
+                    raise BundleError(
+                        f"graph {name} of {b.path}: {problem}; rebuild the bundle with `rf-export onnx`"
+                    )
+                one = self.runners[graph].graph.tensors
+                for t in (*runner.graph.inputs, *runner.graph.outputs):
+                    want = _batched_shape(graph, t.name, one[t.name].shape, size) if t.name in one else None
+                    if t.shape != want:
+                        raise BundleError(
+                            f"graph {name} of {b.path}: {t.name} is {list(t.shape)}, a batch-{size} "
+                            f"{graph} needs {None if want is None else list(want)}; rebuild it with "
+                            "`rf-export onnx --batch-sizes`"
+                        )
+                runners[graph] = runner
+            self._batched[size] = runners
+            return runners
+
+    def _new_group(self, size: int) -> _Group:
+        r = self._batch_runners(size)
+        dit, upd, first, step = r[DIT_STEP], r[CACHE_UPDATE], r[VAE_DECODE_FIRST], r[VAE_DECODE]
+        spec = dit.graph.tensors["x"]
+        x = (dit.allocate(spec.shape, spec.dtype), dit.allocate(spec.shape, spec.dtype))
+        # the step and context tables are the same for every row: bind the backend's own (host) buffers
+        b_dit = dit.bind({"x": x[0], "x_next": x[1], **self._steps[0], **self._ctx_tables})
+        b_upd = upd.bind({n: b_dit[n] for n in ("ctx_k", "ctx_v", "new_k", "new_v")})
+        row = (1, *spec.shape[1:])
+        per = int(np.prod(row))
+
+        def rows(buffer):
+            return tuple(buffer.view(i * per, row) for i in range(size))
+
+        caches = self._vae_cache_names()
+        st = step.graph.tensors
+        copies = tuple({n: step.allocate(st[n].shape, st[n].dtype) for n in caches} for _ in range(2))
+        z = step.allocate(st["z"].shape, st["z"].dtype)
+        vae = tuple(
+            step.bind({"z": z, **copies[i], **{f"{n}_out": copies[1 - i][n] for n in caches}})
+            for i in range(2)
+        )
+        vae_first = first.bind({"z": z})
+        scratch = np.zeros(st["frames"].shape[1:], np.float32)
+        return _Group(
+            size,
+            b_dit,
+            b_upd,
+            vae_first,
+            vae,
+            x,
+            b_dit["x0"],
+            (rows(x[0]), rows(x[1])),
+            rows(b_dit["x0"]),
+            rows(b_dit["eps"]),
+            scratch,
+        )
+
+    def gather(self, states):
+        """Copy the rows' text K/V, KV cache, cache-state tables and VAE cache into the buffers of a batch
+        of the smallest exported size >= len(states) (``rf_runtime.batching`` splits larger sets)."""
+        n = len(states)
+        size = next((b for b in self.batch_sizes() if b >= n), None)
+        if size is None:
+            raise InputError(
+                f"{n} rows do not fit one call: this bundle's batch sizes are {list(self.batch_sizes())}"
+            )
+        if n < 2:
+            return super().gather(states)
+        with self._batch_lock:
+            pool = self._groups.setdefault(size, [])
+            group = pool.pop() if pool else None
+        if group is None:
+            group = self._new_group(size)
+        group.states = list(states)
+        d, mix, vae = group.dit, group.update["mix"].host, group.vae[0]
+        for i in range(size):
+            s: _Stream = states[i if i < n else 0].device  # padding rows: copies of row 0
+            k, v = s.kv[s.kv_cur]
+            for name, source in (
+                ("text_k", s.dit["text_k"]),
+                ("text_v", s.dit["text_v"]),
+                ("ctx_k", k),
+                ("ctx_v", v),
+            ):
+                d[name].host[:, i] = source.host[:, 0]
+            state = min(s.chunks_committed, self._last_state)
+            for name in graph_io.STATE_TABLES:
+                d[name].host[i] = self._states[state][name].host
+            mix[i] = self._mixes[state].host
+            if s.vae_started:
+                current = s.vae[s.vae_cur]
+                for name in self._vae_cache_names():
+                    vae[name].host[i] = current[name].host[0]
+            if i < n:
+                s.row_x0 = group.x0_rows[i]
+        group.x_cur = group.vae_cur = 0
+        return group
+
+    def release(self, rows) -> None:
+        if not isinstance(rows, _Group):
+            return
+        for state in rows.states:
+            state.device.row_x0 = None
+        rows.states = None
+        with self._batch_lock:
+            self._groups[rows.size].append(rows)
+
+    @staticmethod
+    def _check_rows(values, expect, what: str) -> None:
+        if len(values) > len(expect) or any(v is not e for v, e in zip(values, expect)):
+            raise InputError(f"{what} must be the rows returned by the previous batched call of this chunk")
+
+    def denoise_rows(self, rows, xs, step, eps):
+        if not isinstance(rows, _Group):
+            return super().denoise_rows(rows, xs, step, eps)
+        g, n = rows, len(rows.states)
+        if step == 0:  # the chunk's host noise: each row's, padding rows copy row 0's
+            g.x_cur = 0
+            for i in range(g.size):
+                write_host(g.x_rows[0][i], xs[i if i < n else 0])
+        else:
+            self._check_rows(xs, g.x_rows[g.x_cur], "x")
+        if eps[0] is not None:
+            for i in range(g.size):
+                write_host(g.eps_rows[i], eps[i if i < n else 0])
+        b, cur = g.dit, g.x_cur
+        b.update({"x": g.x[cur], "x_next": g.x[1 - cur], "x0": g.x0, **self._steps[step]})
+        b.runner.run(b)
+        g.x_cur = 1 - cur
+        if step + 1 == len(self.schedule.t):
+            return list(g.x0_rows[:n]), [None] * n
+        return list(g.x0_rows[:n]), list(g.x_rows[g.x_cur][:n])
+
+    def store_rows(self, rows, slots, x0s) -> None:
+        if not isinstance(rows, _Group):
+            return super().store_rows(rows, slots, x0s)
+        self._check_rows(x0s, rows.x0_rows, "x0")
+        for state, slot, x0 in zip(rows.states, slots, x0s):
+            np.copyto(state.device.latents[slot].host, x0.host)
+
+    def cache_pass_rows(self, rows, x0s) -> None:
+        if not isinstance(rows, _Group):
+            return super().cache_pass_rows(rows, x0s)
+        g = rows
+        self._check_rows(x0s, g.x0_rows, "x0")
+        b = g.dit
+        # rerun at context_t on the clean latents (kept for the decode): the outputs go to the x buffers
+        b.update({"x": g.x0, "x0": g.x[0], "x_next": g.x[1], **self._steps[-1]})
+        b.runner.run(b)
+        b.update({"x": g.x[0], "x0": g.x0, "x_next": g.x[1]})
+        u = g.update
+        u.runner.run(u)  # commit every row: evict, fold into the sink, write the chunk
+        for i, state in enumerate(g.states):
+            s: _Stream = state.device
+            k, v = s.kv[1 - s.kv_cur]
+            k.host[:, 0] = u["ctx_k_out"].host[:, i]
+            v.host[:, 0] = u["ctx_v_out"].host[:, i]
+            s.kv_cur = 1 - s.kv_cur
+            s.chunks_committed += 1
+
+    def decode_rows(self, rows, x0s) -> list[np.ndarray]:
+        if not isinstance(rows, _Group):
+            return super().decode_rows(rows, x0s)
+        g = rows
+        self._check_rows(x0s, g.x0_rows, "x0")
+        runners = self._batch_runners(g.size)
+        first_r, step_r = runners[VAE_DECODE_FIRST], runners[VAE_DECODE]
+        started = [state.device.vae_started for state in g.states]
+        t_first = first_r.graph.tensors["frames"].shape[2]
+        t_step, h, w = step_r.graph.tensors["frames"].shape[2:]
+        f = g.x0.shape[1]
+        outs = [
+            np.empty((f * t_step if on else t_first + (f - 1) * t_step, h, w, 3), np.uint8) for on in started
+        ]
+        done = [0] * len(outs)
+        names = self._vae_cache_names()
+        z = g.vae_first["z"].host
+        for i in range(f):
+            np.copyto(z, g.x0.host[:, i : i + 1].transpose(0, 2, 1, 3, 4))  # latent frame i of every row
+            calls = []  # (binding, which rows take its frames)
+            if i > 0 or any(started):  # rows past their first latent frame: the step graph, one call
+                b = g.vae[g.vae_cur]
+                step_r.run(b)
+                g.vae_cur = 1 - g.vae_cur
+                calls.append((b, [True] * len(outs) if i > 0 else started))
+            if i == 0 and not all(started):  # rows at the stream's first latent frame: the first graph
+                first_r.run(g.vae_first)
+                calls.append((g.vae_first, [not on for on in started]))
+            current = g.vae[g.vae_cur]  # the cache copy the next call reads
+            for b, which in calls:
+                pixels = b["frames"].host
+                t = pixels.shape[2]
+                for row in (r for r, take in enumerate(which) if take):
+                    to_uint8_frames(pixels[row], outs[row][done[row] : done[row] + t], g.scratch[:, :t])
+                    done[row] += t
+                    if b is g.vae_first:
+                        for name in names:
+                            current[name].host[row] = b[f"{name}_out"].host[row]
+        current = g.vae[g.vae_cur]
+        for row, state in enumerate(g.states):
+            s: _Stream = state.device
+            if not s.vae_started:
+                s.vae_started, s.vae_cur = True, 0
+            for name in names:
+                s.vae[s.vae_cur][name].host[0] = current[name].host[row]
+        return outs
+
     # ---- prompt switch, snapshots ---------------------------------------------------------------
 
     def all_finite(self, x) -> bool:
@@ -553,6 +825,19 @@ def _warn_if_too_large(bundle: Bundle, backend: str, device: str) -> None:
             memory.size(free),
             source,
         )
+
+
+def _batched_shape(graph: str, tensor: str, shape: tuple, size: int) -> tuple:
+    """The shape of a per-chunk graph's tensor with ``size`` rows (``graph_io.BATCHED_GRAPHS``)."""
+    if tensor in ("t_freq", "sigma", "sigma_next", "cos_ctx", "sin_ctx"):
+        return shape  # shared by the rows
+    if tensor in graph_io.STATE_TABLES or tensor == "mix":
+        return (size, *shape)  # one table per row
+    if graph == DIT_STEP and tensor in ("text_k", "text_v", "ctx_k", "ctx_v", "new_k", "new_v"):
+        return (shape[0], size, *shape[2:])  # [L, B, ...]
+    if graph == CACHE_UPDATE:
+        return (shape[0], size, *shape[2:])
+    return (size, *shape[1:])
 
 
 def _activate(runner: Runner, graph: str, bundle: str) -> None:

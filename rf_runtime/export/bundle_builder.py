@@ -19,10 +19,12 @@ from rf_runtime.bundle import graph_io_from_onnx, write_manifest
 from rf_runtime.cache import commit_matrix
 from rf_runtime.errors import ConfigError
 from rf_runtime.files import give_default_permissions, output_dir, replace_dir
-from rf_runtime.graph_io import GRAPHS
+from rf_runtime.graph_io import BATCHED_GRAPHS, CACHE_UPDATE, DIT_STEP, GRAPHS, VAE_DECODE, VAE_DECODE_FIRST
+from rf_runtime.graph_io import batched
 
 OPSET = 17
 logger = logging.getLogger("rf_runtime")
+BATCHED_WEIGHTS = "batched_weights"  # the file key of the batched graphs' shared weights
 
 
 def build_bundle(
@@ -32,6 +34,7 @@ def build_bundle(
     checkpoint=None,
     model_card: dict | None = None,
     precisions=("fp32",),
+    batch_sizes=(1,),
     force: bool = False,
 ) -> str:
     """Export every graph of the model in ``model_dir`` into the bundle directory ``out_dir``.
@@ -41,12 +44,16 @@ def build_bundle(
         ``rf_runtime.json`` ("model_card" entry).
     precisions: "fp32" always; "fp16" / "bf16" add strongly typed ``<name>@<precision>``
         variants of every graph (export/precision.py).
+    batch_sizes: the numbers of streams one call of the per-chunk graphs serves (1 always; e.g. 1, 2, 4
+        adds ``dit_step_b2`` ... ``vae_decode_b4`` and the manifest's ``batch`` section; the graphs of
+        every size are fp32, for onnxruntime).
     The bundle is assembled in a temporary directory beside ``out_dir`` and renamed when complete.
     force: replace an existing bundle at ``out_dir``; without it, and for anything at ``out_dir`` that
         is not a bundle, the export is refused before any work (``files.output_dir``).
     """
     from rf_runtime.bundle import MANIFEST
 
+    sizes = check_batch_sizes(batch_sizes)
     out_dir = output_dir(out_dir, "an engine bundle", marker=MANIFEST, force=force)
     import onnx
     import torch
@@ -81,53 +88,27 @@ def build_bundle(
         settings=models.settings,
     )
     cfg, settings = dit.config, info.settings
-    spec = settings.cache_spec
     grid = dit.grid(info.latent_hw)
-    tpf = grid[0] * grid[1]
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
     try:
         give_default_permissions(tmp, directory=True)  # not mkdtemp's owner-only 0700
         started = time.perf_counter()
-        feeds = example_inputs(
-            dit, info.latent_hw, spec.context_frames, spec.chunk_frames, spec.context_frames
-        )
-        kv_shape = feeds["ctx_k"].shape
-        # the context K/V of the full cache (3.5 GB at the 1.3B model's 480x832) only give the trace its
-        # shapes: a zero broadcast to that shape costs nothing (the graph has no data-dependent branch)
-        for name in ("ctx_k", "ctx_v"):
-            feeds[name] = torch.zeros((1,) * len(kv_shape)).expand(kv_shape)
-        dit_data = export_dit_step(dit, os.path.join(tmp, "dit_step.onnx"), feeds)
-        del feeds
-        started = _took("dit_step", started)
         export_text_kv(dit, os.path.join(tmp, "text_kv.onnx"))
-        started = _took("text_kv", started)
-        # the DiT's weights are in its graphs now; the lowering needs only its module structure
-        dit.to("meta")
-        kv = np.zeros(kv_shape, np.float32)
-        new = np.zeros((*kv_shape[:2], spec.chunk_frames * tpf, *kv_shape[3:]), np.float32)
-        export_cache_update(
-            tpf,
-            os.path.join(tmp, "cache_update.onnx"),
-            {
-                "ctx_k": kv,
-                "ctx_v": kv,
-                "new_k": new,
-                "new_v": new,
-                "mix": commit_matrix(spec, 0).astype(np.float32),
-            },
-        )
-        del kv, new
-        started = _took("cache_update", started)
-        n_slots = export_vae_decoder(
-            vae,
-            info.latent_hw,
-            os.path.join(tmp, "vae_decode_first.onnx"),
-            os.path.join(tmp, "vae_decode.onnx"),
-        )
-        started = _took("vae_decode_first, vae_decode", started)
-        slot_shapes = [list(s.shape) for s in initial_cache(vae, info.latent_hw)]
+        _took("text_kv", started)
         files = {name: {"path": f"{name}.onnx"} for name in GRAPHS}
-        files.update({"dit_step_data": {"path": d} for d in dit_data})  # > 2 GB graphs: their weights
+        for size in sizes:  # the per-chunk graphs once per batch size, static shapes each
+            names = {g: batched(g, size) for g in BATCHED_GRAPHS}
+            data, n_slots = export_chunk_graphs(dit, vae, info, tmp, names, size)
+            files.update({name: {"path": f"{name}.onnx"} for name in names.values()})
+            files.update({f"{names[DIT_STEP]}_data": {"path": d} for d in data})  # > 2 GB: its weights
+        dit.to("meta")  # its weights are in its graphs now; the lowering needs its module structure only
+        slot_shapes = [list(s.shape) for s in initial_cache(vae, info.latent_hw)]
+        batched_graphs = [batched(g, b) for b in sizes if b > 1 for g in BATCHED_GRAPHS]
+        if batched_graphs:  # their weights once, in one file (export/shared_weights.py)
+            from rf_runtime.export.shared_weights import share_weights
+
+            share_weights(tmp, [f"{g}.onnx" for g in batched_graphs], f"{BATCHED_WEIGHTS}.data")
+            files[BATCHED_WEIGHTS] = {"path": f"{BATCHED_WEIGHTS}.data"}
         # strongly typed low-precision variants (export/precision.py)
         from rf_runtime.export.precision import add_precision_variants
 
@@ -142,9 +123,12 @@ def build_bundle(
         else:
             text_section = text_spec()
         source = os.path.basename(os.path.normpath(os.fspath(model_dir)))
+        graphs = graph_entries(tmp, files)
+        for g in batched_graphs:
+            graphs[g]["external_data"] = [BATCHED_WEIGHTS]
         manifest = {
             "files": files,
-            "graphs": graph_entries(tmp, files),
+            "graphs": graphs,
             "model": {
                 "dit": cfg.to_dict(),
                 "latent_channels": info.latent_channels,
@@ -170,6 +154,18 @@ def build_bundle(
                 "longest_tested_frames": card.get("longest_tested_frames"),
                 **{k: card[k] for k in ("note", "vocabulary") if k in card},
             },
+            **(
+                {
+                    "batch": {
+                        "sizes": list(sizes),
+                        "graphs": {
+                            str(b): {g: batched(g, b) for g in BATCHED_GRAPHS} for b in sizes if b > 1
+                        },
+                    }
+                }
+                if sizes != (1,)
+                else {}
+            ),
             "producer": {
                 "rf_runtime": rf_runtime.__version__,
                 "torch": torch.__version__,
@@ -189,6 +185,61 @@ def _took(what: str, started: float) -> float:
     now = time.perf_counter()
     logger.info("exported %s in %.1f s", what, now - started)
     return now
+
+
+def check_batch_sizes(batch_sizes) -> tuple[int, ...]:
+    """Batch sizes as a sorted tuple that holds 1; anything else is refused before any work."""
+    sizes = tuple(batch_sizes)
+    if not sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in sizes):
+        raise ConfigError(f"batch sizes must be positive integers, e.g. 1,2,4; got {list(sizes)}")
+    return tuple(sorted({1, *sizes}))
+
+
+def export_chunk_graphs(dit, vae, info, out: str, names: dict, batch: int) -> tuple[list[str], int]:
+    """The per-chunk graphs (DiT step, cache update, both VAE graphs) for ``batch`` rows, written as
+    ``<names[graph]>.onnx`` into ``out``; returns (the DiT step's external-data files, VAE cache slots)."""
+    import torch
+
+    spec = info.settings.cache_spec
+    grid = dit.grid(info.latent_hw)
+    tpf = grid[0] * grid[1]
+    started = time.perf_counter()
+    feeds = example_inputs(
+        dit, info.latent_hw, spec.context_frames, spec.chunk_frames, spec.context_frames, batch=batch
+    )
+    kv_shape = feeds["ctx_k"].shape
+    # the context K/V of the full cache (3.5 GB at the 1.3B model's 480x832) only give the trace its
+    # shapes: a zero broadcast to that shape costs nothing (the graph has no data-dependent branch)
+    for name in ("ctx_k", "ctx_v"):
+        feeds[name] = torch.zeros((1,) * len(kv_shape)).expand(kv_shape)
+    data = export_dit_step(dit, os.path.join(out, f"{names[DIT_STEP]}.onnx"), feeds)
+    del feeds
+    started = _took(names[DIT_STEP], started)
+    kv = np.zeros(kv_shape, np.float32)
+    new = np.zeros((*kv_shape[:2], spec.chunk_frames * tpf, *kv_shape[3:]), np.float32)
+    mix = commit_matrix(spec, 0).astype(np.float32)
+    export_cache_update(
+        tpf,
+        os.path.join(out, f"{names[CACHE_UPDATE]}.onnx"),
+        {
+            "ctx_k": kv,
+            "ctx_v": kv,
+            "new_k": new,
+            "new_v": new,
+            "mix": mix if batch == 1 else np.repeat(mix[None], batch, axis=0),
+        },
+    )
+    del kv, new
+    started = _took(names[CACHE_UPDATE], started)
+    slots = export_vae_decoder(
+        vae,
+        info.latent_hw,
+        os.path.join(out, f"{names[VAE_DECODE_FIRST]}.onnx"),
+        os.path.join(out, f"{names[VAE_DECODE]}.onnx"),
+        batch=batch,
+    )
+    _took(f"{names[VAE_DECODE_FIRST]}, {names[VAE_DECODE]}", started)
+    return data, slots
 
 
 def graph_entries(bundle_dir: str, files: dict) -> dict:

@@ -21,6 +21,18 @@ def _precisions(text: str) -> tuple[str, ...]:
     return items if "fp32" in items else ("fp32", *items)
 
 
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        items = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        items = ()
+    if not items or any(b < 1 for b in items):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a comma-separated list of positive integers, e.g. 1,2,4"
+        )
+    return tuple(sorted({1, *items}))
+
+
 def _backends(text: str) -> tuple[str, ...]:
     from rf_runtime.export.verify import BACKENDS
 
@@ -68,6 +80,13 @@ def parser() -> argparse.ArgumentParser:
         default=("fp32",),
         help="comma-separated precisions, e.g. fp32,fp16 (fp32 is always written; fp16/bf16 add "
         "strongly typed <graph>@<precision> variants for TensorRT)",
+    )
+    onnx.add_argument(
+        "--batch-sizes",
+        type=_batch_sizes,
+        default=(1,),
+        help="comma-separated numbers of streams one call of the per-chunk graphs serves, e.g. 1,2,4 "
+        "(1 is always written; rf-serve and rf-bench --sessions step that many streams together)",
     )
     onnx.add_argument(
         "--training-stage",
@@ -155,6 +174,7 @@ def _run(args) -> int:
             checkpoint=args.checkpoint,
             model_card=card,
             precisions=args.precision,
+            batch_sizes=args.batch_sizes,
             force=args.force,
         )
         print(f"wrote bundle {path}")

@@ -63,6 +63,8 @@ class DiTStep(nn.Module):
         sin_q,
     ):
         m = self.model
+        if t_freq.shape[0] != x.shape[0]:  # a batched graph: every row at the same step
+            t_freq = t_freq.expand(x.shape[0], -1, -1)
         e = m.time_embedding(t_freq)
         e0 = m.time_projection(e).unflatten(-1, (6, m.config.dim))
         flow, new_k, new_v = m.forward_chunk_tables(
@@ -84,18 +86,31 @@ class DiTStep(nn.Module):
 
 
 def example_inputs(
-    model: CausalDiT, latent_hw, context_frames: int, chunk_frames: int, valid_frames: int, seed=0
+    model: CausalDiT,
+    latent_hw,
+    context_frames: int,
+    chunk_frames: int,
+    valid_frames: int,
+    seed=0,
+    batch: int = 1,
 ):
-    """Random but well-formed inputs of the step graph (numpy float32), for tracing and tests."""
+    """Random but well-formed inputs of the step graph (numpy float32), for tracing and tests.
+
+    batch > 1: the inputs of a batched graph (``graph_io.BATCHED_GRAPHS``): ``batch`` rows, each with
+    its own cache-state tables (``key_mask`` [B, K], ``cos_q`` / ``sin_q`` [B, f*T, D])."""
     cfg = model.config
     rng = np.random.default_rng(seed)
     h, w = model.grid(latent_hw)
     tpf = h * w
-    lat = (1, chunk_frames, cfg.in_dim, *latent_hw)
-    kv = (cfg.num_layers, 1, context_frames * tpf, cfg.num_heads, cfg.head_dim)
-    text = (cfg.num_layers, 1, cfg.text_len, cfg.num_heads, cfg.head_dim)
+    lat = (batch, chunk_frames, cfg.in_dim, *latent_hw)
+    kv = (cfg.num_layers, batch, context_frames * tpf, cfg.num_heads, cfg.head_dim)
+    text = (cfg.num_layers, batch, cfg.text_len, cfg.num_heads, cfg.head_dim)
     t = np.full((1, chunk_frames), 937.5)
     f32 = np.float32
+    tables = chunk_tables(context_frames, chunk_frames, valid_frames, (h, w), cfg.head_dim)
+    if batch > 1:
+        for name in graph_io.STATE_TABLES:
+            tables[name] = np.repeat(tables[name][None], batch, axis=0)
     return {
         "x": rng.standard_normal(lat, dtype=f32),
         "eps": rng.standard_normal(lat, dtype=f32),
@@ -106,7 +121,7 @@ def example_inputs(
         "text_v": rng.standard_normal(text, dtype=f32),
         "ctx_k": rng.standard_normal(kv, dtype=f32),
         "ctx_v": rng.standard_normal(kv, dtype=f32),
-        **chunk_tables(context_frames, chunk_frames, valid_frames, (h, w), cfg.head_dim),
+        **tables,
     }
 
 
@@ -159,11 +174,14 @@ class CacheUpdate(nn.Module):
         self.tokens_per_frame = tokens_per_frame
 
     def forward(self, ctx_k, ctx_v, new_k, new_v, mix):
+        # mix [M, M + f] for one row, [B, M, M + f] for a batched graph (each row its own cache state)
+        pattern = "ij,lbjtnd->lbitnd" if mix.ndim == 2 else "bij,lbjtnd->lbitnd"
+
         def update(ctx, new):
             frames = torch.cat([ctx, new], dim=2).unflatten(
                 2, (-1, self.tokens_per_frame)
             )  # [L, B, M+f, T, N, D]
-            return torch.einsum("ij,lbjtnd->lbitnd", mix, frames).flatten(2, 3)
+            return torch.einsum(pattern, mix, frames).flatten(2, 3)
 
         return update(ctx_k, new_k), update(ctx_v, new_v)
 

@@ -102,13 +102,15 @@ def initial_cache(vae: WanVAE, latent_hw, batch: int = 1) -> list:
     return slots
 
 
-def export_vae_decoder(vae: WanVAE, latent_hw, first_path: str, next_path: str, opset: int = 17) -> int:
-    """Export both graphs (causal convolutions lowered to 2-D, see ``lower_convs``); returns the
-    number of cache slots."""
+def export_vae_decoder(
+    vae: WanVAE, latent_hw, first_path: str, next_path: str, opset: int = 17, batch: int = 1
+) -> int:
+    """Export both graphs (causal convolutions lowered to 2-D, see ``lower_convs``) for ``batch``
+    rows; returns the number of cache slots."""
     vae = lower_convs(vae.eval())
-    slots = initial_cache(vae, latent_hw)
+    slots = initial_cache(vae, latent_hw, batch)
     ins, outs = cache_names(len(slots))
-    z = torch.zeros(1, vae.config.z_dim, 1, *latent_hw)
+    z = torch.zeros(batch, vae.config.z_dim, 1, *latent_hw)
     cache = [torch.zeros_like(s) for s in slots]
     with torch.no_grad():
         torch.onnx.export(

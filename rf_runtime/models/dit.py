@@ -464,13 +464,15 @@ class CausalDiT(nn.Module):
 
         key_mask: [M*T + f*T] bool, True where a key is valid (the chunk's own keys always are).
         cos_ctx/sin_ctx: [M*T, D] RoPE tables of the context slots; cos_q/sin_q: [f*T, D] of the chunk.
+        key_mask [B, K] and cos_q/sin_q [B, f*T, D] give each row of x its own cache state.
         time_emb: (e, e0) computed elsewhere (the exported graph takes the host's float64 sinusoid);
             t is ignored when it is given.
         """
         b, f, _, hh, ww = x.shape
         tokens = self.embed(x)
         e, e0 = self.time_embeddings(t) if time_emb is None else time_emb
-        mask = key_mask.view(1, 1, 1, -1)
+        # [K]: one mask for every row; [B, K]: one per row (a batched graph's rows in different cache states)
+        mask = key_mask.view(1, 1, 1, -1) if key_mask.ndim == 1 else key_mask[:, None, None, :]
         new_k, new_v = [], []
         for i, blk in enumerate(self.blocks):
             ctx_k = apply_rope(context_k[i], cos_ctx, sin_ctx)

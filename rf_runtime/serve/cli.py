@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"threads making chunks (default {d.workers}; --ray: ignored)",
     )
     p.add_argument(
+        "--no-batching",
+        action="store_true",
+        help="make each session's chunks alone even when the bundle has batch sizes > 1 (by default the "
+        "sessions ready at a chunk boundary step together through one call of each graph)",
+    )
+    p.add_argument(
         "--ray", action="store_true", help="run the model in Ray actors (pip install 'rf_runtime[ray]')"
     )
     p.add_argument("--replicas", type=int, default=2, help="--ray: model replicas (default 2)")
@@ -118,7 +124,12 @@ def _serve(args) -> int:
         from rf_runtime.serve.engine import LocalEngine
 
         streamer = load_streamer(args.engine, args.model_dir, args.checkpoint, args.device)
-        engine = LocalEngine(streamer, workers=config.workers, jpeg_quality=config.jpeg_quality)
+        engine = LocalEngine(
+            streamer,
+            workers=config.workers,
+            jpeg_quality=config.jpeg_quality,
+            batching=False if args.no_batching else None,
+        )
     server = make_server(ServeApp(engine, config), host=args.host, port=args.port, log_level=args.log_level)
     print(
         f"rf-serve: http://{args.host}:{args.port}/ (viewer), ws://{args.host}:{args.port}/v1/stream",

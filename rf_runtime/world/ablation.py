@@ -33,7 +33,7 @@ DEFAULT_PROMPTS = (
     "a small blue square moving left on a gray background",
     "a big yellow triangle moving down quickly",
 )
-METRICS = (
+EVAL_METRICS = (
     "dynamic_degree",
     "flow_score",
     "travel",
@@ -42,6 +42,26 @@ METRICS = (
     "subject_consistency",
     "prompt_adherence",
 )
+FOLLOW_METRICS = ("colour", "background", "shape", "one_object", "motion_ok")
+"""The prompt-following checks of ``rf_runtime.world.follow``, as percent of frames (motion: 100 when the
+stream moves along its prompted axis, else 0)."""
+METRICS = EVAL_METRICS + FOLLOW_METRICS
+
+
+def run_metrics(result) -> dict:
+    """An ``EvalResult``'s ablation metrics: its own fields, then the follow checks in percent (None for a
+    prompt that is not the world's)."""
+    metrics = {m: getattr(result, m) for m in EVAL_METRICS}
+    follow = result.prompt_following.get("follow") or {}
+    for m in FOLLOW_METRICS:
+        metrics[m] = 100.0 * float(follow[m]) if m in follow else None
+    return metrics
+
+
+def detectable(se: float | None) -> float | None:
+    """The smallest true difference that a paired test with this standard error finds with 80 % power at
+    a two-sided 5 % level: (1.96 + 0.84) x se (normal approximation)."""
+    return None if se is None else 2.8 * se
 
 
 @dataclass
@@ -61,15 +81,28 @@ def settings_for(path: str, overrides: dict) -> StreamSettings:
     return model_dir.stream_settings(model_dir.read_card(path), **overrides)
 
 
-def run_one(model, overrides: dict, prompt: str, seed: int, seconds: float):
-    """Stream one video with the variant's settings and evaluate it -> (EvalResult, generation seconds).
-    model: a model directory, or (model directory, generator checkpoint)."""
-    import time
+RUNTIME_OVERRIDES = frozenset({"ema_alpha"})
+"""Variant settings an engine bundle takes at load (its graphs' shapes stay): the EMA-Sink rate."""
 
+
+def _streamer(model, overrides: dict, engine: str | None):
     from rf_runtime.streamer import Streamer
 
+    if engine is not None and set(overrides) <= RUNTIME_OVERRIDES:
+        return Streamer.from_engine(engine, threads=1, ema_alpha=overrides.get("ema_alpha"))
     model_dir, checkpoint = model if isinstance(model, tuple) else (model, None)
-    streamer = Streamer.from_checkpoint(model_dir, checkpoint, settings=settings_for(model_dir, overrides))
+    return Streamer.from_checkpoint(model_dir, checkpoint, settings=settings_for(model_dir, overrides))
+
+
+def run_one(model, overrides: dict, prompt: str, seed: int, seconds: float, engine: str | None = None):
+    """Stream one video with the variant's settings and evaluate it -> (EvalResult, generation seconds).
+    model: a model directory, or (model directory, generator checkpoint). engine: a bundle exported from
+    that model: variants that change only the EMA-Sink rate stream through it (onnxruntime, one thread;
+    the same frames to within a level of uint8, several times faster), the others (e.g. no sink, which
+    changes the cache's size) through the model directory."""
+    import time
+
+    streamer = _streamer(model, overrides, engine)
     start = time.perf_counter()
     frames = np.concatenate(
         list(streamer.stream(prompt, seed=seed, num_frames=round(seconds * streamer.fps)))
@@ -78,17 +111,25 @@ def run_one(model, overrides: dict, prompt: str, seed: int, seconds: float):
     return evaluate(frames, prompt, fps=streamer.fps), elapsed
 
 
-def _run_one_in_worker(model, overrides: dict, prompt: str, seed: int, seconds: float):
+def _run_one_in_worker(model, overrides: dict, prompt: str, seed: int, seconds: float, engine=None):
     import torch
 
     torch.set_num_threads(1)  # one core per worker process
-    return run_one(model, overrides, prompt, seed, seconds)
+    return run_one(model, overrides, prompt, seed, seconds, engine)
 
 
 def run_ablation(
-    models: dict, variants: dict[str, dict], prompts, seeds, seconds: float, on_run=None, jobs: int = 1
+    models: dict,
+    variants: dict[str, dict],
+    prompts,
+    seeds,
+    seconds: float,
+    on_run=None,
+    jobs: int = 1,
+    engines: dict | None = None,
 ) -> list[Run]:
     """Every model x variant x prompt x seed. ``models``: name -> model directory or (directory, checkpoint).
+    engines: name -> a bundle exported from that model, for the variants it can run (``run_one``).
 
     jobs: runs at once, each in its own process with one torch thread (the runs are independent and
     deterministic by seed, so the results do not depend on ``jobs``); 1 = in this process."""
@@ -105,6 +146,12 @@ def run_ablation(
                 f"model {name!r}: {path} is not a model directory (no config.json); "
                 "make one with `rf-world model-dir`"
             )
+    engines = dict(engines or {})
+    for name, engine in engines.items():
+        if name not in models:
+            raise ConfigError(f"engine {name!r} names no model: give --model {name}=DIR too")
+        if not os.path.isfile(os.path.join(engine, "manifest.json")):
+            raise ConfigError(f"engine {name!r}: {engine} is not an engine bundle (no manifest.json)")
     cells = [
         (model, variant, prompt, seed)
         for model in models
@@ -116,7 +163,7 @@ def run_ablation(
     def record(cell, outcome) -> Run:
         model, variant, prompt, seed = cell
         result, elapsed = outcome
-        metrics = {m: getattr(result, m) for m in METRICS}
+        metrics = run_metrics(result)
         run = Run(model, variant, prompt, seed, metrics, result.per_segment["flow_score"], elapsed)
         logger.info("%s / %s / %r / seed %d: %s", model, variant, prompt, seed, metrics)
         if on_run:
@@ -124,13 +171,19 @@ def run_ablation(
         return run
 
     if jobs == 1:
-        return [record(c, run_one(models[c[0]], variants[c[1]], c[2], c[3], seconds)) for c in cells]
+        return [
+            record(c, run_one(models[c[0]], variants[c[1]], c[2], c[3], seconds, engines.get(c[0])))
+            for c in cells
+        ]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [
-            pool.submit(_run_one_in_worker, models[c[0]], variants[c[1]], c[2], c[3], seconds) for c in cells
+            pool.submit(
+                _run_one_in_worker, models[c[0]], variants[c[1]], c[2], c[3], seconds, engines.get(c[0])
+            )
+            for c in cells
         ]
         return [record(c, f.result()) for c, f in zip(cells, futures)]
 
@@ -153,12 +206,12 @@ def summarize(runs: list[Run]) -> list[dict]:
     for (model, variant), rs in groups.items():
         row = {"model": model, "variant": variant, "runs": len(rs)}
         for m in METRICS:
-            row[m], row[m + "_se"] = _mean_se(r.metrics[m] for r in rs)
+            row[m], row[m + "_se"] = _mean_se(r.metrics.get(m) for r in rs)
         rows.append(row)
     return rows
 
 
-PAIRED_METRICS = ("flow_score", "travel", "drift", "subject_consistency", "prompt_adherence")
+PAIRED_METRICS = ("flow_score", "travel", "drift", "subject_consistency", "prompt_adherence") + FOLLOW_METRICS
 
 
 def paired_differences(runs: list[Run]) -> list[dict]:
@@ -184,8 +237,9 @@ def paired_differences(runs: list[Run]) -> list[dict]:
             row[m], row[m + "_se"] = _mean_se(
                 a.metrics[m] - b.metrics[m]
                 for a, b in pairs
-                if a.metrics[m] is not None and b.metrics[m] is not None
+                if a.metrics.get(m) is not None and b.metrics.get(m) is not None
             )
+            row[m + "_detectable"] = detectable(row[m + "_se"])
         rows.append(row)
     return rows
 
@@ -206,6 +260,9 @@ def _table(head: list[str], rows: list[dict], lead: list[str], metrics, signed: 
     return "\n".join(lines)
 
 
+FOLLOW_HEADS = ("colour %", "background %", "shape %", "one object %", "motion %")
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = [
         "model",
@@ -218,6 +275,7 @@ def markdown_table(rows: list[dict]) -> str:
         "quality drift",
         "subject consistency %",
         "prompt adherence %",
+        *FOLLOW_HEADS,
     ]
     return _table(head, rows, ["model", "variant", "runs"], METRICS, signed=False)
 
@@ -233,6 +291,7 @@ def paired_table(rows: list[dict]) -> str:
         "drift",
         "subject consistency %",
         "prompt adherence %",
+        *FOLLOW_HEADS,
     ]
     return _table(head, rows, ["model", "variant", "against", "pairs"], PAIRED_METRICS, signed=True)
 
@@ -264,7 +323,10 @@ def write_report(runs: list[Run], out_dir: str, command: str) -> list[str]:
     if paired:
         md += (
             "\nDifferences against the first row, paired by prompt and seed (mean ± standard error of the "
-            f"per-pair difference):\n\n{paired_table(paired)}\n"
+            f"per-pair difference):\n\n{paired_table(paired)}\n\n"
+            "A true difference of about 2.8 standard errors (the `*_detectable` values in ablation.json) is "
+            "what these pairs find with 80 % power at a two-sided 5 % level; smaller effects may be there "
+            "unseen.\n"
         )
 
     def write_md(tmp):

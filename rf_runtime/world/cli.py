@@ -136,6 +136,22 @@ def _parser():
     )
     sh.add_argument("--seed", type=int, default=0)
     sh.add_argument("--out", required=True, help="PNG to write")
+    dg = sub.add_parser(
+        "diagnose",
+        help="where prompts are lost: the prompt-following checks on the world's renders, the VAE's "
+        "reconstructions, the teacher's samples and the streamed model, side by side",
+    )
+    dg.add_argument("--vae", help="VAE weights (rf-world vae): scores its reconstructions")
+    dg.add_argument("--teacher", help="teacher DiT weights (needs --vae): scores its CFG samples")
+    dg.add_argument("--engine", help="bundle to stream (the streamed model's stage)")
+    dg.add_argument(
+        "--prompts-file", default=None, help="prompts, one per line (default: the held-out prompts)"
+    )
+    dg.add_argument("--seconds", type=float, default=4.0, help="video length per prompt (default 4)")
+    dg.add_argument("--guidance", type=float, default=3.0, help="the teacher's CFG scale (default 3)")
+    dg.add_argument("--seed", type=int, default=0)
+    dg.add_argument("--out", help="JSON to write (every prompt's checks per stage)")
+    dg.add_argument("--tiny", action="store_true")
     pr = sub.add_parser("prompts", help="write procedural prompts, one per line (for rf-train)")
     pr.add_argument("--count", type=int, default=500)
     pr.add_argument("--seed", type=int, default=2_000_000)
@@ -151,12 +167,24 @@ def _parser():
         help="a model directory (and generator checkpoint) to compare (repeat for DMD vs Re-DMD students)",
     )
     ab.add_argument(
+        "--engine",
+        action="append",
+        default=[],
+        metavar="NAME=BUNDLE",
+        help="a bundle exported from model NAME: the variants that change only the EMA-Sink rate stream "
+        "through it (onnxruntime, several times faster; the others use the model directory)",
+    )
+    ab.add_argument(
         "--variants",
         default=",".join(_variant_names()),
         help="comma-separated cache variants (default: all of %(default)s)",
     )
     ab.add_argument(
         "--prompt", action="append", help="prompt (repeatable; default: three procedural prompts)"
+    )
+    ab.add_argument(
+        "--prompts-file",
+        help="prompts, one per line (e.g. configs/world_heldout_prompts.txt); with --prompt: both",
     )
     ab.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
     ab.add_argument("--seconds", type=float, default=60.0, help="stream length (default 60)")
@@ -190,6 +218,8 @@ def _run(args) -> int:
         return _ablate(args)
     if args.command == "sheet":
         return _sheet(args)
+    if args.command == "diagnose":
+        return _diagnose(args)
     if args.command == "prompts":
         from rf_runtime.world.heldout import training_scenes
 
@@ -381,6 +411,42 @@ def _sheet(args) -> int:
     return 0
 
 
+def _diagnose(args) -> int:
+    from rf_runtime.world import diagnose
+    from rf_runtime.world import training as T
+    from rf_runtime.world.heldout import HELDOUT_PROMPTS
+
+    if args.teacher and not args.vae:
+        raise RFError("--teacher needs --vae (the teacher's samples are latents: the VAE decodes them)")
+    if not args.seconds > 0:
+        raise RFError("--seconds must be positive")
+    prompts = list(HELDOUT_PROMPTS)
+    if args.prompts_file:
+        from rf_runtime.world.heldout import read_prompts_file
+
+        prompts = read_prompts_file(args.prompts_file)
+    streamer = None
+    if args.engine:
+        from rf_runtime.streamer import Streamer
+
+        streamer = Streamer.from_engine(args.engine)
+    scores = diagnose.stage_scores(
+        prompts,
+        vae=T.load_vae(args.vae) if args.vae else None,
+        teacher=T.load_dit(args.teacher) if args.teacher else None,
+        streamer=streamer,
+        seconds=args.seconds,
+        guidance=args.guidance,
+        seed=args.seed,
+        cfg=T.TINY if args.tiny else T.WorldConfig(),
+    )
+    print(diagnose.stage_table(scores))
+    if args.out:
+        T.save_json(scores, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _ablate(args) -> int:
     import shlex
 
@@ -396,11 +462,24 @@ def _ablate(args) -> int:
                 f"--model {item!r}: write it as NAME=DIR or NAME=DIR@CHECKPOINT, e.g. --model re-dmd=work/model"
             )
         models[name] = tuple(path.split("@", 1)) if "@" in path else path
+    engines = {}
+    for item in args.engine:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise RFError(
+                f"--engine {item!r}: write it as NAME=BUNDLE, e.g. --engine re-dmd=engines/procedural-world-64"
+            )
+        engines[name] = path
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in A.CACHE_VARIANTS]
     if unknown:
         raise RFError(f"unknown cache variants {unknown}: choose from {list(A.CACHE_VARIANTS)}")
-    prompts = args.prompt or list(A.DEFAULT_PROMPTS)
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        from rf_runtime.world.heldout import read_prompts_file
+
+        prompts += read_prompts_file(args.prompts_file)
+    prompts = prompts or list(A.DEFAULT_PROMPTS)
     total = len(models) * len(names) * len(prompts) * args.seeds
     bar = tqdm(total=total, unit="run", disable=args.quiet, file=sys.stderr)
     runs = A.run_ablation(
@@ -411,6 +490,7 @@ def _ablate(args) -> int:
         args.seconds,
         on_run=lambda run: bar.update(1),
         jobs=args.jobs,
+        engines=engines,
     )
     bar.close()
     command = "rf-world " + " ".join(shlex.quote(a) for a in args.argv)

@@ -9,6 +9,7 @@ every scene whose prompt is one of them, so a model is scored on prompts it has 
 
 from __future__ import annotations
 
+from rf_runtime.errors import InputError
 from rf_runtime.world import procedural
 
 HELDOUT_PROMPTS: tuple[str, ...] = (
@@ -54,3 +55,37 @@ def training_scenes(
             quota[scene.background] -= 1
         scenes.append(scene)
     return scenes
+
+
+def scene_of(prompt: str, seed0: int = 1_000_000, tries: int = 100_000) -> procedural.Scene:
+    """The first scene the world draws (seeds seed0, seed0 + 1, ...) whose prompt is exactly ``prompt``:
+    the world's ground truth of that prompt (held-out prompts included: this is for evaluation)."""
+    for seed in range(seed0, seed0 + tries):
+        scene = procedural.sample_scene(seed)
+        if scene.prompt == prompt:
+            return scene
+    raise InputError(
+        f"the world draws no scene with the prompt {prompt!r} in {tries} seeds: use a sentence of its grammar"
+    )
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """Prompts of the world, one per line (blank lines skipped), e.g. configs/world_heldout_prompts.txt.
+    Raises InputError when the file is missing, empty or holds a sentence that names no shape, colour
+    and motion of the world."""
+    import os
+
+    if not os.path.isfile(path):
+        raise InputError(f"prompts file {path} does not exist: give a text file with one prompt per line")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise InputError(f"prompts file {path} holds no prompts: write one prompt per line")
+    for prompt in prompts:
+        said = procedural.parse_prompt(prompt)
+        if not (said["shape"] and said["colour"] and said["motion"]):
+            raise InputError(
+                f"{prompt!r} in {path} is not a prompt of the procedural world: it must name a shape, "
+                "a colour and a motion (see configs/world_heldout_prompts.txt)"
+            )
+    return prompts

@@ -652,8 +652,18 @@ def vae_config_dict(config: VAEConfig) -> dict:
     return json_ready(dataclasses.asdict(config))
 
 
+def _check_saved(path: str, what: str, made_by: str) -> None:
+    for f in (path, path + ".json"):
+        if not os.path.isfile(f):
+            raise InputError(
+                f"{what} weights {path}: {f} does not exist; give weights written by {made_by} "
+                "(the .safetensors file and its .json config beside it)"
+            )
+
+
 def load_vae(path: str) -> WanVAE:
     """A VAE saved by ``save_vae`` (weights + ``<path>.json`` config)."""
+    _check_saved(path, "VAE", "rf-world vae")
     with open(path + ".json") as f:
         return WanVAE.from_pretrained(path, VAEConfig(**json.load(f)))
 
@@ -667,6 +677,7 @@ def load_dit(path: str) -> CausalDiT:
     """A DiT saved by ``save_dit`` (weights + ``<path>.json`` config)."""
     from rf_runtime.models.dit import load_checkpoint_file
 
+    _check_saved(path, "DiT", "rf-world teacher / student / generator")
     with open(path + ".json") as f:
         cfg = DiTConfig(**json.load(f))
     return CausalDiT.from_state_dict(load_checkpoint_file(path), cfg)
