@@ -295,20 +295,27 @@ def softmax_islands(graph: onnx.GraphProto) -> set[str]:
     return island
 
 
+def typed_graph(model_or_path) -> tuple[onnx.GraphProto, dict[str, int]]:
+    """The graph with shape inference run (from the file for a path: any size, weights not read) and
+    the element type of every value."""
+    if isinstance(model_or_path, str):
+        with tempfile.TemporaryDirectory() as tmp:
+            inferred = os.path.join(tmp, "inferred.onnx")
+            onnx.shape_inference.infer_shapes_path(model_or_path, inferred, strict_mode=True)
+            model = onnx.load(inferred, load_external_data=False)
+    else:
+        model = onnx.shape_inference.infer_shapes(model_or_path, strict_mode=True)
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return g, types
+
+
 def check_strongly_typed(model: onnx.ModelProto | str) -> list[str]:
     """Problems that keep ``model`` (or the .onnx file at that path, of any size) from being strongly
     typed (empty when it is): a value without an element type after shape inference, or a node
     whose float inputs mix element types."""
-    if isinstance(model, str):
-        with tempfile.TemporaryDirectory() as tmp:
-            inferred_path = os.path.join(tmp, "inferred.onnx")
-            onnx.shape_inference.infer_shapes_path(model, inferred_path, strict_mode=True)
-            inferred = onnx.load(inferred_path, load_external_data=False)
-    else:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    g = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
-    types.update({t.name: t.data_type for t in g.initializer})
+    g, types = typed_graph(model)
     problems = []
     for n in g.node:
         for o in n.output:

@@ -19,15 +19,13 @@ ConstantOfShape reads as INT64.
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
 import onnx
 from onnx import TensorProto
 
-from rf_runtime.export.precision import check_strongly_typed
+from rf_runtime.export.precision import check_strongly_typed, typed_graph
 
 CSV_TYPES = {
     TensorProto.FLOAT: "FP32",
@@ -56,22 +54,6 @@ class GraphView:
 def read_matrix(path: str) -> dict[str, dict]:
     with open(path) as f:
         return {r["operator"]: r for r in csv.DictReader(f)}
-
-
-def typed_graph(model_or_path) -> tuple[onnx.GraphProto, dict[str, int]]:
-    """The graph with shape inference run (from the file for a path: any size, weights not read) and
-    the element type of every value."""
-    if isinstance(model_or_path, str):
-        with tempfile.TemporaryDirectory() as tmp:
-            inferred = os.path.join(tmp, "inferred.onnx")
-            onnx.shape_inference.infer_shapes_path(model_or_path, inferred, strict_mode=True)
-            model = onnx.load(inferred, load_external_data=False)
-    else:
-        model = onnx.shape_inference.infer_shapes(model_or_path, strict_mode=True)
-    g = model.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
-    types.update({t.name: t.data_type for t in g.initializer})
-    return g, types
 
 
 def op_problems(model_or_path, matrix: dict[str, dict]) -> list[str]:
