@@ -78,3 +78,25 @@ def test_exported_decoder_has_only_2d_convolutions(tmp_path):
         convs = [n for n in model.graph.node if n.op_type == "Conv"]
         assert convs and all(ranks[n.input[1]] == 4 for n in convs if n.input[1] in ranks)
         assert all(n.input[1] in ranks for n in convs)  # weights are initializers, reshaped at export
+
+
+def test_shapes_from_the_meta_device_are_those_of_a_real_decode():
+    """export_vae_decoder takes every shape from a decode on the meta device (no memory at any
+    resolution): they equal a real decode's, for the first frame and the next, batched too."""
+    from rf_runtime.export.vae_graph import decoder_shapes
+
+    vae = tiny_vae(seed=4)
+    for batch, latent_hw in ((1, (4, 6)), (2, (3, 5))):
+        z = torch.randn(batch, 16, 1, *latent_hw)
+        slots: list = []
+        with torch.no_grad():
+            first = vae.decode_step(z, slots, first=True)
+            after_first = [list(s.shape) for s in slots]
+            frames = vae.decode_step(z, slots, first=False)
+        assert decoder_shapes(vae, latent_hw, batch) == (
+            list(first.shape),
+            list(frames.shape),
+            after_first,
+        )
+        assert [list(s.shape) for s in slots] == after_first  # fixed shapes: one list serves both graphs
+        assert not any(p.is_meta for p in vae.parameters())  # the model itself is untouched

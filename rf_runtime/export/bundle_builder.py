@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from rf_runtime.export.dit_graph import example_inputs, export_cache_update, export_dit_step, export_text_kv
-from rf_runtime.export.vae_graph import export_vae_decoder, initial_cache
+from rf_runtime.export.vae_graph import decoder_shapes, export_vae_decoder
 from rf_runtime import model_dir as model_folder
 from rf_runtime.bundle import graph_io_from_onnx, write_manifest
 from rf_runtime.cache import commit_matrix
@@ -55,6 +55,13 @@ def build_bundle(
 
     sizes = check_batch_sizes(batch_sizes)
     out_dir = output_dir(out_dir, "an engine bundle", marker=MANIFEST, force=force)
+    from rf_runtime.export.heap import unpooled_large_tensors
+
+    with unpooled_large_tensors():  # freed activations go back to the system (export/heap.py)
+        return _export_bundle(model_dir, out_dir, checkpoint, model_card, precisions, sizes)
+
+
+def _export_bundle(model_dir, out_dir, checkpoint, model_card, precisions, sizes) -> str:
     import onnx
     import torch
 
@@ -102,7 +109,7 @@ def build_bundle(
             files.update({name: {"path": f"{name}.onnx"} for name in names.values()})
             files.update({f"{names[DIT_STEP]}_data": {"path": d} for d in data})  # > 2 GB: its weights
         dit.to("meta")  # its weights are in its graphs now; the lowering needs its module structure only
-        slot_shapes = [list(s.shape) for s in initial_cache(vae, info.latent_hw)]
+        slot_shapes = decoder_shapes(vae, info.latent_hw)[2]  # on the meta device: no memory
         batched_graphs = [batched(g, b) for b in sizes if b > 1 for g in BATCHED_GRAPHS]
         if batched_graphs:  # their weights once, in one file (export/shared_weights.py)
             from rf_runtime.export.shared_weights import share_weights

@@ -94,24 +94,36 @@ class DecodeNext(nn.Module):
         return (frames, *slots)
 
 
-def initial_cache(vae: WanVAE, latent_hw, batch: int = 1) -> list:
-    """Shapes (and zero values) of the cache slots, found by decoding one frame."""
+def decoder_shapes(vae: WanVAE, latent_hw, batch: int = 1) -> tuple[list, list, list]:
+    """(frames of the first graph, frames of the per-frame graph, every cache slot) as shapes, from
+    one decode of each kind by a copy of the decoder on the meta device: no memory, whatever the
+    resolution (at 480x832 the slots of the Wan VAE alone are 3.6 GB)."""
+    with torch.device("meta"):
+        meta = WanVAE(vae.config)
+    meta.eval()
+    z = torch.zeros(batch, vae.config.z_dim, 1, *latent_hw, device="meta")
     slots: list = []
     with torch.no_grad():
-        vae.decode_step(torch.zeros(batch, vae.config.z_dim, 1, *latent_hw), slots, first=True)
-    return slots
+        first = meta.decode_step(z, slots, first=True)
+        frames = meta.decode_step(z, slots, first=False)
+    return list(first.shape), list(frames.shape), [list(s.shape) for s in slots]
 
 
 def export_vae_decoder(
     vae: WanVAE, latent_hw, first_path: str, next_path: str, opset: int = 17, batch: int = 1
 ) -> int:
     """Export both graphs (causal convolutions lowered to 2-D, see ``lower_convs``) for ``batch``
-    rows; returns the number of cache slots."""
+    rows; returns the number of cache slots.
+
+    The graphs' shapes come from a decode on the meta device (``decoder_shapes``) and the per-frame
+    graph is traced with its cache inputs as a zero broadcast to each slot's shape (no data; the
+    decoder has no data-dependent branch), so the trace of each graph is the only decode that holds
+    activations: peak memory is one decode, not the three it was (docs/notes/export.md)."""
     vae = lower_convs(vae.eval())
-    slots = initial_cache(vae, latent_hw, batch)
-    ins, outs = cache_names(len(slots))
+    first_shape, frames_shape, slot_shapes = decoder_shapes(vae, latent_hw, batch)
+    ins, outs = cache_names(len(slot_shapes))
     z = torch.zeros(batch, vae.config.z_dim, 1, *latent_hw)
-    cache = [torch.zeros_like(s) for s in slots]
+    cache = [torch.zeros(()).expand(shape) for shape in slot_shapes]
     with torch.no_grad():
         torch.onnx.export(
             DecodeFirst(vae),
@@ -122,7 +134,7 @@ def export_vae_decoder(
             opset_version=opset,
             dynamo=False,
         )
-        pin_output_shapes(first_path, DecodeFirst(vae)(z))
+        pin_output_shapes(first_path, [first_shape, *slot_shapes])
         torch.onnx.export(
             DecodeNext(vae),
             (z, *cache),
@@ -132,20 +144,20 @@ def export_vae_decoder(
             opset_version=opset,
             dynamo=False,
         )
-        pin_output_shapes(next_path, DecodeNext(vae)(z, *cache))
-    return len(slots)
+        pin_output_shapes(next_path, [frames_shape, *slot_shapes])
+    return len(slot_shapes)
 
 
-def pin_output_shapes(path: str, outputs) -> None:
+def pin_output_shapes(path: str, shapes) -> None:
     """Write the concrete output shapes into the graph (the tracer loses them through the nearest
     upsampling); every input is static, so they are the shapes the graph always produces."""
     import onnx
 
     model = onnx.load(path)
-    for value, tensor in zip(model.graph.output, outputs):
+    for value, shape in zip(model.graph.output, shapes, strict=True):
         dims = value.type.tensor_type.shape.dim
         del dims[:]
-        for size in tensor.shape:
+        for size in shape:
             dims.add().dim_value = int(size)
     onnx.checker.check_model(model)
     onnx.save(model, path)
