@@ -78,12 +78,7 @@ if [ "$SMALL" = 1 ]; then
   step stream-small $REPORT stream "$WORK/bundle-small" "$CHUNKS"
 fi
 
-total_gib=$(awk '/^MemTotal:/ {print int($2 / 1048576)}' /proc/meminfo 2>/dev/null || echo 0)
-if [ "$FULL" = 1 ] && [ "$total_gib" -lt 30 ]; then
-  echo "== skipping the 480x832 bundle: its export needs about 26 GiB, this machine has $total_gib GiB (FULL=force tries)"
-  FULL=0
-fi
-if [ "$FULL" = 1 ] || [ "$FULL" = force ]; then
+if [ "$FULL" = 1 ]; then
   export_bundle 480x832 "$WORK/model"
   step estimate-480x832-cpu rf-bench --estimate "$WORK/bundle-480x832" || true  # exit 1: does not fit
   step estimate-480x832-gpu rf-bench --estimate "$WORK/bundle-480x832" --device cuda \

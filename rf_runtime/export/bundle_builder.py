@@ -103,12 +103,17 @@ def _export_bundle(model_dir, out_dir, checkpoint, model_card, precisions, sizes
         export_text_kv(dit, os.path.join(tmp, "text_kv.onnx"))
         _took("text_kv", started)
         files = {name: {"path": f"{name}.onnx"} for name in GRAPHS}
-        for size in sizes:  # the per-chunk graphs once per batch size, static shapes each
-            names = {g: batched(g, size) for g in BATCHED_GRAPHS}
-            data, n_slots = export_chunk_graphs(dit, vae, info, tmp, names, size)
-            files.update({name: {"path": f"{name}.onnx"} for name in names.values()})
-            files.update({f"{names[DIT_STEP]}_data": {"path": d} for d in data})  # > 2 GB: its weights
+        # the per-chunk graphs once per batch size, static shapes each; the DiT's first, so that its
+        # weights are gone before the other graphs' traces (at 480x832 the VAE's holds 10 GB)
+        for size in sizes:
+            data = export_step_graph(dit, info, tmp, batched(DIT_STEP, size), size)
+            files[batched(DIT_STEP, size)] = {"path": f"{batched(DIT_STEP, size)}.onnx"}
+            files.update({f"{batched(DIT_STEP, size)}_data": {"path": d} for d in data})  # > 2 GB
         dit.to("meta")  # its weights are in its graphs now; the lowering needs its module structure only
+        for size in sizes:
+            names = {g: batched(g, size) for g in BATCHED_GRAPHS if g != DIT_STEP}
+            n_slots = export_chunk_graphs(dit, vae, info, tmp, names, size)
+            files.update({name: {"path": f"{name}.onnx"} for name in names.values()})
         slot_shapes = decoder_shapes(vae, info.latent_hw)[2]  # on the meta device: no memory
         batched_graphs = [batched(g, b) for b in sizes if b > 1 for g in BATCHED_GRAPHS]
         if batched_graphs:  # their weights once, in one file (export/shared_weights.py)
@@ -202,14 +207,12 @@ def check_batch_sizes(batch_sizes) -> tuple[int, ...]:
     return tuple(sorted({1, *sizes}))
 
 
-def export_chunk_graphs(dit, vae, info, out: str, names: dict, batch: int) -> tuple[list[str], int]:
-    """The per-chunk graphs (DiT step, cache update, both VAE graphs) for ``batch`` rows, written as
-    ``<names[graph]>.onnx`` into ``out``; returns (the DiT step's external-data files, VAE cache slots)."""
+def export_step_graph(dit, info, out: str, name: str, batch: int) -> list[str]:
+    """The DiT step graph for ``batch`` rows, written as ``<name>.onnx`` into ``out``; returns its
+    external-data files (``export_dit_step``)."""
     import torch
 
     spec = info.settings.cache_spec
-    grid = dit.grid(info.latent_hw)
-    tpf = grid[0] * grid[1]
     started = time.perf_counter()
     feeds = example_inputs(
         dit, info.latent_hw, spec.context_frames, spec.chunk_frames, spec.context_frames, batch=batch
@@ -217,11 +220,23 @@ def export_chunk_graphs(dit, vae, info, out: str, names: dict, batch: int) -> tu
     kv_shape = feeds["ctx_k"].shape
     # the context K/V of the full cache (3.5 GB at the 1.3B model's 480x832) only give the trace its
     # shapes: a zero broadcast to that shape costs nothing (the graph has no data-dependent branch)
-    for name in ("ctx_k", "ctx_v"):
-        feeds[name] = torch.zeros((1,) * len(kv_shape)).expand(kv_shape)
-    data = export_dit_step(dit, os.path.join(out, f"{names[DIT_STEP]}.onnx"), feeds)
-    del feeds
-    started = _took(names[DIT_STEP], started)
+    for key in ("ctx_k", "ctx_v"):
+        feeds[key] = torch.zeros((1,) * len(kv_shape)).expand(kv_shape)
+    data = export_dit_step(dit, os.path.join(out, f"{name}.onnx"), feeds)
+    _took(name, started)
+    return data
+
+
+def export_chunk_graphs(dit, vae, info, out: str, names: dict, batch: int) -> int:
+    """The per-chunk graphs without weights of the DiT (cache update, both VAE graphs) for ``batch``
+    rows, written as ``<names[graph]>.onnx`` into ``out``; ``dit`` may be on the meta device (only
+    its config is read). Returns the number of VAE cache slots."""
+    spec = info.settings.cache_spec
+    cfg = dit.config
+    grid = dit.grid(info.latent_hw)
+    tpf = grid[0] * grid[1]
+    started = time.perf_counter()
+    kv_shape = (cfg.num_layers, batch, spec.context_frames * tpf, cfg.num_heads, cfg.head_dim)
     kv = np.zeros(kv_shape, np.float32)
     new = np.zeros((*kv_shape[:2], spec.chunk_frames * tpf, *kv_shape[3:]), np.float32)
     mix = commit_matrix(spec, 0).astype(np.float32)
@@ -246,7 +261,7 @@ def export_chunk_graphs(dit, vae, info, out: str, names: dict, batch: int) -> tu
         batch=batch,
     )
     _took(f"{names[VAE_DECODE_FIRST]}, {names[VAE_DECODE]}", started)
-    return data, slots
+    return slots
 
 
 def graph_entries(bundle_dir: str, files: dict) -> dict:

@@ -17,11 +17,10 @@ from __future__ import annotations
 import hashlib
 import os
 
-import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from rf_runtime.export.onnx_files import EXTERNAL_THRESHOLD
+from rf_runtime.export.onnx_files import EXTERNAL_THRESHOLD, constant_of_shape
 
 ALIGN = 64  # byte alignment of each tensor in the data file
 
@@ -43,20 +42,7 @@ def zeros_as_constant_of_shape(model: onnx.ModelProto) -> int:
             nodes[index] = []
             replaced += 1
             continue
-        shape_name = f"{node.output[0]}__shape"
-        shape = helper.make_node(
-            "Constant",
-            [],
-            [shape_name],
-            value=numpy_helper.from_array(np.array(value.shape, np.int64), shape_name),
-        )
-        fill = helper.make_node(
-            "ConstantOfShape",
-            [shape_name],
-            list(node.output),
-            value=numpy_helper.from_array(np.zeros(1, value.dtype)),
-        )
-        nodes[index] = [shape, fill]
+        nodes[index] = constant_of_shape(node.output[0], value.shape, value.dtype)
         replaced += 1
     if replaced:
         flat = []

@@ -124,40 +124,64 @@ def export_vae_decoder(
     ins, outs = cache_names(len(slot_shapes))
     z = torch.zeros(batch, vae.config.z_dim, 1, *latent_hw)
     cache = [torch.zeros(()).expand(shape) for shape in slot_shapes]
-    with torch.no_grad():
-        torch.onnx.export(
-            DecodeFirst(vae),
-            (z,),
-            first_path,
-            input_names=[VAE_LATENT],
-            output_names=[VAE_FRAMES, *outs],
-            opset_version=opset,
-            dynamo=False,
-        )
-        pin_output_shapes(first_path, [first_shape, *slot_shapes])
-        torch.onnx.export(
-            DecodeNext(vae),
-            (z, *cache),
-            next_path,
-            input_names=[VAE_LATENT, *ins],
-            output_names=[VAE_FRAMES, *outs],
-            opset_version=opset,
-            dynamo=False,
-        )
-        pin_output_shapes(next_path, [frames_shape, *slot_shapes])
+    outputs = [VAE_FRAMES, *outs]
+    export_graph(
+        DecodeFirst(vae), (z,), first_path, [VAE_LATENT], outputs, [first_shape, *slot_shapes], opset
+    )
+    export_graph(
+        DecodeNext(vae),
+        (z, *cache),
+        next_path,
+        [VAE_LATENT, *ins],
+        outputs,
+        [frames_shape, *slot_shapes],
+        opset,
+    )
     return len(slot_shapes)
 
 
-def pin_output_shapes(path: str, shapes) -> None:
+def export_graph(module, args, path: str, input_names, output_names, output_shapes, opset: int) -> None:
+    """``torch.onnx.export`` into a scratch folder beside ``path``, then the graph saved as ``path`` with
+    its all-zero constants as ConstantOfShape nodes (``onnx_files.zero_constants_to_fills``: the
+    first-frame graph's cache slots start as zeros, which the TorchScript exporter stores as data,
+    3.5 GB at 480x832, where torch then writes the graph as one file per tensor) and its outputs'
+    shapes pinned (``pin_output_shapes``)."""
+    import os
+    import tempfile
+
+    import onnx
+
+    from rf_runtime.export.onnx_files import save_onnx, zero_constants_to_fills
+
+    with tempfile.TemporaryDirectory(
+        prefix=".rf-vae-", dir=os.path.dirname(os.path.abspath(path))
+    ) as scratch:
+        raw = os.path.join(scratch, os.path.basename(path))
+        with torch.no_grad():
+            torch.onnx.export(
+                module,
+                args,
+                raw,
+                input_names=input_names,
+                output_names=output_names,
+                opset_version=opset,
+                dynamo=False,
+            )
+        model = onnx.load(raw, load_external_data=False)
+        zero_constants_to_fills(model, scratch)
+        onnx.external_data_helper.load_external_data_for_model(model, scratch)  # the weights, if apart
+    pin_output_shapes(model, output_shapes)
+    save_onnx(model, path, external=False)
+
+
+def pin_output_shapes(model, shapes) -> None:
     """Write the concrete output shapes into the graph (the tracer loses them through the nearest
     upsampling); every input is static, so they are the shapes the graph always produces."""
     import onnx
 
-    model = onnx.load(path)
     for value, shape in zip(model.graph.output, shapes, strict=True):
         dims = value.type.tensor_type.shape.dim
         del dims[:]
         for size in shape:
             dims.add().dim_value = int(size)
     onnx.checker.check_model(model)
-    onnx.save(model, path)
