@@ -100,3 +100,85 @@ def test_shapes_from_the_meta_device_are_those_of_a_real_decode():
         )
         assert [list(s.shape) for s in slots] == after_first  # fixed shapes: one list serves both graphs
         assert not any(p.is_meta for p in vae.parameters())  # the model itself is untouched
+
+
+def _plain_export(module, args, path):
+    """The first-frame graph as torch.onnx.export writes it (the exporter before the rewrite)."""
+    with torch.no_grad():
+        torch.onnx.export(module, args, path, opset_version=17, dynamo=False)
+
+
+def test_first_frame_graph_computes_its_zero_slots_instead_of_storing_them(tmp_path):
+    """torch stores the first frame's zero cache slots as data (3.5 GB at 480x832): the exporter writes
+    them as ConstantOfShape nodes. Against torch's own file: the same graph once folded (op list),
+    the same outputs bit for bit through onnxruntime, and no all-zero tensor of 1 KiB or more left."""
+    import onnx
+    from onnx import numpy_helper
+
+    from rf_runtime.export.onnx_fold import fold_constants
+    from rf_runtime.export.vae_graph import DecodeFirst, lower_convs
+
+    vae = tiny_vae(seed=4)
+    first, step = str(tmp_path / "vae_decode_first.onnx"), str(tmp_path / "vae_decode.onnx")
+    export_vae_decoder(vae, (4, 6), first, step)
+    plain = str(tmp_path / "plain.onnx")
+    _plain_export(DecodeFirst(lower_convs(vae)), (torch.zeros(1, 16, 1, 4, 6),), plain)
+
+    def zero_tensors(model):
+        tensors = [a.t for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+        arrays = [numpy_helper.to_array(t) for t in [*tensors, *model.graph.initializer]]
+        return [a.shape for a in arrays if a.nbytes >= 1024 and not a.any()]
+
+    ours, theirs = onnx.load(first), onnx.load(plain)
+    stored = zero_tensors(theirs)
+    assert len(stored) >= 10  # what the rewrite is for: the slots, stored as zeros by torch
+    assert zero_tensors(ours) == []
+    fills = [n for n in ours.graph.node if n.op_type == "ConstantOfShape"]
+    assert len(fills) == len(stored)
+    ops = [[n.op_type for n in fold_constants(m).graph.node] for m in (ours, theirs)]
+    assert ops[0] == ops[1]
+    z = np.random.default_rng(0).standard_normal((1, 16, 1, 4, 6)).astype(np.float32)
+    got, want = (
+        ort.InferenceSession(p, providers=["CPUExecutionProvider"]).run(None, {"z": z})
+        for p in (first, plain)
+    )
+    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+def test_zero_constants_in_external_files_are_read_one_at_a_time(tmp_path):
+    """As torch writes a graph over 2 GB: the Constant values in data files beside it. The zero one
+    becomes a ConstantOfShape, the non-zero one stays; the graph computes the same."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from rf_runtime.export.onnx_files import zero_constants_to_fills
+
+    zeros, ones = np.zeros((4, 64), np.float32), np.ones((4, 64), np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["a"], value=numpy_helper.from_array(zeros, "a")),
+        helper.make_node("Constant", [], ["b"], value=numpy_helper.from_array(ones, "b")),
+        helper.make_node("Add", ["a", "x"], ["ax"]),
+        helper.make_node("Add", ["ax", "b"], ["y"]),
+    ]
+    io = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [4, 64]) for n in ("x", "y")]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", io[:1], io[1:]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    path = str(tmp_path / "g.onnx")
+    onnx.save(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=0,
+        convert_attribute=True,
+    )
+    loaded = onnx.load(path, load_external_data=False)
+    assert zero_constants_to_fills(loaded, str(tmp_path)) == 1
+    assert [n.op_type for n in loaded.graph.node] == ["Constant", "ConstantOfShape", "Constant", "Add", "Add"]
+    onnx.external_data_helper.load_external_data_for_model(loaded, str(tmp_path))
+    x = np.arange(256, dtype=np.float32).reshape(4, 64)
+    (y,) = ort.InferenceSession(loaded.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )
+    assert np.array_equal(y, x + 1)
