@@ -153,7 +153,9 @@ class FeatureCache:
         """A causal conv with the last CACHE_T input frames as its past."""
         past = self._slot(x, CACHE_T)
         history = torch.cat([past, x], dim=2)
-        self.slots[self.index] = history[:, :, -CACHE_T:]
+        # a copy, not a view: a view would keep the whole history alive (at 480x832 the last stage's
+        # 6 frames for a 2-frame slot); the exported graphs are the same (ONNX has no views)
+        self.slots[self.index] = history[:, :, -CACHE_T:].clone()
         self.index += 1
         return layer(x, past)
 
