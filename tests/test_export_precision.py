@@ -171,6 +171,29 @@ def test_vae_decoder_fp16_matches_full_decode(dirs, models):
     assert rel(np.concatenate(parts, axis=2), expect) < FP16_TOL
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_zero_slots_left_unfolded_are_lowered_too(dirs, models, tmp_path, monkeypatch, precision):
+    """At full size the first frame's zero cache slots are over the folding limit and stay
+    ConstantOfShape nodes (export/vae_graph.py); lowered, each value has its output's type. Made so
+    here by lowering the limit: the graph is strongly typed and computes what the stored one does."""
+    import rf_runtime.export.onnx_fold as onnx_fold
+    import rf_runtime.export.precision as precision_module
+
+    monkeypatch.setattr(onnx_fold, "MAX_FOLDED_BYTES", 512)
+    policy = precision_module.graph_policies(*models)["vae_decode_first"]
+    out = str(tmp_path / f"vae_decode_first.{precision}.onnx")
+    precision_module.lower_file(str(dirs[1] / "vae_decode_first.onnx"), out, precision, policy)
+    model = onnx.load(out)
+    fills = [n for n in model.graph.node if n.op_type == "ConstantOfShape"]
+    _, types = tensor_types(model)  # each fill makes its value's type, the one its scope computes in
+    assert len(fills) >= 10 and all(n.attribute[0].t.data_type == types[n.output[0]] for n in fills)
+    assert check_strongly_typed(model) == []
+    z = np.random.default_rng(3).standard_normal((1, 16, 1, 4, 6)).astype(np.float32)
+    got = run(out, {"z": z}, precision)
+    want = run(str(dirs[1] / f"vae_decode_first.{precision}.onnx"), {"z": z}, precision)
+    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
 def tensor_types(model):
     g = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
@@ -318,6 +341,8 @@ def test_graphs_over_the_protobuf_limit_go_to_external_data(dirs, models, tmp_pa
     assert (tmp_path / data[0]).stat().st_size == size  # written again, not appended to
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text_kv.fp16.onnx", "text_kv.fp16.onnx.data"]
     assert (tmp_path / "text_kv.fp16.onnx").stat().st_size < (tmp_path / data[0]).stat().st_size
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes["text_kv.fp16.onnx.data"] == modes["text_kv.fp16.onnx"]  # onnx alone makes it 0600
     assert precision.check_strongly_typed(str(tmp_path / "text_kv.fp16.onnx")) == []
     embeds = np.random.default_rng(2).standard_normal((1, 8, 16), dtype=np.float32)
     got = run(str(tmp_path / "text_kv.fp16.onnx"), {"text_embeds": embeds}, "fp16")

@@ -49,6 +49,9 @@ def save_onnx(model: onnx.ModelProto, path: str, external: bool | None = None) -
         convert_attribute=True,
     )
     onnx.save(model, path)
+    from rf_runtime.files import give_default_permissions
+
+    give_default_permissions(data_path)  # onnx creates the data file owner-only (0600)
     return [data]
 
 
