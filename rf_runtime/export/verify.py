@@ -76,10 +76,10 @@ class References:
         if base == "cache_update":
             h, w = b.dit.grid(b.info.latent_hw)
             return CacheUpdate(h * w)
-        if base == "vae_decode_first":
-            return DecodeFirst(b.vae)
+        if base == "vae_decode_first":  # the reference decoder (the graph holds its lowered form)
+            return DecodeFirst(b.vae.decode_step)
         if base == "vae_decode":
-            return DecodeNext(b.vae)
+            return DecodeNext(b.vae.decode_step)
         if base == "text_encoder":
             from rf_runtime.export.text_graph import TextEncoderGraph
 
