@@ -90,8 +90,15 @@ def test_frame_decoder_equals_decode_step_with_its_cache():
 
     torch.manual_seed(3)
     flat = WanVAE(
-        VAEConfig(dim=8, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1, temperal_downsample=(False, False),
-                  latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
+        VAEConfig(
+            dim=8,
+            z_dim=4,
+            dim_mult=(1, 2, 2),
+            num_res_blocks=1,
+            temperal_downsample=(False, False),
+            latents_mean=(0.0,) * 4,
+            latents_std=(1.0,) * 4,
+        )
     ).eval()
     for vae, z_dim in ((tiny_vae(seed=4).eval(), 16), (flat, 4)):
         low = FrameDecoder(vae)
@@ -141,3 +148,42 @@ def test_lowered_norms_keep_their_float32_policy(tmp_path):
     norms = [n for n in nodes if n.op_type in ("ReduceL2", "Reciprocal")]
     assert norms and all(policy.fp32_node(n.name) for n in norms)
     assert not all(policy.fp32_node(n.name) for n in nodes if n.op_type == "Conv")  # the convs are not
+
+
+def test_profiled_flops_are_the_reference_convolutions(tmp_path):
+    """rf-bench --profile counts a VAE call's FLOPs from the graph; the lowered graph must count what
+    the reference decoder computes, no more: 2 x multiply-adds of every Conv3d / Conv2d / attention
+    matmul the reference runs for one frame, counted by hand from forward hooks on its modules."""
+    import torch.nn as nn
+
+    from rf_runtime.models.vae import AttentionBlock
+    from rf_runtime.profile import graph_flops
+
+    vae = tiny_vae(seed=4).eval()
+    first, step = str(tmp_path / "f.onnx"), str(tmp_path / "s.onnx")
+    export_vae_decoder(vae, (4, 6), first, step)
+    counted = {"flops": 0}
+
+    def hook(module, args, out):
+        kernel = module.weight.shape[1:].numel()  # C_in / groups x the kernel's taps
+        counted["flops"] += 2 * out.numel() * kernel
+
+    def attention(module, args, out):  # SDPA within each frame: q k^T and p v, 2 x (HW)^2 x C each
+        _, c, t, h, w = out.shape
+        counted["flops"] += t * 2 * 2 * (h * w) ** 2 * c
+
+    convs = [m for m in vae.decoder.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    handles = [m.register_forward_hook(hook) for m in (*convs, vae.conv2)]
+    handles += [
+        m.register_forward_hook(attention) for m in vae.decoder.modules() if isinstance(m, AttentionBlock)
+    ]
+    slots = []
+    with torch.no_grad():
+        z = torch.randn(1, 16, 1, 4, 6)
+        vae.decode_step(z, slots, first=True)
+        counted["flops"] = 0
+        vae.decode_step(z, slots, first=False)
+    for h in handles:
+        h.remove()
+    assert any(isinstance(m, AttentionBlock) for m in vae.decoder.modules())
+    assert graph_flops(step)["flops"] == counted["flops"]
