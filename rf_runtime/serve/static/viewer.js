@@ -190,6 +190,10 @@ function closedWebRTC() {
   }
 }
 
+// leaving the page closes the peer connection, so the server frees the session at once (not after
+// ICE's consent time-out, ~30 s)
+window.addEventListener("pagehide", () => { if (pc) pc.close(); });
+
 $("controls").addEventListener("submit", (e) => { e.preventDefault(); start(); });
 $("stop").addEventListener("click", () => { if (ws) ws.send(JSON.stringify({ type: "stop" })); });
 $("switch").addEventListener("submit", (e) => {
