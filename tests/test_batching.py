@@ -331,6 +331,44 @@ def test_serve_engine_steps_ready_sessions_together(batched_bundle):
         engine.shutdown()
 
 
+def test_serve_sessions_spread_over_the_workers_and_batch_within_each(batched_bundle):
+    """Two workers, four sessions: each worker owns two sessions (the least loaded takes a new one), so
+    no call holds more than two rows (12 chunks need at least 6 calls; one worker taking every waiting
+    request could do it in 3), every session still gets its own frames, and closed sessions free
+    their worker."""
+    from rf_runtime.serve.engine import LocalEngine
+
+    _, path = batched_bundle
+    streamer = Streamer.from_engine(path, threads=1)
+    engine = LocalEngine(streamer, workers=2, jpeg_quality=90)
+    want = [alone(streamer, WORDS[i], i, 3) for i in range(4)]
+    owners = []
+
+    async def session(i):
+        handle = await engine.open(WORDS[i], i, None)
+        frames = [(await engine.step(handle, raw=True)).frames]
+        owners.append(engine.batcher.sessions_per_worker())
+        for _ in range(2):
+            frames.append((await engine.step(handle, raw=True)).frames)
+        return handle, frames
+
+    async def main():
+        results = await asyncio.wait_for(asyncio.gather(*(session(i) for i in range(4))), timeout=120)
+        for handle, _ in results:
+            await engine.close(handle)
+        return results
+
+    try:
+        results = asyncio.run(main())
+        for i, (_, frames) in enumerate(results):
+            assert_same(frames, want[i])
+        assert engine.batcher.rows == 12 and engine.batcher.calls >= 6
+        assert owners[-1] == [2, 2]  # recorded after every session's first request: two per worker
+        assert engine.batcher.sessions_per_worker() == [0, 0]
+    finally:
+        engine.shutdown()
+
+
 def test_rf_bench_sessions_reports_the_batched_path_beside_the_threads(batched_bundle, tmp_path, capsys):
     from rf_runtime.cli import bench_main
 
@@ -353,5 +391,6 @@ def test_rf_bench_sessions_reports_the_batched_path_beside_the_threads(batched_b
         assert 0 < c["latency_p50_s"] <= c["latency_p99_s"]
         if c["mode"] == "batched":
             assert c["batch_sizes"] == [1, 2, 4]
+            assert c["workers"] == min(len(os.sched_getaffinity(0)), c["sessions"])  # one per core
             assert c["per_session_fps"] == pytest.approx([c["aggregate_fps"] / c["sessions"]] * c["sessions"])
     assert "batched" in table and "threads" in table
