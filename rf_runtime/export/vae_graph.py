@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rf_runtime.errors import ConfigError
 from rf_runtime.graph_io import VAE_FRAMES, VAE_LATENT
 from rf_runtime.graph_io import vae_cache_names as cache_names
 from rf_runtime.models.vae import (
@@ -81,7 +82,10 @@ def causal_conv_frames(layer: CausalConv3d, frames: list, past: torch.Tensor | N
     channel c: a reshape, no copy), with the weight folded the same way."""
     kt, st = layer.kernel_size[0], layer.stride[0]
     if layer.time_pad not in (0, CACHE_T):
-        raise ValueError(f"a causal conv with time padding {layer.time_pad}: only 0 or {CACHE_T} are lowered")
+        raise ConfigError(
+            f"a causal conv with time padding {layer.time_pad}: the ONNX export lowers only 0 or {CACHE_T} "
+            "(the Wan VAE decoder's convolutions)"
+        )
     n_past = layer.time_pad
     seq = [None] * n_past + list(frames)  # None: a past frame (from ``past``, or zero padding)
     pw, _, ph, _ = layer.space_pad
@@ -104,8 +108,8 @@ def causal_conv_frames(layer: CausalConv3d, frames: list, past: torch.Tensor | N
                 continue
             term = conv(x, layer.weight[:, :, k], layer.bias if y is None else None)
             y = term if y is None else y + term
-        if y is None:
-            raise ValueError("a causal conv window of zero padding only")
+        if y is None:  # cannot happen for the decoder's convs: every window holds a frame of ``frames``
+            raise ConfigError(f"a causal conv window of zero padding only (kernel {layer.kernel_size})")
         out.append(y)
     return out
 
@@ -175,7 +179,9 @@ class FrameDecoder(nn.Module):
                 elif isinstance(sub, CausalConv3d):
                     frames = cache.conv(sub, frames)
                 elif not isinstance(sub, nn.Dropout):
-                    raise TypeError(f"no lowering for {type(sub).__name__} in a residual block")
+                    raise ConfigError(
+                        f"the ONNX export has no lowering for {type(sub).__name__} in a residual block"
+                    )
             return [a + b for a, b in zip(frames, h)]
         if isinstance(layer, AttentionBlock):  # within each frame: the reference on a 1-frame view
             return [layer(f.unsqueeze(2), cache).squeeze(2) for f in frames]
@@ -186,7 +192,7 @@ class FrameDecoder(nn.Module):
                     c = y[0].shape[1] // 2
                     frames = [half for f in y for half in (f[:, :c], f[:, c:])]
             return [layer.resample(f) for f in frames]
-        raise TypeError(f"no lowering for {type(layer).__name__} in the decoder")
+        raise ConfigError(f"the ONNX export has no lowering for {type(layer).__name__} in the decoder")
 
 
 class DecodeFirst(nn.Module):
