@@ -60,10 +60,11 @@ DEFINITIONS = {
     "stream's chunks 1..n-1; cpu_ms_per_frame = process CPU time (all threads) / frames, which stays "
     "flat with N when the streams do not slow each other down (steadier than wall time on a shared "
     "machine); onnxruntime sessions get one intra-op thread each unless --threads is given; mode "
-    "'threads' is that, mode 'batched' (a bundle exported with --batch-sizes, N > 1) steps the N streams "
-    "together from one thread (rf_runtime.batching: one call of each graph per chunk boundary for up to "
-    "the largest batch size), with the default threading; its chunk latency is the wall time of one "
-    "such step; 'x one' is against one stream alone (mode threads, N = 1)",
+    "'threads' is that, mode 'batched' (a bundle exported with --batch-sizes, N > 1) deals the N streams "
+    "out to one thread per usable core ('workers'), each stepping its share together (rf_runtime.batching: "
+    "one call of each graph per chunk boundary for up to the largest batch size) on one-thread sessions "
+    "(one worker: one thread, the default threading); its chunk latency is the wall time of one such "
+    "step; 'x one' is against one stream alone (mode threads, N = 1)",
 }
 
 
@@ -338,29 +339,69 @@ def run_sessions(run: BenchRun, *, sessions: int, chunks: int, prompt: str, seed
     }
 
 
+def batch_workers(sessions: int) -> int:
+    """How many threads step the streams of a batched run: one per usable core, at most one per stream."""
+    from rf_runtime.runners.onnxruntime_runner import usable_cores
+
+    return max(1, min(usable_cores(), sessions))
+
+
 def run_batched(run: BenchRun, *, sessions: int, chunks: int, prompt: str, seed: int) -> dict:
     """``sessions`` streams stepped together (``rf_runtime.batching.next_chunks``: one call of each graph
-    per chunk boundary for up to the bundle's largest batch size) from one thread, ``chunks`` each."""
+    per chunk boundary for up to the bundle's largest batch size), ``chunks`` each. The streams are
+    dealt out to one thread per usable core (``batch_workers``), each thread batching its own share,
+    with one-thread sessions, so the batched calls use every core; on one core, one thread with the
+    default threading."""
+    import threading
+
     from rf_runtime.batching import next_chunks
 
-    streamer = load(run)
+    workers = batch_workers(sessions)
+    streamer = load(run, concurrent=workers > 1)
     streams = [streamer.open(prompt, seed=seed + i) for i in range(sessions)]
-    steps = []  # (wall s of the call, frames per stream)
+    shares = [list(range(sessions))[w::workers] for w in range(workers)]  # stream indices of each thread
+    steps: list = [[] for _ in range(workers)]  # per thread: (wall s of the call, frames of its streams)
+    errors: list = []
+    barrier = threading.Barrier(workers + 1)
+
+    def worker(w):
+        try:
+            mine = [streams[i] for i in shares[w]]
+            barrier.wait()
+            for _ in range(chunks):
+                t = time.perf_counter()
+                made = next_chunks(mine)
+                for c in made:
+                    if isinstance(c, BaseException):
+                        raise c
+                steps[w].append((time.perf_counter() - t, [len(c.frames) for c in made]))
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(workers)]
+    for t in threads:
+        t.start()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass
     cpu, start = time.process_time(), time.perf_counter()
-    for _ in range(chunks):
-        t = time.perf_counter()
-        made = next_chunks(streams)
-        for c in made:
-            if isinstance(c, BaseException):
-                raise c
-        steps.append((time.perf_counter() - t, [len(c.frames) for c in made]))
+    for t in threads:
+        t.join()
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    frames = sum(sum(f) for _, f in steps)
-    latencies = [s for s, _ in steps[1:]] or [steps[0][0]]
-    per_session = [sum(f[i] for _, f in steps) / wall for i in range(sessions)]
+    if errors:
+        raise errors[0]
+    frames = sum(sum(f) for mine in steps for _, f in mine)
+    latencies = [s for mine in steps for s, _ in mine[1:]] or [mine[0][0] for mine in steps]
+    per_session = [0.0] * sessions
+    for w, mine in enumerate(steps):
+        for j, i in enumerate(shares[w]):
+            per_session[i] = sum(f[j] for _, f in mine) / wall
     return {
         "mode": "batched",
         "batch_sizes": list(streamer.backend.batch_sizes()),
+        "workers": workers,
         "sessions": sessions,
         "chunks_per_session": chunks,
         "frames": frames,
@@ -580,14 +621,16 @@ def format_table(report: dict) -> str:
             lines.append(format_profile(r["profile"]))
     if report.get("sessions"):
         lines.append(
-            f"{'sessions':>8}{'aggregate fps':>15}{'x one':>7}{'per-session fps':>17}"
-            f"{'p50 / p99 chunk s':>20}{'CPU ms/frame':>14}  mode     backend"
+            f"{'sessions':>8}{'aggregate fps':>15}{'x one':>7}{'per-session fps mean / min':>28}"
+            f"{'p50 / p99 chunk s':>20}{'CPU ms/frame':>14}  mode        backend"
         )
         for c in report["sessions"]:
+            mode = c["mode"] + (f" x{c['workers']}" if "workers" in c else "")
+            per = f"{c['per_session_fps_mean']:.1f} / {min(c['per_session_fps']):.1f}"
             lines.append(
                 f"{c['sessions']:>8}{c['aggregate_fps']:>15.1f}{c['aggregate_over_one_session']:>7.2f}"
-                f"{c['per_session_fps_mean']:>17.1f}{c['latency_p50_s']:>10.4f} / {c['latency_p99_s']:.4f}"
-                f"{c['cpu_ms_per_frame']:>14.2f}  {c['mode']:<8} {c['backend']}"
+                f"{per:>28}{c['latency_p50_s']:>10.4f} / {c['latency_p99_s']:.4f}"
+                f"{c['cpu_ms_per_frame']:>14.2f}  {mode:<11} {c['backend']}"
             )
     if "engine_vs_torch" in report:
         r = report["engine_vs_torch"]

@@ -331,6 +331,44 @@ def test_serve_engine_steps_ready_sessions_together(batched_bundle):
         engine.shutdown()
 
 
+def test_serve_sessions_spread_over_the_workers_and_batch_within_each(batched_bundle):
+    """Two workers, four sessions: each worker owns two sessions (the least loaded takes a new one), so
+    no call holds more than two rows (12 chunks need at least 6 calls; one worker taking every waiting
+    request could do it in 3), every session still gets its own frames, and closed sessions free
+    their worker."""
+    from rf_runtime.serve.engine import LocalEngine
+
+    _, path = batched_bundle
+    streamer = Streamer.from_engine(path, threads=1)
+    engine = LocalEngine(streamer, workers=2, jpeg_quality=90)
+    want = [alone(streamer, WORDS[i], i, 3) for i in range(4)]
+    owners = []
+
+    async def session(i):
+        handle = await engine.open(WORDS[i], i, None)
+        frames = [(await engine.step(handle, raw=True)).frames]
+        owners.append(engine.batcher.sessions_per_worker())
+        for _ in range(2):
+            frames.append((await engine.step(handle, raw=True)).frames)
+        return handle, frames
+
+    async def main():
+        results = await asyncio.wait_for(asyncio.gather(*(session(i) for i in range(4))), timeout=120)
+        for handle, _ in results:
+            await engine.close(handle)
+        return results
+
+    try:
+        results = asyncio.run(main())
+        for i, (_, frames) in enumerate(results):
+            assert_same(frames, want[i])
+        assert engine.batcher.rows == 12 and engine.batcher.calls >= 6
+        assert owners[-1] == [2, 2]  # recorded after every session's first request: two per worker
+        assert engine.batcher.sessions_per_worker() == [0, 0]
+    finally:
+        engine.shutdown()
+
+
 def test_rf_bench_sessions_reports_the_batched_path_beside_the_threads(batched_bundle, tmp_path, capsys):
     from rf_runtime.cli import bench_main
 
@@ -353,5 +391,37 @@ def test_rf_bench_sessions_reports_the_batched_path_beside_the_threads(batched_b
         assert 0 < c["latency_p50_s"] <= c["latency_p99_s"]
         if c["mode"] == "batched":
             assert c["batch_sizes"] == [1, 2, 4]
+            assert c["workers"] == min(len(os.sched_getaffinity(0)), c["sessions"])  # one per core
             assert c["per_session_fps"] == pytest.approx([c["aggregate_fps"] / c["sessions"]] * c["sessions"])
     assert "batched" in table and "threads" in table
+
+
+def test_verify_checks_batched_graphs_row_by_row(batched_bundle, monkeypatch):
+    """rf-export verify on a bundle with batch sizes: each batch-B graph against the reference run
+    row by row on B independent draws (rows joined on each tensor's own batch axis: axis 1 of the
+    K/V, a new axis 0 of the cache-state mix; inputs of one shape in both graphs shared); rows put
+    back in the wrong order fail."""
+    from rf_runtime.export import verify
+
+    model, bundle = batched_bundle
+    graphs = ["cache_update_b2", "dit_step_b2", "vae_decode_b4", "vae_decode_first_b2"]
+    rows = verify.verify_bundle(bundle, model, graphs=graphs, backends=["onnxruntime-cpu"])
+    assert [r.graph for r in rows] == sorted(graphs)
+    assert all(r.status == "PASS" and r.rel < 1e-4 for r in rows), rows
+
+    assert verify._batch_axis((4, 1, 96, 4, 24), (4, 2, 96, 4, 24)) == (1, False)
+    assert verify._batch_axis((6, 9), (2, 6, 9)) == (0, True)
+    rng = np.random.default_rng(0)
+    row_io = [("k", (3, 1, 5), np.float32), ("mix", (2, 3), np.float32), ("sigma", (1,), np.float32)]
+    io = [("k", (3, 2, 5), np.float32), ("mix", (2, 2, 3), np.float32), ("sigma", (1,), np.float32)]
+    draws = [{n: rng.standard_normal(s) for n, s, _ in row_io} for _ in range(2)]
+    joined = verify._batch_rows([dict(d) for d in draws], io, row_io)
+    assert joined["k"].shape == (3, 2, 5) and np.array_equal(joined["k"][:, 1:2], draws[1]["k"])
+    back = verify._unbatch_rows(joined, io, row_io)
+    assert np.array_equal(back[1]["mix"], draws[1]["mix"])
+    assert np.array_equal(back[1]["sigma"], draws[0]["sigma"])  # shared: row 0's draw for every row
+
+    join = verify._join_outputs
+    monkeypatch.setattr(verify, "_join_outputs", lambda per_row, *a: join(per_row[::-1], *a))
+    rows = verify.verify_bundle(bundle, model, graphs=["vae_decode_b2"], backends=["onnxruntime-cpu"])
+    assert rows[0].status == "FAIL"

@@ -55,6 +55,10 @@ def browser(tmp_path):
         "--disable-dev-shm-usage",
         f"--user-data-dir={tmp_path / 'profile'}",
         "--window-size=640,1000",
+        # WebRTC on loopback, where the test server offers its media: host candidates on 127.0.0.1,
+        # given as addresses (not mDNS names)
+        "--allow-loopback-in-peer-connection",
+        "--disable-features=WebRtcHideLocalIpsWithMdns",
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
@@ -123,6 +127,44 @@ def test_page_streams_switches_prompt_and_stops(browser, streamer, tmp_path):
         wait_for(browser, lambda d: viewer(d, "state") == "ended", "ended after stop")
         assert "stopped" in browser.find_element(By.ID, "status").text
         assert viewer(browser, "errors") == []
+
+
+def test_page_streams_over_webrtc(browser, streamer):
+    """The same page with the WebRTC transport: the video track drawn on the canvas, the prompt switch
+    and the stop on the data channel."""
+    pytest.importorskip("aiortc")
+    from selenium.webdriver.support.ui import Select
+
+    with ServerThread(
+        ServeApp(LocalEngine(streamer, workers=2, jpeg_quality=85), ServeConfig(max_sessions=2))
+    ) as s:
+        browser.get(s.url + "/")
+        option = 'document.querySelector("#transport option[value=webrtc]")'
+        wait_for(browser, lambda d: d.execute_script(f"return !{option}.disabled"), "WebRTC offered")
+        Select(browser.find_element(By.ID, "transport")).select_by_value("webrtc")
+        browser.find_element(By.ID, "start").click()
+        wait_for(browser, lambda d: viewer(d, "framesDrawn") >= 6, "video frames drawn")
+        assert viewer(browser, "state") == "streaming"
+        assert canvas_mean(browser) > 1  # the decoded video (an object on black) is on the canvas
+        assert s.serve_app.active == 1 and len(s.serve_app.sessions) == 1
+
+        nxt = browser.find_element(By.ID, "next-prompt")
+        nxt.clear()
+        nxt.send_keys("a blue square moving left")
+        browser.find_element(By.ID, "switch-button").click()
+        wait_for(browser, lambda d: len(viewer(d, "promptChanges")) == 1, "prompt_changed on the channel")
+        assert viewer(browser, "promptChanges")[0]["prompt"] == "a blue square moving left"
+        after = viewer(browser, "framesDrawn")
+        wait_for(browser, lambda d: viewer(d, "framesDrawn") >= after + 6, "frames after the switch")
+
+        browser.find_element(By.ID, "stop").click()
+        wait_for(browser, lambda d: viewer(d, "state") == "ended", "ended after stop")
+        assert viewer(browser, "errors") == []
+        browser.get("about:blank")  # the page goes and closes its peer connection: the session is freed
+        deadline = time.monotonic() + 10  # at once, not after ICE's consent time-out (~30 s)
+        while s.serve_app.active:
+            assert time.monotonic() < deadline, "the WebRTC session was not freed"
+            time.sleep(0.05)
 
 
 def test_page_shows_server_full(browser, streamer):

@@ -388,7 +388,7 @@ def graph_policies(dit, vae) -> dict:
     import torch.nn as nn
 
     from rf_runtime.export.dit_graph import CacheUpdate, DiTStep, TextKV
-    from rf_runtime.export.vae_graph import DecodeFirst, DecodeNext
+    from rf_runtime.export.vae_graph import DecodeFirst, DecodeNext, FrameDecoder
     from rf_runtime.models import dit as dit_module
     from rf_runtime.models import vae as vae_module
 
@@ -417,8 +417,8 @@ def graph_policies(dit, vae) -> dict:
         ),
         "cache_update": module_policy(CacheUpdate(1), {"mix"}, all_fp32=True),
         "text_kv": module_policy(TextKV(dit), {"text_embeds"}, norms),
-        "vae_decode_first": module_policy(DecodeFirst(vae), vae_io, norms),
-        "vae_decode": module_policy(DecodeNext(vae), vae_io, norms),
+        "vae_decode_first": module_policy(DecodeFirst(FrameDecoder(vae)), vae_io, norms),  # as exported
+        "vae_decode": module_policy(DecodeNext(FrameDecoder(vae)), vae_io, norms),
     }
 
 

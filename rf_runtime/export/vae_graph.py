@@ -2,14 +2,19 @@
 
 Two graphs, because latent frame 0 is special (temporal upsampling skips it and it gives 1 video
 frame instead of 4): ``vae_decode_first`` (z -> frames, cache) and ``vae_decode`` (z, cache ->
-frames, cache). Every cache slot has a fixed shape (see ``rf_runtime.models.vae``).
+frames, cache). Every cache slot has a fixed shape, the reference's (see ``rf_runtime.models.vae``).
 
-The causal 3-D convolutions are exported as 2-D convolutions (``lower_convs``): onnxruntime's CPU
-provider runs a 2-D ``Conv`` through its blocked NCHWc kernels, a 3-D one through im2col + GEMM,
-measured 1.6x slower on the same arithmetic for the shipped model's decoder (docs/notes/speed.md). A causal conv with kernel
-(kt, kh, kw) that makes T output frames is the same sum of products as a 2-D conv over the stacked
-windows of kt input frames: window t is the input frames t*st .. t*st+kt-1 with the frames folded
-into the channels ([C, kt] -> C*kt, a reshape), and the weight [O, C, kt, kh, kw] folded the same way.
+The exported module is ``FrameDecoder``: the reference decoder's modules and weights, called in a
+form that onnxruntime's CPU provider runs fastest (docs/notes/speed.md). The reference keeps its
+[B, C, T, H, W] tensors and Conv3d; the graph carries the frames of one call as 4-D tensors, so
+
+- every causal 3-D convolution is a sum of 2-D convolutions, one per time tap (a causal conv with
+  kernel (kt, kh, kw) making output frame t is the sum over k of the 2-D conv of input frame t + k
+  with the weight's tap k). onnxruntime runs a 2-D ``Conv`` through its blocked NCHWc kernels (a
+  3-D one through im2col + GEMM, measured 1.6x slower on the same arithmetic) and adds each term
+  into the next convolution's output, so no time window is concatenated or sliced;
+- the residual additions are between 4-D convolution outputs, which stay in the NCHWc layout;
+- Wan's RMS norm is written with the fewest passes (``FrameRMSNorm``).
 """
 
 from __future__ import annotations
@@ -18,79 +23,203 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rf_runtime.errors import ConfigError
 from rf_runtime.graph_io import VAE_FRAMES, VAE_LATENT
 from rf_runtime.graph_io import vae_cache_names as cache_names
-from rf_runtime.models.vae import CausalConv3d, WanVAE
+from rf_runtime.models.vae import (
+    CACHE_T,
+    AttentionBlock,
+    CausalConv3d,
+    Resample,
+    ResidualBlock,
+    RMSNorm,
+    WanVAE,
+)
 
 
-class CausalConvAs2d(CausalConv3d):
-    """A ``CausalConv3d`` computed as one 2-D convolution over stacked time windows (same weights,
-    same numbers up to float32 summation order). Only for export: the reference keeps its Conv3d."""
+class FrameCache:
+    """The decoder's feature cache as the lowered graph (``FrameDecoder``) reads and writes it: the
+    same slots in the same order and shapes as ``FeatureCache`` ([B, C, 2, H, W] per cached conv,
+    zeros at first), so the graphs' IO and a stream's saved state are the reference's; only the
+    frames between the slots are 4-D tensors."""
+
+    def __init__(self, slots: list, first: bool):
+        self.slots, self.first, self.index = slots, first, 0
+
+    def _past(self, like: torch.Tensor):
+        """This conv's slot; None when it is created in this call (zeros: nothing to convolve)."""
+        if self.index == len(self.slots):
+            b, c, h, w = like.shape
+            self.slots.append(like.new_zeros((b, c, CACHE_T, h, w)))
+            return None
+        return self.slots[self.index]
+
+    def conv(self, layer: CausalConv3d, frames: list) -> list:
+        """A cached causal conv over ``frames``; its slot becomes the last CACHE_T input frames."""
+        past = self._past(frames[0])
+        slot = self.slots[self.index]
+        history = [slot[:, :, i : i + 1] for i in range(CACHE_T)] + [f.unsqueeze(2) for f in frames]
+        self.slots[self.index] = torch.cat(history[-CACHE_T:], dim=2)
+        self.index += 1
+        return causal_conv_frames(layer, frames, past)
+
+    def time_up(self, layer: CausalConv3d, frames: list):
+        """time_conv of temporal upsampling; None on frame 0 (which skips it but reserves the slot)."""
+        if self.first:
+            self._past(frames[0])
+            self.index += 1
+            return None
+        return self.conv(layer, frames)
+
+
+def causal_conv_frames(layer: CausalConv3d, frames: list, past: torch.Tensor | None = None) -> list:
+    """A ``CausalConv3d`` over 4-D frames [B, C, H, W] as sums of 2-D convolutions, one term per time
+    tap: output frame t = sum over k of conv2d(seq[t * st + k], W[:, :, k]) (+ bias), where seq is
+    the past (the cache slot's CACHE_T frames, or zeros, which add nothing) and then ``frames``.
+    Every term is an NCHWc convolution and onnxruntime adds each into the next one's output (its
+    Conv + Add fusion): no time window is concatenated. The first window's two past taps are one
+    conv over the slot [B, C, 2, H, W] viewed as [B, 2C, H, W] (channel c * 2 + i = frame i of
+    channel c: a reshape, no copy), with the weight folded the same way."""
+    kt, st = layer.kernel_size[0], layer.stride[0]
+    if layer.time_pad not in (0, CACHE_T):
+        raise ConfigError(
+            f"a causal conv with time padding {layer.time_pad}: the ONNX export lowers only 0 or {CACHE_T} "
+            "(the Wan VAE decoder's convolutions)"
+        )
+    n_past = layer.time_pad
+    seq = [None] * n_past + list(frames)  # None: a past frame (from ``past``, or zero padding)
+    pw, _, ph, _ = layer.space_pad
+    o, c = layer.out_channels, layer.in_channels
+
+    def conv(x, weight, bias):
+        return F.conv2d(x, weight, bias, stride=layer.stride[1:], padding=(ph, pw))
+
+    out = []
+    for t in range((len(seq) - kt) // st + 1):
+        y, start = None, t * st
+        if past is not None and start == 0 and n_past == CACHE_T and kt >= CACHE_T:
+            b, _, _, h, w = past.shape
+            folded = layer.weight[:, :, :CACHE_T].reshape(o, c * CACHE_T, *layer.kernel_size[1:])
+            y = conv(past.reshape(b, c * CACHE_T, h, w), folded, layer.bias)
+        for k in range(CACHE_T if y is not None else 0, kt):
+            i = start + k
+            x = seq[i] if i >= n_past else (None if past is None else past[:, :, i])
+            if x is None:
+                continue
+            term = conv(x, layer.weight[:, :, k], layer.bias if y is None else None)
+            y = term if y is None else y + term
+        if y is None:  # cannot happen for the decoder's convs: every window holds a frame of ``frames``
+            raise ConfigError(f"a causal conv window of zero padding only (kernel {layer.kernel_size})")
+        out.append(y)
+    return out
+
+
+class FrameRMSNorm(RMSNorm):
+    """Wan's RMS_norm of 4-D frames, in the form onnxruntime runs with the fewest passes: the
+    reference's F.normalize is ReduceL2, Clip, Expand, Div, then two Muls (sqrt(C), gamma); here
+    ReduceL2, Clip and Reciprocal on the [B, 1, H, W] norm, then x * (1 / norm) * (sqrt(C) * gamma),
+    the last factor folded at export (the same numbers up to float32 rounding). A subclass of
+    ``RMSNorm`` with its parameters, so the graph's norm nodes carry an RMSNorm scope (the
+    low-precision variants keep them in float32, export/precision.py)."""
 
     @classmethod
-    def from_conv(cls, conv: CausalConv3d) -> "CausalConvAs2d":
+    def from_norm(cls, norm: RMSNorm) -> "FrameRMSNorm":
         new = cls.__new__(cls)
-        new.__dict__.update(conv.__dict__)  # the same parameters, time_pad / space_pad and conv settings
+        new.__dict__.update(norm.__dict__)  # the same gamma and scale
         return new
 
-    def forward(self, x, past=None):
-        pad_t = self.time_pad
-        if past is not None and pad_t > 0:
-            x = torch.cat([past, x], dim=2)
-            pad_t -= past.shape[2]
-        if pad_t > 0:
-            x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
-        b, c, t_in, h, w = x.shape
-        kt, st = self.kernel_size[0], self.stride[0]
-        t_out = (t_in - kt) // st + 1
-        weight = self.weight.reshape(self.out_channels, c * kt, *self.kernel_size[1:])
-        if t_out == 1:  # the streaming decoder's usual case: no slice, no transpose, only reshapes
-            x2 = x[:, :, :kt] if t_in > kt else x
-            x2 = x2.reshape(b, c * kt, h, w)
-        else:  # windows stacked on the batch axis: [t_out * b, c * kt, h, w]
-            x2 = torch.cat(
-                [x[:, :, i * st : i * st + kt].reshape(b, c * kt, h, w) for i in range(t_out)], dim=0
-            )
-        pw, _, ph, _ = self.space_pad
-        y = F.conv2d(x2, weight, self.bias, stride=self.stride[1:], padding=(ph, pw))
-        if t_out == 1:
-            return y.unsqueeze(2)
-        return y.unflatten(0, (t_out, b)).permute(1, 2, 0, 3, 4)  # [b, o, t_out, h', w']
+    def forward(self, x):
+        inv = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12).reciprocal()
+        return x * inv * (self.gamma.reshape(-1, 1, 1) * self.scale)
 
 
-def lower_convs(vae: WanVAE) -> WanVAE:
-    """A copy of ``vae`` whose causal convolutions run as 2-D convolutions (``CausalConvAs2d``)."""
-    import copy
+class FrameDecoder(nn.Module):
+    """The streaming decoder of a ``WanVAE`` (a copy of its modules and parameters), lowered for
+    onnxruntime's CPU kernels: the frames of one call are a list of 4-D [B, C, H, W] tensors instead
+    of one [B, C, T, H, W] tensor, so every convolution is a 2-D one on a frame
+    (``causal_conv_frames``), the residual additions are on 4-D tensors that stay in onnxruntime's
+    blocked NCHWc layout between convolutions, and no time axis is sliced, concatenated or
+    transposed between layers. The feature cache keeps the reference's slots (``FrameCache``).
+    Computes what ``WanVAE.decode_step`` computes (tests/test_export_vae.py)."""
 
-    lowered = copy.deepcopy(vae)
-    for name, module in list(lowered.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is CausalConv3d:
-                if child.space_pad[0] != child.space_pad[1] or child.space_pad[2] != child.space_pad[3]:
-                    raise ValueError(f"{name}.{child_name}: asymmetric spatial padding {child.space_pad}")
-                setattr(module, child_name, CausalConvAs2d.from_conv(child))
-    return lowered
+    def __init__(self, vae: WanVAE):
+        import copy
+
+        super().__init__()
+        self.vae = copy.deepcopy(vae)  # its norms become FrameRMSNorm; the caller's model is unchanged
+        for module in list(self.vae.decoder.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) is RMSNorm:
+                    setattr(module, name, FrameRMSNorm.from_norm(child))
+
+    def forward(self, z: torch.Tensor, slots: list, first: bool) -> torch.Tensor:
+        vae, dec = self.vae, self.vae.decoder
+        cache = FrameCache(slots, first)
+        x = z / vae.latents_inv_std + vae.latents_mean  # [B, z, 1, H, W]
+        frames = [x[:, :, i] for i in range(x.shape[2])]
+        frames = [causal_conv_frames(vae.conv2, [f])[0] for f in frames]
+        frames = cache.conv(dec.conv1, frames)
+        for layer in (*dec.middle, *dec.upsamples):
+            frames = self._layer(layer, frames, cache)
+        frames = [F.silu(dec.head[0](f)) for f in frames]
+        frames = cache.conv(dec.head[2], frames)
+        return torch.stack(frames, dim=2)
+
+    def _layer(self, layer, frames: list, cache: FrameCache) -> list:
+        if isinstance(layer, ResidualBlock):
+            if isinstance(layer.shortcut, CausalConv3d):
+                h = causal_conv_frames(layer.shortcut, frames)
+            else:
+                h = frames
+            for sub in layer.residual:
+                if isinstance(sub, RMSNorm):
+                    frames = [sub(f) for f in frames]
+                elif isinstance(sub, nn.SiLU):
+                    frames = [F.silu(f) for f in frames]
+                elif isinstance(sub, CausalConv3d):
+                    frames = cache.conv(sub, frames)
+                elif not isinstance(sub, nn.Dropout):
+                    raise ConfigError(
+                        f"the ONNX export has no lowering for {type(sub).__name__} in a residual block"
+                    )
+            return [a + b for a, b in zip(frames, h)]
+        if isinstance(layer, AttentionBlock):  # within each frame: the reference on a 1-frame view
+            return [layer(f.unsqueeze(2), cache).squeeze(2) for f in frames]
+        if isinstance(layer, Resample) and layer.mode in ("upsample2d", "upsample3d"):
+            if layer.mode == "upsample3d":
+                y = cache.time_up(layer.time_conv, frames)
+                if y is not None:  # 2C channels -> 2 frames per input frame (channels [0:C], [C:2C])
+                    c = y[0].shape[1] // 2
+                    frames = [half for f in y for half in (f[:, :c], f[:, c:])]
+            return [layer.resample(f) for f in frames]
+        raise ConfigError(f"the ONNX export has no lowering for {type(layer).__name__} in the decoder")
 
 
 class DecodeFirst(nn.Module):
-    def __init__(self, vae: WanVAE):
+    """Graph ``vae_decode_first``: z -> (frames, *cache). ``decode(z, slots, first)`` is the decoder:
+    ``FrameDecoder(vae)`` in the exported graph, ``vae.decode_step`` as the reference it is checked
+    against (``rf-export verify``)."""
+
+    def __init__(self, decode):
         super().__init__()
-        self.vae = vae
+        self.decode = decode
 
     def forward(self, z):
         slots: list = []
-        frames = self.vae.decode_step(z, slots, first=True).clamp(-1, 1)
+        frames = self.decode(z, slots, first=True).clamp(-1, 1)
         return (frames, *slots)
 
 
 class DecodeNext(nn.Module):
-    def __init__(self, vae: WanVAE):
+    """Graph ``vae_decode``: (z, *cache) -> (frames, *cache); ``decode`` as in ``DecodeFirst``."""
+
+    def __init__(self, decode):
         super().__init__()
-        self.vae = vae
+        self.decode = decode
 
     def forward(self, z, *cache):
         slots = list(cache)
-        frames = self.vae.decode_step(z, slots, first=False).clamp(-1, 1)
+        frames = self.decode(z, slots, first=False).clamp(-1, 1)
         return (frames, *slots)
 
 
@@ -112,24 +241,25 @@ def decoder_shapes(vae: WanVAE, latent_hw, batch: int = 1) -> tuple[list, list, 
 def export_vae_decoder(
     vae: WanVAE, latent_hw, first_path: str, next_path: str, opset: int = 17, batch: int = 1
 ) -> int:
-    """Export both graphs (causal convolutions lowered to 2-D, see ``lower_convs``) for ``batch``
-    rows; returns the number of cache slots.
+    """Export both graphs (the decoder lowered to 2-D frames, ``FrameDecoder``) for ``batch`` rows;
+    returns the number of cache slots.
 
     The graphs' shapes come from a decode on the meta device (``decoder_shapes``) and the per-frame
     graph is traced with its cache inputs as a zero broadcast to each slot's shape (no data; the
     decoder has no data-dependent branch), so the trace of each graph is the only decode that holds
     activations: peak memory is one decode, not the three it was (docs/notes/export.md)."""
-    vae = lower_convs(vae.eval())
+    vae = vae.eval()
+    decoder = FrameDecoder(vae)
     first_shape, frames_shape, slot_shapes = decoder_shapes(vae, latent_hw, batch)
     ins, outs = cache_names(len(slot_shapes))
     z = torch.zeros(batch, vae.config.z_dim, 1, *latent_hw)
     cache = [torch.zeros(()).expand(shape) for shape in slot_shapes]
     outputs = [VAE_FRAMES, *outs]
     export_graph(
-        DecodeFirst(vae), (z,), first_path, [VAE_LATENT], outputs, [first_shape, *slot_shapes], opset
+        DecodeFirst(decoder), (z,), first_path, [VAE_LATENT], outputs, [first_shape, *slot_shapes], opset
     )
     export_graph(
-        DecodeNext(vae),
+        DecodeNext(decoder),
         (z, *cache),
         next_path,
         [VAE_LATENT, *ins],

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rf_runtime.errors import ConfigError, InputError, MissingDependencyError
+from rf_runtime.graph_io import unbatched
 
 # Relative error allowed per graph precision (fp16 has 11 significant bits, bf16 8).
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
@@ -76,10 +77,10 @@ class References:
         if base == "cache_update":
             h, w = b.dit.grid(b.info.latent_hw)
             return CacheUpdate(h * w)
-        if base == "vae_decode_first":
-            return DecodeFirst(b.vae)
+        if base == "vae_decode_first":  # the reference decoder (the graph holds its lowered form)
+            return DecodeFirst(b.vae.decode_step)
         if base == "vae_decode":
-            return DecodeNext(b.vae)
+            return DecodeNext(b.vae.decode_step)
         if base == "text_encoder":
             from rf_runtime.export.text_graph import TextEncoderGraph
 
@@ -216,17 +217,29 @@ def verify_bundle(
     plans = bundle.plans
     rows = []
     for i, (graph, path) in enumerate(sorted(paths.items())):
-        base, precision = split_name(graph)
+        name, precision = split_name(graph)
+        base = unbatched(name)
         inputs, outputs = graph_io(bundle.graphs[graph])
         rng = np.random.default_rng([seed, i])
-        raw = refs.inputs(base, inputs, rng)
+        if base == name:
+            raw = refs.inputs(base, inputs, rng)
+        else:  # a batch-B graph: B rows of the single-stream graph's inputs, each its own draw
+            row_inputs, row_outputs = graph_io(bundle.graphs[base])
+            n_rows = int(name.rpartition("_b")[2])  # dit_step_b4: 4 rows (graph_io.batched)
+            draws = [refs.inputs(base, row_inputs, rng) for _ in range(n_rows)]
+            raw = _batch_rows(draws, inputs, row_inputs)
         # the same values on both sides: round to the graph's input types first
-        feeds = {name: raw[name].astype(dtype) for name, _, dtype in inputs}
-        expect = run_reference(
-            refs.module(base),
-            [n for n, _, _ in inputs],
-            {n: v if v.dtype == np.int64 else v.astype(np.float32) for n, v in feeds.items()},
-        )
+        feeds = {n: raw[n].astype(dtype) for n, _, dtype in inputs}
+        as_fp32 = {n: v if v.dtype == np.int64 else v.astype(np.float32) for n, v in feeds.items()}
+        names = [n for n, _, _ in inputs]
+        if base == name:
+            expect = run_reference(refs.module(base), names, as_fp32)
+        else:  # the reference of each row on its own, its outputs stacked as the graph's rows
+            per_row = [
+                run_reference(refs.module(base), names, row)
+                for row in _unbatch_rows(as_fp32, inputs, row_inputs)
+            ]
+            expect = _join_outputs(per_row, outputs, row_outputs)
         tol = TOLERANCES[precision]
 
         def skip(reason: str) -> VerifyRow:
@@ -254,6 +267,67 @@ def verify_bundle(
             status = "PASS" if rel <= tol and np.isfinite(rel) else "FAIL"
             rows.append(VerifyRow(graph, precision, backend, max_abs, rel, tol, status))
     return rows
+
+
+def _batch_axis(row_shape, shape) -> tuple[int, bool]:
+    """Where a batched tensor holds its rows: (axis, False) when the single-stream tensor has a size-1
+    batch axis there (the K/V's is axis 1, the others' axis 0), (axis, True) when the batched one
+    inserts it (a cache state's mix)."""
+    row_shape, shape = tuple(row_shape), tuple(shape)
+    if shape == row_shape:
+        raise ConfigError(f"a batched graph's output {shape} has no batch axis")
+    for axis in range(len(shape)):
+        if len(shape) == len(row_shape) and row_shape[axis] == 1:
+            if shape[:axis] + shape[axis + 1 :] == row_shape[:axis] + row_shape[axis + 1 :]:
+                return axis, False
+        if len(shape) == len(row_shape) + 1 and shape[:axis] + shape[axis + 1 :] == row_shape:
+            return axis, True
+    raise ConfigError(f"a batched tensor {shape} does not hold rows of {row_shape}")
+
+
+def _batch_rows(rows: list[dict], inputs, row_inputs) -> dict[str, np.ndarray]:
+    """The feeds of a batched graph from one feed dict per row of the single-stream graph. An input
+    the rows share (the same shape in both graphs: the step's sigma, the context's RoPE tables) takes
+    row 0's draw, written into every row's dict so that each row's reference sees it too."""
+    row_shapes = {name: shape for name, shape, _ in row_inputs}
+    out = {}
+    for name, shape, _ in inputs:
+        if tuple(shape) == tuple(row_shapes[name]):
+            for r in rows:
+                r[name] = rows[0][name]
+            out[name] = np.asarray(rows[0][name])
+            continue
+        axis, insert = _batch_axis(row_shapes[name], shape)
+        parts = [np.asarray(r[name]) for r in rows]
+        out[name] = np.stack(parts, axis) if insert else np.concatenate(parts, axis)
+    return out
+
+
+def _unbatch_rows(feeds: dict, inputs, row_inputs) -> list[dict]:
+    """The inverse of ``_batch_rows``: one feed dict per row, in the single-stream graph's shapes."""
+    shapes = {name: shape for name, shape, _ in inputs}
+    first = next(n for n, shape, _ in row_inputs if tuple(shape) != tuple(shapes[n]))
+    row_shape = dict((n, s) for n, s, _ in row_inputs)[first]
+    rows = [{} for _ in range(shapes[first][_batch_axis(row_shape, shapes[first])[0]])]
+    for name, row_shape, _ in row_inputs:
+        if tuple(shapes[name]) == tuple(row_shape):  # shared by the rows
+            for r in rows:
+                r[name] = feeds[name]
+            continue
+        axis, _ = _batch_axis(row_shape, shapes[name])
+        for i, part in enumerate(np.split(feeds[name], len(rows), axis)):
+            rows[i][name] = part.reshape(row_shape)
+    return rows
+
+
+def _join_outputs(per_row: list[list], outputs, row_outputs) -> list[np.ndarray]:
+    """The reference's outputs of each row joined into the batched graph's output shapes."""
+    joined = []
+    for k, ((_, shape, _), (_, row_shape, _)) in enumerate(zip(outputs, row_outputs)):
+        axis, insert = _batch_axis(row_shape, shape)
+        parts = [r[k] for r in per_row]
+        joined.append(np.stack(parts, axis) if insert else np.concatenate(parts, axis))
+    return joined
 
 
 def compare(got, expect) -> tuple[float, float]:

@@ -12,6 +12,7 @@ Routes (docs/serving.md has the protocol):
     GET  /v1/info               the model: fps, size, limits
     WS   /v1/stream             live sessions
     POST /v1/videos             an MP4 job; GET /v1/videos/{id} its status, GET /v1/videos/{id}/video the file
+    POST /v1/webrtc/offer       a live session over WebRTC (optional: aiortc; rf_runtime.serve.webrtc)
 """
 
 from __future__ import annotations
@@ -37,12 +38,19 @@ from rf_runtime.serve.jobs import Jobs, parse_job_request
 from rf_runtime.serve.metrics import Metrics
 from rf_runtime.serve.protocol import VERSION, ProtocolError, error_event
 from rf_runtime.serve.session import Session
+from rf_runtime.serve.transport import WebSocketTransport
 
 logger = logging.getLogger("rf_runtime")
 
 TOKEN_COOKIE = "rf_serve_token"
 STATIC = {"viewer.js": "text/javascript", "viewer.css": "text/css"}
 MAX_STREAM_FRAMES = 16 * 3600 * 24  # num_frames cap of one stream: a day at 16 fps
+
+
+def _webrtc_available() -> bool:
+    from rf_runtime.serve import webrtc
+
+    return webrtc.available()
 
 
 def _static_bytes(name: str) -> bytes:
@@ -62,6 +70,8 @@ class ServeApp:
         self.jobs_dir = tempfile.mkdtemp(prefix="rf-serve-jobs-")
         self.jobs = Jobs(engine, self.jobs_dir, self.config.max_jobs_kept, self.metrics)
         self._drained: asyncio.Task | None = None
+        self.media_host = "127.0.0.1"  # the address WebRTC media is offered on (make_server: its --host)
+        self._rtc_tasks: set[asyncio.Task] = set()
         self.app = Starlette(
             routes=[
                 Route("/", self.page),
@@ -74,6 +84,7 @@ class ServeApp:
                 Route(f"/v{VERSION}/videos", self.create_job, methods=["POST"]),
                 Route(f"/v{VERSION}/videos/{{jid}}", self.job_status),
                 Route(f"/v{VERSION}/videos/{{jid}}/video", self.job_video),
+                Route(f"/v{VERSION}/webrtc/offer", self.webrtc_offer, methods=["POST"]),
             ],
             lifespan=self._lifespan,
         )
@@ -168,6 +179,7 @@ class ServeApp:
                 "max_prompt_chars": self.config.max_prompt_chars,
                 "max_message_bytes": self.config.max_message_bytes,
                 "max_job_seconds": self.config.max_job_seconds,
+                "webrtc": _webrtc_available(),
             }
         )
 
@@ -248,12 +260,56 @@ class ServeApp:
             await ws.close(1012 if code == "shutting_down" else 1013, reason[:120])
             return
         sid = uuid.uuid4().hex[:12]
-        session = self.sessions[sid] = Session(ws, self, sid)
+        session = self.sessions[sid] = Session(WebSocketTransport(ws), self, sid)
         try:
             await session.run()
         finally:
             del self.sessions[sid]
             self._release()
+
+    # ---- WebRTC ------------------------------------------------------------------------------------
+
+    async def webrtc_offer(self, request: Request) -> Response:
+        from rf_runtime.serve import webrtc
+
+        if not self._authorized(request):
+            return self._unauthorized()
+        if not _webrtc_available():
+            return JSONResponse(
+                {"error": "this server has no WebRTC: install aiortc (pip install 'rf_runtime[webrtc]')"},
+                status_code=501,
+            )
+        try:
+            offer = webrtc.parse_offer(json.loads(await request.body()))
+        except json.JSONDecodeError as exc:
+            return JSONResponse({"error": f"the body is not JSON: {exc}"}, status_code=400)
+        except ProtocolError as exc:
+            return JSONResponse({"error": str(exc), "code": exc.code}, status_code=400)
+        refused = self._try_acquire()
+        if refused:
+            code, reason = refused
+            self.metrics.sessions_rejected.labels(code).inc()
+            return JSONResponse({"error": reason, "code": code}, status_code=503)
+        webrtc.restrict_candidates(self.media_host)
+        try:
+            transport, answer = await webrtc.accept(offer, self.engine.model.fps)
+        except ProtocolError as exc:
+            self._release()
+            return JSONResponse({"error": str(exc), "code": exc.code}, status_code=400)
+        sid = uuid.uuid4().hex[:12]
+        session = self.sessions[sid] = Session(transport, self, sid)
+        task = asyncio.ensure_future(self._run_rtc(sid, session, transport))
+        self._rtc_tasks.add(task)
+        task.add_done_callback(self._rtc_tasks.discard)
+        return JSONResponse({**answer, "session": sid})
+
+    async def _run_rtc(self, sid: str, session: Session, transport) -> None:
+        try:
+            await session.run()
+        finally:
+            del self.sessions[sid]
+            self._release()
+            await transport.close()
 
     # ---- shutdown ----------------------------------------------------------------------------------
 
@@ -273,6 +329,8 @@ class ServeApp:
         for task in list(self.jobs.tasks):
             task.cancel()
         await asyncio.gather(*self.jobs.tasks, return_exceptions=True)
+        if self._rtc_tasks:  # the peer connections of the WebRTC sessions close
+            await asyncio.wait(list(self._rtc_tasks), timeout=self.config.shutdown_seconds)
 
     @asynccontextmanager
     async def _lifespan(self, app):
@@ -287,6 +345,8 @@ class ServeApp:
 def make_server(serve_app: ServeApp, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning"):
     """A uvicorn server for ``serve_app``; on SIGTERM / Ctrl-C sessions get ``ended`` before connections close."""
     import uvicorn
+
+    serve_app.media_host = host
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):

@@ -97,14 +97,17 @@ class _Request:
 
 
 class Batcher:
-    """Sessions' chunks stepped together (``rf_runtime.batching.next_chunks``): each of ``workers``
-    threads takes every request waiting at that moment, up to ``max_rows``, and makes their chunks in one
-    batched call per graph. A session asks for its next chunk only when it is ready for it, so a slow or
-    vanished session is simply not in the next call: nobody waits for it."""
+    """Sessions' chunks stepped together (``rf_runtime.batching.next_chunks``) by ``workers`` threads.
+    Each session belongs to one thread, the one with the fewest sessions when it first asks (so the
+    sessions, and their batched calls, spread over the cores); a thread takes every request of its
+    sessions waiting at that moment, up to ``max_rows``, and makes their chunks in one batched call per
+    graph. A session asks for its next chunk only when it is ready for it, so a slow or vanished
+    session is simply not in the next call: nobody waits for it."""
 
     def __init__(self, *, workers: int, max_rows: int, jpeg_quality: int):
         self.max_rows, self.jpeg_quality = max_rows, jpeg_quality
-        self._pending: deque[_Request] = deque()
+        self._pending: list[deque[_Request]] = [deque() for _ in range(workers)]
+        self._home: dict[int, int] = {}  # id(stream) -> the thread its chunks run on
         self._cond = threading.Condition()
         self._stopped = False
         self._running: set[int] = set()  # the streams of the calls being made
@@ -112,19 +115,33 @@ class Batcher:
         self.calls = 0  # batched calls made (for tests and logs)
         self.rows = 0  # chunks made by them
         self._threads = [
-            threading.Thread(target=self._loop, name=f"rf-serve-batch-{i}", daemon=True)
+            threading.Thread(target=self._loop, args=(i,), name=f"rf-serve-batch-{i}", daemon=True)
             for i in range(workers)
         ]
         for t in self._threads:
             t.start()
+
+    def sessions_per_worker(self) -> list[int]:
+        with self._cond:
+            return self._members()
+
+    def _members(self) -> list[int]:
+        counts = [0] * len(self._pending)
+        for w in self._home.values():
+            counts[w] += 1
+        return counts
 
     def submit(self, stream, switch: SetPrompt | None, raw: bool) -> Future:
         request = _Request(stream, switch, raw, Future())
         with self._cond:
             if self._stopped:
                 raise RuntimeError("the server is shutting down")
-            self._pending.append(request)
-            self._cond.notify()
+            home = self._home.get(id(stream))
+            if home is None:
+                counts = self._members()
+                home = self._home[id(stream)] = counts.index(min(counts))
+            self._pending[home].append(request)
+            self._cond.notify_all()
         return request.future
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -132,22 +149,24 @@ class Batcher:
         onnxruntime when the interpreter exits would abort the process)."""
         with self._cond:
             self._stopped = True
-            for r in self._pending:
-                r.future.cancel()
-            self._pending.clear()
+            for queue in self._pending:
+                for r in queue:
+                    r.future.cancel()
+                queue.clear()
             self._cond.notify_all()
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout)
 
-    def _loop(self) -> None:
+    def _loop(self, worker: int) -> None:
+        queue = self._pending[worker]
         while True:
             with self._cond:
-                while not self._pending and not self._stopped:
+                while not queue and not self._stopped:
                     self._cond.wait()
                 if self._stopped:
                     return
-                take = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_rows))]
+                take = [queue.popleft() for _ in range(min(len(queue), self.max_rows))]
                 self._running.update(id(r.stream) for r in take)
             try:
                 self._step(take)
@@ -164,8 +183,10 @@ class Batcher:
                             self._close_after.pop(id(r.stream)).close()
 
     def close(self, stream) -> None:
-        """Close a session's stream now, or right after the call it is a row of (its state is in use)."""
+        """Close a session's stream now, or right after the call it is a row of (its state is in use);
+        its thread takes new sessions again."""
         with self._cond:
+            self._home.pop(id(stream), None)
             if id(stream) in self._running:
                 self._close_after[id(stream)] = stream
             else:

@@ -1,8 +1,9 @@
-"""One WebSocket session: a receiver (client messages), a producer (chunks, off the event loop) and a sender.
+"""One client session: a receiver (client messages), a producer (chunks, off the event loop) and a sender.
 
-The producer never waits for the client: it puts frames into the session's ``OutQueue``, which holds
-at most ``queue_frames`` frames and drops the oldest beyond that (counted). The sender alone writes
-to the socket, so a slow client slows only its own sender, and memory stays bounded. Paced streams
+The client is reached through a transport (``rf_runtime.serve.transport``: a WebSocket, or a WebRTC
+peer connection). The producer never waits for the client: it puts frames into the session's ``OutQueue``,
+which holds at most ``queue_frames`` frames and drops the oldest beyond that (counted). The sender alone
+writes to the transport, so a slow client slows only its own sender, and memory stays bounded. Paced streams
 are kept on a timeline at the model's fps: the next chunk is made when the frames already made
 would run out within one chunk's duration, and each frame is sent at its time on that timeline.
 """
@@ -23,7 +24,6 @@ from rf_runtime.serve.protocol import (
     Stop,
     error_event,
     event,
-    pack_frame,
     parse_client_message,
 )
 
@@ -35,8 +35,9 @@ class Frame:
     chunk: int
     index: int
     made: float
-    jpeg: bytes
+    jpeg: bytes | None  # the JPEG image, for a transport that sends JPEG (the WebSocket)
     due: float  # time.monotonic() at which to send it; 0: at once
+    pixels: object = None  # the uint8 [H, W, 3] image, for a transport that encodes video (WebRTC)
 
 
 @dataclass
@@ -119,8 +120,8 @@ class OutQueue:
 class Session:
     """One client connection; ``run()`` returns when the connection is over and everything is freed."""
 
-    def __init__(self, ws, server, sid: str):
-        self.ws, self.server, self.sid = ws, server, sid
+    def __init__(self, transport, server, sid: str):
+        self.transport, self.server, self.sid = transport, server, sid
         self.config, self.engine, self.metrics = server.config, server.engine, server.metrics
         self.queue = OutQueue(
             self.config.queue_frames, self.config.max_events, self.metrics.frames_dropped.inc
@@ -149,7 +150,7 @@ class Session:
         abort = asyncio.ensure_future(self._abort.wait())
         try:
             while True:
-                receive = asyncio.ensure_future(self.ws.receive())
+                receive = asyncio.ensure_future(self.transport.receive())
                 await asyncio.wait({receive, abort}, return_when=asyncio.FIRST_COMPLETED)
                 if not receive.done():  # aborted: returning without a close frame drops the connection
                     receive.cancel()
@@ -226,13 +227,13 @@ class Session:
             while True:
                 item = await self.queue.get()
                 if isinstance(item, Close):
-                    await self.ws.close(item.code, item.reason)
+                    await self.transport.close(item.code, item.reason)
                     return
                 if isinstance(item, Event):
-                    await self.ws.send_text(item.text)
+                    await self.transport.send_text(item.text)
                     continue
                 if isinstance(item, Ended):
-                    await self.ws.send_text(
+                    await self.transport.send_text(
                         event(
                             "ended",
                             reason=item.reason,
@@ -244,9 +245,7 @@ class Session:
                 delay = item.due - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                await self.ws.send_bytes(
-                    pack_frame(item.jpeg, item.chunk, item.index, item.made, time.time())
-                )
+                await self.transport.send_frame(item)
                 self.frames_sent += 1
                 self.metrics.frames_sent.inc()
         except asyncio.CancelledError:
@@ -306,6 +305,7 @@ class Session:
                     engine=engine.name,
                 )
             )
+            raw = self.transport.raw_frames  # the transport encodes the frames itself
             chunk_span = model.chunk_frames / model.fps  # one chunk's duration on screen
             anchor_t, anchor_f = None, 0  # the timeline: frame f is due at anchor_t + (f - anchor_f) / fps
             made = 0
@@ -315,7 +315,7 @@ class Session:
                     if wait > 0:
                         await asyncio.sleep(wait)
                 switch, self.pending = self.pending, None
-                result = await engine.step(handle, switch)
+                result = await engine.step(handle, switch, raw=raw)
                 if result is None:
                     break
                 now = time.monotonic()
@@ -343,10 +343,11 @@ class Session:
                     ),
                     droppable=True,
                 )
-                for i, jpeg in enumerate(result.jpegs):
+                for i in range(result.num_frames):
                     f = result.start_frame + i
                     due = anchor_t + (f - anchor_f) / model.fps if start.paced else 0.0
-                    self.queue.put(Frame(result.index, f, result.made, jpeg, due))
+                    jpeg, pixels = (None, result.frames[i]) if raw else (result.jpegs[i], None)
+                    self.queue.put(Frame(result.index, f, result.made, jpeg, due, pixels))
                 made = result.start_frame + result.num_frames
                 if result.finished:
                     break

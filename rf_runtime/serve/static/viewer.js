@@ -1,4 +1,5 @@
-// rf-serve viewer: one WebSocket session (/v1/stream), frames drawn on a canvas as they arrive.
+// rf-serve viewer: one session, over a WebSocket (/v1/stream, JPEG frames) or WebRTC (/v1/webrtc/offer,
+// a video track and a data channel), frames drawn on a canvas as they arrive.
 // Protocol: docs/serving.md. No dependencies.
 "use strict";
 
@@ -6,7 +7,8 @@ const $ = (id) => document.getElementById(id);
 const canvas = $("screen"), ctx = canvas.getContext("2d");
 const viewer = { state: "idle", framesDrawn: 0, chunks: 0, dropped: 0, promptChanges: [], errors: [] };
 window.rfViewer = viewer;  // for tests and the console
-let ws = null, arrivals = [];
+let ws = null, arrivals = [];  // ws: the open session's channel (a WebSocket or an RTCDataChannel)
+let pc = null;  // the WebRTC peer connection, when the transport is WebRTC
 
 function setState(state, text) {
   viewer.state = state;
@@ -41,11 +43,17 @@ async function drawFrame(data) {
   const chunk = view.getUint32(4, true), frame = view.getUint32(8, true);
   const made = view.getFloat64(12, true);
   const bitmap = await createImageBitmap(new Blob([data.slice(headerLength)], { type: "image/jpeg" }));
-  if (canvas.width !== bitmap.width || canvas.height !== bitmap.height) {
-    canvas.width = bitmap.width; canvas.height = bitmap.height;
-  }
-  ctx.drawImage(bitmap, 0, 0);
+  draw(bitmap, bitmap.width, bitmap.height);
   bitmap.close();
+  $("delivery").textContent = Math.max(0, Date.now() - made * 1000).toFixed(0) + " ms";
+  $("chunk").textContent = chunk + " (frame " + frame + ")";
+}
+
+function draw(image, width, height) {
+  if (canvas.width !== width || canvas.height !== height) {
+    canvas.width = width; canvas.height = height;
+  }
+  ctx.drawImage(image, 0, 0);
   viewer.framesDrawn += 1;
   const now = performance.now();
   arrivals.push(now);
@@ -53,8 +61,6 @@ async function drawFrame(data) {
   const fps = arrivals.length > 1 ? (arrivals.length - 1) / ((now - arrivals[0]) / 1000) : 0;
   $("fps").textContent = fps.toFixed(1);
   $("frames-drawn").textContent = viewer.framesDrawn;
-  $("delivery").textContent = Math.max(0, Date.now() - made * 1000).toFixed(0) + " ms";
-  $("chunk").textContent = chunk + " (frame " + frame + ")";
   if (viewer.state === "starting") setState("streaming", "streaming");
 }
 
@@ -68,6 +74,7 @@ function onEvent(msg) {
       viewer.chunks += 1;
       viewer.dropped = msg.dropped_frames;
       $("chunk-latency").textContent = (msg.seconds * 1000).toFixed(0) + " ms";
+      if (pc) $("chunk").textContent = msg.index + " (frame " + msg.start_frame + ")";
       $("dropped").textContent = msg.dropped_frames;
       break;
     case "prompt_changed":
@@ -97,13 +104,14 @@ function start() {
   const prompt = $("prompt").value;
   const seed = parseInt($("seed").value || "0", 10);
   const startMessage = JSON.stringify({ type: "start", prompt, seed, paced: $("paced").checked });
-  if (ws && ws.readyState === WebSocket.OPEN) {  // a session that ended: start again on it
+  if (ws && (ws.readyState === WebSocket.OPEN || ws.readyState === "open")) {  // an ended session: start again on it
     viewer.framesDrawn = 0;
     setState("starting", "starting…");
     ws.send(startMessage);
     return;
   }
   setState("connecting", "connecting…");
+  if ($("transport").value === "webrtc") { startWebRTC(startMessage); return; }
   ws = new WebSocket(wsUrl());
   ws.binaryType = "arraybuffer";
   ws.onopen = () => { setState("starting", "starting…"); ws.send(startMessage); };
@@ -122,6 +130,70 @@ function start() {
   };
 }
 
+// WebRTC: the frames come on a video track, drawn onto the canvas as each is presented; the session's
+// messages and events travel on a data channel, exactly as on the WebSocket.
+async function startWebRTC(startMessage) {
+  const video = $("rtc-video");
+  pc = new RTCPeerConnection();
+  const channel = pc.createDataChannel("rf-serve");
+  pc.addTransceiver("video", { direction: "recvonly" });
+  pc.ontrack = (e) => {
+    video.srcObject = new MediaStream([e.track]);
+    const onFrame = () => {
+      if (!pc) return;
+      draw(video, video.videoWidth, video.videoHeight);
+      video.requestVideoFrameCallback(onFrame);
+    };
+    video.requestVideoFrameCallback(onFrame);
+  };
+  channel.onopen = () => { ws = channel; setState("starting", "starting…"); channel.send(startMessage); };
+  channel.onmessage = (e) => onEvent(JSON.parse(e.data));
+  channel.onclose = () => closedWebRTC();
+  pc.onconnectionstatechange = () => {
+    if (pc && (pc.connectionState === "failed" || pc.connectionState === "closed")) closedWebRTC();
+  };
+  try {
+    await pc.setLocalDescription(await pc.createOffer());
+    await new Promise((done) => {  // the whole offer, every candidate in it (the server does not trickle)
+      if (pc.iceGatheringState === "complete") return done();
+      pc.onicegatheringstatechange = () => { if (pc.iceGatheringState === "complete") done(); };
+    });
+    const token = new URLSearchParams(window.location.search).get("token");
+    const reply = await fetch("v1/webrtc/offer", {
+      method: "POST",
+      headers: Object.assign({ "Content-Type": "application/json" }, token ? { Authorization: "Bearer " + token } : {}),
+      body: JSON.stringify({ type: "offer", sdp: pc.localDescription.sdp }),
+    });
+    const answer = await reply.json();
+    if (!reply.ok) {
+      viewer.errors.push({ code: answer.code, message: answer.error });
+      log("error (" + (answer.code || reply.status) + "): " + answer.error);
+      if (reply.status === 503) setState("full", "server full: " + answer.error);
+      else if (reply.status === 401) setState("unauthorized", answer.error);
+      else setState("error", answer.error);
+      pc.close(); pc = null;
+      return;
+    }
+    await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
+  } catch (err) {
+    setState("error", "WebRTC failed: " + err);
+    if (pc) { pc.close(); pc = null; }
+  }
+}
+
+function closedWebRTC() {
+  if (!pc) return;
+  pc.close(); pc = null; ws = null;
+  if (viewer.state === "ended") setState("ended", $("status").textContent + " (disconnected)");
+  else if (viewer.state !== "full" && viewer.state !== "unauthorized" && viewer.state !== "error") {
+    setState("error", "disconnected");
+  }
+}
+
+// leaving the page closes the peer connection, so the server frees the session at once (not after
+// ICE's consent time-out, ~30 s)
+window.addEventListener("pagehide", () => { if (pc) pc.close(); });
+
 $("controls").addEventListener("submit", (e) => { e.preventDefault(); start(); });
 $("stop").addEventListener("click", () => { if (ws) ws.send(JSON.stringify({ type: "stop" })); });
 $("switch").addEventListener("submit", (e) => {
@@ -135,6 +207,7 @@ $("switch").addEventListener("submit", (e) => {
 fetch("v1/info" + window.location.search).then(async (r) => {
   if (r.status === 401) { setState("unauthorized", "unauthorized: open this page with ?token=..."); return; }
   const info = await r.json();
+  if (info.webrtc) $("transport").querySelector("option[value=webrtc]").disabled = false;
   $("model").textContent = info.width + "x" + info.height + " at " + info.fps + " fps, " + info.engine +
     ", up to " + info.max_sessions + " sessions";
 }).catch(() => setState("error", "the server cannot be reached"));
