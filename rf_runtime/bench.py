@@ -283,42 +283,55 @@ def _finish_profile(timer, after_first, per_chunk, backend) -> dict:
     )
 
 
-def run_sessions(run: BenchRun, *, sessions: int, chunks: int, prompt: str, seed: int) -> dict:
-    """``sessions`` streams at once on one loaded model, each driven by its own thread (onnxruntime
-    releases the GIL while a graph runs), every stream ``chunks`` chunks; streams start together."""
+def run_together(n: int, work) -> tuple[float, float]:
+    """``work(i, ready)`` for i in 0..n-1, each in its own thread (onnxruntime releases the GIL while a
+    graph runs); each calls ``ready()`` once set up, and all go on together from there. Returns the wall
+    and the process CPU seconds from that moment until the last has finished; the first exception of
+    any thread is raised here."""
     import threading
 
-    streamer = load(run, concurrent=True)
-    barrier = threading.Barrier(sessions + 1)
-    results: list = [None] * sessions
+    barrier = threading.Barrier(n + 1)
     errors: list = []
 
-    def worker(i):
+    def body(i):
         try:
-            stream = streamer.open(prompt, seed=seed + i)
-            barrier.wait()
-            opened, per_chunk = time.perf_counter(), []
-            for _ in range(chunks):
-                chunk = next(stream)
-                per_chunk.append((chunk.seconds, len(chunk.frames)))
-            results[i] = (opened, time.perf_counter(), per_chunk)
+            work(i, barrier.wait)
         except BaseException as e:  # re-raised in the caller's thread
             errors.append(e)
             barrier.abort()
 
-    workers = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(sessions)]
-    for w in workers:
-        w.start()
+    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
     try:
         barrier.wait()
     except threading.BrokenBarrierError:
         pass
-    cpu = time.process_time()
-    for w in workers:
-        w.join()
-    cpu = time.process_time() - cpu
+    cpu, start = time.process_time(), time.perf_counter()
+    for t in threads:
+        t.join()
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     if errors:
         raise errors[0]
+    return wall, cpu
+
+
+def run_sessions(run: BenchRun, *, sessions: int, chunks: int, prompt: str, seed: int) -> dict:
+    """``sessions`` streams at once on one loaded model, each driven by its own thread, every stream
+    ``chunks`` chunks; streams start together."""
+    streamer = load(run, concurrent=True)
+    results: list = [None] * sessions
+
+    def work(i, ready):
+        stream = streamer.open(prompt, seed=seed + i)
+        ready()
+        opened, per_chunk = time.perf_counter(), []
+        for _ in range(chunks):
+            chunk = next(stream)
+            per_chunk.append((chunk.seconds, len(chunk.frames)))
+        results[i] = (opened, time.perf_counter(), per_chunk)
+
+    _, cpu = run_together(sessions, work)
     start, end = min(r[0] for r in results), max(r[1] for r in results)
     latencies = [s for r in results for s, _ in r[2][1:]] or [r[2][0][0] for r in results]
     per_session = [sum(f for _, f in r[2]) / (r[1] - r[0]) for r in results]
@@ -352,8 +365,6 @@ def run_batched(run: BenchRun, *, sessions: int, chunks: int, prompt: str, seed:
     dealt out to one thread per usable core (``batch_workers``), each thread batching its own share,
     with one-thread sessions, so the batched calls use every core; on one core, one thread with the
     default threading."""
-    import threading
-
     from rf_runtime.batching import next_chunks
 
     workers = batch_workers(sessions)
@@ -361,37 +372,19 @@ def run_batched(run: BenchRun, *, sessions: int, chunks: int, prompt: str, seed:
     streams = [streamer.open(prompt, seed=seed + i) for i in range(sessions)]
     shares = [list(range(sessions))[w::workers] for w in range(workers)]  # stream indices of each thread
     steps: list = [[] for _ in range(workers)]  # per thread: (wall s of the call, frames of its streams)
-    errors: list = []
-    barrier = threading.Barrier(workers + 1)
 
-    def worker(w):
-        try:
-            mine = [streams[i] for i in shares[w]]
-            barrier.wait()
-            for _ in range(chunks):
-                t = time.perf_counter()
-                made = next_chunks(mine)
-                for c in made:
-                    if isinstance(c, BaseException):
-                        raise c
-                steps[w].append((time.perf_counter() - t, [len(c.frames) for c in made]))
-        except BaseException as e:  # re-raised in the caller's thread
-            errors.append(e)
-            barrier.abort()
+    def work(w, ready):
+        mine = [streams[i] for i in shares[w]]
+        ready()
+        for _ in range(chunks):
+            t = time.perf_counter()
+            made = next_chunks(mine)
+            for c in made:
+                if isinstance(c, BaseException):
+                    raise c
+            steps[w].append((time.perf_counter() - t, [len(c.frames) for c in made]))
 
-    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(workers)]
-    for t in threads:
-        t.start()
-    try:
-        barrier.wait()
-    except threading.BrokenBarrierError:
-        pass
-    cpu, start = time.process_time(), time.perf_counter()
-    for t in threads:
-        t.join()
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    if errors:
-        raise errors[0]
+    wall, cpu = run_together(workers, work)
     frames = sum(sum(f) for mine in steps for _, f in mine)
     latencies = [s for mine in steps for s, _ in mine[1:]] or [mine[0][0] for mine in steps]
     per_session = [0.0] * sessions

@@ -11,7 +11,7 @@ onnx = pytest.importorskip("onnx")
 
 from onnx import TensorProto, helper  # noqa: E402
 
-from rf_runtime.bench import BenchRun, run_sessions  # noqa: E402
+from rf_runtime.bench import BenchRun, run_sessions, run_together  # noqa: E402
 from rf_runtime.cli import bench_main  # noqa: E402
 from rf_runtime.backends.engine import EngineBackend, cpu_threads  # noqa: E402
 from rf_runtime.profile import graph_flops, profile_report  # noqa: E402
@@ -210,6 +210,27 @@ def test_profile_report_arithmetic():
         a["cpu_gflops"] is None and a["share_of_peak_cpu"] is None
     )  # two threads: the caller's CPU is not all
     assert r["graphs"]["b"]["cpu_ms_per_chunk"] == pytest.approx(5) and r["graphs"]["b"]["cpu_gflops"] == 0.0
+
+
+def test_run_together_starts_every_thread_at_once_and_raises_a_thread_error():
+    events = []
+
+    def work(i, ready):
+        events.append(("set up", i))
+        ready()
+        events.append(("ran", i))
+
+    wall, cpu = run_together(4, work)
+    assert sorted(events[:4]) == [("set up", i) for i in range(4)]  # nobody ran before all were set up
+    assert sorted(events[4:]) == [("ran", i) for i in range(4)] and wall >= 0 and cpu >= 0
+
+    def broken(i, ready):
+        if i == 2:
+            raise ValueError("stream 2 failed")
+        ready()  # the others wait here, and are released by the failure instead of hanging
+
+    with pytest.raises(ValueError, match="stream 2 failed"):
+        run_together(3, broken)
 
 
 def test_sessions_count_every_stream(engine_dirs):

@@ -133,30 +133,15 @@ def export_dit_step(model: CausalDiT, path: str, feeds: dict, opset: int = 17) -
     ``dit_step.onnx.data`` when the graph is over protobuf's 2 GB (the 1.3B model in fp32).
     """
     import os
-    import tempfile
 
     import onnx
 
-    from rf_runtime.export.onnx_files import save_onnx, save_streamed
+    from rf_runtime.export.onnx_files import save_onnx, save_streamed, traced_in_scratch
 
     step = DiTStep(model.eval())
     args = tuple(v if isinstance(v := feeds[name], torch.Tensor) else torch.from_numpy(v) for name in INPUTS)
     # torch writes a > 2 GB graph with one file per tensor: export apart, then save with one data file
-    with tempfile.TemporaryDirectory(
-        prefix=".rf-dit-", dir=os.path.dirname(os.path.abspath(path))
-    ) as scratch:
-        raw = os.path.join(scratch, os.path.basename(path))
-        with torch.no_grad():
-            torch.onnx.export(
-                step,
-                args,
-                raw,
-                input_names=INPUTS,
-                output_names=OUTPUTS,
-                opset_version=opset,
-                dynamo=False,
-                do_constant_folding=True,
-            )
+    with traced_in_scratch(step, args, path, INPUTS, OUTPUTS, opset) as (raw, scratch):
         if any(f != os.path.basename(raw) for f in os.listdir(scratch)):  # > 2 GB: torch wrote data files
             return save_streamed(raw, path)  # byte copies: the weights are never loaded
         return save_onnx(onnx.load(raw), path)

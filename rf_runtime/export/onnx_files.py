@@ -7,12 +7,41 @@ data file, named ``<graph file>.data``, beside the graph, so a bundle lists a kn
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import onnx
 
 PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto this large cannot be serialized in one piece
 EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
+
+
+@contextlib.contextmanager
+def traced_in_scratch(module, args, path: str, input_names, output_names, opset: int):
+    """``torch.onnx.export`` (TorchScript, constants folded) of ``module`` on ``args`` into a scratch
+    folder beside ``path``; yields (the raw graph's path, the folder), removed afterwards. Beside, so
+    that the byte copies out of it stay on one file system; apart, because torch writes a graph over
+    2 GB as one file per tensor next to it, which the callers then gather (``save_streamed``) or read."""
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory(
+        prefix=".rf-export-", dir=os.path.dirname(os.path.abspath(path))
+    ) as scratch:
+        raw = os.path.join(scratch, os.path.basename(path))
+        with torch.no_grad():
+            torch.onnx.export(
+                module,
+                args,
+                raw,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=True,
+            )
+        yield raw, scratch
 
 
 def over_limit(model: onnx.ModelProto) -> bool:

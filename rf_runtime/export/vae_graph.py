@@ -276,27 +276,11 @@ def export_graph(module, args, path: str, input_names, output_names, output_shap
     first-frame graph's cache slots start as zeros, which the TorchScript exporter stores as data,
     3.5 GB at 480x832, where torch then writes the graph as one file per tensor) and its outputs'
     shapes pinned (``pin_output_shapes``)."""
-    import os
-    import tempfile
-
     import onnx
 
-    from rf_runtime.export.onnx_files import save_onnx, zero_constants_to_fills
+    from rf_runtime.export.onnx_files import save_onnx, traced_in_scratch, zero_constants_to_fills
 
-    with tempfile.TemporaryDirectory(
-        prefix=".rf-vae-", dir=os.path.dirname(os.path.abspath(path))
-    ) as scratch:
-        raw = os.path.join(scratch, os.path.basename(path))
-        with torch.no_grad():
-            torch.onnx.export(
-                module,
-                args,
-                raw,
-                input_names=input_names,
-                output_names=output_names,
-                opset_version=opset,
-                dynamo=False,
-            )
+    with traced_in_scratch(module, args, path, input_names, output_names, opset) as (raw, scratch):
         model = onnx.load(raw, load_external_data=False)
         zero_constants_to_fills(model, scratch)
         onnx.external_data_helper.load_external_data_for_model(model, scratch)  # the weights, if apart
