@@ -102,6 +102,16 @@ def test_manifest_records_the_sizes_and_the_weights_are_stored_once(batched_bund
     assert sum(distinct.values()) <= data <= sum(distinct.values()) + 64 * len(distinct)
 
 
+def stepped_together(streamer, n: int, chunks: int) -> list[list]:
+    """Each of ``n`` streams' frames per chunk (prompt WORDS[i], seed i) over ``chunks`` calls of next_chunks."""
+    streams = [streamer.open(WORDS[i], seed=i) for i in range(n)]
+    got = [[] for _ in range(n)]
+    for _ in range(chunks):
+        for i, c in enumerate(next_chunks(streams)):
+            got[i].append(c.frames)
+    return got
+
+
 def test_a_bundle_without_batch_sizes_serves_batch_1(engine_dirs):
     _, path = engine_dirs  # exported without --batch-sizes
     assert "batch" not in json.loads((path / "manifest.json").read_text())
@@ -109,12 +119,7 @@ def test_a_bundle_without_batch_sizes_serves_batch_1(engine_dirs):
     assert streamer.backend.batch_sizes() == (1,)
     # next_chunks still works: one stream after another, the same frames as alone
     want = [alone(streamer, WORDS[i], i, 2) for i in range(2)]
-    streams = [streamer.open(WORDS[i], seed=i) for i in range(2)]
-    got = [[], []]
-    for _ in range(2):
-        for i, c in enumerate(next_chunks(streams)):
-            got[i].append(c.frames)
-    for g, w in zip(got, want):
+    for g, w in zip(stepped_together(streamer, 2, 2), want):
         assert_same(g, w)
 
 
@@ -279,12 +284,7 @@ def test_torch_backend_runs_rows_one_by_one(batched_bundle):
     rows_seen = []
     gather = streamer.backend.gather
     streamer.backend.gather = lambda states: (rows_seen.append(len(states)), gather(states))[1]
-    streams = [streamer.open(WORDS[i], seed=i) for i in range(2)]
-    got = [[], []]
-    for _ in range(2):
-        for i, c in enumerate(next_chunks(streams)):
-            got[i].append(c.frames)
-    for g, w in zip(got, want):
+    for g, w in zip(stepped_together(streamer, 2, 2), want):
         assert_same(g, w)
     assert rows_seen == []  # batch size 1: each stream through its own path
 

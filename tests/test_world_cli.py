@@ -255,6 +255,9 @@ def test_ablation_command_writes_table_and_plots(model_dir, tmp_path, capsys):
     assert "paired by prompt and seed" in md and "80 % power" in md and "colour %" in md
     assert data["paired"][0]["colour_detectable"] is None  # one pair: no standard error, nothing claimed
     assert main(["ablate", "--model", "nodir", "--out", str(out)]) == 2
+    assert "--model 'nodir': write it as NAME=DIR" in capsys.readouterr().err
+    assert main(["ablate", "--model", f"x={model_dir}", "--engine", "=engines/x", "--out", str(out)]) == 2
+    assert "--engine '=engines/x': write it as NAME=BUNDLE" in capsys.readouterr().err
     assert (
         main(["ablate", "--model", f"x={model_dir}@{tmp_path}/missing.safetensors", "--out", str(out)]) == 2
     )

@@ -447,6 +447,14 @@ def _diagnose(args) -> int:
     return 0
 
 
+def _name_value(item: str, flag: str, form: str) -> tuple[str, str]:
+    """``NAME=VALUE`` of a repeatable option, or a clear error naming the form it takes."""
+    name, sep, value = item.partition("=")
+    if not sep or not name or not value:
+        raise RFError(f"{flag} {item!r}: write it as {form}")
+    return name, value
+
+
 def _ablate(args) -> int:
     import shlex
 
@@ -456,20 +464,14 @@ def _ablate(args) -> int:
 
     models = {}
     for item in args.model:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise RFError(
-                f"--model {item!r}: write it as NAME=DIR or NAME=DIR@CHECKPOINT, e.g. --model re-dmd=work/model"
-            )
+        name, path = _name_value(
+            item, "--model", "NAME=DIR or NAME=DIR@CHECKPOINT, e.g. --model re-dmd=work/model"
+        )
         models[name] = tuple(path.split("@", 1)) if "@" in path else path
-    engines = {}
-    for item in args.engine:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise RFError(
-                f"--engine {item!r}: write it as NAME=BUNDLE, e.g. --engine re-dmd=engines/procedural-world-64"
-            )
-        engines[name] = path
+    engines = dict(
+        _name_value(item, "--engine", "NAME=BUNDLE, e.g. --engine re-dmd=engines/procedural-world-64")
+        for item in args.engine
+    )
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in A.CACHE_VARIANTS]
     if unknown:
