@@ -27,7 +27,11 @@ def test_default_threads_split_by_graph_and_overrides():
     )
     for graph in ("dit_step", "cache_update", "text_kv", "text_encoder"):
         assert cpu_threads(graph, None, cores=8) == CpuThreads(1)
+    assert cpu_threads("vae_decode", None, cores=4, overlap=True) == CpuThreads(3)
+    assert cpu_threads("vae_decode", None, cores=1, overlap=True) == CpuThreads(1)
+    assert cpu_threads("dit_step", None, cores=4, overlap=True) == CpuThreads(1)
     assert cpu_threads("vae_decode", 1) == CpuThreads(1, spinning=False)
+    assert cpu_threads("vae_decode", 2, cores=4, overlap=True) == CpuThreads(2)  # given: as given
     assert cpu_threads("dit_step", CpuThreads(3, True)) == CpuThreads(3, True)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(RunnerError, match="positive integer"):
@@ -36,12 +40,14 @@ def test_default_threads_split_by_graph_and_overrides():
 
 def test_sessions_get_the_threads_asked_for(engine_dirs):
     _, bundle = engine_dirs
-    auto = EngineBackend.load(bundle)
     cores = len(__import__("os").sched_getaffinity(0))
-    opts = {g: r.session.get_session_options() for g, r in auto.runners.items()}
-    assert opts["vae_decode"].intra_op_num_threads == cores and opts["dit_step"].intra_op_num_threads == 1
-    assert opts["dit_step"].get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert auto.describe()["cpu_threads"]["vae_decode"] == {"intra_op": cores, "spinning": False}
+    for overlap, vae in ((False, cores), (True, max(1, cores - 1))):  # overlap: one core for the DiT
+        auto = EngineBackend.load(bundle, overlap=overlap)
+        opts = {g: r.session.get_session_options() for g, r in auto.runners.items()}
+        assert opts["vae_decode"].intra_op_num_threads == vae and opts["dit_step"].intra_op_num_threads == 1
+        assert opts["dit_step"].get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert auto.describe()["cpu_threads"]["vae_decode"] == {"intra_op": vae, "spinning": False}
+        assert auto.describe()["overlap"] is overlap
     one = EngineBackend.load(bundle, threads=CpuThreads(1, spinning=True))
     for r in one.runners.values():
         o = r.session.get_session_options()
