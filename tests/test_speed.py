@@ -296,3 +296,34 @@ def test_load_passes_threads_to_a_bundle_and_refuses_them_for_a_model_folder(eng
 
     with pytest.raises(InputError, match="threads= sets onnxruntime's threads"):
         Streamer.load(model, threads=1)
+
+
+def test_rf_bench_overlap(engine_dirs, tmp_path, capsys):
+    """--overlap on|off|auto reaches the engine run and its report; --profile and --sessions run
+    serially (their figures need one call at a time / the streams use the cores)."""
+    model, bundle = engine_dirs
+    cores = len(__import__("os").sched_getaffinity(0))
+    for flag, want in (("on", True), ("off", False), ("auto", cores >= 2)):
+        out = tmp_path / f"{flag}.json"
+        argv = ["--bundle", str(bundle), "--chunks", "3", "--overlap", flag, "--sessions", "1"]
+        assert bench_main([*argv, "--json", str(out)]) == 0
+        table = capsys.readouterr().out
+        assert [line.split() for line in table.splitlines() if line.startswith("decode overlap")] == [
+            ["decode", "overlap", "on" if want else "off"]
+        ]
+        report = json.loads(out.read_text())
+        run = report["runs"][0]
+        assert run["overlap"] is want and run["run"]["overlap"] == {"auto": None, "on": True, "off": False}[flag]
+        assert run["cpu_threads"]["vae_decode"]["intra_op"] == (max(1, cores - 1) if want else cores)
+        assert all(s > 0 for s in run["per_chunk"]["decode_s"]) and "overlap" in report["definitions"]
+        assert report["sessions"][0]["overlap"] is False
+    out = tmp_path / "p.json"
+    assert bench_main(["--bundle", str(bundle), "--chunks", "2", "--profile", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"][0]["overlap"] is False
+    capsys.readouterr()
+    for argv, message in (
+        (["--bundle", str(bundle), "--overlap", "on", "--profile"], "runs without the decode overlap"),
+        (["--model-dir", str(model), "--overlap", "on"], "apply to the engine run"),
+    ):
+        assert bench_main([*argv, "--chunks", "2", "--json", str(tmp_path / "x.json")]) == 2
+        assert message in capsys.readouterr().err
