@@ -327,3 +327,31 @@ def test_rf_bench_overlap(engine_dirs, tmp_path, capsys):
     ):
         assert bench_main([*argv, "--chunks", "2", "--json", str(tmp_path / "x.json")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_the_overlap_pairs_script_runs(engine_dirs, tmp_path):
+    """scripts/overlap_pairs.sh (the coordinator's side-by-side measurement) on the tiny bundle, 1 pair."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "pairs"
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", os.path.join(root, "scripts", "overlap_pairs.sh"), str(out), "1", str(engine_dirs[1]), "3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    (pair,) = summary["pairs"]
+    for mode in ("off", "on"):
+        report = json.loads((out / f"pair1-{mode}.json").read_text())
+        assert report["runs"][0]["overlap"] is (mode == "on") and report["chunks"] == 3
+        assert pair[mode]["end_to_end_fps"] == pytest.approx(report["runs"][0]["end_to_end_fps"])
+    ratio = summary["median_ratio_on_over_off"]["end_to_end_fps"]
+    assert ratio == pytest.approx(pair["on"]["end_to_end_fps"] / pair["off"]["end_to_end_fps"])
+    assert "paired on/off" in done.stdout
