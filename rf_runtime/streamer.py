@@ -13,6 +13,8 @@
 Work happens as the caller iterates. The noise comes from numpy's PCG64 seeded by ``seed``, in a
 fixed order (``sampler.chunk_noise``), so the same seed gives the same video on every backend.
 The streamer never branches on the backend: it runs the chunk loop over the ``Backend`` interface.
+Where the backend declares it (``Backend.overlap``: onnxruntime CPU with >= 2 cores, by default), a
+chunk's decode runs in a second thread beside the next chunk's denoising; the frames are the same bits.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Chunk:
     frames: np.ndarray  # uint8 [T, H, W, 3]
     # Timing. Serially: seconds = denoise_seconds + decode_seconds. With the decode overlapped
     # (``Backend.overlap``) the parts ran at once, partly in the call before, so seconds is less:
-    seconds: float  # wall time of the call that handed it out (with overlap: it includes the next chunk's steps)
+    seconds: float  # wall time of the call that handed it out (with overlap: also the next chunk's steps)
     denoise_seconds: float = 0.0  # its own noise drawing, denoising steps, guard and clean-context cache
     # pass, device synchronised (with overlap: its steps ran in the call before this one)
     decode_seconds: float = 0.0  # its VAE decode, until the frames are on the host (with overlap: in the
@@ -352,6 +354,7 @@ class _DecodeThread:
                 self._result = job[0](*job[1])
             except BaseException as exc:  # raised again by wait(), in the caller's thread
                 self._error = exc
+            job = None  # hold nothing of the stream while idle
             self._done.release()
 
 

@@ -356,7 +356,9 @@ def test_overlap_true_where_it_cannot_run_is_a_config_error(engine_dirs):
 
 def test_the_automatic_choice():
     def auto(**kw):
-        return choose_overlap(None, **{"supported": True, "threads_given": False, "cores": 2, **kw}, backend="x")
+        return choose_overlap(
+            None, **{"supported": True, "threads_given": False, "cores": 2, **kw}, backend="x"
+        )
 
     assert auto() and auto(cores=16)
     assert not auto(cores=1)  # nothing to overlap on

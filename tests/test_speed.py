@@ -315,7 +315,9 @@ def test_rf_bench_overlap(engine_dirs, tmp_path, capsys):
         ]
         report = json.loads(out.read_text())
         run = report["runs"][0]
-        assert run["overlap"] is want and run["run"]["overlap"] == {"auto": None, "on": True, "off": False}[flag]
+        assert (
+            run["overlap"] is want and run["run"]["overlap"] == {"auto": None, "on": True, "off": False}[flag]
+        )
         assert run["cpu_threads"]["vae_decode"]["intra_op"] == (max(1, cores - 1) if want else cores)
         assert all(s > 0 for s in run["per_chunk"]["decode_s"]) and "overlap" in report["definitions"]
         assert report["sessions"][0]["overlap"] is False
