@@ -83,7 +83,12 @@ fi
 if want teacher; then
     stamp teacher; need vae9.safetensors
     init=(); [[ -f $W/dit0.safetensors || -f $C/dit0.safetensors ]] && { need dit0.safetensors; init=(--init "$W/dit0.safetensors" --lr 3e-4); }
-    rf-world --threads "$THREADS" --quiet teacher --data "$W/latents.safetensors" --steps 4000 "${init[@]}" \
+    if [[ ${TEACHER_FROM:-dit0} == committed ]]; then   # continue the committed teacher (same VAE, same latents)
+        cp "$C/teacher.safetensors" "$C/teacher.safetensors.json" "$W/" && mv "$W/teacher.safetensors" "$W/teacher0.safetensors"
+        mv "$W/teacher.safetensors.json" "$W/teacher0.safetensors.json"
+        init=(--init "$W/teacher0.safetensors" --lr "${TEACHER_LR:-2e-4}")
+    fi
+    rf-world --threads "$THREADS" --quiet teacher --data "$W/latents.safetensors" --steps "${TEACHER_STEPS:-4000}" "${init[@]}" \
         --max-minutes "${TEACHER_MIN:-25}" --batch 8 --out "$W/teacher.safetensors"
     keep "$W/teacher.safetensors"
     rf-world --quiet sample --dit "$W/teacher.safetensors" --vae "$W/vae9.safetensors" --guidance 3 \
