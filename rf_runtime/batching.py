@@ -82,6 +82,8 @@ def _group_chunks(streams: list[Stream]) -> list[Chunk | RFError]:
     steps, in the same order, as ``Stream._next_chunk`` runs for one stream."""
     be, settings = streams[0]._backend, streams[0].info.settings
     start = time.perf_counter()
+    for s in streams:  # a chunk made ahead by the stream's own loop (overlap) is made here instead
+        s._discard_ahead()
     noise = [s._draw_noise() for s in streams]
     rows = be.gather([s._state for s in streams])
     try:
@@ -107,7 +109,7 @@ def _group_chunks(streams: list[Stream]) -> list[Chunk | RFError]:
             out.append(s._nonfinite())
             s.close()
         else:
-            out.append(s._emit(f, start, denoised, end, guard))
+            out.append(s._emit(f, end - start, denoised - start, end - denoised, guard))
     return out
 
 

@@ -32,7 +32,13 @@ DEFINITIONS = {
     "warmup_s": "load_s + time_to_first_frame_s: from nothing to the first frame",
     "stream_s": "wall time from Streamer.open(prompt) until the last chunk's frames are on the host",
     "latency_p50_s / latency_p99_s": "percentiles (linear interpolation) of the per-chunk wall time "
-    "(noise + denoise + cache pass + decode) over chunks 1..n-1 (chunk 0 excluded)",
+    "(noise + denoise + cache pass + decode; with overlap: the wall time of the call that hands the chunk "
+    "out, in which its decode ran beside its cache pass and the next chunk's steps) over chunks 1..n-1 "
+    "(chunk 0 excluded)",
+    "overlap": "the engine run decoded chunk n in a second thread while chunk n+1 denoised (Backend.overlap; "
+    "--overlap auto: on for onnxruntime CPU with >= 2 usable cores and no --threads; off with --profile and "
+    "for --sessions runs); then the per-chunk denoise time (its steps, run in the call before, + its cache "
+    "pass) and decode time (in the decode thread) overlap, and their sum exceeds the chunk's wall time",
     "end_to_end_fps": "frames / stream_s: video frames per wall second, prompt encoding and VAE decode included, "
     "model load excluded",
     "steady_fps": "frames of chunks 1..n-1 / their summed wall time: the sustained rate once streaming",
@@ -83,6 +89,7 @@ class BenchRun:
     threads: int | None = None
     cpu_threads: int | None = None
     spinning: bool = False
+    overlap: bool | None = None  # engine: decode beside the next chunk's denoising (None: chosen at load)
     static: bool = False  # torch: the fast path (rf_runtime.backends.pytorch_static)
     cuda_graphs: bool | None = None  # torch static: None = on for CUDA
     compile: bool = False  # torch static: torch.compile the DiT and VAE steps
@@ -179,7 +186,9 @@ def peak_rss_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def load(run: BenchRun, concurrent: bool = False):
+def load(run: BenchRun, concurrent: bool = False, serial: bool = False):
+    """The run's Streamer. concurrent: several streams at once (one-thread sessions); serial: every graph
+    call one after the other (--profile, batched steps). Either turns the decode overlap off."""
     from rf_runtime.streamer import Streamer
 
     if run.threads:
@@ -187,7 +196,12 @@ def load(run: BenchRun, concurrent: bool = False):
 
         torch.set_num_threads(run.threads)
     if run.kind == "engine":
-        return Streamer.from_engine(run.path, device=run.device, threads=run.engine_threads(concurrent))
+        return Streamer.from_engine(
+            run.path,
+            device=run.device,
+            threads=run.engine_threads(concurrent),
+            overlap=False if concurrent or serial else run.overlap,
+        )
     if run.static:
         return Streamer.from_checkpoint(
             run.path,
@@ -208,7 +222,7 @@ def run_one(run: BenchRun, *, chunks: int, prompt: str, seed: int, profile: bool
     """Load, stream ``chunks`` chunks and summarise, in this process. profile: also time every graph call
     and count its FLOPs (``rf_runtime.profile``; engine runs only), over chunks 1..n-1."""
     start = time.perf_counter()
-    streamer = load(run)
+    streamer = load(run, serial=profile)  # the profile times graph calls one after another
     load_s = time.perf_counter() - start
     timer = _start_profile(streamer.backend) if profile else None
     per_chunk, ttff_s, gpu_peaks = [], None, {}
@@ -368,7 +382,7 @@ def run_batched(run: BenchRun, *, sessions: int, chunks: int, prompt: str, seed:
     from rf_runtime.batching import next_chunks
 
     workers = batch_workers(sessions)
-    streamer = load(run, concurrent=workers > 1)
+    streamer = load(run, concurrent=workers > 1, serial=True)
     streams = [streamer.open(prompt, seed=seed + i) for i in range(sessions)]
     shares = [list(range(sessions))[w::workers] for w in range(workers)]  # stream indices of each thread
     steps: list = [[] for _ in range(workers)]  # per thread: (wall s of the call, frames of its streams)
@@ -458,6 +472,13 @@ def run_bench(
             raise InputError("--cuda-graphs and --compile belong to the static torch path: add --static")
         if (run.cpu_threads is not None or run.spinning) and run.kind != "engine":
             raise InputError("onnxruntime threads and spinning apply to the engine run (--bundle)")
+        if run.overlap is not None and run.kind != "engine":
+            raise InputError("--overlap applies to the engine run (--bundle); the torch run decodes serially")
+        if run.overlap and profile:
+            raise InputError(
+                "--profile times every graph call one after another, so it runs without the decode overlap: "
+                "drop --overlap on (or run the two separately)"
+            )
         if run.cpu_threads is not None and run.cpu_threads < 1:
             raise InputError(f"onnxruntime threads must be >= 1, got {run.cpu_threads!r}")
         if not os.path.isdir(run.path):
@@ -550,6 +571,7 @@ def format_table(report: dict) -> str:
         ("backend", col("{}", lambda r: r["backend"])),
         ("device / precision", col("{} / {}", lambda r: (r["device"], r["precision"]))),
         ("torch threads", col("{}", lambda r: r.get("threads", "-"))),
+        ("decode overlap", col("{}", lambda r: {True: "on", False: "off"}.get(r.get("overlap"), "-"))),
         ("frames (chunks)", col("{} ({})", lambda r: (r["frames"], r["chunks"]))),
         ("load s", col("{:.3f}", lambda r: r["load_s"])),
         ("time to first frame s", col("{:.3f}", lambda r: r["time_to_first_frame_s"])),

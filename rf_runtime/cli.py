@@ -320,6 +320,14 @@ def _bench_parser() -> argparse.ArgumentParser:
         "--spinning", action="store_true", help="let idle onnxruntime threads spin (default: they sleep)"
     )
     p.add_argument(
+        "--overlap",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="engine run: decode chunk n in a second thread while chunk n+1 denoises (same frames); auto "
+        "(default): on for onnxruntime CPU with >= 2 usable cores and no --threads; --profile and "
+        "--sessions run without it",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="per graph: calls and ms per chunk, FLOPs, achieved GFLOP/s "
@@ -389,11 +397,16 @@ def _bench(args) -> int:
     if args.bundle:
         runs.append(
             BenchRun(
-                "engine", args.bundle, device=args.device, cpu_threads=args.threads, spinning=args.spinning
+                "engine",
+                args.bundle,
+                device=args.device,
+                cpu_threads=args.threads,
+                spinning=args.spinning,
+                overlap={"auto": None, "on": True, "off": False}[args.overlap],
             )
         )
-    elif args.threads is not None or args.spinning:
-        raise RFError("--threads and --spinning apply to the engine run: add --bundle")
+    elif args.threads is not None or args.spinning or args.overlap != "auto":
+        raise RFError("--threads, --spinning and --overlap apply to the engine run: add --bundle")
     if args.model_dir:
         runs.append(
             BenchRun(

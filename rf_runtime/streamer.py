@@ -13,19 +13,23 @@
 Work happens as the caller iterates. The noise comes from numpy's PCG64 seeded by ``seed``, in a
 fixed order (``sampler.chunk_noise``), so the same seed gives the same video on every backend.
 The streamer never branches on the backend: it runs the chunk loop over the ``Backend`` interface.
+Where the backend declares it (``Backend.overlap``: onnxruntime CPU with >= 2 cores, by default), a
+chunk's decode runs in a second thread beside the next chunk's denoising; the frames are the same bits.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
-from rf_runtime.backends.base import Backend, ModelInfo
+from rf_runtime.backends.base import Backend, ModelInfo, choose_overlap
 from rf_runtime.errors import InputError, StreamError
 from rf_runtime.schema import as_int
 from rf_runtime.sampler import StreamSettings, chunk_noise
@@ -41,9 +45,13 @@ class Chunk:
     index: int  # 0, 1, 2, ...
     start_frame: int  # index of its first video frame in the stream
     frames: np.ndarray  # uint8 [T, H, W, 3]
-    seconds: float  # wall time to make it: noise + denoise + cache pass + decode
-    denoise_seconds: float = 0.0  # the denoising steps and the clean-context cache pass (device synchronised)
-    decode_seconds: float = 0.0  # the VAE decode, until the frames are on the host
+    # Timing. Serially: seconds = denoise_seconds + decode_seconds. With the decode overlapped
+    # (``Backend.overlap``) the parts ran at once, partly in the call before, so seconds is less:
+    seconds: float  # wall time of the call that handed it out (with overlap: also the next chunk's steps)
+    denoise_seconds: float = 0.0  # its own noise drawing, denoising steps, guard and clean-context cache
+    # pass, device synchronised (with overlap: its steps ran in the call before this one)
+    decode_seconds: float = 0.0  # its VAE decode, until the frames are on the host (with overlap: in the
+    # decode thread, beside the calling thread's work)
     guard_seconds: float = 0.0  # the numeric guard: the check that the chunk's latents are finite
 
 
@@ -76,6 +84,7 @@ class Streamer:
         backend: str = "auto",
         device: str = "cpu",
         threads=None,
+        overlap: bool | None = None,
         **options,
     ) -> "Streamer":
         """Load what ``path`` is: an engine bundle (``manifest.json``) or a model folder (``config.json``).
@@ -87,6 +96,7 @@ class Streamer:
         backend: "auto", or for a bundle "onnxruntime" / "tensorrt" (``from_engine``), for a model
             folder "torch".
         threads: a bundle's onnxruntime CPU threading (``from_engine``); a model folder refuses it.
+        overlap: decode chunk n beside chunk n+1's denoising (``from_engine``); None chooses.
         ``source`` of the result says which was found ("engine bundle" or "model folder"); it is logged too.
         """
         from rf_runtime import model_dir
@@ -103,7 +113,7 @@ class Streamer:
                     f"so {', '.join(given)} do not apply; pass a model folder to change them"
                 )
             logger.info("loading the engine bundle %s", where)
-            return cls.from_engine(where, backend=backend, device=device, threads=threads)
+            return cls.from_engine(where, backend=backend, device=device, threads=threads, overlap=overlap)
         if model_dir.is_model_dir(where):
             if backend not in ("auto", "torch"):
                 raise InputError(
@@ -116,7 +126,7 @@ class Streamer:
                     "an engine bundle; for PyTorch use torch.set_num_threads"
                 )
             logger.info("loading the model folder %s with PyTorch", where)
-            return cls.from_checkpoint(where, checkpoint, device=device, **options)
+            return cls.from_checkpoint(where, checkpoint, device=device, overlap=overlap, **options)
         what = (
             "does not exist" if not os.path.exists(where) else "holds neither manifest.json nor config.json"
         )
@@ -154,6 +164,7 @@ class Streamer:
         static: bool = False,
         cuda_graphs: bool | None = None,
         compile: bool = False,
+        overlap: bool | None = None,
     ) -> "Streamer":
         """Load the PyTorch reference models from a Wan2.1-style directory.
 
@@ -167,7 +178,10 @@ class Streamer:
         static: the fast path (``rf_runtime.backends.pytorch_static``): buffers allocated once per stream, every call
             on static shapes; with it, ``cuda_graphs`` (default: on for a CUDA device) captures and replays
             CUDA graphs and ``compile`` wraps the DiT and VAE steps in ``torch.compile``.
+        overlap: None or False; the PyTorch backends decode serially (``TorchBackend``), so True is a
+            ConfigError.
         """
+        choose_overlap(overlap, supported=False, threads_given=False, cores=1, backend="torch")
         from rf_runtime.backends.pytorch import TorchBackend
 
         options = dict(
@@ -202,6 +216,7 @@ class Streamer:
         *,
         threads=None,
         ema_alpha: float | None = None,
+        overlap: bool | None = None,
     ) -> "Streamer":
         """Stream from an engine bundle (``rf_runtime.bundle``); no torch needed.
 
@@ -216,6 +231,11 @@ class Streamer:
             (``rf_runtime.backends.engine.cpu_threads``). Give 1 when several streams run at once.
         ema_alpha: the EMA-Sink rate in [0, 1] instead of the bundle's (1 keeps the sink static); the
             cache's sizes are the graphs' and cannot change.
+        overlap: decode chunk n in a second thread while chunk n+1 denoises (the frames are the same
+            bits; docs/notes/speed.md). None: on for onnxruntime CPU with >= 2 usable cores and
+            ``threads`` not given (the VAE sessions then get the cores but one, the DiT one thread);
+            False when several streams run at once on the cores; True forces it (ConfigError where the
+            backend cannot).
         """
         from rf_runtime.backends.engine import EngineBackend
         from rf_runtime.bundle import default_engine_dir
@@ -227,6 +247,7 @@ class Streamer:
                 device=device,
                 threads=threads,
                 ema_alpha=ema_alpha,
+                overlap=overlap,
             ),
             "engine bundle",
         )
@@ -283,6 +304,72 @@ class Streamer:
         return (chunk.frames for chunk in self.stream_chunks(prompt, seed=seed, num_frames=num_frames))
 
 
+class _DecodeThread:
+    """The thread that decodes a stream's chunks beside its denoising (``Backend.overlap``).
+
+    One job at a time, handed over through two locks, so that a chunk allocates nothing for it
+    (``concurrent.futures`` makes a Future, its condition and a work item per call, ~2.6 KB):
+    ``start(fn, *args)``, then ``wait()`` returns its result or raises its exception in the caller's
+    thread. ``stop()`` ends the thread (idle: at once)."""
+
+    def __init__(self):
+        self._go, self._done = threading.Lock(), threading.Lock()
+        self._go.acquire()
+        self._done.acquire()
+        self._job = self._result = self._error = None
+        self._stopped = self._pending = False
+        self.thread = threading.Thread(target=self._loop, name="rf-decode", daemon=True)
+        self.thread.start()
+
+    def start(self, fn, *args) -> None:
+        self._job, self._pending = (fn, args), True
+        self._go.release()
+
+    def busy(self) -> bool:
+        """True from ``start`` until its ``wait`` returned."""
+        return self._pending
+
+    def wait(self):
+        self._done.acquire()
+        self._pending = False
+        result, error = self._result, self._error
+        self._result = self._error = None
+        if error is not None:
+            raise error
+        return result
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._job = None
+            self._go.release()
+
+    def _loop(self) -> None:
+        while True:
+            self._go.acquire()
+            job, self._job = self._job, None
+            if job is None:
+                return
+            try:
+                self._result = job[0](*job[1])
+            except BaseException as exc:  # raised again by wait(), in the caller's thread
+                self._error = exc
+            job = None  # hold nothing of the stream while idle
+            self._done.release()
+
+
+@dataclass(slots=True)
+class _Ahead:
+    """Chunk n+1, denoised in the calling thread while chunk n decoded (``Backend.overlap``)."""
+
+    x0: Any  # its clean latents (the backend's x0)
+    rng_state: dict  # the RNG before its noise was drawn: what a snapshot records, what a discard restores
+    seconds: float  # its noise drawing, steps and guard
+    guard_seconds: float
+    finite: bool
+    stale: bool = False  # the stream's text and cache changed since (a prompt switch): re-run its steps
+
+
 class Stream:
     """One stream: an iterator of ``Chunk`` objects with its own KV cache, text, VAE cache and RNG.
 
@@ -295,6 +382,12 @@ class Stream:
                 stream.save_state().save("fox.npz")                # resume later with streamer.resume(...)
 
     Work happens as the caller iterates; ``set_prompt`` and ``save_state`` act between chunks.
+
+    With ``Backend.overlap`` a chunk's call decodes chunk n in the stream's decode thread while the
+    calling thread runs chunk n's cache pass and then the denoising steps of chunk n+1 ("ahead"); the
+    call returns once the decode is done, so nothing runs between calls. The ahead chunk is only
+    latents: a prompt switch re-runs its steps on the same noise, a snapshot records the RNG from
+    before its noise was drawn, and the frames are the same bits as with the serial loop.
     """
 
     def __init__(
@@ -312,6 +405,12 @@ class Stream:
         self._rng = np.random.Generator(np.random.PCG64(seed))
         self._noise_shape = (1, self.info.latent_channels, *self.info.latent_hw)
         self._noise = None  # the chunk's noise arrays, drawn into in place from the second chunk on
+        self._overlap = bool(be.overlap and be.supports_overlap)
+        self._ahead: _Ahead | None = None
+        self._decoder: _DecodeThread | None = None  # the decode thread, started by the first chunk
+        self._stop_thread = None  # its weakref.finalize: stops it when the stream is closed or collected
+        self._lock = threading.Lock()  # guards _busy and the decode thread's shutdown
+        self._busy = False  # a chunk is being made (close() from another thread waits for its end)
         if snapshot is None:
             self.prompt = prompt
             self.prompt_history: list[tuple[int, str]] = [(0, prompt)]
@@ -336,22 +435,58 @@ class Stream:
         """True once ``num_frames`` frames have been handed out (never for an unbounded stream)."""
         return self.num_frames is not None and self.frames_emitted >= self.num_frames
 
+    @property
+    def overlap(self) -> bool:
+        """True when this stream decodes each chunk beside the next chunk's denoising."""
+        return self._overlap
+
     def __iter__(self) -> "Stream":
         return self
 
     def __next__(self) -> Chunk:
         if self.finished or self._state is None:
             raise StopIteration
-        return self._next_chunk()
+        with self._lock:
+            self._busy = True
+        try:
+            return self._next_chunk()
+        finally:
+            with self._lock:
+                self._busy = False
+                if self._state is None:  # closed from another thread meanwhile
+                    self._stop_decoder()
 
     def close(self) -> None:
-        """Release the stream's buffers; iterating it afterwards stops at once."""
+        """Release the stream's buffers and its decode thread; iterating it afterwards stops at once."""
         self._state = None
+        self._ahead = None
+        with self._lock:
+            if not self._busy:
+                self._stop_decoder()
+
+    def _stop_decoder(self) -> None:
+        if self._stop_thread is not None:
+            self._stop_thread()  # idle between chunks: its thread ends at once
+            self._decoder = self._stop_thread = None
+
+    def _decode_thread(self) -> _DecodeThread:
+        if self._decoder is None:
+            self._decoder = _DecodeThread()
+            # a stream dropped without close(): its thread ends when the stream is collected
+            self._stop_thread = weakref.finalize(self, self._decoder.stop)
+        return self._decoder
 
     def _draw_noise(self) -> tuple:
         """The chunk's noise (initial latents, fresh noise per step), drawn into the stream's arrays."""
         self._noise = chunk_noise(self._rng, self.info.settings, self._noise_shape, self._noise)
         return self._noise
+
+    def _discard_ahead(self) -> None:
+        """Forget the ahead chunk, as if its noise had never been drawn (for a caller that makes the next
+        chunk another way: ``rf_runtime.batching``)."""
+        if self._ahead is not None:
+            self._rng.bit_generator.state = self._ahead.rng_state
+            self._ahead = None
 
     def _nonfinite(self) -> StreamError:
         return StreamError(
@@ -360,7 +495,7 @@ class Stream:
             "verify BUNDLE --model-dir DIR`), or resume from a snapshot saved before this chunk"
         )
 
-    def _emit(self, frames: np.ndarray, start: float, denoised: float, end: float, guard: float) -> Chunk:
+    def _emit(self, frames: np.ndarray, seconds: float, denoise: float, decode: float, guard: float) -> Chunk:
         """The chunk of ``frames`` (cut at ``num_frames``), counted."""
         if self.num_frames is not None:
             frames = frames[: self.num_frames - self.frames_emitted]
@@ -368,9 +503,9 @@ class Stream:
             self.chunk_index,
             self.frames_emitted,
             frames,
-            end - start,
-            denoise_seconds=denoised - start,
-            decode_seconds=end - denoised,
+            seconds,
+            denoise_seconds=denoise,
+            decode_seconds=decode,
             guard_seconds=guard,
         )
         self.chunk_index += 1
@@ -378,26 +513,79 @@ class Stream:
         logger.debug("chunk %d: %d frames in %.3f s", chunk.index, len(frames), chunk.seconds)
         return chunk
 
-    def _next_chunk(self) -> Chunk:
+    def _denoise(self, draw: bool) -> tuple[Any, float, float, bool]:
+        """The denoising steps of one chunk on its noise (drawn first when ``draw``, else the noise drawn
+        last, again), then the numeric guard: (x0, seconds, guard seconds, finite)."""
         be, settings, state = self._backend, self.info.settings, self._state
         start = time.perf_counter()
-        init, fresh = self._draw_noise()
+        init, fresh = self._draw_noise() if draw else self._noise
         x = be.upload(init)
         for k in range(settings.num_steps):
             eps = be.upload(fresh[k]) if k + 1 < settings.num_steps else None
             x0, x = be.denoise_step(state, x, k, eps)
-        # keep the clean latents of the last chunks: a prompt switch re-caches them
         guard = time.perf_counter()
-        if not be.all_finite(x0):  # the numeric guard: NaN / Inf latents would decode to black or noise
-            raise self._nonfinite()
-        guard = time.perf_counter() - guard
-        be.store_latents(state, self.chunk_index % self.info.context_chunks, x0)
-        # rerun with timestep zero to update the KV cache using clean context
-        be.cache_pass(state, x0)
-        be.synchronize()
-        denoised = time.perf_counter()
+        finite = be.all_finite(x0)  # the numeric guard: NaN / Inf latents would decode to black or noise
+        end = time.perf_counter()
+        return x0, end - start, end - guard, finite
+
+    def _wants_next(self) -> bool:
+        """Whether a chunk after the current one will be handed out (``num_frames`` not reached by it)."""
+        made = self.frames_emitted + self.info.frames_of_chunk(self.chunk_index)
+        return self.num_frames is None or made < self.num_frames
+
+    @staticmethod
+    def _timed_decode(be: Backend, state, x0) -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
         frames = be.decode(state, x0)
-        return self._emit(frames, start, denoised, time.perf_counter(), guard)
+        return frames, time.perf_counter() - start
+
+    def _next_chunk(self) -> Chunk:
+        be, state = self._backend, self._state
+        start = time.perf_counter()
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and not ahead.stale:
+            x0, steps, guard, finite = ahead.x0, ahead.seconds, ahead.guard_seconds, ahead.finite
+        else:  # a stale ahead chunk: its noise again, not new noise
+            x0, steps, guard, finite = self._denoise(draw=ahead is None)
+        if not finite:
+            raise self._nonfinite()
+        # keep the clean latents of the last chunks: a prompt switch re-caches them, an overlapped decode reads them
+        slot = self.chunk_index % self.info.context_chunks
+        cached = time.perf_counter()
+        be.store_latents(state, slot, x0)
+        if not self._overlap:
+            # rerun with timestep zero to update the KV cache using clean context
+            be.cache_pass(state, x0)
+            be.synchronize()
+            denoised = time.perf_counter()
+            frames = be.decode(state, x0)
+            end = time.perf_counter()
+            return self._emit(frames, end - start, steps + denoised - cached, end - denoised, guard)
+        decoder = self._decode_thread()
+        decoder.start(self._timed_decode, be, state, be.stored_latents(state, slot))
+        before = None  # the RNG before chunk n+1's noise
+        try:
+            be.cache_pass(state, x0)
+            be.synchronize()
+            denoised = time.perf_counter()
+            if self._wants_next():  # chunk n+1's steps, on the cache chunk n was just committed to
+                before = self._rng.bit_generator.state
+                x0, seconds, guard_next, finite = self._denoise(draw=True)
+                self._ahead = _Ahead(x0, before, seconds, guard_next, finite)
+            frames, decode = decoder.wait()
+        except BaseException:
+            if decoder.busy():
+                try:  # wait for the decode: nothing may run once the call returns
+                    decoder.wait()
+                except BaseException:
+                    pass  # the first error is the one raised
+            # leave the stream as the serial loop leaves a failed chunk: its noise drawn, no more
+            self._ahead = None
+            if before is not None:
+                self._rng.bit_generator.state = before
+            raise
+        end = time.perf_counter()
+        return self._emit(frames, end - start, steps + denoised - cached, decode, guard)
 
     # ---- prompt switch ---------------------------------------------------------------------------
 
@@ -417,6 +605,8 @@ class Stream:
             raise InputError("this stream is closed: open a new one with Streamer.open")
         be, state = self._backend, self._state
         be.set_text(state, be.encode_prompt(prompt))
+        if self._ahead is not None:  # denoised on the old text and cache: re-run on its noise
+            self._ahead.stale = True
         self.prompt = prompt
         self.prompt_history.append((self.chunk_index, prompt))
         fill, rerun = recache_plan(self.info.settings, self.chunk_index, keep_sink)
@@ -434,11 +624,13 @@ class Stream:
         if self._state is None:
             raise InputError("this stream is closed: save its state before closing it")
         be = self._backend
+        # an ahead chunk is not part of the state: the RNG as before its noise was drawn
+        rng = self._ahead.rng_state if self._ahead is not None else self._rng.bit_generator.state
         return StreamSnapshot(
             prompt=self.prompt,
             prompt_history=tuple(self.prompt_history),
             seed=self.seed,
-            rng_state=self._rng.bit_generator.state,
+            rng_state=rng,
             chunk_index=self.chunk_index,
             frames_emitted=self.frames_emitted,
             num_frames=self.num_frames,

@@ -425,3 +425,23 @@ def test_verify_checks_batched_graphs_row_by_row(batched_bundle, monkeypatch):
     monkeypatch.setattr(verify, "_join_outputs", lambda per_row, *a: join(per_row[::-1], *a))
     rows = verify.verify_bundle(bundle, model, graphs=["vae_decode_b2"], backends=["onnxruntime-cpu"])
     assert rows[0].status == "FAIL"
+
+
+def test_a_stream_with_a_chunk_made_ahead_joins_a_batch(batched_bundle):
+    """A stream that decoded beside its next chunk's steps (overlap) and then steps in a batch: the
+    chunk made ahead is dropped and its noise drawn again, so the frames are still the stream's own."""
+    _, path = batched_bundle
+    on = Streamer.from_engine(path, overlap=True)
+    off = Streamer.from_engine(path, overlap=False)
+    want = [alone(off, WORDS[i], i, 5) for i in range(2)]
+    streams = [on.open(WORDS[i], seed=i) for i in range(2)]
+    got = [[next(streams[0]).frames, next(streams[0]).frames], []]
+    assert streams[0]._ahead is not None  # chunk 2 was made ahead
+    for _ in range(2):
+        for i, c in enumerate(next_chunks(streams)):
+            got[i].append(c.frames)
+    got[0].append(next(streams[0]).frames)  # alone again, with overlap
+    for _ in range(3):
+        got[1].append(next(streams[1]).frames)
+    for i in range(2):
+        assert_same(got[i], want[i])

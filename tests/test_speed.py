@@ -27,7 +27,11 @@ def test_default_threads_split_by_graph_and_overrides():
     )
     for graph in ("dit_step", "cache_update", "text_kv", "text_encoder"):
         assert cpu_threads(graph, None, cores=8) == CpuThreads(1)
+    assert cpu_threads("vae_decode", None, cores=4, overlap=True) == CpuThreads(3)
+    assert cpu_threads("vae_decode", None, cores=1, overlap=True) == CpuThreads(1)
+    assert cpu_threads("dit_step", None, cores=4, overlap=True) == CpuThreads(1)
     assert cpu_threads("vae_decode", 1) == CpuThreads(1, spinning=False)
+    assert cpu_threads("vae_decode", 2, cores=4, overlap=True) == CpuThreads(2)  # given: as given
     assert cpu_threads("dit_step", CpuThreads(3, True)) == CpuThreads(3, True)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(RunnerError, match="positive integer"):
@@ -36,12 +40,16 @@ def test_default_threads_split_by_graph_and_overrides():
 
 def test_sessions_get_the_threads_asked_for(engine_dirs):
     _, bundle = engine_dirs
-    auto = EngineBackend.load(bundle)
-    cores = len(__import__("os").sched_getaffinity(0))
-    opts = {g: r.session.get_session_options() for g, r in auto.runners.items()}
-    assert opts["vae_decode"].intra_op_num_threads == cores and opts["dit_step"].intra_op_num_threads == 1
-    assert opts["dit_step"].get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert auto.describe()["cpu_threads"]["vae_decode"] == {"intra_op": cores, "spinning": False}
+    from rf_runtime.runners import onnxruntime_runner
+
+    cores = onnxruntime_runner.usable_cores()
+    for overlap, vae in ((False, cores), (True, max(1, cores - 1))):  # overlap: one core for the DiT
+        auto = EngineBackend.load(bundle, overlap=overlap)
+        opts = {g: r.session.get_session_options() for g, r in auto.runners.items()}
+        assert opts["vae_decode"].intra_op_num_threads == vae and opts["dit_step"].intra_op_num_threads == 1
+        assert opts["dit_step"].get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert auto.describe()["cpu_threads"]["vae_decode"] == {"intra_op": vae, "spinning": False}
+        assert auto.describe()["overlap"] is overlap
     one = EngineBackend.load(bundle, threads=CpuThreads(1, spinning=True))
     for r in one.runners.values():
         o = r.session.get_session_options()
@@ -290,3 +298,64 @@ def test_load_passes_threads_to_a_bundle_and_refuses_them_for_a_model_folder(eng
 
     with pytest.raises(InputError, match="threads= sets onnxruntime's threads"):
         Streamer.load(model, threads=1)
+
+
+def test_rf_bench_overlap(engine_dirs, tmp_path, capsys):
+    """--overlap on|off|auto reaches the engine run and its report; --profile and --sessions run
+    serially (their figures need one call at a time / the streams use the cores)."""
+    model, bundle = engine_dirs
+    cores = len(__import__("os").sched_getaffinity(0))
+    for flag, want in (("on", True), ("off", False), ("auto", cores >= 2)):
+        out = tmp_path / f"{flag}.json"
+        argv = ["--bundle", str(bundle), "--chunks", "3", "--overlap", flag, "--sessions", "1"]
+        assert bench_main([*argv, "--json", str(out)]) == 0
+        table = capsys.readouterr().out
+        assert [line.split() for line in table.splitlines() if line.startswith("decode overlap")] == [
+            ["decode", "overlap", "on" if want else "off"]
+        ]
+        report = json.loads(out.read_text())
+        run = report["runs"][0]
+        assert (
+            run["overlap"] is want and run["run"]["overlap"] == {"auto": None, "on": True, "off": False}[flag]
+        )
+        assert run["cpu_threads"]["vae_decode"]["intra_op"] == (max(1, cores - 1) if want else cores)
+        assert all(s > 0 for s in run["per_chunk"]["decode_s"]) and "overlap" in report["definitions"]
+        assert report["sessions"][0]["overlap"] is False
+    out = tmp_path / "p.json"
+    assert bench_main(["--bundle", str(bundle), "--chunks", "2", "--profile", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"][0]["overlap"] is False
+    capsys.readouterr()
+    for argv, message in (
+        (["--bundle", str(bundle), "--overlap", "on", "--profile"], "runs without the decode overlap"),
+        (["--model-dir", str(model), "--overlap", "on"], "apply to the engine run"),
+    ):
+        assert bench_main([*argv, "--chunks", "2", "--json", str(tmp_path / "x.json")]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_the_overlap_pairs_script_runs(engine_dirs, tmp_path):
+    """scripts/overlap_pairs.sh (the coordinator's side-by-side measurement) on the tiny bundle, 1 pair."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "pairs"
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", os.path.join(root, "scripts", "overlap_pairs.sh"), str(out), "1", str(engine_dirs[1]), "3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    (pair,) = summary["pairs"]
+    for mode in ("off", "on"):
+        report = json.loads((out / f"pair1-{mode}.json").read_text())
+        assert report["runs"][0]["overlap"] is (mode == "on") and report["chunks"] == 3
+        assert pair[mode]["end_to_end_fps"] == pytest.approx(report["runs"][0]["end_to_end_fps"])
+    ratio = summary["median_ratio_on_over_off"]["end_to_end_fps"]
+    assert ratio == pytest.approx(pair["on"]["end_to_end_fps"] / pair["off"]["end_to_end_fps"])
+    assert "paired on/off" in done.stdout

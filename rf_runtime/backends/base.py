@@ -82,6 +82,15 @@ class Backend(ABC):
     name: str = "backend"
     info: ModelInfo
     model_card = None  # a bundle's rf_runtime.bundle.ModelCard, checked by the streamer; None: no card
+    # Decode beside the next chunk's denoising (``Stream``, docs/notes/speed.md "Overlap"):
+    # supports_overlap: the capability. True only where ``decode(state, stored_latents(state, slot))`` may
+    #   run in a second thread while the calling thread runs the same stream's ``cache_pass``,
+    #   ``denoise_step``, ``all_finite`` and ``store_latents`` into another slot: the decode reads and
+    #   writes nothing they touch, and the framework releases the GIL while it computes.
+    # overlap: this loaded backend's choice (``choose_overlap``, made at load from the machine: it sets
+    #   the threads of the sessions); the streamer overlaps exactly when it is True.
+    supports_overlap: bool = False
+    overlap: bool = False
 
     @abstractmethod
     def encode_prompt(self, prompt: str) -> Any:
@@ -186,7 +195,7 @@ class Backend(ABC):
 
     def describe(self) -> dict:
         """What runs: backend, device, precision (for benchmarks and logs)."""
-        return {"backend": self.name}
+        return {"backend": self.name, "overlap": self.overlap}
 
     def geometry(self) -> dict:
         """Everything a stream's state depends on; a snapshot resumes only where this is equal."""
@@ -208,6 +217,26 @@ class Backend(ABC):
         return ConfigError(
             f"the {self.name} backend does not support {what}: use the torch or onnxruntime backend"
         )
+
+
+def choose_overlap(requested, *, supported: bool, threads_given: bool, cores: int, backend: str) -> bool:
+    """Whether a stream decodes chunk n in a worker thread while chunk n+1 denoises (``Backend.overlap``).
+
+    requested: None chooses: on where the backend supports it, at least 2 cores are usable and no
+    threads were given (a caller that sets threads, e.g. 1 per session for several streams at once, is
+    spreading streams over the cores itself); True or False forces it; True on a backend that does not
+    support it is a ConfigError."""
+    if requested not in (None, True, False):
+        raise ConfigError(f"overlap must be None (chosen from the machine), True or False, got {requested!r}")
+    if requested is True and not supported:
+        raise ConfigError(
+            f"overlap=True: the {backend} backend cannot decode a chunk in a second thread beside the next "
+            "chunk's denoising (only an engine bundle on onnxruntime CPU can); pass overlap=None (chosen "
+            "from the backend and the machine) or overlap=False"
+        )
+    if requested is None:
+        return supported and not threads_given and cores >= 2
+    return requested
 
 
 def to_uint8_frames(

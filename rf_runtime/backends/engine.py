@@ -29,7 +29,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from rf_runtime import graph_io
-from rf_runtime.backends.base import Backend, ModelInfo, StateArrays, StreamState, to_uint8_frames
+from rf_runtime.backends.base import (
+    Backend,
+    ModelInfo,
+    StateArrays,
+    StreamState,
+    choose_overlap,
+    to_uint8_frames,
+)
 from rf_runtime.backends.select import choose_backend, plan_names
 from rf_runtime.bundle import MANIFEST, Bundle, BundleError, batch_graph_names, batch_sizes
 from rf_runtime.cache import commit_matrix
@@ -55,19 +62,26 @@ logger = logging.getLogger("rf_runtime")
 VAE_GRAPHS = (VAE_DECODE_FIRST, VAE_DECODE)
 
 
-def cpu_threads(graph: str, threads: CpuThreads | int | None, cores: int | None = None) -> CpuThreads:
+def cpu_threads(
+    graph: str, threads: CpuThreads | int | None, cores: int | None = None, overlap: bool = False
+) -> CpuThreads:
     """The CPU threading of one graph's onnxruntime session.
 
     threads: a ``CpuThreads`` (or an int: that many intra-op threads) for every graph; None chooses
     from the machine: every usable core for the VAE graphs (2-D convolutions on 64x64 and larger
     maps split well over threads), one thread for the DiT step, the cache update and the text graphs
     (hundreds of small ops each: a second thread adds synchronisation and no speed), no spinning.
+    overlap (the decode of chunk n runs beside the denoising of chunk n+1, ``Backend.overlap``): the
+    VAE graphs get every usable core but the one the DiT runs on (at least one).
     With several streams running at once give ``threads=1``: the streams then run in parallel
     on the cores instead of each one's threads competing for them (docs/notes/speed.md).
     """
     if threads is not None:
         return CpuThreads(threads) if isinstance(threads, int) else threads
-    return CpuThreads(cores or usable_cores()) if graph in VAE_GRAPHS else CpuThreads(1)
+    if graph not in VAE_GRAPHS:
+        return CpuThreads(1)
+    cores = cores or usable_cores()
+    return CpuThreads(max(1, cores - 1) if overlap else cores)
 
 
 @dataclass
@@ -90,6 +104,8 @@ class _Stream:
     vae_started: bool = False
     chunks_committed: int = 0  # chunks written into the KV cache since it was last (re)filled
     row_x0: Buffer | None = None  # while the stream is a row of a batched chunk: its x0 in the batch
+    ring_z: tuple[tuple[Buffer, ...], ...] = ()  # per ring slot, its latent frames as VAE inputs (views):
+    # what an overlapped decode reads, since the next chunk's steps overwrite x0 meanwhile
 
 
 @dataclass
@@ -124,9 +140,21 @@ class EngineBackend(Backend):
         cuda_graph: bool = False,
         threads: CpuThreads | int | None = None,
         ema_alpha: float | None = None,
+        overlap: bool | None = None,
     ):
         m = bundle.manifest
         self.bundle, self.name, self.device = bundle, backend, device
+        # the decode may overlap the next chunk's denoising on onnxruntime CPU: host buffers, sessions
+        # that release the GIL, and a VAE that reads a ring slot the steps never write. Not on CUDA (one
+        # device stream; the runners' device copies go through the host) nor TensorRT.
+        self.supports_overlap = backend == "onnxruntime" and device == "cpu"
+        self.overlap = choose_overlap(
+            overlap,
+            supported=self.supports_overlap,
+            threads_given=threads is not None,
+            cores=usable_cores(),
+            backend=f"{backend} ({device})",
+        )
         self.model = m["model"]
         settings = StreamSettings.from_dict(m["stream"], f"{bundle.path}/{MANIFEST}")
         if ema_alpha is not None:
@@ -189,7 +217,7 @@ class EngineBackend(Backend):
                     b.graph_file(g),
                     b.graphs[g],
                     device=device,
-                    threads=cpu_threads(g, threads) if device == "cpu" else None,
+                    threads=cpu_threads(g, threads, overlap=self.overlap) if device == "cpu" else None,
                 )
                 for g in GRAPHS
             }
@@ -349,7 +377,10 @@ class EngineBackend(Backend):
         frames = step.graph.tensors["frames"].shape  # [1, 3, t, H, W]
         scratch = np.zeros(frames[1:], np.float32)
         latents = tuple(dit.allocate(x_spec.shape, x_spec.dtype) for _ in range(self.info.context_chunks))
-        return StreamState(_Stream(b_dit, updates, vae_first, vae, kv, x, b_dit["x0"], z, scratch, latents))
+        ring_z = tuple(self._latent_frames(b) for b in latents)
+        return StreamState(
+            _Stream(b_dit, updates, vae_first, vae, kv, x, b_dit["x0"], z, scratch, latents, ring_z=ring_z)
+        )
 
     def _vae_cache_names(self) -> list[str]:
         """The VAE step's feature-cache inputs, in the decoder's slot order."""
@@ -437,13 +468,18 @@ class EngineBackend(Backend):
         s.chunks_committed += 1
 
     def decode(self, state, x0) -> np.ndarray:
+        """Decode x0 (the last step's, or a ring slot from ``stored_latents``: what an overlapped decode
+        reads) through the VAE; touches only the VAE bindings, the VAE cache and the scratch."""
         s: _Stream = state.device
-        if x0 is not s.x0:
-            raise InputError("decode() takes the x0 returned by this stream's last denoising step")
+        z = s.z if x0 is s.x0 else next((zs for b, zs in zip(s.latents, s.ring_z) if x0 is b), None)
+        if z is None:
+            raise InputError(
+                "decode() takes the x0 returned by this stream's last denoising step or stored_latents()"
+            )
         first, step = self.runners[VAE_DECODE_FIRST], self.runners[VAE_DECODE]
         t_first = first.graph.tensors["frames"].shape[2]
         t_step = step.graph.tensors["frames"].shape[2]
-        f = len(s.z)
+        f = len(z)
         n = (t_first + (f - 1) * t_step) if not s.vae_started else f * t_step
         h, w = step.graph.tensors["frames"].shape[3:]
         out = np.empty((n, h, w, 3), np.uint8)  # the one allocation per chunk: the frames returned
@@ -454,8 +490,8 @@ class EngineBackend(Backend):
                 s.vae_started, s.vae_cur = True, 0
             else:
                 runner, b = step, s.vae[s.vae_cur]
-                b.set("z", s.z[i])
                 s.vae_cur = 1 - s.vae_cur
+            b.set("z", z[i])
             runner.run(b)
             pixels = runner.read(b["frames"])[0]  # [3, t, H, W]
             t = pixels.shape[1]
@@ -785,6 +821,7 @@ class EngineBackend(Backend):
             "device": self.device,
             "precision": _dtype(self.runners[DIT_STEP], "ctx_k"),
             "graphs": {g: r.name for g, r in self.runners.items()},
+            "overlap": self.overlap,
         }
         threads = {g: r.threads for g, r in self.runners.items() if getattr(r, "threads", None) is not None}
         if threads:

@@ -27,6 +27,11 @@ class _TorchStream:
 
 
 class TorchBackend(Backend):
+    """The reference models, run in place. No decode overlap (``Backend.supports_overlap`` False): torch's
+    intra-op pool is one per process (the VAE cannot get other threads than the DiT), and the reference
+    modules run many small ops with the GIL held between them, so a decode thread would mostly wait for
+    the denoising thread."""
+
     name = "torch"
 
     def __init__(
@@ -192,5 +197,6 @@ class TorchBackend(Backend):
             "device": str(self.device),
             "precision": str(self.dtype).replace("torch.", ""),
             "threads": torch.get_num_threads(),
+            "overlap": self.overlap,
             "torch": torch.__version__,
         }

@@ -89,9 +89,13 @@ class StaticTorchBackend(TorchBackend):
         asking for them on a CPU is an error).
     compile: ``torch.compile`` the DiT step and the VAE step (``dynamic=False``); True uses the default
         compiler (inductor), a string names another ``torch.compile`` backend (e.g. "eager" in tests).
+
+    No decode overlap (``supports_overlap`` False, as ``TorchBackend``): every graph shares one CUDA graph
+    memory pool and one stream, and the decoder reads x0, which the next chunk's steps overwrite.
     """
 
     name = "torch-static"
+    supports_overlap = False
 
     def __init__(
         self,

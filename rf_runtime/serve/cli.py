@@ -90,7 +90,8 @@ def load_streamer(engine: str | None, model_dir: str | None, checkpoint: str | N
         raise RFError("--checkpoint needs --model-dir DIR")
     if model_dir:
         return Streamer.from_checkpoint(model_dir, checkpoint, device=device)
-    return Streamer.load(engine, device=device)  # None: the bundle that ships with rf_runtime
+    # several sessions share the cores: no decode thread per stream (docs/notes/speed.md, "Overlap")
+    return Streamer.load(engine, device=device, overlap=False)  # None: the bundle that ships with rf_runtime
 
 
 def _serve(args) -> int:
