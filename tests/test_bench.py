@@ -111,7 +111,11 @@ def test_rf_bench_runs_both_backends_on_one_model(engine_dirs, tmp_path, capsys)
             and r["denoise_fps"] > r["end_to_end_fps"]
         )
         for s, d, v, c in zip(pc["seconds"], pc["denoise_s"], pc["decode_s"], pc["cpu_s"]):
-            assert 0 < d and 0 < v and d + v <= s and c > 0
+            assert 0 < d and 0 < v and c > 0
+            # serially a chunk's call holds its denoising and its decode; with the decode overlap (on by
+            # default where 2 cores are usable) the call waits for the decode, and its own steps ran in
+            # the call before, so only the decode is bound by the call's wall time
+            assert v <= s if r.get("overlap") else d + v <= s
         assert r["peak_rss_mib"] > 10
     ratio = report["engine_vs_torch"]["end_to_end_fps"]
     assert ratio == pytest.approx(runs["onnxruntime"]["end_to_end_fps"] / runs["torch"]["end_to_end_fps"])
