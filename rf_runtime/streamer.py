@@ -513,10 +513,12 @@ class Stream:
         logger.debug("chunk %d: %d frames in %.3f s", chunk.index, len(frames), chunk.seconds)
         return chunk
 
-    def _denoise(self, draw: bool) -> tuple[Any, float, float, bool]:
-        """The denoising steps of one chunk on its noise (drawn first when ``draw``, else the noise drawn
-        last, again), then the numeric guard: (x0, seconds, guard seconds, finite)."""
-        be, settings, state = self._backend, self.info.settings, self._state
+    def _denoise(self, state, draw: bool) -> tuple[Any, float, float, bool]:
+        """The denoising steps of one chunk of ``state`` (the stream's, taken when its call began: a
+        ``close`` from another thread meanwhile clears ``self._state``) on its noise (drawn first when
+        ``draw``, else the noise drawn last, again), then the numeric guard: (x0, seconds, guard
+        seconds, finite)."""
+        be, settings = self._backend, self.info.settings
         start = time.perf_counter()
         init, fresh = self._draw_noise() if draw else self._noise
         x = be.upload(init)
@@ -546,7 +548,7 @@ class Stream:
         if ahead is not None and not ahead.stale:
             x0, steps, guard, finite = ahead.x0, ahead.seconds, ahead.guard_seconds, ahead.finite
         else:  # a stale ahead chunk: its noise again, not new noise
-            x0, steps, guard, finite = self._denoise(draw=ahead is None)
+            x0, steps, guard, finite = self._denoise(state, draw=ahead is None)
         if not finite:
             raise self._nonfinite()
         # keep the clean latents of the last chunks: a prompt switch re-caches them, an overlapped decode reads them
@@ -568,9 +570,10 @@ class Stream:
             be.cache_pass(state, x0)
             be.synchronize()
             denoised = time.perf_counter()
-            if self._wants_next():  # chunk n+1's steps, on the cache chunk n was just committed to
+            # chunk n+1's steps, on the cache chunk n was just committed to (not once the stream is closed)
+            if self._wants_next() and self._state is not None:
                 before = self._rng.bit_generator.state
-                x0, seconds, guard_next, finite = self._denoise(draw=True)
+                x0, seconds, guard_next, finite = self._denoise(state, draw=True)
                 self._ahead = _Ahead(x0, before, seconds, guard_next, finite)
             frames, decode = decoder.wait()
         except BaseException:

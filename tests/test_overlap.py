@@ -22,6 +22,7 @@ pytest.importorskip("onnxruntime")
 from rf_runtime import Streamer  # noqa: E402
 from rf_runtime.backends.base import choose_overlap  # noqa: E402
 from rf_runtime.backends.engine import EngineBackend  # noqa: E402
+from rf_runtime.streamer import Chunk  # noqa: E402
 from rf_runtime.bundle import default_engine_dir  # noqa: E402
 from rf_runtime.errors import ConfigError, RFError, StreamError  # noqa: E402
 from rf_runtime.snapshot import StreamSnapshot  # noqa: E402
@@ -421,8 +422,16 @@ def test_close_from_another_thread_during_a_chunk(pair):
         return real(state, x0)
 
     be.decode = slow_decode
+    outcome = []  # what the in-flight call returned or raised, in its thread
+
+    def make_chunk():
+        try:
+            outcome.append(next(stream))
+        except BaseException as exc:  # noqa: BLE001 - the test asserts there is none
+            outcome.append(exc)
+
     try:
-        worker = threading.Thread(target=lambda: next(stream))
+        worker = threading.Thread(target=make_chunk)
         worker.start()
         assert entered.wait(timeout=30)
         stream.close()  # the chunk is in flight
@@ -434,6 +443,13 @@ def test_close_from_another_thread_during_a_chunk(pair):
         del be.decode
     thread.join(timeout=10)
     assert not thread.is_alive() and stream.closed
+    # the in-flight chunk was handed out whole (chunk 1: 12 frames of this model), and nothing was
+    # computed ahead for a stream that is closed
+    (chunk,) = outcome
+    assert isinstance(chunk, Chunk) and chunk.index == 1 and len(chunk.frames) == 12
+    assert stream._ahead is None
+    with pytest.raises(StopIteration):
+        next(stream)
 
 
 # ---- the shipped bundle -----------------------------------------------------------------------------
