@@ -436,3 +436,37 @@ def test_cli_generator_takes_the_ema_generator_out_of_a_training_checkpoint(tmp_
         assert got.keys() == expected.keys()
         for k, v in expected.items():
             torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_teacher_colours_script_counts_every_frame_of_every_colour():
+    # scripts/teacher_colours.py (docs/notes/world.md, sixth session) on the committed teacher and VAE:
+    # one line per palette colour, each counting the 21 frames of one sample; the committed teacher
+    # draws a big red circle red in 42 of 42 frames over 2 seeds, blue in 3 of 42
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    ck = os.path.join(root, "checkpoints", "procedural-world")
+    out = subprocess.run(
+        [sys.executable, os.path.join(root, "scripts", "teacher_colours.py"), "--seeds", "1"]
+        + [
+            "--teacher",
+            os.path.join(ck, "teacher.safetensors"),
+            "--vae",
+            os.path.join(ck, "vae9.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    ).stdout.splitlines()
+    from rf_runtime.world import procedural
+
+    rows = {line.split()[0]: line for line in out}
+    assert set(rows) == set(procedural.COLOURS)
+    for colour, line in rows.items():
+        hits, total = int(line.split()[1]), int(line.split()[3])
+        assert total == T.WorldConfig().pixel_frames and 0 <= hits <= total
+        counts = line.split("read as: ")[1].split(", ")
+        assert sum(int(c.rsplit(" ", 1)[1]) for c in counts) == total
+    assert int(rows["red"].split()[1]) >= 15  # measured 21 of 21 with seed 0
