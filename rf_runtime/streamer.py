@@ -576,6 +576,8 @@ class Stream:
                 x0, seconds, guard_next, finite = self._denoise(state, draw=True)
                 self._ahead = _Ahead(x0, before, seconds, guard_next, finite)
             frames, decode = decoder.wait()
+            if self._state is None:  # closed from another thread during the call: keep nothing ahead
+                self._ahead = None
         except BaseException:
             if decoder.busy():
                 try:  # wait for the decode: nothing may run once the call returns
