@@ -12,6 +12,7 @@ left beside it, and nothing outside the test's folder written (or, for the folde
 - ``run_cli(main, argv, capsys)``: (exit status, stdout, stderr) of a CLI entry point, in process.
 - ``assert_one_line_error(code, err, prog, *needles)``.
 - ``tmpfs(path, size, ro)``: mount a small tmpfs (root only; skips where mounting is not permitted).
+- ``nan_weight_bundle(src, dest)``: a copy of a bundle with one DiT weight set to NaN, rehashed.
 """
 
 from __future__ import annotations
@@ -193,3 +194,28 @@ def fill(folder, leave: int) -> None:
     finally:
         os.close(fd)
     os.truncate(path, max(0, written - leave))
+
+
+def nan_weight_bundle(src, dest):
+    """A copy of the bundle ``src`` at ``dest`` with the first element of the DiT step's largest weight set
+    to NaN and the manifest rehashed: a damaged export, consistently listed. Returns ``dest``."""
+    import json
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from rf_runtime.bundle import write_manifest
+
+    shutil.copytree(src, dest)
+    path = os.path.join(dest, "dit_step.onnx")
+    model = onnx.load(path)
+    init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    w = numpy_helper.to_array(init).copy()
+    w.flat[0] = np.nan
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, path)
+    with open(os.path.join(dest, "manifest.json")) as f:
+        write_manifest(str(dest), json.load(f))
+    return dest

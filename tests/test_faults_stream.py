@@ -3,7 +3,6 @@ finite arrays), and the snapshot writer on full and read-only disks."""
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -11,10 +10,16 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from fault_tools import assert_no_output, assert_one_line_error, fill, run_cli, tmpfs  # noqa: E402
+from fault_tools import (  # noqa: E402
+    assert_no_output,
+    assert_one_line_error,
+    fill,
+    nan_weight_bundle,
+    run_cli,
+    tmpfs,
+)
 
 from rf_runtime import Streamer  # noqa: E402
-from rf_runtime.bundle import write_manifest  # noqa: E402
 from rf_runtime.errors import InputError, OutputError, StreamError  # noqa: E402
 from rf_runtime.snapshot import SnapshotError, StreamSnapshot  # noqa: E402
 
@@ -71,17 +76,7 @@ def test_resume_takes_a_snapshot(streamer, sandbox):
 @pytest.fixture
 def nan_bundle(engine_dirs, sandbox):
     """The tiny bundle with one weight of the DiT set to NaN, rehashed (a damaged export, consistently listed)."""
-    from onnx import numpy_helper
-
-    b = shutil.copytree(engine_dirs[1], sandbox.work / "nan-bundle")
-    model = onnx.load(str(b / "dit_step.onnx"))
-    init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
-    w = numpy_helper.to_array(init).copy()
-    w.flat[0] = np.nan
-    init.CopyFrom(numpy_helper.from_array(w, init.name))
-    onnx.save(model, str(b / "dit_step.onnx"))
-    write_manifest(str(b), json.loads((b / "manifest.json").read_text()))
-    return b
+    return nan_weight_bundle(engine_dirs[1], sandbox.work / "nan-bundle")
 
 
 def test_non_finite_latents_stop_the_stream_naming_the_chunk(nan_bundle, sandbox):

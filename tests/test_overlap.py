@@ -10,8 +10,6 @@ shipped bundle; that the decode really runs beside the next steps is shown with 
 from __future__ import annotations
 
 import gc
-import json
-import shutil
 import threading
 
 import numpy as np
@@ -168,19 +166,9 @@ def test_the_guard_stops_at_the_damaged_chunk_in_both_modes(pair, monkeypatch, b
 
 def test_the_guard_at_chunk_0_with_overlap(engine_dirs, tmp_path):
     """A damaged export (a NaN weight in the DiT, as tests/test_faults_stream.py makes it) stops chunk 0."""
-    import onnx
-    from onnx import numpy_helper
+    from fault_tools import nan_weight_bundle
 
-    from rf_runtime.bundle import write_manifest
-
-    b = shutil.copytree(engine_dirs[1], tmp_path / "nan-bundle")
-    model = onnx.load(str(b / "dit_step.onnx"))
-    init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
-    w = numpy_helper.to_array(init).copy()
-    w.flat[0] = np.nan
-    init.CopyFrom(numpy_helper.from_array(w, init.name))
-    onnx.save(model, str(b / "dit_step.onnx"))
-    write_manifest(str(b), json.loads((b / "manifest.json").read_text()))
+    b = nan_weight_bundle(engine_dirs[1], tmp_path / "nan-bundle")
     stream = Streamer.from_engine(b, overlap=True).open(A, seed=0)
     with pytest.raises(StreamError, match=r"chunk 0 of the stream has non-finite latents"):
         next(stream)
