@@ -83,13 +83,19 @@ fi
 if want teacher; then
     stamp teacher; need vae9.safetensors
     init=(); [[ -f $W/dit0.safetensors || -f $C/dit0.safetensors ]] && { need dit0.safetensors; init=(--init "$W/dit0.safetensors" --lr 3e-4); }
-    if [[ ${TEACHER_FROM:-dit0} == committed ]]; then   # continue the committed teacher (same VAE, same latents)
-        cp "$C/teacher.safetensors" "$C/teacher.safetensors.json" "$W/" && mv "$W/teacher.safetensors" "$W/teacher0.safetensors"
-        mv "$W/teacher.safetensors.json" "$W/teacher0.safetensors.json"
-        init=(--init "$W/teacher0.safetensors" --lr "${TEACHER_LR:-2e-4}")
-    fi
+    case ${TEACHER_FROM:-dit0} in
+        committed)   # continue the committed teacher (same VAE, same latents)
+            cp "$C/teacher.safetensors" "$W/teacher0.safetensors"
+            cp "$C/teacher.safetensors.json" "$W/teacher0.safetensors.json"
+            init=(--init "$W/teacher0.safetensors" --lr "${TEACHER_LR:-2e-4}") ;;
+        wide)        # the committed teacher at twice the width, the same function (rf-world widen), trained on
+            rf-world --quiet widen --dit "$C/teacher.safetensors" --out "$W/teacher0.safetensors"
+            init=(--init "$W/teacher0.safetensors" --lr "${TEACHER_LR:-2e-4}") ;;
+        dit0) ;;
+        *) echo "TEACHER_FROM is one of dit0, committed, wide" >&2; exit 2 ;;
+    esac
     rf-world --threads "$THREADS" --quiet teacher --data "$W/latents.safetensors" --steps "${TEACHER_STEPS:-4000}" "${init[@]}" \
-        --max-minutes "${TEACHER_MIN:-25}" --batch 8 --out "$W/teacher.safetensors"
+        --ema "${TEACHER_EMA:-0}" --max-minutes "${TEACHER_MIN:-25}" --batch 8 --out "$W/teacher.safetensors"
     keep "$W/teacher.safetensors"
     rf-world --quiet sample --dit "$W/teacher.safetensors" --vae "$W/vae9.safetensors" --guidance 3 \
         --prompt "a red circle bouncing" --prompt "a small blue square moving left on a gray background" \

@@ -470,3 +470,99 @@ def test_teacher_colours_script_counts_every_frame_of_every_colour():
         counts = line.split("read as: ")[1].split(", ")
         assert sum(int(c.rsplit(" ", 1)[1]) for c in counts) == total
     assert int(rows["red"].split()[1]) >= 15  # measured 21 of 21 with seed 0
+
+
+def test_teacher_ema_returns_the_moving_average_of_the_weights():
+    # ema 0.5 over 4 updates p1..p4: AveragedModel copies p1, then e = 0.5 e + 0.5 p, so the result is
+    # p1/8 + p2/8 + p3/4 + p4/2. The loss sees p0..p3 (the weights before each update); p4 is what the
+    # same run without EMA returns (same seed, same batches).
+    data = T.encode_dataset(T.WanVAE(CFG.vae), CFG, 4)
+    seen = []
+
+    def loss(m, x, text, rng):
+        seen.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+        return T.teacher_loss(m, x, text, rng, CFG.stream.shift)
+
+    kw = dict(init=None, steps=4, batch=2, lr=1e-2, seed=0, max_seconds=None, warmup=1, on_step=None)
+    raw, _ = T._train_dit(CFG, data, loss, **kw)
+    p = seen[1:4] + [raw.state_dict()]
+    seen.clear()
+    averaged, _ = T._train_dit(CFG, data, loss, ema=0.5, **kw)
+    got = averaged.state_dict()
+    for k in got:
+        want = p[0][k] / 8 + p[1][k] / 8 + p[2][k] / 4 + p[3][k] / 2
+        torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(got[k], p[3][k]) for k in got)  # not the last weights
+    with pytest.raises(ConfigError, match="ema"):
+        T._train_dit(CFG, data, loss, ema=1.0, **kw)
+
+
+def test_cli_widen_then_teacher_and_student_keep_the_wide_size(tmp_path):
+    from rf_runtime.world.cli import main
+    from rf_runtime.world.widen import widened_config
+
+    data = T.encode_dataset(T.WanVAE(CFG.vae), CFG, 4)
+    data.save(str(tmp_path / "lat.safetensors"))
+    torch.manual_seed(0)
+    T.save_dit(T.CausalDiT(CFG.dit), str(tmp_path / "t0.safetensors"))
+    run = lambda *a: main(["--quiet", *a, "--tiny"])  # noqa: E731
+    assert (
+        run("widen", "--dit", str(tmp_path / "t0.safetensors"), "--out", str(tmp_path / "w.safetensors")) == 0
+    )
+    assert T.load_dit(str(tmp_path / "w.safetensors")).config == widened_config(CFG.dit)
+    common = ["--data", str(tmp_path / "lat.safetensors"), "--steps", "2", "--batch", "2"]
+    assert (
+        run(
+            "teacher",
+            *common,
+            "--init",
+            str(tmp_path / "w.safetensors"),
+            "--ema",
+            "0.9",
+            "--out",
+            str(tmp_path / "t.safetensors"),
+        )
+        == 0
+    )
+    assert (
+        run(
+            "student",
+            *common,
+            "--teacher",
+            str(tmp_path / "t.safetensors"),
+            "--out",
+            str(tmp_path / "s.safetensors"),
+        )
+        == 0
+    )
+    for name in ("t", "s"):
+        assert T.load_dit(str(tmp_path / f"{name}.safetensors")).config == widened_config(CFG.dit)
+
+
+def test_cli_generator_reads_the_size_of_the_student_folder_it_was_trained_from(tmp_path, capsys):
+    # an rf-train checkpoint names its student folder in its metadata; a widened student's generator
+    # must come out at the wide size (the world default would not even load the weights)
+    from safetensors.torch import save_file
+
+    from rf_runtime.world.cli import main
+    from rf_runtime.world.widen import widened_config
+
+    wide = widened_config(CFG.dit)
+    torch.manual_seed(0)
+    dit = T.CausalDiT(wide)
+    T.write_model_dir(str(tmp_path / "student-model"), CFG, dit, T.WanVAE(CFG.vae))
+    meta = {"config": json.dumps({"student": str(tmp_path / "student-model")})}
+    state = {f"generator_ema.{k}": v.contiguous() for k, v in dit.state_dict().items()}
+    save_file(state, str(tmp_path / "ck.safetensors"), metadata=meta)
+    out = str(tmp_path / "g.safetensors")
+    assert (
+        main(
+            ["--quiet", "generator", "--tiny", "--checkpoint", str(tmp_path / "ck.safetensors"), "--out", out]
+        )
+        == 0
+    )
+    assert T.load_dit(out).config == wide
+    bad = ["--quiet", "generator", "--tiny", "--checkpoint", str(tmp_path / "ck.safetensors")]
+    assert main([*bad, "--model-dir", str(tmp_path), "--out", str(tmp_path / "g2.safetensors")]) == 2
+    assert "has no config.json: give --model-dir the student's model folder" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "g2.safetensors")

@@ -90,6 +90,22 @@ def _parser():
         default=0.1,
         help="fraction of samples trained without text, for CFG (default 0.1)",
     )
+    sub.choices["teacher"].add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="write the moving average of the weights with this decay (e.g. 0.999; default 0: the last weights)",
+    )
+    wi = sub.add_parser(
+        "widen",
+        help="a DiT at twice the width computing the same function, to train a larger teacher from it",
+    )
+    wi.add_argument("--dit", required=True, help="DiT weights (+ .json config) to widen")
+    wi.add_argument("--out", required=True, help="widened DiT to write (teacher --init)")
+    wi.add_argument(
+        "--noise", type=float, default=0.05, help="symmetry-breaking split of the copies (default 0.05)"
+    )
+    wi.add_argument("--tiny", action="store_true")
     for name in ("teacher", "student"):
         sub.choices[name].add_argument(
             "--fg-weight",
@@ -119,6 +135,10 @@ def _parser():
     )
     ge.add_argument("--checkpoint", required=True, help="rf-train checkpoint_*.safetensors")
     ge.add_argument("--raw", action="store_true", help="the raw generator instead of its EMA")
+    ge.add_argument(
+        "--model-dir",
+        help="the model folder whose DiT config the generator has (default: the checkpoint's student folder)",
+    )
     ge.add_argument(
         "--out",
         required=True,
@@ -290,9 +310,15 @@ def _run(args) -> int:
             init=init,
             text_dropout=args.text_dropout,
             fg_weight=args.fg_weight,
+            ema=args.ema,
             on_step=on_step,
         )
         T.save_dit(model, args.out)
+    elif args.command == "widen":
+        from rf_runtime.world.widen import widen_dit
+
+        T.save_dit(widen_dit(T.load_dit(args.dit), noise=args.noise), args.out)
+        history = None
     elif args.command == "student":
         model, history = T.train_student(
             cfg,
@@ -312,7 +338,7 @@ def _run(args) -> int:
         from rf_runtime.models.dit import load_checkpoint_file, normalize_state_dict
 
         state = normalize_state_dict(load_checkpoint_file(args.checkpoint), use_ema=not args.raw)
-        T.save_dit(CausalDiT.from_state_dict(state, cfg.dit), args.out)
+        T.save_dit(CausalDiT.from_state_dict(state, _generator_config(args, cfg)), args.out)
         history = None
     else:
         from rf_runtime.world.procedural import VOCABULARY
@@ -330,6 +356,30 @@ def _run(args) -> int:
     else:
         print(f"wrote {args.out}")
     return 0
+
+
+def _generator_config(args, cfg):
+    """The generator's DiT config: the ``--model-dir``'s, else the student folder the rf-train
+    checkpoint was trained from (its metadata), else the world's default size."""
+    import json
+    import os
+
+    from rf_runtime.errors import InputError
+    from rf_runtime.models import DiTConfig
+
+    folder = args.model_dir
+    if folder is None:
+        from safetensors import safe_open
+
+        with safe_open(args.checkpoint, "pt") as f:
+            meta = f.metadata() or {}
+        folder = json.loads(meta.get("config", "{}")).get("student")
+        if folder is None or not os.path.isfile(os.path.join(folder, "config.json")):
+            return cfg.dit
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise InputError(f"{folder} has no config.json: give --model-dir the student's model folder")
+    return DiTConfig.from_json(path)
 
 
 def _sample(args, cfg) -> None:

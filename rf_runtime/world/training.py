@@ -484,12 +484,14 @@ def train_teacher(
     init: CausalDiT | None = None,
     text_dropout: float = 0.1,
     fg_weight: float = 3.0,
+    ema: float = 0.0,
     on_step=None,
 ) -> tuple[CausalDiT, list[dict]]:
-    """The bidirectional teacher, from scratch or continued from ``init``.
+    """The bidirectional teacher, from scratch or continued from ``init`` (at ``init``'s size).
 
     text_dropout: fraction of samples trained without text (for classifier-free guidance in DMD).
     fg_weight: extra loss weight on the shape's latent cells (``foreground_weight``); 0 = plain MSE.
+    ema: > 0 returns the moving average of the weights with this decay (e.g. 0.999).
     """
 
     def loss(m, x, text, rng):
@@ -507,6 +509,7 @@ def train_teacher(
         max_seconds=max_seconds,
         warmup=100,
         on_step=on_step,
+        ema=ema,
     )
 
 
@@ -543,18 +546,45 @@ def sample_teacher(
 
 
 def _train_dit(
-    cfg: WorldConfig, data: LatentData, loss, *, init, steps, batch, lr, seed, max_seconds, warmup, on_step
+    cfg: WorldConfig,
+    data: LatentData,
+    loss,
+    *,
+    init,
+    steps,
+    batch,
+    lr,
+    seed,
+    max_seconds,
+    warmup,
+    on_step,
+    ema: float = 0.0,
 ) -> tuple[CausalDiT, list[dict]]:
-    """AdamW on ``loss(model, latents, text, rng) -> (loss, logs)`` over random batches of ``data``."""
-    model, rng = _start(lambda: CausalDiT(cfg.dit), init, seed)
+    """AdamW on ``loss(model, latents, text, rng) -> (loss, logs)`` over random batches of ``data``.
+    The model has ``init``'s size (e.g. a widened teacher), else ``cfg.dit``'s. ``ema`` > 0: the
+    returned weights are the exponential moving average of the trained ones with this decay."""
+    model, rng = _start(lambda: CausalDiT(init.config if init is not None else cfg.dit), init, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     sched = _warmup_decay(opt, steps, warmup=warmup)
+    if not 0.0 <= ema < 1.0:
+        raise ConfigError(f"ema must be in [0, 1), got {ema}")
+    averaged = (
+        torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema)
+        )
+        if ema > 0
+        else None
+    )
 
     def step():
         latents, text = data.batch(rng, batch)
-        return _step(opt, sched, model, loss(model, latents, text, rng))
+        logs = _step(opt, sched, model, loss(model, latents, text, rng))
+        if averaged is not None:
+            averaged.update_parameters(model)
+        return logs
 
-    return model.eval(), _loop(steps, max_seconds, on_step, step)
+    history = _loop(steps, max_seconds, on_step, step)
+    return (averaged.module if averaged is not None else model).eval(), history
 
 
 def student_loss(
