@@ -42,7 +42,15 @@ done
 #    stays the decoder's). VAE_FROM=scratch: the second model's recipe, 3-frame then 9-frame clips.
 if want vae; then
     stamp vae
-    if [[ ${VAE_FROM:-bundle} == bundle ]]; then
+    if [[ ${VAE_FROM:-bundle} == refit ]]; then
+        # seventh session: the committed vae9's encoder refitted to its frozen decoder (the colour loss is the
+        # encoder's: scripts/vae_gap.py). The decoder and its normalisation stay, so DiTs trained on vae9
+        # latents still decode; re-encode with ENCODE_VAE=vae11 to train on the better latents.
+        need vae9.safetensors
+        rf-world --threads "$THREADS" --quiet vae --init "$W/vae9.safetensors" --encoder-only --clip-frames 9 \
+            --crop 32 --batch 8 --lr 5e-4 --steps 1200 --max-minutes "${VAE_MIN:-28}" --out "$W/vae11.safetensors"
+        keep "$W/vae11.safetensors"
+    elif [[ ${VAE_FROM:-bundle} == bundle ]]; then
         if [[ -f $C/dit0.safetensors && -f $C/vae9.safetensors ]]; then
             # already taken out once and committed (the shipped bundle is now exported with 2-D convolutions,
             # whose decoder weights from-bundle cannot name): continue training the committed VAE, the
@@ -67,13 +75,13 @@ if want vae; then
         rf-world --threads "$THREADS" --quiet vae --init "$W/vae.safetensors" --clip-frames 9 --crop 32 --batch 8 \
             --lr 1e-3 --steps 700 --max-minutes "${VAE9_MIN:-8}" --out "$W/vae9.safetensors"
     fi
-    keep "$W/vae9.safetensors"
+    [[ ${VAE_FROM:-bundle} == refit ]] || keep "$W/vae9.safetensors"
 fi
 # 2. Latents: 21-frame clips (7 chunks, the release's 21 latent frames), backgrounds balanced (a third
 #    each), the held-out evaluation prompts (configs/world_heldout_prompts.txt) never rendered.
 if want encode; then
-    stamp encode; need vae9.safetensors
-    rf-world --threads "$THREADS" --quiet encode --vae "$W/vae9.safetensors" --videos "${VIDEOS:-1200}" --max-minutes "${ENCODE_MIN:-8}" \
+    E=${ENCODE_VAE:-vae9}; stamp "encode ($E)"; need "$E.safetensors"
+    rf-world --threads "$THREADS" --quiet encode --vae "$W/$E.safetensors" --videos "${VIDEOS:-1200}" --max-minutes "${ENCODE_MIN:-8}" \
         --out "$W/latents.safetensors"
     rf-world prompts --out configs/world_prompts.txt
 fi
@@ -109,19 +117,19 @@ if want student; then
         --steps 2000 --max-minutes "${STUDENT_MIN:-8}" --batch 4 --out "$W/student.safetensors"
     keep "$W/student.safetensors"
 fi
-# 5. Re-DMD (motion reward, beta 0.5, CFG 3) over 21-frame rollouts; EMA from step 150 (30 generator
+# 5. Re-DMD (motion reward, beta 0.5, CFG 1.5) over 21-frame rollouts; EMA from step 150 (30 generator
 #    updates), critic lr 0.2 x the generator's. Time-boxed: SIGINT saves a checkpoint.
 if want dmd; then
     stamp dmd; need vae9.safetensors; need teacher.safetensors; need student.safetensors
     rf-world --quiet model-dir --vae "$W/vae9.safetensors" --dit "$W/teacher.safetensors" --out "$W/teacher-model"
     rf-world --quiet model-dir --vae "$W/vae9.safetensors" --dit "$W/student.safetensors" --out "$W/student-model" \
-        --note "procedural-world-64: causal student (teacher-forced through the streaming cache) + Re-DMD (motion reward, beta 0.5, CFG 3), see docs/notes/world.md"
+        --note "procedural-world-64: causal student (teacher-forced through the streaming cache) + Re-DMD (motion reward, beta 0.5, CFG 1.5), see docs/notes/world.md"
     timeout -s INT "${DMD_MIN:-15}m" rf-train --config configs/world_redmd.yaml --quiet || { rc=$?; [[ $rc == 124 || $rc == 130 ]]; }
     ck=$(ls "$W"/redmd/checkpoint_*.safetensors | sort | tail -1)
     rf-world generator --checkpoint "$ck" --out "$C/generator.safetensors"   # the EMA generator alone (small)
     cp "$W/redmd/log.jsonl" "$C/redmd_log.jsonl"
     rf-world --quiet model-dir --vae "$W/vae9.safetensors" --dit "$C/generator.safetensors" --out "$C/model" \
-        --note "procedural-world-64: causal student (teacher-forced through the streaming cache over 21 latent frames) + Re-DMD (motion reward, beta 0.5, CFG 3), see docs/notes/world.md"
+        --note "procedural-world-64: causal student (teacher-forced through the streaming cache over 21 latent frames) + Re-DMD (motion reward, beta 0.5, CFG 1.5), see docs/notes/world.md"
 fi
 # 6. The default bundle from the committed model directory (one command; rerun it with a newer exporter).
 if want export; then
