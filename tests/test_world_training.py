@@ -440,8 +440,8 @@ def test_cli_generator_takes_the_ema_generator_out_of_a_training_checkpoint(tmp_
 
 def test_teacher_colours_script_counts_every_frame_of_every_colour():
     # scripts/teacher_colours.py (docs/notes/world.md, sixth session) on the committed teacher and VAE:
-    # one line per palette colour, each counting the 21 frames of one sample; the committed teacher
-    # draws a big red circle red in 42 of 42 frames over 2 seeds, blue in 3 of 42
+    # one line per palette colour, each counting the 21 frames of one sample; the committed (seventh
+    # session's, widened) teacher draws a big red circle red in 42 of 42 frames over 2 seeds at CFG 1.5
     import subprocess
     import sys
 
