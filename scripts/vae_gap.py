@@ -20,6 +20,7 @@ import torch
 from rf_runtime.backends.base import to_uint8_frames
 from rf_runtime.world import procedural
 from rf_runtime.world import training as T
+from rf_runtime.world.diagnose import psnr
 from rf_runtime.world.heldout import scene_of
 
 PROMPTS = (
@@ -28,11 +29,6 @@ PROMPTS = (
     "a small white circle moving left slowly on a gray background",
     "a big purple circle moving down slowly",
 )
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * np.log10(255.0**2 / max(mse, 1e-12))
 
 
 def _object_colour(video: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -69,7 +65,7 @@ def main() -> None:
         with torch.no_grad():
             fitted = to_uint8_frames(vae.decode(z).numpy()[0])
         print(
-            f"{prompt}: PSNR encoder {_psnr(from_encoder, truth):.1f} dB, fitted {_psnr(fitted, truth):.1f} dB; "
+            f"{prompt}: PSNR encoder {psnr(from_encoder, truth):.1f} dB, fitted {psnr(fitted, truth):.1f} dB; "
             f"object colour true {_object_colour(truth, truth).tolist()} encoder "
             f"{_object_colour(from_encoder, truth).tolist()} fitted {_object_colour(fitted, truth).tolist()}"
         )

@@ -368,13 +368,12 @@ def _generator_config(args, cfg):
     from rf_runtime.models import DiTConfig
 
     folder = args.model_dir
-    if folder is None:
+    if folder is None:  # an rf-train checkpoint names its student folder; older ones have the default size
         from safetensors import safe_open
 
         with safe_open(args.checkpoint, "pt") as f:
-            meta = f.metadata() or {}
-        folder = json.loads(meta.get("config", "{}")).get("student")
-        if folder is None or not os.path.isfile(os.path.join(folder, "config.json")):
+            folder = json.loads((f.metadata() or {}).get("config", "{}")).get("student")
+        if folder is None:
             return cfg.dit
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
