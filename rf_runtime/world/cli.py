@@ -4,6 +4,8 @@
     rf-world encode   --vae W/vae.safetensors --videos 1500 --out W/latents.safetensors
     rf-world teacher  --data W/latents.safetensors --out W/teacher.safetensors --steps 3000 --max-minutes 25
     rf-world student  --data W/latents.safetensors --teacher W/teacher.safetensors --out W/student.safetensors
+    rf-world ode-pairs --teacher W/teacher.safetensors --prompts-file configs/world_prompts.txt --out W/ode.safetensors
+    rf-world student  --objective ode --data W/ode.safetensors --teacher W/student.safetensors --out W/student_ode.safetensors
     rf-world model-dir --vae W/vae.safetensors --dit W/student.safetensors --out W/model
 
 Every stage writes its weights atomically, ``<out>.json`` with the config, and ``<out>.log.json``
@@ -52,7 +54,27 @@ def _parser():
     )
     st = sub.add_parser("student", help="fine-tune the causal student from the teacher (teacher forcing)")
     _common(st, 500, 8, 2e-4)
-    st.add_argument("--teacher", required=True)
+    st.add_argument("--teacher", required=True, help="the weights to start from (the teacher, or a student)")
+    st.add_argument(
+        "--objective",
+        choices=("flow", "ode"),
+        default="flow",
+        help="flow: teacher-forced flow matching on encoded clips (default); ode: regression on the "
+        "teacher's ODE pairs (--data from `rf-world ode-pairs`)",
+    )
+    op = sub.add_parser(
+        "ode-pairs", help="the teacher's CFG samples with their ODE paths, for `student --objective ode`"
+    )
+    op.add_argument("--teacher", required=True, help="bidirectional teacher DiT weights")
+    op.add_argument("--prompts-file", required=True, help="one prompt per line (the training prompts)")
+    op.add_argument("--clips", type=int, default=1000, help="ODE pairs to make (default 1000)")
+    op.add_argument("--steps", type=int, default=16, help="Euler steps of the teacher's ODE (default 16)")
+    op.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance (default 1.5)")
+    op.add_argument("--batch", type=int, default=8)
+    op.add_argument("--seed", type=int, default=0)
+    op.add_argument("--max-minutes", type=float, help="stop early (after a batch) after this much time")
+    op.add_argument("--out", required=True, help="ODE pairs to write (.safetensors)")
+    op.add_argument("--tiny", action="store_true")
     for name in ("teacher", "student"):
         sub.choices[name].add_argument("--data", required=True, help="latents from `rf-world encode`")
     for name in ("vae", "teacher"):
@@ -254,11 +276,11 @@ def _run(args) -> int:
         return 0
     cfg = T.TINY if args.tiny else T.WorldConfig()
     max_s = args.max_minutes * 60 if getattr(args, "max_minutes", None) else None
-    total = getattr(args, "steps", None) or getattr(args, "videos", None)
+    total = getattr(args, "clips", None) or getattr(args, "steps", None) or getattr(args, "videos", None)
     bar = tqdm(total=total, disable=args.quiet, file=sys.stderr, mininterval=5)
 
     def on_step(step, logs):
-        bar.n = step + 1 if args.command != "encode" else step
+        bar.n = step + 1 if args.command not in ("encode", "ode-pairs") else step
         bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "mse", "kl")}, refresh=False)
         bar.refresh()
 
@@ -330,9 +352,27 @@ def _run(args) -> int:
             seed=args.seed,
             max_seconds=max_s,
             fg_weight=args.fg_weight,
+            objective=args.objective,
             on_step=on_step,
         )
         T.save_dit(model, args.out)
+    elif args.command == "ode-pairs":
+        from rf_runtime.world.heldout import read_prompts_file
+
+        data = T.teacher_ode_pairs(
+            T.load_dit(args.teacher),
+            cfg,
+            read_prompts_file(args.prompts_file),
+            args.clips,
+            steps=args.steps,
+            guidance=args.guidance,
+            batch=args.batch,
+            seed=args.seed,
+            max_seconds=max_s,
+            on_step=on_step,
+        )
+        data.save(args.out)
+        history = None
     elif args.command == "generator":
         from rf_runtime.models import CausalDiT
         from rf_runtime.models.dit import load_checkpoint_file, normalize_state_dict

@@ -172,25 +172,38 @@ def sample_clips(rng: np.random.Generator, cfg: WorldConfig, batch: int, num_fra
 
 @dataclass
 class LatentData:
-    """Encoded clips for the DiTs: latents [N, F, C, H, W] (normalised), text embeddings, prompts."""
+    """Encoded clips for the DiTs: latents [N, F, C, H, W] (normalised), text embeddings, prompts.
+
+    ``trajectory`` [N, S, F, C, H, W] (only in ODE pairs, ``teacher_ode_pairs``): the teacher's ODE
+    path at the stream sampler's S noise levels, whose endpoint is ``latents``."""
 
     latents: torch.Tensor
     text: torch.Tensor
     prompts: list[str]
+    trajectory: torch.Tensor | None = None
 
     def batch(self, rng: np.random.Generator, size: int):
         idx = torch.from_numpy(rng.integers(0, len(self.prompts), size=size))
         return self.latents[idx], self.text[idx]
 
+    def ode_batch(self, rng: np.random.Generator, size: int):
+        """(trajectory, endpoint latents, text) of ``size`` random ODE pairs."""
+        if self.trajectory is None:
+            raise InputError(
+                "these latents hold no ODE trajectories: make ODE pairs with "
+                "`rf-world ode-pairs --teacher T --out FILE` for the ode objective"
+            )
+        idx = torch.from_numpy(rng.integers(0, len(self.prompts), size=size))
+        return self.trajectory[idx], self.latents[idx], self.text[idx]
+
     def save(self, path: str) -> None:
         from safetensors.torch import save_file
 
+        tensors = {"latents": self.latents.contiguous(), "text": self.text.contiguous()}
+        if self.trajectory is not None:
+            tensors["trajectory"] = self.trajectory.contiguous()
         atomic_save(
-            lambda tmp: save_file(
-                {"latents": self.latents.contiguous(), "text": self.text.contiguous()},
-                tmp,
-                metadata={"prompts": json.dumps(self.prompts)},
-            ),
+            lambda tmp: save_file(tensors, tmp, metadata={"prompts": json.dumps(self.prompts)}),
             path,
             create_folder=True,
         )
@@ -205,7 +218,8 @@ class LatentData:
             )
         with safe_open(path, "pt") as f:
             prompts = json.loads(f.metadata()["prompts"])
-            return cls(f.get_tensor("latents"), f.get_tensor("text"), prompts)
+            trajectory = f.get_tensor("trajectory") if "trajectory" in f.keys() else None
+            return cls(f.get_tensor("latents"), f.get_tensor("text"), prompts, trajectory)
 
 
 @torch.no_grad()
@@ -527,11 +541,37 @@ def sample_teacher(
     """Bidirectional samples of a teacher: Euler on the flow ODE from sigma 1 to 0 over the shift-warped
     schedule, with classifier-free guidance against no text when ``guidance`` > 0
     (v = v_cond + guidance (v_cond - v_uncond)). text [B, L, D]; shape (F, C, H, W) -> latents [B, F, C, H, W]."""
+    return teacher_ode(model, text, shape, steps=steps, guidance=guidance, shift=shift, seed=seed)[0]
+
+
+@torch.no_grad()
+def teacher_ode(
+    model: CausalDiT,
+    text: torch.Tensor,
+    shape: tuple,
+    *,
+    steps: int = 24,
+    guidance: float = 0.0,
+    shift: float = 5.0,
+    seed: int = 0,
+    record: tuple[float, ...] = (),
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``sample_teacher``'s ODE, also returning the path at the noise levels ``record`` (added to the
+    Euler grid where it lacks them) -> (endpoint [B, F, C, H, W], [x at each recorded sigma])."""
     b = text.shape[0]
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((b, *shape), generator=gen)
     sig = shift_sigma(np.linspace(1.0, 0.0, steps + 1), shift).tolist()
+    for r in record:
+        if not 0.0 < r <= 1.0:
+            raise InputError(f"recorded noise levels must lie in (0, 1], got {r}")
+        if min(abs(r - a) for a in sig) > 1e-6:
+            sig = sorted([*sig, float(r)], reverse=True)
+    path = {}
     for a, c in zip(sig[:-1], sig[1:]):
+        for r in record:
+            if abs(r - a) <= 1e-6:
+                path[r] = x.clone()
         t = torch.full((b, shape[0]), a * 1000.0)
         if guidance > 0:
             v_both = model.forward_full(
@@ -542,7 +582,57 @@ def sample_teacher(
         else:
             v = model.forward_full(x, t, text)
         x = x + (c - a) * v
-    return x
+    return x, [path[r] for r in record]
+
+
+@torch.no_grad()
+def teacher_ode_pairs(
+    teacher: CausalDiT,
+    cfg: WorldConfig,
+    prompts: list[str],
+    num_clips: int,
+    *,
+    steps: int = 16,
+    guidance: float = 1.5,
+    batch: int = 8,
+    seed: int = 0,
+    max_seconds: float | None = None,
+    on_step=None,
+) -> LatentData:
+    """ODE pairs for the causal student (CausVid's ODE initialisation, which Self Forcing's DMD starts
+    from): the teacher's CFG samples of whole clips from noise, each with its path at the stream
+    sampler's noise levels. Clip i has prompt ``prompts[i % len(prompts)]``; after ``max_seconds`` it
+    stops at the end of a batch."""
+    if not prompts:
+        raise InputError("ODE pairs need at least one prompt")
+    teacher.eval()
+    record = tuple(float(s) for s in cfg.stream.schedule().sigma)
+    shape = (cfg.latent_frames, cfg.dit.in_dim, *cfg.latent_hw)
+    start_time = time.perf_counter()
+    ends, paths, names = [], [], []
+    for start in range(0, num_clips, batch):
+        chosen = [prompts[i % len(prompts)] for i in range(start, min(start + batch, num_clips))]
+        text = torch.from_numpy(cfg.text.encode(chosen))
+        x0, path = teacher_ode(
+            teacher,
+            text,
+            shape,
+            steps=steps,
+            guidance=guidance,
+            shift=cfg.stream.shift,
+            seed=seed + start,
+            record=record,
+        )
+        ends.append(x0)
+        paths.append(torch.stack(path, dim=1))
+        names += chosen
+        if on_step:
+            on_step(len(names), {})
+        if max_seconds is not None and time.perf_counter() - start_time > max_seconds:
+            logger.info("stopping after %d clips: time budget of %.0f s spent", len(names), max_seconds)
+            break
+    text = torch.from_numpy(cfg.text.encode(names))
+    return LatentData(torch.cat(ends), text, names, torch.cat(paths))
 
 
 def _train_dit(
@@ -559,11 +649,14 @@ def _train_dit(
     warmup,
     on_step,
     ema: float = 0.0,
+    draw=None,
 ) -> tuple[CausalDiT, list[dict]]:
-    """AdamW on ``loss(model, latents, text, rng) -> (loss, logs)`` over random batches of ``data``.
+    """AdamW on ``loss(model, latents, text, rng) -> (loss, logs)`` over random batches of ``data``
+    (``draw(rng, size) -> (latents, text)``, default ``data.batch``).
     The model has ``init``'s size (e.g. a widened teacher), else ``cfg.dit``'s. ``ema`` > 0: the
     returned weights are the exponential moving average of the trained ones with this decay."""
     model, rng = _start(lambda: CausalDiT(init.config if init is not None else cfg.dit), init, seed)
+    draw = draw or data.batch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     sched = _warmup_decay(opt, steps, warmup=warmup)
     if not 0.0 <= ema < 1.0:
@@ -577,7 +670,7 @@ def _train_dit(
     )
 
     def step():
-        latents, text = data.batch(rng, batch)
+        latents, text = draw(rng, batch)
         logs = _step(opt, sched, model, loss(model, latents, text, rng))
         if averaged is not None:
             averaged.update_parameters(model)
@@ -632,6 +725,46 @@ def student_loss(
     }
 
 
+def ode_student_loss(model: CausalDiT, trajectory, endpoint, text, rng: np.random.Generator, settings):
+    """ODE regression through the streaming KV cache (CausVid's ODE initialisation of the causal student).
+
+    trajectory [B, S, F, C, H, W]: the teacher's ODE path at the sampler's S noise levels; endpoint
+    [B, F, C, H, W]: where the path ends. Chunk i is taken from the path at one of the sampler's steps
+    (drawn per sample), its x0 prediction (x_t - sigma v) regressed on the endpoint's chunk (MSE), and
+    the endpoint's chunk committed to the cache, as the stream commits its own clean chunks. The
+    regression target is one sample, not the mean of all clips that could have been noised into x_t,
+    so a few-step sampler of the student draws the teacher's sharp samples rather than their blur.
+    Returns (loss, logs)."""
+    b, s, f = trajectory.shape[:3]
+    c = settings.chunk_frames
+    if f % c:
+        raise ConfigError(f"clips of {f} latent frames do not split into chunks of {c}")
+    sched = settings.schedule()
+    if s != len(sched.sigma):
+        raise InputError(
+            f"the ODE pairs hold {s} noise levels, the sampler has {len(sched.sigma)} steps: "
+            "make the pairs with the stream settings the student is trained for"
+        )
+    ts = torch.tensor(sched.t, dtype=torch.float32)
+    sigmas = torch.tensor(sched.sigma, dtype=torch.float32)
+    rollout = ChunkRollout.for_prompt(model, text, endpoint.shape, settings)
+
+    def chunk(i):
+        x0 = endpoint[:, i * c : (i + 1) * c]
+        k = torch.from_numpy(rng.integers(s, size=b))
+        x_t = trajectory[torch.arange(b), k, i * c : (i + 1) * c]
+        pred = rollout.predict(x_t, ts[k].view(b, 1).expand(b, c), copy_cache=True)
+        x0_pred = x_t - sigmas[k].view(b, 1, 1, 1, 1) * pred
+        return x0, ((x0_pred - x0) ** 2).mean()
+
+    losses = chunk_loop(rollout, f // c, chunk)
+    loss = torch.stack(losses).mean()
+    return loss, {
+        "loss": float(loss.detach()),
+        **{f"loss_chunk{i}": float(v.detach()) for i, v in enumerate(losses)},
+    }
+
+
 def train_student(
     cfg: WorldConfig,
     data: LatentData,
@@ -643,12 +776,31 @@ def train_student(
     seed: int = 0,
     max_seconds: float | None = None,
     fg_weight: float = 3.0,
+    objective: str = "flow",
     on_step=None,
 ) -> tuple[CausalDiT, list[dict]]:
-    """The causal student: the teacher's weights, fine-tuned on teacher-forced causal chunks."""
+    """The causal student, fine-tuned from ``teacher``'s weights (or a student's) on causal chunks.
 
-    def loss(m, x, text, rng):
-        return student_loss(m, x, text, rng, cfg.stream, fg_weight=fg_weight)
+    objective "flow": teacher-forced flow matching on ``data``'s clips (``student_loss``);
+    "ode": regression on the teacher's ODE pairs (``ode_student_loss``; ``data`` from ``teacher_ode_pairs``)."""
+    draw = None
+    if objective == "flow":
+
+        def loss(m, x, text, rng):
+            return student_loss(m, x, text, rng, cfg.stream, fg_weight=fg_weight)
+
+    elif objective == "ode":
+        data.ode_batch(np.random.default_rng(0), 1)  # raises a clear error when there is no trajectory
+
+        def draw(rng, size):
+            trajectory, endpoint, text = data.ode_batch(rng, size)
+            return (trajectory, endpoint), text
+
+        def loss(m, x, text, rng):
+            return ode_student_loss(m, *x, text, rng, cfg.stream)
+
+    else:
+        raise ConfigError(f"objective must be 'flow' or 'ode', got {objective!r}")
 
     return _train_dit(
         cfg,
@@ -662,6 +814,7 @@ def train_student(
         max_seconds=max_seconds,
         warmup=20,
         on_step=on_step,
+        draw=draw,
     )
 
 
