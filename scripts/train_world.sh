@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Train the procedural-world model from nothing on CPU and export it as the default engine bundle.
 # Usage (from the repository root):  bash scripts/train_world.sh [FIRST_STAGE [LAST_STAGE]]
-#   stages, in order: vae encode teacher student dmd export. Give a stage to start (and stop) there, e.g.
+#   stages, in order: vae encode teacher student ode dmd export. Give a stage to start (and stop) there, e.g.
 #   `bash scripts/train_world.sh student` continues from the committed teacher in checkpoints/procedural-world/.
+#   The shipped model (eighth session) was made by
+#     ENCODE_VAE=vae11 VIDEOS=4500 ENCODE_MIN=13 THREADS=2 bash scripts/train_world.sh encode encode
+#     TEACHER_FROM=committed TEACHER_STEPS=2600 TEACHER_MIN=35 TEACHER_EMA=0.999 STUDENT_MIN=10 DMD_MIN=28 \
+#         THREADS=1 taskset -c 0 bash scripts/train_world.sh teacher dmd
+#   then the export stage. The ode stage (between student and dmd) is opt-in: it runs when named as FIRST
+#   or LAST, or with ODE=1 in a chain that spans it (the shipped model was made without it).
 # The work directory is world-work/ (git-ignored; configs/world_*.yaml point into it). Each stage is
 # time-boxed by --max-minutes (wall time), so the whole run fits a session on a shared 2-core machine;
 # docs/notes/world.md records what each stage reached. The small files the next stage needs are copied
@@ -15,7 +21,7 @@ FIRST=${1:-vae}
 LAST=${2:-export}
 THREADS=${THREADS:-1}   # one thread: on a shared machine a second one mostly waits at barriers
 mkdir -p "$W" "$C"
-stages=(vae encode teacher student dmd export)
+stages=(vae encode teacher student ode dmd export)
 run=0
 stamp() { echo "[$(date -u +%H:%M:%S)] $*"; }
 want() {   # run stage $1? (from FIRST on, until the stage after LAST)
@@ -115,6 +121,19 @@ if want student; then
     stamp student; need vae9.safetensors; need teacher.safetensors
     rf-world --threads "$THREADS" --quiet student --data "$W/latents.safetensors" --teacher "$W/teacher.safetensors" \
         --steps 2000 --max-minutes "${STUDENT_MIN:-8}" --batch 4 --out "$W/student.safetensors"
+    keep "$W/student.safetensors"
+fi
+# 4b. ODE initialisation (CausVid's, which Self Forcing's DMD starts from): the teacher's CFG samples with
+#    their ODE paths at the stream sampler's 4 noise levels, and the causal student regressed on them
+#    (x0 from each step's input onto the sample the path ends at), so its 4 steps draw the teacher's sharp
+#    samples instead of the conditional mean's blur. Written as the student the DMD stage starts from.
+if want ode && { [[ ${ODE:-0} == 1 || $FIRST == ode || $LAST == ode ]]; }; then
+    stamp ode; need teacher.safetensors; need student.safetensors
+    rf-world --threads "$THREADS" --quiet ode-pairs --teacher "$W/teacher.safetensors" --prompts-file configs/world_prompts.txt \
+        --clips "${ODE_CLIPS:-1000}" --steps 16 --guidance 1.5 --max-minutes "${ODE_PAIRS_MIN:-16}" --out "$W/ode.safetensors"
+    rf-world --threads "$THREADS" --quiet student --objective ode --data "$W/ode.safetensors" --teacher "$W/student.safetensors" \
+        --steps "${ODE_STEPS:-900}" --max-minutes "${ODE_MIN:-12}" --batch 4 --out "$W/student_ode.safetensors"
+    for f in "" .json .log.json; do cp "$W/student_ode.safetensors$f" "$W/student.safetensors$f"; done
     keep "$W/student.safetensors"
 fi
 # 5. Re-DMD (motion reward, beta 0.5, CFG 1.5) over 21-frame rollouts; EMA from step 150 (30 generator

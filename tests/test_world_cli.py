@@ -347,21 +347,23 @@ def test_rf_generate_without_a_model_runs_the_shipped_bundle_and_the_shape_moves
     assert result.dynamic_degree == 100.0 and result.flow_score > 1.5
     # ... and it is a foreground object on the prompt's (black) background, not noise
     assert result.shape_score > 0.5
-    # it goes somewhere (the previous model wobbled in place: 7.5 px over 30 s), and its colour is the
-    # prompt's more often than chance (6 palette colours: 1/6); measured 14 px and 0.38 for this bundle
+    # it goes somewhere (the first model wobbled in place: 7.5 px over 30 s), and its colour is the
+    # prompt's red (the second model's was orange-red, 0.38); measured 18.5 px and 0.96 for this bundle
     assert result.travel > 8.0
-    assert result.colour_score > 0.25
+    assert result.colour_score > 0.8
 
 
 @pytest.mark.parametrize(
     "prompt, colour_at_least",
-    [("a red circle bouncing", 0.2), ("a big yellow triangle moving down quickly", 0.6)],
+    [("a red circle bouncing", 0.9), ("a green circle moving up on a white background", 0.75)],
 )
 def test_the_shipped_bundle_follows_two_prompts_as_far_as_measured(prompt, colour_at_least):
     # Issue 16's prompt-following checks (rf_runtime.world.follow) on 4 s of the default model, as a
-    # regression guard at the levels it reaches (docs/notes/world.md): a black background and one object
-    # in nearly every frame, the prompt's colour in a share of them. It does not reach the issue's targets
-    # (>= 90 % colour, motion along the prompted axis): those are reported, not asserted.
+    # regression guard at the levels it reaches (docs/notes/world.md, eighth session; measured on these
+    # 64 frames: colour 1.00 and 0.88, background 1.00 and 0.98, shape 0.95 and 1.00, one object 1.00):
+    # the prompt's background (white too), one object of the prompt's colour and shape. It does not reach
+    # all of the issue's targets (motion along the prompted axis, >= 90 % colour over the held-out
+    # prompts): those are reported, not asserted.
     pytest.importorskip("onnxruntime")
     from rf_runtime.streamer import Streamer
     from rf_runtime.world.follow import score_prompt
@@ -371,6 +373,7 @@ def test_the_shipped_bundle_follows_two_prompts_as_far_as_measured(prompt, colou
     f = score_prompt(frames, prompt)
     assert f.background >= 0.9 and f.one_object >= 0.9
     assert f.colour >= colour_at_least and f.colour_changes == 0
+    assert f.shape >= 0.8  # circles: fill ratio nearest pi/4
     assert set(P.VOCABULARY) <= set(streamer.backend.model_card.vocabulary)  # the card lists what it knows
 
 
