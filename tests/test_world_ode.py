@@ -54,6 +54,9 @@ def test_a_level_missing_from_the_grid_is_inserted_as_an_extra_euler_step(teache
     torch.testing.assert_close(got_end, end, rtol=1e-5, atol=1e-5)
     with pytest.raises(InputError, match="noise levels"):
         T.teacher_ode(teacher, text, SHAPE, steps=1, record=(0.0,))
+    for clips, steps in ((0, 4), (2, 0)):
+        with pytest.raises(InputError, match="--clips >= 1 and --steps >= 1"):
+            T.teacher_ode_pairs(teacher, CFG, ["a red circle bouncing"], clips, steps=steps)
 
 
 def test_ode_pairs_cycle_the_prompts_and_round_trip_through_safetensors(teacher, tmp_path):

@@ -605,6 +605,8 @@ def teacher_ode_pairs(
     stops at the end of a batch."""
     if not prompts:
         raise InputError("ODE pairs need at least one prompt")
+    if num_clips < 1 or steps < 1:
+        raise InputError(f"ODE pairs need --clips >= 1 and --steps >= 1, got {num_clips} and {steps}")
     teacher.eval()
     record = tuple(float(s) for s in cfg.stream.schedule().sigma)
     shape = (cfg.latent_frames, cfg.dit.in_dim, *cfg.latent_hw)
