@@ -440,15 +440,23 @@ def test_cli_generator_takes_the_ema_generator_out_of_a_training_checkpoint(tmp_
 
 def test_teacher_colours_script_counts_every_frame_of_every_colour():
     # scripts/teacher_colours.py (docs/notes/world.md, sixth session) on the committed teacher and VAE:
-    # one line per palette colour, each counting the 21 frames of one sample; the committed (seventh
-    # session's, widened) teacher draws a big red circle red in 42 of 42 frames over 2 seeds at CFG 1.5
+    # one line per palette colour, each counting the 21 frames of one sample, at the CFG the DMD configs
+    # use (1.5); the committed (eighth session's, vae11 latents) teacher draws a big red circle red in 20
+    # of 21 frames with seed 0 (at the script's default CFG 3 only 6: it is not the CFG it is used at)
     import subprocess
     import sys
 
     root = os.path.join(os.path.dirname(__file__), "..")
     ck = os.path.join(root, "checkpoints", "procedural-world")
     out = subprocess.run(
-        [sys.executable, os.path.join(root, "scripts", "teacher_colours.py"), "--seeds", "1"]
+        [
+            sys.executable,
+            os.path.join(root, "scripts", "teacher_colours.py"),
+            "--seeds",
+            "1",
+            "--guidance",
+            "1.5",
+        ]
         + [
             "--teacher",
             os.path.join(ck, "teacher.safetensors"),
@@ -469,7 +477,7 @@ def test_teacher_colours_script_counts_every_frame_of_every_colour():
         assert total == T.WorldConfig().pixel_frames and 0 <= hits <= total
         counts = line.split("read as: ")[1].split(", ")
         assert sum(int(c.rsplit(" ", 1)[1]) for c in counts) == total
-    assert int(rows["red"].split()[1]) >= 15  # measured 21 of 21 with seed 0
+    assert int(rows["red"].split()[1]) >= 15  # measured 20 of 21 with seed 0
 
 
 def test_teacher_ema_returns_the_moving_average_of_the_weights():
