@@ -127,7 +127,8 @@ def test_the_ode_objective_on_plain_latents_names_the_command_that_makes_pairs(t
 def test_cli_ode_pairs_then_student_with_the_ode_objective(teacher, tmp_path):
     from rf_runtime.world.cli import main
 
-    T.save_dit(teacher, str(tmp_path / "t.safetensors"))
+    teacher_file = str(tmp_path / "t.safetensors")
+    T.save_dit(teacher, teacher_file)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle bouncing\na small blue square moving left on a gray background\n")
     run = lambda *a: main(["--quiet", *a, "--tiny"])  # noqa: E731
@@ -136,7 +137,7 @@ def test_cli_ode_pairs_then_student_with_the_ode_objective(teacher, tmp_path):
         run(
             "ode-pairs",
             "--teacher",
-            str(tmp_path / "t.safetensors"),
+            teacher_file,
             "--prompts-file",
             str(prompts),
             "--clips",
@@ -149,45 +150,18 @@ def test_cli_ode_pairs_then_student_with_the_ode_objective(teacher, tmp_path):
         == 0
     )
     assert T.LatentData.load(ode).trajectory.shape == (3, 4, *SHAPE)
+
+    def student(data, out, steps):
+        args = ["--objective", "ode", "--data", data, "--teacher", teacher_file, "--steps", steps]
+        return run("student", *args, "--batch", "2", "--out", out)
+
     out = str(tmp_path / "s.safetensors")
-    assert (
-        run(
-            "student",
-            "--objective",
-            "ode",
-            "--data",
-            ode,
-            "--teacher",
-            str(tmp_path / "t.safetensors"),
-            "--steps",
-            "2",
-            "--batch",
-            "2",
-            "--out",
-            out,
-        )
-        == 0
-    )
+    assert student(ode, out, "2") == 0
     assert T.load_dit(out).config == teacher.config
     # plain latents with the ode objective: a clear error (exit 2), no weights written
     plain = str(tmp_path / "plain.safetensors")
     T.LatentData(torch.zeros(2, *SHAPE), torch.zeros(2, CFG.dit.text_len, CFG.dit.text_dim), ["a", "b"]).save(
         plain
     )
-    assert (
-        run(
-            "student",
-            "--objective",
-            "ode",
-            "--data",
-            plain,
-            "--teacher",
-            str(tmp_path / "t.safetensors"),
-            "--steps",
-            "1",
-            "--out",
-            str(tmp_path / "bad.safetensors"),
-        )
-        != 0
-    )
+    assert student(plain, str(tmp_path / "bad.safetensors"), "1") != 0
     assert not (tmp_path / "bad.safetensors").exists()
