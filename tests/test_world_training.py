@@ -1,5 +1,6 @@
 """Smoke tests of every training stage of the world model, on the seconds-sized TINY config."""
 
+import dataclasses
 import json
 import os
 
@@ -246,6 +247,31 @@ def test_decoder_only_training_keeps_the_encoder(vae):
         if k.startswith(("encoder.", "conv1.")):
             torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)
     assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("decoder."))
+
+
+def test_cli_part_trained_vae_keeps_the_normalisation_its_latents_were_made_with(tmp_path):
+    """A decoder (or encoder) fitted against the other, frozen part keeps the init's latents_mean/std
+    bit for bit, so latents already encoded and DiTs trained on them still decode; a full retrain
+    measures its own statistics."""
+    from rf_runtime.world.cli import main
+
+    w = str(tmp_path)
+
+    def run(*args):
+        return main(["--quiet", "vae", "--tiny", "--steps", "2", "--batch", "2", "--clip-frames", "5", *args])
+
+    assert run("--out", f"{w}/v.safetensors") == 0
+    base = T.load_vae(f"{w}/v.safetensors")
+    moved = T.with_config(base, dataclasses.replace(base.config, latents_mean=(0.5,) * base.config.z_dim))
+    T.save_vae(moved, f"{w}/moved.safetensors")  # a normalisation the encoder would not measure itself
+    for part in ("--decoder-only", "--encoder-only"):
+        out = f"{w}/p.safetensors"
+        assert run("--init", f"{w}/moved.safetensors", part, "--fg-weight", "16", "--out", out) == 0
+        assert T.load_vae(out).config.latents_mean == (0.5,) * base.config.z_dim, part
+    assert run("--init", f"{w}/moved.safetensors", "--out", f"{w}/full.safetensors") == 0
+    assert T.load_vae(f"{w}/full.safetensors").config.latents_mean != (0.5,) * base.config.z_dim
+    with pytest.raises(ConfigError, match="fg_weight must be >= 0"):
+        T.train_vae(CFG, steps=1, clip_frames=5, fg_weight=-1.0)
 
 
 def test_training_is_reproducible_by_seed(data):

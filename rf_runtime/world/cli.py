@@ -87,7 +87,17 @@ def _parser():
         help="frames per training clip, 1 + k x the temporal stride (default 9)",
     )
     sub.choices["vae"].add_argument(
-        "--decoder-only", action="store_true", help="freeze the encoder (latents already encoded stay valid)"
+        "--decoder-only",
+        action="store_true",
+        help="freeze the encoder and keep the latent normalisation (latents already encoded, and DiTs "
+        "trained on them, stay valid)",
+    )
+    sub.choices["vae"].add_argument(
+        "--fg-weight",
+        type=float,
+        default=4.0,
+        help="extra weight of the pixels that differ from the background, read from the input frames "
+        "(default 4)",
     )
     sub.choices["vae"].add_argument(
         "--encoder-only",
@@ -298,9 +308,12 @@ def _run(args) -> int:
             clip_frames=args.clip_frames,
             decoder_only=args.decoder_only,
             encoder_only=args.encoder_only,
+            fg_weight=args.fg_weight,
             on_step=on_step,
         )
-        if not args.encoder_only:  # the decoder's normalisation stays with the decoder
+        # a fresh or fully retrained VAE gets its encoder's latent statistics; a part trained against
+        # the other, frozen part keeps the normalisation the frozen part (and any DiT) was made with
+        if not (args.encoder_only or args.decoder_only):
             vae = T.with_config(vae, T.latent_stats(vae, cfg, num_videos=16 if args.tiny else 64))
         T.save_vae(vae, args.out)
     elif args.command == "from-bundle":

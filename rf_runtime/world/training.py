@@ -320,6 +320,8 @@ def train_vae(
     """
     if decoder_only and encoder_only:
         raise ConfigError("decoder_only and encoder_only exclude each other: choose the part to train")
+    if not fg_weight >= 0:
+        raise ConfigError(f"fg_weight must be >= 0 (0: plain MSE), got {fg_weight}")
     stride = cfg.vae.stride[1]
     if crop is not None and (crop % stride or crop < stride or crop > min(cfg.height, cfg.width)):
         raise ConfigError(f"crop must be a multiple of {stride} no larger than the frame, got {crop}")
