@@ -274,6 +274,22 @@ def test_cli_part_trained_vae_keeps_the_normalisation_its_latents_were_made_with
         T.train_vae(CFG, steps=1, clip_frames=5, fg_weight=-1.0)
 
 
+def test_balanced_clips_draw_each_background_a_third_of_the_time():
+    """sample_scene alone gives black 2/3 (a prompt without a background means black), gray and white
+    1/6 each; balanced, each is 1/3 (300 draws: a standard deviation of 0.027)."""
+    import collections
+
+    def shares(balance):
+        scenes, pixels = T.sample_clips(np.random.default_rng(0), CFG, 300, 1, balance_backgrounds=balance)
+        assert pixels.shape == (300, 3, 1, CFG.height, CFG.width)
+        count = collections.Counter(s.background for s in scenes)
+        return {b: count[b] / 300 for b in ("black", "gray", "white")}
+
+    plain, balanced = shares(False), shares(True)
+    assert plain["black"] > 0.58 and plain["gray"] < 0.25, plain
+    assert all(0.25 < v < 0.42 for v in balanced.values()), balanced
+
+
 def test_training_is_reproducible_by_seed(data):
     a, _ = T.train_teacher(CFG, data, steps=2, batch=2, seed=4)
     b, _ = T.train_teacher(CFG, data, steps=2, batch=2, seed=4)

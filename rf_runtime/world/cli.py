@@ -93,6 +93,11 @@ def _parser():
         "trained on them, stay valid)",
     )
     sub.choices["vae"].add_argument(
+        "--balance-backgrounds",
+        action="store_true",
+        help="train on black, gray and white backgrounds a third each (the world alone: black 2/3)",
+    )
+    sub.choices["vae"].add_argument(
         "--fg-weight",
         type=float,
         default=4.0,
@@ -309,6 +314,7 @@ def _run(args) -> int:
             decoder_only=args.decoder_only,
             encoder_only=args.encoder_only,
             fg_weight=args.fg_weight,
+            balance_backgrounds=args.balance_backgrounds,
             on_step=on_step,
         )
         # a fresh or fully retrained VAE gets its encoder's latent statistics; a part trained against

@@ -163,8 +163,23 @@ def to_pixels(videos: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
 
 
-def sample_clips(rng: np.random.Generator, cfg: WorldConfig, batch: int, num_frames: int):
-    """A batch of fresh procedural scenes (seeds drawn from ``rng``) -> (scenes, pixels [B, 3, T, H, W])."""
+def sample_clips(
+    rng: np.random.Generator, cfg: WorldConfig, batch: int, num_frames: int, balance_backgrounds: bool = False
+):
+    """A batch of fresh procedural scenes (seeds drawn from ``rng``) -> (scenes, pixels [B, 3, T, H, W]).
+
+    balance_backgrounds: each scene's background is drawn first, black, gray and white a third each,
+    and seeds are drawn until a scene has it (``sample_scene`` alone gives black two thirds of the time)."""
+    if balance_backgrounds:
+        names = list(procedural.BACKGROUNDS)
+        scenes = []
+        for _ in range(batch):
+            want = names[rng.integers(len(names))]
+            scene = None
+            while scene is None or scene.background != want:
+                scene = procedural.sample_scene(int(rng.integers(0, 2**31)), cfg.height, cfg.width)
+            scenes.append(scene)
+        return scenes, to_pixels(np.stack([procedural.render(s, num_frames) for s in scenes]))
     seeds = rng.integers(0, 2**31, size=batch)
     scenes = [procedural.sample_scene(int(s), cfg.height, cfg.width) for s in seeds]
     return scenes, to_pixels(np.stack([procedural.render(s, num_frames) for s in scenes]))
@@ -302,6 +317,7 @@ def train_vae(
     init: WanVAE | None = None,
     decoder_only: bool = False,
     encoder_only: bool = False,
+    balance_backgrounds: bool = False,
     on_step=None,
 ) -> tuple[WanVAE, list[dict]]:
     """Train the VAE as an autoencoder on fresh procedural clips; stops after ``steps`` or ``max_seconds``.
@@ -317,6 +333,7 @@ def train_vae(
     encoder_only: train the encoder (``conv1``, ``encoder``) and freeze the decoder, e.g. to fit a fresh
         encoder to a decoder taken out of a bundle (``from_bundle.vae_from_bundle``): the latent space
         stays the decoder's, so a DiT trained on it still fits.
+    balance_backgrounds: black, gray and white backgrounds a third each (``sample_clips``).
     """
     if decoder_only and encoder_only:
         raise ConfigError("decoder_only and encoder_only exclude each other: choose the part to train")
@@ -340,7 +357,7 @@ def train_vae(
     sched = _warmup_decay(opt, steps, warmup=50)
 
     def step():
-        pixels = sample_clips(rng, cfg, batch, clip_frames)[1]
+        pixels = sample_clips(rng, cfg, batch, clip_frames, balance_backgrounds)[1]
         if crop is not None:
             y, x = (int(rng.integers(0, n - crop + 1)) for n in pixels.shape[-2:])
             pixels = pixels[..., y : y + crop, x : x + crop]
