@@ -163,6 +163,14 @@ def to_pixels(videos: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
 
 
+def _scene_on(background: str, rng: np.random.Generator, cfg: WorldConfig) -> procedural.Scene:
+    """The first scene, from seeds drawn from ``rng``, whose background is ``background``."""
+    while True:
+        scene = procedural.sample_scene(int(rng.integers(0, 2**31)), cfg.height, cfg.width)
+        if scene.background == background:
+            return scene
+
+
 def sample_clips(
     rng: np.random.Generator, cfg: WorldConfig, batch: int, num_frames: int, balance_backgrounds: bool = False
 ):
@@ -172,16 +180,10 @@ def sample_clips(
     and seeds are drawn until a scene has it (``sample_scene`` alone gives black two thirds of the time)."""
     if balance_backgrounds:
         names = list(procedural.BACKGROUNDS)
-        scenes = []
-        for _ in range(batch):
-            want = names[rng.integers(len(names))]
-            scene = None
-            while scene is None or scene.background != want:
-                scene = procedural.sample_scene(int(rng.integers(0, 2**31)), cfg.height, cfg.width)
-            scenes.append(scene)
-        return scenes, to_pixels(np.stack([procedural.render(s, num_frames) for s in scenes]))
-    seeds = rng.integers(0, 2**31, size=batch)
-    scenes = [procedural.sample_scene(int(s), cfg.height, cfg.width) for s in seeds]
+        scenes = [_scene_on(names[rng.integers(len(names))], rng, cfg) for _ in range(batch)]
+    else:
+        seeds = rng.integers(0, 2**31, size=batch)
+        scenes = [procedural.sample_scene(int(s), cfg.height, cfg.width) for s in seeds]
     return scenes, to_pixels(np.stack([procedural.render(s, num_frames) for s in scenes]))
 
 
