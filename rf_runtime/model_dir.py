@@ -205,6 +205,12 @@ def write(
     Each file is written to a temporary name and renamed; the folder is created if needed.
     """
     path = os.fspath(path)
+    z, ins, outs = vae.config.z_dim, dit.config.in_dim, dit.config.out_dim
+    if not z == ins == outs:  # checked before anything is written: no half-written folder
+        raise ConfigError(
+            f"the DiT reads {ins} and writes {outs} latent channels but the VAE's latents have {z}: "
+            "pair the DiT with the VAE whose latents it was trained on"
+        )
     os.makedirs(path, exist_ok=True)
     atomic_write_json(os.path.join(path, CONFIG), dict(dit.config.to_dict(), _class_name="WanModel"))
     save_weights(dit, os.path.join(path, DIT_WEIGHTS))

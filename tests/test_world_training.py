@@ -616,3 +616,70 @@ def test_cli_generator_reads_the_size_of_the_student_folder_it_was_trained_from(
     assert main([*bad, "--model-dir", str(tmp_path), "--out", str(tmp_path / "g2.safetensors")]) == 2
     assert "has no config.json: give --model-dir the student's model folder" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "g2.safetensors")
+
+
+def test_cli_a_vae_of_other_latent_channels_carries_through_every_stage(tmp_path):
+    """rf-world vae --z-dim 6 -> encode -> rechannel the old teacher -> teacher -> student -> model-dir ->
+    a stream: every stage reads its latent channels from the VAE or the latents it is given."""
+    from rf_runtime.streamer import Streamer
+    from rf_runtime.world.cli import main
+
+    w = str(tmp_path)
+    run = lambda *a: main(["--quiet", *a, "--tiny"])  # noqa: E731
+    assert (
+        run(
+            "vae",
+            "--z-dim",
+            "6",
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--clip-frames",
+            "5",
+            "--out",
+            f"{w}/v.safetensors",
+        )
+        == 0
+    )
+    assert T.load_vae(f"{w}/v.safetensors").config.z_dim == 6
+    assert run("encode", "--vae", f"{w}/v.safetensors", "--videos", "3", "--out", f"{w}/lat.safetensors") == 0
+    assert T.LatentData.load(f"{w}/lat.safetensors").latents.shape[2] == 6
+    torch.manual_seed(0)
+    T.save_dit(T.CausalDiT(CFG.dit), f"{w}/old.safetensors")  # a teacher of the default 4 channels
+    assert (
+        run("rechannel", "--dit", f"{w}/old.safetensors", "--z-dim", "6", "--out", f"{w}/t0.safetensors") == 0
+    )
+    common = ["--data", f"{w}/lat.safetensors", "--steps", "2", "--batch", "2"]
+    assert run("teacher", *common, "--init", f"{w}/t0.safetensors", "--out", f"{w}/t.safetensors") == 0
+    assert run("student", *common, "--teacher", f"{w}/t.safetensors", "--out", f"{w}/s.safetensors") == 0
+    for name in ("t0", "t", "s"):
+        cfg = T.load_dit(f"{w}/{name}.safetensors").config
+        assert (cfg.in_dim, cfg.out_dim) == (6, 6), name
+    assert (
+        run("model-dir", "--vae", f"{w}/v.safetensors", "--dit", f"{w}/s.safetensors", "--out", f"{w}/m") == 0
+    )
+    frames = np.concatenate(list(Streamer.from_checkpoint(f"{w}/m").stream("a red circle", num_frames=6)))
+    assert frames.shape == (6, CFG.height, CFG.width, 3)
+    # the old teacher's channels do not fit the new VAE: refused before anything is written
+    assert (
+        run("model-dir", "--vae", f"{w}/v.safetensors", "--dit", f"{w}/old.safetensors", "--out", f"{w}/bad")
+        == 2
+    )
+    assert not os.path.exists(f"{w}/bad")
+    # a fresh VAE's width only: --z-dim against an init of another width is refused
+    assert (
+        run(
+            "vae",
+            "--init",
+            f"{w}/v.safetensors",
+            "--z-dim",
+            "4",
+            "--steps",
+            "1",
+            "--out",
+            f"{w}/v2.safetensors",
+        )
+        == 2
+    )
+    assert not os.path.exists(f"{w}/v2.safetensors")

@@ -64,3 +64,35 @@ def test_the_real_world_config_widens():
 def test_negative_noise_is_refused():
     with pytest.raises(ConfigError, match="noise"):
         widen_dit(CausalDiT(T.TINY.dit), noise=-1)
+
+
+def test_rechannel_keeps_every_weight_but_the_latent_input_and_output():
+    from rf_runtime.world.widen import rechannel_dit
+
+    old = _trained_like(T.TINY.dit)
+    new = rechannel_dit(old, 6)
+    assert (new.config.in_dim, new.config.out_dim) == (6, 6)
+    before, after = old.state_dict(), new.state_dict()
+    fresh = {k for k in after if k.startswith(("patch_embedding.", "head.head."))}
+    # the fresh layers are exactly the ones whose shape names the channels: embedding and projection
+    assert fresh == {"patch_embedding.weight", "patch_embedding.bias", "head.head.weight", "head.head.bias"}
+    assert after["patch_embedding.weight"].shape[1] == 6
+    patch = 1
+    for p in T.TINY.dit.patch_size:
+        patch *= p
+    assert after["head.head.weight"].shape[0] == patch * 6
+    for k in after.keys() - fresh:
+        assert torch.equal(after[k], before[k]), k
+    # it runs on latents of the new width and returns that width
+    f, (h, w) = 3, T.TINY.latent_hw
+    x = torch.randn(1, f, 6, h, w)
+    text = torch.randn(1, T.TINY.dit.text_len, T.TINY.dit.text_dim)
+    out = new.forward_full(x, torch.full((1, f), 500.0), text)
+    assert out.shape == x.shape
+
+
+def test_rechannel_to_no_channels_is_refused():
+    from rf_runtime.world.widen import rechannel_dit
+
+    with pytest.raises(ConfigError, match="z_dim must be >= 1"):
+        rechannel_dit(_trained_like(T.TINY.dit), 0)

@@ -18,7 +18,7 @@ import argparse
 import logging
 import sys
 
-from rf_runtime.errors import RFError
+from rf_runtime.errors import InputError, RFError
 
 
 def _common(p, steps, batch, lr):
@@ -105,6 +105,11 @@ def _parser():
         "(default 4)",
     )
     sub.choices["vae"].add_argument(
+        "--z-dim",
+        type=int,
+        help="latent channels of a fresh VAE (default 8; Wan2.1's VAE has 16); with --init, the init's",
+    )
+    sub.choices["vae"].add_argument(
         "--encoder-only",
         action="store_true",
         help="freeze the decoder and keep its latent normalisation (e.g. a decoder "
@@ -143,6 +148,16 @@ def _parser():
         "--noise", type=float, default=0.05, help="symmetry-breaking split of the copies (default 0.05)"
     )
     wi.add_argument("--tiny", action="store_true")
+    rc = sub.add_parser(
+        "rechannel",
+        help="a DiT for latents of another channel count (a new VAE): fresh latent input and output "
+        "layers, every other weight kept, to continue a teacher on the new latents",
+    )
+    rc.add_argument("--dit", required=True, help="DiT weights (+ .json config) to start from")
+    rc.add_argument("--z-dim", type=int, required=True, help="the new VAE's latent channels")
+    rc.add_argument("--out", required=True, help="DiT to write (teacher --init)")
+    rc.add_argument("--seed", type=int, default=0)
+    rc.add_argument("--tiny", action="store_true")
     for name in ("teacher", "student"):
         sub.choices[name].add_argument(
             "--fg-weight",
@@ -290,6 +305,8 @@ def _run(args) -> int:
         print(f"wrote {args.count} prompts to {args.out}")
         return 0
     cfg = T.TINY if args.tiny else T.WorldConfig()
+    if getattr(args, "vae", None) and args.command in ("encode", "sample", "model-dir"):
+        cfg = cfg.with_vae(T.load_vae(args.vae).config)  # latent channels and size follow the VAE
     max_s = args.max_minutes * 60 if getattr(args, "max_minutes", None) else None
     total = getattr(args, "clips", None) or getattr(args, "steps", None) or getattr(args, "videos", None)
     bar = tqdm(total=total, disable=args.quiet, file=sys.stderr, mininterval=5)
@@ -301,6 +318,15 @@ def _run(args) -> int:
 
     if args.command == "vae":
         init = T.load_vae(args.init) if args.init else None
+        if args.z_dim is not None:
+            if init is not None and init.config.z_dim != args.z_dim:
+                raise InputError(
+                    f"--z-dim {args.z_dim} differs from --init's z_dim {init.config.z_dim}: "
+                    "leave out --z-dim to continue the init, or --init to train a fresh VAE"
+                )
+            cfg = cfg.with_latent_channels(args.z_dim)
+        if init is not None:
+            cfg = cfg.with_vae(init.config)
         vae, history = T.train_vae(
             cfg,
             steps=args.steps,
@@ -340,9 +366,10 @@ def _run(args) -> int:
         history = None
     elif args.command == "teacher":
         init = T.load_dit(args.init) if args.init else None
+        data = T.LatentData.load(args.data)
         model, history = T.train_teacher(
-            cfg,
-            T.LatentData.load(args.data),
+            cfg.with_latent_channels(data.channels),
+            data,
             steps=args.steps,
             batch=args.batch,
             lr=args.lr,
@@ -360,10 +387,16 @@ def _run(args) -> int:
 
         T.save_dit(widen_dit(T.load_dit(args.dit), noise=args.noise), args.out)
         history = None
+    elif args.command == "rechannel":
+        from rf_runtime.world.widen import rechannel_dit
+
+        T.save_dit(rechannel_dit(T.load_dit(args.dit), args.z_dim, seed=args.seed), args.out)
+        history = None
     elif args.command == "student":
+        data = T.LatentData.load(args.data)
         model, history = T.train_student(
-            cfg,
-            T.LatentData.load(args.data),
+            cfg.with_latent_channels(data.channels),
+            data,
             T.load_dit(args.teacher),
             steps=args.steps,
             batch=args.batch,
@@ -423,7 +456,6 @@ def _generator_config(args, cfg):
     import json
     import os
 
-    from rf_runtime.errors import InputError
     from rf_runtime.models import DiTConfig
 
     folder = args.model_dir
@@ -538,15 +570,19 @@ def _diagnose(args) -> int:
         from rf_runtime.streamer import Streamer
 
         streamer = Streamer.from_engine(args.engine)
+    vae = T.load_vae(args.vae) if args.vae else None
+    cfg = T.TINY if args.tiny else T.WorldConfig()
+    if vae is not None:
+        cfg = cfg.with_vae(vae.config)  # the teacher's samples have the VAE's latent channels
     scores = diagnose.stage_scores(
         prompts,
-        vae=T.load_vae(args.vae) if args.vae else None,
+        vae=vae,
         teacher=T.load_dit(args.teacher) if args.teacher else None,
         streamer=streamer,
         seconds=args.seconds,
         guidance=args.guidance,
         seed=args.seed,
-        cfg=T.TINY if args.tiny else T.WorldConfig(),
+        cfg=cfg,
     )
     print(diagnose.stage_table(scores))
     if args.out:

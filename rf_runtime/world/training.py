@@ -42,11 +42,11 @@ from rf_runtime.world import heldout, procedural
 logger = logging.getLogger("rf_runtime")
 
 
-def _small_vae() -> VAEConfig:
+def _small_vae(z: int = 8) -> VAEConfig:
     # Spatial stride 8 as Wan, but no temporal compression: a VAE this small, trained for minutes on one
     # core, blurs shapes and shifts colours when it must also pack 4 frames into one (measured: PSNR 18 dB
-    # after 26 min with stride (4, 8, 8)); one latent frame per video frame is easy for it.
-    z = 8
+    # after 26 min with stride (4, 8, 8)); one latent frame per video frame is easy for it. z: latent
+    # channels (8 for the models up to the ninth session; Wan2.1's VAE has 16).
     return VAEConfig(
         dim=16,
         z_dim=z,
@@ -109,6 +109,24 @@ class WorldConfig:
             )
         if (self.text.text_dim, self.text.text_len) != (self.dit.text_dim, self.dit.text_len):
             raise ConfigError("the text encoder's text_dim/text_len must match the DiT's")
+
+    def with_vae(self, vae: VAEConfig) -> "WorldConfig":
+        """This config for another VAE (e.g. one loaded from a file): the DiT's in/out channels follow
+        its ``z_dim``."""
+        dit = dataclasses.replace(self.dit, in_dim=vae.z_dim, out_dim=vae.z_dim)
+        return dataclasses.replace(self, vae=vae, dit=dit)
+
+    def with_latent_channels(self, z_dim: int) -> "WorldConfig":
+        """This config for latents of ``z_dim`` channels: a fresh small VAE of that width (its
+        normalisation unmeasured) and the DiT's in/out channels to match."""
+        if z_dim == self.vae.z_dim:
+            return self
+        if not z_dim >= 1:
+            raise ConfigError(f"z_dim must be >= 1, got {z_dim}")
+        vae = dataclasses.replace(
+            self.vae, z_dim=z_dim, latents_mean=(0.0,) * z_dim, latents_std=(1.0,) * z_dim
+        )
+        return self.with_vae(vae)
 
     @property
     def latent_frames(self) -> int:
@@ -198,6 +216,11 @@ class LatentData:
     text: torch.Tensor
     prompts: list[str]
     trajectory: torch.Tensor | None = None
+
+    @property
+    def channels(self) -> int:
+        """Latent channels (the encoding VAE's z_dim)."""
+        return int(self.latents.shape[2])
 
     def batch(self, rng: np.random.Generator, size: int):
         idx = torch.from_numpy(rng.integers(0, len(self.prompts), size=size))
@@ -630,7 +653,7 @@ def teacher_ode_pairs(
         raise InputError(f"ODE pairs need --clips >= 1 and --steps >= 1, got {num_clips} and {steps}")
     teacher.eval()
     record = tuple(float(s) for s in cfg.stream.schedule().sigma)
-    shape = (cfg.latent_frames, cfg.dit.in_dim, *cfg.latent_hw)
+    shape = (cfg.latent_frames, teacher.config.in_dim, *cfg.latent_hw)
     start_time = time.perf_counter()
     ends, paths, names = [], [], []
     for start in range(0, num_clips, batch):

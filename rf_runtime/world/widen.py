@@ -12,6 +12,12 @@ embeddings, the modulation) and of width ``ffn_dim`` becomes the vector written 
   (head_dim and so the 3D RoPE stay the same), and duplicated heads attend alike.
 
 The widened model's output equals the original's to float rounding (``tests/test_world_widen.py``).
+
+``rechannel_dit`` is the other resize a trained DiT takes when its VAE changes: latents of another
+number of channels. Only the patch embedding (reads the latent) and the output head's projection
+(writes it) depend on the channels; they start fresh, and every other weight (the blocks, the text and
+time embeddings, the head's modulation) is kept, so the new teacher keeps what the old one learned
+about text, time and attention and relearns only the latent code.
 """
 
 from __future__ import annotations
@@ -85,3 +91,22 @@ def widen_dit(model: CausalDiT, *, noise: float = 0.05, seed: int = 0) -> Causal
         raise ConfigError(f"cannot widen this DiT: no rule for {', '.join(bad[:4])}")
     wide.load_state_dict(state)
     return wide.train(model.training)
+
+
+# the parameters whose shape follows the latent channels: fresh in ``rechannel_dit``
+_LATENT_IO = ("patch_embedding.", "head.head.")
+
+
+def rechannel_dit(model: CausalDiT, z_dim: int, *, seed: int = 0) -> CausalDiT:
+    """``model`` for latents of ``z_dim`` channels: a fresh (seeded) patch embedding and output
+    projection, every other weight kept (see the module's docstring)."""
+    if not z_dim >= 1:
+        raise ConfigError(f"z_dim must be >= 1, got {z_dim}")
+    torch.manual_seed(seed)
+    new = CausalDiT(dataclasses.replace(model.config, in_dim=z_dim, out_dim=z_dim))
+    state = new.state_dict()
+    for name, t in model.state_dict().items():
+        if not name.startswith(_LATENT_IO):
+            state[name] = t.detach().clone()
+    new.load_state_dict(state)
+    return new.train(model.training)
