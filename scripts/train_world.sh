@@ -7,6 +7,10 @@
 #     ENCODE_VAE=vae11 VIDEOS=4500 ENCODE_MIN=13 THREADS=2 bash scripts/train_world.sh encode encode
 #     TEACHER_FROM=committed TEACHER_STEPS=2600 TEACHER_MIN=35 TEACHER_EMA=0.999 STUDENT_MIN=10 DMD_MIN=28 \
 #         THREADS=1 taskset -c 0 bash scripts/train_world.sh teacher dmd
+#   then (ninth session) its Re-DMD run continued from step 990 to 2,520 and (tenth session) that made the default:
+#     timeout -s INT 45m rf-train --config configs/world_redmd.yaml --resume --steps 3000
+#     rf-world generator --checkpoint world-work/redmd/checkpoint_002520.safetensors --out world-work/redmd2520.safetensors
+#     rf-world model-dir --vae $C/vae13.safetensors --dit world-work/redmd2520.safetensors --out $C/model --note "..."
 #   then the export stage. The ode stage (between student and dmd) is opt-in: it runs when named as FIRST
 #   or LAST, or with ODE=1 in a chain that spans it (the shipped model was made without it).
 # The work directory is world-work/ (git-ignored; configs/world_*.yaml point into it). Each stage is
