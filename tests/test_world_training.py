@@ -522,10 +522,23 @@ def test_teacher_colours_script_counts_every_frame_of_every_colour():
     assert int(rows["red"].split()[1]) >= 15  # measured 20 of 21 with seed 0
 
 
-def test_teacher_ema_returns_the_moving_average_of_the_weights():
-    # ema 0.5 over 4 updates p1..p4: AveragedModel copies p1, then e = 0.5 e + 0.5 p, so the result is
-    # p1/8 + p2/8 + p3/4 + p4/2. The loss sees p0..p3 (the weights before each update); p4 is what the
-    # same run without EMA returns (same seed, same batches).
+def test_ema_decay_warms_up_then_holds_the_set_decay():
+    # min(decay, (1 + n) / (10 + n)), worked by hand
+    assert T.ema_decay(1, 0.999) == pytest.approx(2 / 11)
+    assert T.ema_decay(90, 0.999) == pytest.approx(91 / 100)
+    assert T.ema_decay(8990, 0.999) == pytest.approx(0.999)  # 8991 / 9000 = 0.999 exactly: the cap
+    assert T.ema_decay(10**6, 0.999) == 0.999
+    # the first update's share after 1,300 updates: 0.999^1299 = 27 % without the warm-up
+    share = np.prod([T.ema_decay(n, 0.999) for n in range(1, 1300)])
+    assert share < 1e-20 and 0.999**1299 > 0.27
+
+
+def test_teacher_ema_returns_the_warmed_up_moving_average_of_the_weights():
+    # ema 0.2 over 4 updates p1..p4: AveragedModel copies p1, then e = d p_old + (1 - d) p with
+    # d = min(0.2, (1 + n) / (10 + n)) at update n = 1, 2, 3: 2/11, 0.2, 0.2. So the result is
+    # p1 (2/11)(0.2)(0.2) + p2 (9/11)(0.2)(0.2) + p3 (0.8)(0.2) + p4 (0.8)
+    # = p1 2/275 + p2 9/275 + p3 4/25 + p4 4/5. The loss sees p0..p3 (the weights before each
+    # update); p4 is what the same run without EMA returns (same seed, same batches).
     data = T.encode_dataset(T.WanVAE(CFG.vae), CFG, 4)
     seen = []
 
@@ -537,10 +550,10 @@ def test_teacher_ema_returns_the_moving_average_of_the_weights():
     raw, _ = T._train_dit(CFG, data, loss, **kw)
     p = seen[1:4] + [raw.state_dict()]
     seen.clear()
-    averaged, _ = T._train_dit(CFG, data, loss, ema=0.5, **kw)
+    averaged, _ = T._train_dit(CFG, data, loss, ema=0.2, **kw)
     got = averaged.state_dict()
     for k in got:
-        want = p[0][k] / 8 + p[1][k] / 8 + p[2][k] / 4 + p[3][k] / 2
+        want = p[0][k] * 2 / 275 + p[1][k] * 9 / 275 + p[2][k] * 4 / 25 + p[3][k] * 4 / 5
         torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6, msg=k)
     assert any(not torch.equal(got[k], p[3][k]) for k in got)  # not the last weights
     with pytest.raises(ConfigError, match="ema"):

@@ -136,7 +136,8 @@ def _parser():
         "--ema",
         type=float,
         default=0.0,
-        help="write the moving average of the weights with this decay (e.g. 0.999; default 0: the last weights)",
+        help="write the moving average of the weights with this decay, warmed up as min(decay, (1+n)/(10+n)) "
+        "(e.g. 0.999; default 0: the last weights)",
     )
     wi = sub.add_parser(
         "widen",
