@@ -425,7 +425,7 @@ def test_the_world_training_configs_are_valid_and_differ_only_where_the_ablation
 
     # the configs point into world-work/ (made by scripts/train_world.sh): stand its model directories up
     shutil.copytree(os.path.join(os.path.dirname(__file__), "..", "configs"), tmp_path / "configs")
-    for name in ("teacher-model", "student-model"):
+    for name in ("teacher-model", "student-model", "z16/teacher-model", "z16/student-model"):
         os.makedirs(tmp_path / "world-work" / name)
         (tmp_path / "world-work" / name / "config.json").write_text("{}")
     root = str(tmp_path / "configs")
@@ -440,6 +440,11 @@ def test_the_world_training_configs_are_valid_and_differ_only_where_the_ablation
     for other in (dmd, beta2):
         assert {k: getattr(other, k) for k in same} == {k: getattr(redmd, k) for k in same}
     assert len({redmd.output_dir, dmd.output_dir, beta2.output_dir}) == 3
+    # the 16-channel chain's Re-DMD: the same recipe on its own model folders and output
+    z16 = load_config(os.path.join(root, "world_redmd_z16.yaml"))
+    recipe = ("steps", "batch_size", "num_frames", "seed", "optim", "dmd", "reward", "fold_in_training")
+    assert {k: getattr(z16, k) for k in recipe} == {k: getattr(redmd, k) for k in recipe}
+    assert os.path.basename(os.path.dirname(z16.student)) == "z16" and z16.output_dir != redmd.output_dir
 
 
 def test_cli_generator_takes_the_ema_generator_out_of_a_training_checkpoint(tmp_path):
