@@ -5,6 +5,7 @@ N GPUs (FSDP2):   torchrun --nproc_per_node N -m rf_runtime.train.cli --config F
 N CPU processes:  torchrun --nproc_per_node N -m rf_runtime.train.cli --config FILE --device cpu
 Resume:           rf-train --config FILE --resume            (the newest checkpoint in output_dir)
                   rf-train --config FILE --resume PATH
+Change a key:     rf-train --config FILE --set optim.lr=1e-5 --set student=DIR   (paths from the working directory)
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="overrides the config's 'output_dir'")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's 'device'")
     p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (dotted for nested ones: optim.lr=1e-5, reward.kind=none; the value "
+        "is read as YAML; paths are relative to the working directory); repeatable",
+    )
+    p.add_argument(
         "--measure-reward",
         type=int,
         metavar="BATCHES",
@@ -64,10 +73,10 @@ def _train(args) -> int:
     from tqdm import tqdm
 
     from rf_runtime.train import distributed as D
-    from rf_runtime.train.config import load_config
+    from rf_runtime.train.config import load_config, parse_overrides
     from rf_runtime.train.trainer import Trainer, latest_checkpoint
 
-    overrides = {}
+    overrides = parse_overrides(args.set)
     if args.steps is not None:
         overrides["steps"] = args.steps
     if args.output_dir:

@@ -3,7 +3,8 @@
 Every key of the file maps to a field below; an unknown key, a value of the wrong type or a
 missing required path is refused with a ``ConfigError`` that names the key and says what to do.
 Defaults are the release's (``configs/reward_forcing.yaml`` of Reward Forcing, SPEC section 6).
-Relative paths in a config file are taken relative to the file's directory.
+Relative paths in a config file are taken relative to the file's directory; paths given on the
+command line (``rf-train --set student=DIR``) relative to the working directory.
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ def _build(cls, raw: dict):
         error=ConfigError,
         what="config key",
         yaml_numbers=True,
-        hint="fix it in the config file",
+        hint="fix it in the config file (or the --set option that gave it)",
     )
 
 
@@ -233,8 +234,69 @@ def config_from_dict(raw: dict, base_dir: str | None = None) -> TrainConfig:
     return _build(TrainConfig, raw)
 
 
+def parse_overrides(items: list[str], cwd: str | None = None) -> dict:
+    """``rf-train --set KEY=VALUE`` options as a nested mapping for :func:`load_config`.
+
+    KEY is a config key, dotted for nested ones (``optim.lr``, ``reward.kind``); VALUE is read as YAML,
+    so ``2e-5``, ``true``, ``null`` and ``[320, 576]`` get their types (the config's own reader checks
+    them). Path keys are taken relative to ``cwd`` (default: the working directory), as a shell user
+    expects, not to the config file's directory. A later option for the same key wins."""
+    yaml = require("yaml", "train")
+    cwd = os.getcwd() if cwd is None else cwd
+    out: dict = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        parts = key.split(".")
+        if not eq or not all(parts):
+            raise ConfigError(
+                f"--set {item!r}: write KEY=VALUE with a config key, e.g. --set optim.lr=1e-5 "
+                "or --set student=world-work/student-model"
+            )
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"--set {key}: the value {text!r} is not valid YAML ({first})") from exc
+        if key in _PATH_KEYS and isinstance(value, str) and value:
+            value = os.path.normpath(os.path.join(cwd, os.path.expanduser(value)))
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"--set {key}: '{'.'.join(parts[: depth + 1])}' was set to a value by an earlier --set, "
+                    "so it has no sub-keys"
+                )
+            node = child
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(
+                f"--set {key}: an earlier --set gave sub-keys of '{key}'; set them or the whole key, not both"
+            )
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict, where: str = "") -> dict:
+    """``base`` with ``extra``'s keys replacing its own, mappings merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        name = f"{where}{key}"
+        if isinstance(value, dict) and out.get(key) is not None and not isinstance(out[key], dict):
+            raise ConfigError(
+                f"--set {name}.*: config key '{name}' is {out[key]!r} in the config file, not a mapping "
+                f"with sub-keys; set '{name}' itself"
+            )
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, f"{name}.")
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> TrainConfig:
-    """Read a YAML (``.yaml``/``.yml``) or JSON config file; ``overrides`` replace top-level keys."""
+    """Read a YAML (``.yaml``/``.yml``) or JSON config file; ``overrides`` (a nested mapping, e.g. from
+    :func:`parse_overrides`, its paths absolute) replace the file's keys, mappings merged key by key."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(
@@ -262,5 +324,5 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Train
             f"{path} must hold a mapping of keys to values, it holds a {type(raw).__name__}: write one "
             "'key: value' per line (see configs/tiny_redmd.yaml)"
         )
-    raw = {**raw, **(overrides or {})}
+    raw = _merge(raw, overrides or {})
     return config_from_dict(raw, os.path.dirname(os.path.abspath(path)))
