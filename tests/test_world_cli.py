@@ -266,6 +266,61 @@ def test_ablation_command_writes_table_and_plots(model_dir, tmp_path, capsys):
     assert "unknown cache variants" in capsys.readouterr().err
 
 
+def test_ablation_reuses_the_runs_of_an_earlier_one(model_dir, tmp_path, capsys):
+    """--reuse: a second model added to an earlier grid streams only its own runs; the earlier runs come
+    back unchanged (their generation times too, which a new stream would not repeat), and a model under
+    the same name that is now another directory, or streams of another length, are refused."""
+    import shutil
+
+    from fault_tools import assert_one_line_error, run_cli
+
+    from rf_runtime.world.cli import main
+
+    twin = tmp_path / "twin"
+    shutil.copytree(model_dir, twin)  # the same weights: its runs must equal the reused ones
+    grid = [
+        "--variants",
+        "static sink",
+        "--prompt",
+        "a red circle bouncing",
+        "--seeds",
+        "2",
+        "--seconds",
+        "1",
+    ]
+    first = tmp_path / "first"
+    assert main(["--quiet", "ablate", "--model", f"a={model_dir}", *grid, "--out", str(first)]) == 0
+    earlier = json.load(open(first / "ablation.json"))
+    second = tmp_path / "second"
+    argv = ["--quiet", "ablate", "--model", f"a={model_dir}", "--model", f"b={twin}", *grid]
+    assert main([*argv, "--reuse", str(first / "ablation.json"), "--out", str(second)]) == 0
+    data = json.load(open(second / "ablation.json"))
+    assert [(r["model"], r["seed"]) for r in data["runs"]] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert data["runs"][:2] == earlier["runs"]  # taken as they were, seconds_to_generate included
+    for a, b in zip(data["runs"][:2], data["runs"][2:]):
+        assert b["metrics"] == pytest.approx(a["metrics"], rel=1e-6, abs=1e-9)  # streamed anew: same frames
+        assert b["seconds_to_generate"] != a["seconds_to_generate"]
+    assert data["reused_from"]["runs"] == 2 and data["reused_from"]["command"] == earlier["command"]
+    assert "2 of the 4 runs were taken from" in open(second / "ablation.md").read()
+    assert data["paired"][0]["pairs"] == 2 and data["paired"][0]["colour"] == pytest.approx(0.0, abs=1e-9)
+
+    bad = [
+        (["--model", f"a={twin}", *grid], ["model 'a'", "another name"]),
+        (["--model", f"a={model_dir}", *grid[:-1], "2"], ["1 s long", "--seconds 1"]),
+    ]
+    for options, needles in bad:
+        reuse = ["--reuse", str(first / "ablation.json"), "--out", str(tmp_path / "x")]
+        code, _, err = run_cli(main, ["ablate", *options, *reuse], capsys)
+        assert_one_line_error(code, err, "rf-world", *needles)
+    (tmp_path / "not.json").write_text("{}")
+    for path, needle in [(tmp_path / "none.json", "does not exist"), (tmp_path / "not.json", "KeyError")]:
+        code, _, err = run_cli(
+            main, ["ablate", "--model", f"a={model_dir}", "--reuse", path, "--out", tmp_path / "x"], capsys
+        )
+        assert_one_line_error(code, err, "rf-world", needle)
+    assert not (tmp_path / "x").exists()  # refused before anything was streamed or written
+
+
 def test_ablation_in_worker_processes_gives_the_same_runs(model_dir):
     from rf_runtime.world.ablation import CACHE_VARIANTS, run_ablation
 

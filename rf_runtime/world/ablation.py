@@ -127,9 +127,12 @@ def run_ablation(
     on_run=None,
     jobs: int = 1,
     engines: dict | None = None,
+    reuse: list[Run] | None = None,
 ) -> list[Run]:
     """Every model x variant x prompt x seed. ``models``: name -> model directory or (directory, checkpoint).
     engines: name -> a bundle exported from that model, for the variants it can run (``run_one``).
+    reuse: runs made earlier of the same models and stream length (``read_runs``); a cell they cover is
+    taken from them instead of streamed. The result is in grid order either way.
 
     jobs: runs at once, each in its own process with one torch thread (the runs are independent and
     deterministic by seed, so the results do not depend on ``jobs``); 1 = in this process."""
@@ -160,6 +163,19 @@ def run_ablation(
         for seed in seeds
     ]
 
+    done = {(r.model, r.variant, r.prompt, r.seed): r for r in reuse or []}
+    todo = [c for c in cells if c not in done]
+    if len(todo) < len(cells):
+        logger.info("%d of %d runs reused, %d to stream", len(cells) - len(todo), len(cells), len(todo))
+        if on_run:
+            for c in cells:
+                if c in done:
+                    on_run(done[c])
+
+    def in_grid_order(made: list[Run]) -> list[Run]:
+        new = dict(zip(todo, made))
+        return [done[c] if c in done else new[c] for c in cells]
+
     def record(cell, outcome) -> Run:
         model, variant, prompt, seed = cell
         result, elapsed = outcome
@@ -170,11 +186,13 @@ def run_ablation(
             on_run(run)
         return run
 
-    if jobs == 1:
-        return [
-            record(c, run_one(models[c[0]], variants[c[1]], c[2], c[3], seconds, engines.get(c[0])))
-            for c in cells
-        ]
+    if jobs == 1 or len(todo) <= 1:
+        return in_grid_order(
+            [
+                record(c, run_one(models[c[0]], variants[c[1]], c[2], c[3], seconds, engines.get(c[0])))
+                for c in todo
+            ]
+        )
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -183,9 +201,9 @@ def run_ablation(
             pool.submit(
                 _run_one_in_worker, models[c[0]], variants[c[1]], c[2], c[3], seconds, engines.get(c[0])
             )
-            for c in cells
+            for c in todo
         ]
-        return [record(c, f.result()) for c, f in zip(cells, futures)]
+        return in_grid_order([record(c, f.result()) for c, f in zip(todo, futures)])
 
 
 def _mean_se(values) -> tuple[float | None, float | None]:
@@ -296,8 +314,29 @@ def paired_table(rows: list[dict]) -> str:
     return _table(head, rows, ["model", "variant", "against", "pairs"], PAIRED_METRICS, signed=True)
 
 
-def write_report(runs: list[Run], out_dir: str, command: str) -> list[str]:
-    """ablation.json (every run), ablation.md (the table + the command), and plots (matplotlib)."""
+def read_runs(path: str) -> tuple[str, list[Run]]:
+    """The command and runs of an ablation.json written by ``write_report``."""
+    import json
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} does not exist: give the ablation.json of an earlier `rf-world ablate`")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        runs = [Run(**r) for r in data["runs"]]
+        command = data["command"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"{path} is not an ablation.json of `rf-world ablate` ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(command, str):
+        raise ConfigError(f"{path} is not an ablation.json of `rf-world ablate` (its 'command' is not text)")
+    return command, runs
+
+
+def write_report(runs: list[Run], out_dir: str, command: str, reused_from: dict | None = None) -> list[str]:
+    """ablation.json (every run), ablation.md (the table + the command), and plots (matplotlib).
+    reused_from: {"path", "command", "runs"} when some runs were taken from an earlier ablation.json."""
     from rf_runtime.errors import require
     from rf_runtime.files import atomic_save
     from rf_runtime.world.training import save_json
@@ -309,6 +348,7 @@ def write_report(runs: list[Run], out_dir: str, command: str) -> list[str]:
         save_json(
             {
                 "command": command,
+                **({"reused_from": reused_from} if reused_from else {}),
                 "summary": rows,
                 "paired": paired,
                 "runs": [dataclasses.asdict(r) for r in runs],
@@ -317,7 +357,14 @@ def write_report(runs: list[Run], out_dir: str, command: str) -> list[str]:
         )
     ]
     md = (
-        f"# Ablation on the procedural-world model\n\nMade by:\n\n    {command}\n\n{markdown_table(rows)}\n\n"
+        f"# Ablation on the procedural-world model\n\nMade by:\n\n    {command}\n\n"
+        + (
+            f"{reused_from['runs']} of the {len(runs)} runs were taken from `{reused_from['path']}`, made by:\n\n"
+            f"    {reused_from['command']}\n\n"
+            if reused_from
+            else ""
+        )
+        + f"{markdown_table(rows)}\n\n"
         "Mean ± standard error over prompts and seeds. Metrics: `rf_runtime/eval.py`.\n"
     )
     if paired:

@@ -262,6 +262,12 @@ def _parser():
     ab.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
     ab.add_argument("--seconds", type=float, default=60.0, help="stream length (default 60)")
     ab.add_argument("--jobs", type=int, default=1, help="runs at once, one process and core each (default 1)")
+    ab.add_argument(
+        "--reuse",
+        metavar="ABLATION_JSON",
+        help="an earlier ablation.json: its runs of the same model (name and directory), variant, prompt, "
+        "seed and stream length are taken as they are, not streamed again (e.g. to add a model to a grid)",
+    )
     ab.add_argument("--out", required=True, help="directory for ablation.md/.json and the plots")
     return p
 
@@ -600,6 +606,57 @@ def _name_value(item: str, flag: str, form: str) -> tuple[str, str]:
     return name, value
 
 
+def _models(items: list[str]) -> dict:
+    """``--model NAME=DIR[@CHECKPOINT]`` options: name -> directory or (directory, checkpoint)."""
+    models = {}
+    for item in items:
+        name, path = _name_value(
+            item, "--model", "NAME=DIR or NAME=DIR@CHECKPOINT, e.g. --model re-dmd=work/model"
+        )
+        models[name] = tuple(path.split("@", 1)) if "@" in path else path
+    return models
+
+
+def _reusable_runs(path: str, models: dict, seconds: float) -> tuple[list, str]:
+    """The runs of an earlier ablation.json that this ablation can take as they are, and the command that
+    made them. Its models and stream length are read back from that command (this CLI wrote it): a run is
+    reusable when its model has the same name and directory (and checkpoint) here and the streams are as
+    long; a name that now means another directory is refused rather than mixed in."""
+    import os
+    import shlex
+
+    from rf_runtime.world import ablation as A
+
+    earlier, runs = A.read_runs(path)
+    try:
+        words = shlex.split(earlier)
+        old = _parser().parse_args(words[1:]) if words[:1] == ["rf-world"] else None
+    except (ValueError, SystemExit):
+        old = None
+    if old is None or old.command != "ablate":
+        raise RFError(
+            f"--reuse {path}: its 'command' is not an rf-world ablate command, so its runs cannot be matched"
+        )
+    if old.seconds != seconds:
+        raise RFError(
+            f"--reuse {path}: its streams are {old.seconds:g} s long and this ablation's {seconds:g} s; "
+            f"pass --seconds {old.seconds:g}, or drop --reuse"
+        )
+    old_models = _models(old.model)
+
+    def where(model):
+        parts = model if isinstance(model, tuple) else (model,)
+        return tuple(os.path.abspath(p) for p in parts)
+
+    for name, model in models.items():
+        if name in old_models and where(old_models[name]) != where(model):
+            raise RFError(
+                f"--reuse {path}: model {name!r} was {'@'.join(where(old_models[name]))} there and is "
+                f"{'@'.join(where(model))} here; give this model another name, or drop --reuse"
+            )
+    return [r for r in runs if r.model in models and r.model in old_models], earlier
+
+
 def _ablate(args) -> int:
     import shlex
 
@@ -607,12 +664,7 @@ def _ablate(args) -> int:
 
     from rf_runtime.world import ablation as A
 
-    models = {}
-    for item in args.model:
-        name, path = _name_value(
-            item, "--model", "NAME=DIR or NAME=DIR@CHECKPOINT, e.g. --model re-dmd=work/model"
-        )
-        models[name] = tuple(path.split("@", 1)) if "@" in path else path
+    models = _models(args.model)
     engines = dict(
         _name_value(item, "--engine", "NAME=BUNDLE, e.g. --engine re-dmd=engines/procedural-world-64")
         for item in args.engine
@@ -627,6 +679,10 @@ def _ablate(args) -> int:
 
         prompts += read_prompts_file(args.prompts_file)
     prompts = prompts or list(A.DEFAULT_PROMPTS)
+    reused, reused_from = [], None
+    if args.reuse:
+        reused, earlier = _reusable_runs(args.reuse, models, args.seconds)
+        reused_from = {"path": args.reuse, "command": earlier}
     total = len(models) * len(names) * len(prompts) * args.seeds
     bar = tqdm(total=total, unit="run", disable=args.quiet, file=sys.stderr)
     runs = A.run_ablation(
@@ -638,10 +694,13 @@ def _ablate(args) -> int:
         on_run=lambda run: bar.update(1),
         jobs=args.jobs,
         engines=engines,
+        reuse=reused,
     )
     bar.close()
+    if reused_from is not None:
+        reused_from["runs"] = sum(any(r is x for x in reused) for r in runs)
     command = "rf-world " + " ".join(shlex.quote(a) for a in args.argv)
-    for path in A.write_report(runs, args.out, command):
+    for path in A.write_report(runs, args.out, command, reused_from=reused_from):
         print(f"wrote {path}")
     print(A.markdown_table(A.summarize(runs)))
     return 0
