@@ -38,7 +38,14 @@ MANIFEST = "manifest.json"
 REBUILD = "rebuild it with `rf-export onnx --model-dir MODEL_DIR --out BUNDLE`"
 REBUILD_TRT = "rebuild the engines with `rf-export trt BUNDLE`"
 PRECISIONS = ("fp32", "fp16", "bf16")
-TRAINING_STAGES = ("random", "teacher", "student", "re-dmd", "release")
+TRAINING_STAGES = (
+    "random",
+    "teacher",
+    "student",
+    "dmd",
+    "re-dmd",
+    "release",
+)  # dmd: distilled without a reward
 REQUIRED = ("files", "graphs", "text_encoder", "model", "stream", "model_card")
 ONNX_DTYPES = ONNX  # ONNX TensorProto element types -> manifest dtype names (rf_runtime.dtypes)
 

@@ -163,6 +163,10 @@ def test_model_card_checks():
         ModelCard.from_dict({**card.__dict__, "source": os.path.abspath("x")}, "manifest.json")
     with pytest.raises(BundleError, match="training_stage 'finished'"):
         ModelCard.from_dict({**card.__dict__, "training_stage": "finished"}, "manifest.json")
+    for stage in ("dmd", "re-dmd"):  # plain DMD (the ablation's baseline) and reward-weighted DMD
+        assert (
+            ModelCard.from_dict({**card.__dict__, "training_stage": stage}, "m.json").training_stage == stage
+        )
 
 
 def test_longer_stream_than_tested_warns(engine_dirs, tmp_path, caplog):
