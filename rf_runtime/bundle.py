@@ -38,14 +38,8 @@ MANIFEST = "manifest.json"
 REBUILD = "rebuild it with `rf-export onnx --model-dir MODEL_DIR --out BUNDLE`"
 REBUILD_TRT = "rebuild the engines with `rf-export trt BUNDLE`"
 PRECISIONS = ("fp32", "fp16", "bf16")
-TRAINING_STAGES = (
-    "random",
-    "teacher",
-    "student",
-    "dmd",
-    "re-dmd",
-    "release",
-)  # dmd: distilled without a reward
+# dmd: distilled without a reward (the ablation's baseline); re-dmd: reward-weighted; release: the paper's weights
+TRAINING_STAGES = ("random", "teacher", "student", "dmd", "re-dmd", "release")
 REQUIRED = ("files", "graphs", "text_encoder", "model", "stream", "model_card")
 ONNX_DTYPES = ONNX  # ONNX TensorProto element types -> manifest dtype names (rf_runtime.dtypes)
 
