@@ -20,7 +20,8 @@
 #     rf-world --threads 2 student --data $Z/latents.safetensors --teacher $Z/teacher.safetensors --steps 2000 \
 #         --max-minutes 10 --batch 4 --out $Z/student.safetensors
 #     rf-world model-dir --vae $V --dit $Z/teacher.safetensors --out $Z/teacher-model   # and the student's
-#     timeout -s INT 45m taskset -c 0 rf-train --config configs/world_redmd_z16.yaml --resume
+#     timeout -s INT 45m taskset -c 0 rf-train --config configs/world_redmd.yaml --set teacher=$Z/teacher-model \
+#         --set critic=$Z/teacher-model --set student=$Z/student-model --output-dir $Z/redmd   # --resume continues it
 #   The ode stage (between student and dmd) is opt-in: it runs when named as FIRST
 #   or LAST, or with ODE=1 in a chain that spans it (the shipped model was made without it).
 # The work directory is world-work/ (git-ignored; configs/world_*.yaml point into it). Each stage is

@@ -421,7 +421,7 @@ def test_cli_sample_writes_one_row_per_prompt(vae, tmp_path):
 def test_the_world_training_configs_are_valid_and_differ_only_where_the_ablation_says(tmp_path):
     import shutil
 
-    from rf_runtime.train.config import load_config
+    from rf_runtime.train.config import load_config, parse_overrides
 
     # the configs point into world-work/ (made by scripts/train_world.sh): stand its model directories up
     shutil.copytree(os.path.join(os.path.dirname(__file__), "..", "configs"), tmp_path / "configs")
@@ -440,11 +440,16 @@ def test_the_world_training_configs_are_valid_and_differ_only_where_the_ablation
     for other in (dmd, beta2):
         assert {k: getattr(other, k) for k in same} == {k: getattr(redmd, k) for k in same}
     assert len({redmd.output_dir, dmd.output_dir, beta2.output_dir}) == 3
-    # the 16-channel chain's Re-DMD: the same recipe on its own model folders and output
-    z16 = load_config(os.path.join(root, "world_redmd_z16.yaml"))
+    # the 16-channel chain's Re-DMD is this recipe on its own folders, from the command line
+    # (scripts/train_world.sh header): rf-train --config configs/world_redmd.yaml --set teacher=... etc.
+    z16 = os.path.join(str(tmp_path), "world-work", "z16")
+    sets = [f"teacher={z16}/teacher-model", f"critic={z16}/teacher-model", f"student={z16}/student-model"]
+    chain = load_config(os.path.join(root, "world_redmd.yaml"), parse_overrides(sets))
     recipe = ("steps", "batch_size", "num_frames", "seed", "optim", "dmd", "reward", "fold_in_training")
-    assert {k: getattr(z16, k) for k in recipe} == {k: getattr(redmd, k) for k in recipe}
-    assert os.path.basename(os.path.dirname(z16.student)) == "z16" and z16.output_dir != redmd.output_dir
+    assert {k: getattr(chain, k) for k in recipe} == {k: getattr(redmd, k) for k in recipe}
+    assert (chain.teacher, chain.critic, chain.student) == (f"{z16}/teacher-model",) * 2 + (
+        f"{z16}/student-model",
+    )
 
 
 def test_cli_generator_takes_the_ema_generator_out_of_a_training_checkpoint(tmp_path):
