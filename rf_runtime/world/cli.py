@@ -698,7 +698,8 @@ def _ablate(args) -> int:
     )
     bar.close()
     if reused_from is not None:
-        reused_from["runs"] = sum(any(r is x for x in reused) for r in runs)
+        reused_ids = {id(x) for x in reused}
+        reused_from["runs"] = sum(id(r) in reused_ids for r in runs)
     command = "rf-world " + " ".join(shlex.quote(a) for a in args.argv)
     for path in A.write_report(runs, args.out, command, reused_from=reused_from):
         print(f"wrote {path}")
