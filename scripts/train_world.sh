@@ -24,7 +24,9 @@
 #     timeout -s INT 45m taskset -c 0 rf-train --config configs/world_redmd.yaml --set teacher=$Z/teacher-model \
 #         --set critic=$Z/teacher-model --set student=$Z/student-model --output-dir $Z/redmd   # --resume continues it
 #     rf-world generator --checkpoint $Z/redmd/checkpoint_NNNNNN.safetensors --out $C/generator_z16.safetensors
-#         (committed: 452 steps, 30 min, from the 3,729-step teacher; held-out colour 74 %, backgrounds 79-89 %)
+#         (committed: step 705, 452 + 253 steps in 30 + 17 min of one core, from the 3,729-step teacher;
+#          held-out colour 75.6 / 67.5 %, backgrounds 95.5 / 89.5 %; then --resume --steps 3000 --set cpu_threads=2
+#          ran on to step 1,974 in 60 min: colour fell to 61.7 % at step 1,350 as the backgrounds rose to 97.5 %)
 #   The plain-DMD twin of the shipped run (the ablation's baseline, 2 h 22 min of one core; the model
 #   folders from $C/teacher.safetensors and $C/student.safetensors with vae11, as the dmd stage makes them):
 #     rf-train --config configs/world_dmd.yaml --steps 2520 --output-dir world-work/dmd2520
