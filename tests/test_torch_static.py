@@ -110,3 +110,35 @@ def test_cuda_graphs_give_the_eager_frames_and_allocate_nothing(tiny_model_dir):
     np.testing.assert_array_equal(np.concatenate(got), want)
     assert len(stream._state.device.graphs) >= 6  # 4 steps + cache pass + decoder, replayed in steady state
     assert len(set(memory[6:])) == 1  # steady state: not one byte more, allocated or reserved
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["reference", "static"])
+def test_a_bfloat16_model_streams_the_float32_frames_to_bf16_precision(tiny_model_dir, static):
+    # The GPU path runs bf16 (scripts/device_check.sh). Its first run on an H200 stopped in the cross-attention
+    # LayerNorm (float32 input, bf16 affine weights); the tiny model has the same norms, so a CPU stream shows it.
+    want, _ = frames_of(Streamer.from_checkpoint(tiny_model_dir, static=static), chunks=3)
+    got, _ = frames_of(Streamer.from_checkpoint(tiny_model_dir, static=static, dtype="bfloat16"), chunks=3)
+    diff = np.abs(got.astype(np.float32) - want.astype(np.float32))
+    # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 per op); over 30 layers x 4 steps the uint8 frames
+    # move by under 1 level on average here (0.72 measured), far from the 255-level range of a wrong result.
+    assert 0 < diff.mean() < 2.0, diff.mean()
+
+
+def test_layer_norm_upcasts_bf16_weights_with_its_input():
+    from rf_runtime.models.dit import LayerNorm
+
+    torch.manual_seed(0)
+    norm = LayerNorm(16, 1e-6, elementwise_affine=True)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 5, 16)
+    norm16 = LayerNorm(16, 1e-6, elementwise_affine=True).to(torch.bfloat16)
+    norm16.load_state_dict(norm.state_dict())
+    x16 = x.to(torch.bfloat16)
+    want = torch.nn.functional.layer_norm(
+        x16.float(), (16,), norm16.weight.float(), norm16.bias.float(), 1e-6
+    ).to(torch.bfloat16)
+    got = norm16(x16)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same fp32 arithmetic, one rounding at the end

@@ -154,10 +154,13 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32, returned in the input dtype (Wan's WanLayerNorm)."""
+    """LayerNorm computed in float32, returned in the input dtype (Wan's WanLayerNorm). The affine weights are
+    upcast with the input: a model held in bfloat16 keeps bfloat16 weights, and torch's layer_norm needs one dtype."""
 
     def forward(self, x):
-        return super().forward(x.float()).type_as(x)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 def attention(q, k, v, mask=None):
