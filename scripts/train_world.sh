@@ -17,7 +17,8 @@
 #     rf-world rechannel --dit $C/teacher.safetensors --z-dim 16 --out $Z/teacher0.safetensors
 #     rf-world --threads 1 teacher --data $Z/latents.safetensors --init $Z/teacher0.safetensors --lr 3e-4 --steps 2400 \
 #         --ema 0.998 --max-minutes 45 --batch 8 --out $Z/teacher.safetensors      # then again --init it: $C/teacher_z16
-#         (3,729 steps after three runs: 45 + 44 + 50 min; the thirteenth session's from --init $C/teacher_z16)
+#         (3,729 steps after three runs: 45 + 44 + 50 min; the thirteenth session's from --init $C/teacher_z16;
+#          8,246 after the fifteenth session's two more, 46 + 45 min at 1.1 s/step: held-out colour 57.1 %)
 #     rf-world --threads 2 student --data $Z/latents.safetensors --teacher $Z/teacher.safetensors --steps 2000 \
 #         --max-minutes 10 --batch 4 --out $Z/student.safetensors
 #     rf-world model-dir --vae $V --dit $Z/teacher.safetensors --out $Z/teacher-model   # and the student's
@@ -26,7 +27,10 @@
 #     rf-world generator --checkpoint $Z/redmd/checkpoint_NNNNNN.safetensors --out $C/generator_z16.safetensors
 #         (committed: step 705, 452 + 253 steps in 30 + 17 min of one core, from the 3,729-step teacher;
 #          held-out colour 75.6 / 67.5 %, backgrounds 95.5 / 89.5 %; then --resume --steps 3000 --set cpu_threads=2
-#          ran on to step 1,974 in 60 min: colour fell to 61.7 % at step 1,350 as the backgrounds rose to 97.5 %)
+#          ran on to step 1,974 in 60 min: colour fell to 61.7 % at step 1,350 as the backgrounds rose to 97.5 %;
+#          fifteenth session: from the 6,129-step teacher, a 719-step student (--max-minutes 12) and 800 Re-DMD steps
+#          (35 min, --set keep_checkpoints=40 --set checkpoint_every=50 --steps 800): colour 61.1 / 68.2 %,
+#          backgrounds 87.0 / 82.1 %, not committed)
 #   The plain-DMD twin of the shipped run (the ablation's baseline, 2 h 22 min of one core; the model
 #   folders from $C/teacher.safetensors and $C/student.safetensors with vae11, as the dmd stage makes them):
 #     rf-train --config configs/world_dmd.yaml --steps 2520 --output-dir world-work/dmd2520
