@@ -158,8 +158,11 @@ class LayerNorm(nn.LayerNorm):
     upcast with the input: a model held in bfloat16 keeps bfloat16 weights, and torch's layer_norm needs one dtype."""
 
     def forward(self, x):
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
+        if self.weight is None or self.weight.dtype == torch.float32:
+            return (
+                super().forward(x.float()).type_as(x)
+            )  # the module call: exported graphs keep the weights' names
+        weight, bias = self.weight.float(), None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
