@@ -158,10 +158,8 @@ class LayerNorm(nn.LayerNorm):
     upcast with the input: a model held in bfloat16 keeps bfloat16 weights, and torch's layer_norm needs one dtype."""
 
     def forward(self, x):
-        if self.weight is None or self.weight.dtype == torch.float32:
-            return (
-                super().forward(x.float()).type_as(x)
-            )  # the module call: exported graphs keep the weights' names
+        if self.weight is None or self.weight.dtype == torch.float32:  # the module call: exported names stay
+            return super().forward(x.float()).type_as(x)
         weight, bias = self.weight.float(), None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
